@@ -1,0 +1,46 @@
+"""lrcompile: a torch.compile backend that compresses LLMs with activation-aware low-rank factoring.
+
+``torch.compile(model, backend="lowrank", options={...})`` compresses every
+linear of the captured graph; the pass-level API (``lrcompile.passes``) works
+on any ``fx.GraphModule``. Importing this package loads only the config and
+the shared types; the backend and the passes load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .config import LowRankConfig
+from .errors import CalibrationError, LowRankConfigError, LowRankError, NoCompressibleLinearError, SavedPlanError
+from .types import CompressedLayer, CompressionPlan, LayerPlan, LayerStatus
+
+_LAZY = {
+    "lowrank_backend": "lrcompile.backend",
+    "compress_graph": "lrcompile.pipeline",
+    "CompressionReport": "lrcompile.report",
+    "model_report": "lrcompile.report",
+    "weight_bytes": "lrcompile.runtime.compressed_layers",
+    "save_compressed": "lrcompile.runtime.saved_model",
+    "load_compressed": "lrcompile.runtime.saved_model",
+}
+
+__all__ = [
+    "CalibrationError",
+    "CompressedLayer",
+    "CompressionPlan",
+    "LayerPlan",
+    "LayerStatus",
+    "LowRankConfig",
+    "LowRankConfigError",
+    "LowRankError",
+    "NoCompressibleLinearError",
+    "SavedPlanError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lrcompile' has no attribute {name!r}")

@@ -1,0 +1,144 @@
+"""`LowRankConfig`: the validated, frozen options of the ``lowrank`` backend."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import CalibrationError, LowRankConfigError
+from .types import ALLOCATION_METHODS, FACTOR_METHODS
+
+COMPILERS = ("inductor", "aot_eager", "eager")
+DUMP_ENV = "LRCOMPILE_DUMP"
+DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out", "*pooler.dense")
+
+
+def _ratio(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LowRankConfigError(f"option {key!r}={value!r}: expected a number in (0, 1]")
+    if not 0.0 < float(value) <= 1.0:
+        raise LowRankConfigError(f"option {key!r}={value!r} is outside (0, 1]: it is the fraction of parameters kept")
+    return float(value)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise LowRankConfigError(f"option {key!r}={value!r} is not one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _patterns(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise LowRankConfigError(f"option {key!r}={value!r}: expected a glob pattern or a list of them")
+    return tuple(value)
+
+
+def _calibration(value: Any) -> tuple[Any, ...] | None:
+    """Materialise the calibration iterable once: generators are single-use and
+    the backend runs once per captured graph."""
+    if value is None:
+        return None
+    if isinstance(value, (torch.Tensor, Mapping, str)) or not isinstance(value, Iterable):
+        raise LowRankConfigError(
+            f"option 'calibration' must be an iterable of model inputs (tensors or dicts of tensors), "
+            f"got {type(value).__name__}; wrap a single batch in a list"
+        )
+    batches = tuple(value)
+    if not batches:
+        raise CalibrationError("option 'calibration' is empty: give at least one batch of model inputs")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (torch.Tensor, Mapping, tuple, list)):
+            raise CalibrationError(
+                f"calibration batch {i} is a {type(batch).__name__}; expected a tensor, a tuple of tensors "
+                "or a dict of model inputs"
+            )
+    return batches
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Options of ``torch.compile(model, backend="lowrank", options=...)``.
+
+    param_ratio: parameters of the compressible linears after factoring over dense.
+    method: ``svd`` (plain), ``asvd`` (activation-scaled, ASVD) or ``whiten`` (SVD-LLM).
+    allocation: ``uniform``, ``sensitivity`` (ASVD's KL search) or ``closed_form``
+        (truncation loss from the spectra, exact for ``whiten``).
+    include / exclude: glob patterns over module paths choosing the linears to compress.
+    """
+
+    calibration: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
+    param_ratio: float = 0.85
+    method: str = "asvd"
+    alpha: float = 0.5
+    allocation: str = "sensitivity"
+    rank_multiple: int = 8
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    sensitivity_ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    sensitivity_batches: int = 4
+    release_dense: bool = True
+    dump_dir: str | None = None
+    compiler: str = "inductor"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "calibration", _calibration(self.calibration))
+        set_(self, "param_ratio", _ratio("param_ratio", self.param_ratio))
+        _choice("method", self.method, FACTOR_METHODS)
+        _choice("allocation", self.allocation, ALLOCATION_METHODS)
+        _choice("compiler", self.compiler, COMPILERS)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 2:
+            raise LowRankConfigError(f"option 'alpha'={self.alpha!r}: expected a number in [0, 2] (ASVD uses 0.5)")
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+            raise LowRankConfigError(f"option 'rank_multiple'={self.rank_multiple!r}: expected a positive integer")
+        set_(self, "include", _patterns("include", self.include))
+        set_(self, "exclude", _patterns("exclude", self.exclude))
+        ratios = self.sensitivity_ratios
+        if not isinstance(ratios, (list, tuple)) or not ratios:
+            raise LowRankConfigError(f"option 'sensitivity_ratios'={ratios!r}: expected a non-empty list of ratios")
+        set_(self, "sensitivity_ratios", tuple(sorted(_ratio("sensitivity_ratios", r) for r in ratios)))
+        batches = self.sensitivity_batches
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise LowRankConfigError(f"option 'sensitivity_batches'={batches!r}: expected a positive integer")
+        if self.dump_dir is None and os.environ.get(DUMP_ENV):
+            set_(self, "dump_dir", os.environ[DUMP_ENV])
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise LowRankConfigError(f"option 'dump_dir'={self.dump_dir!r}: expected a folder path")
+        if self.calibration is None and self.needs_calibration:
+            raise CalibrationError(
+                f"option 'calibration' is required for method={self.method!r}, allocation={self.allocation!r}: "
+                "pass an iterable of model inputs (only method='svd' with allocation='uniform' needs none)"
+            )
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "svd" or self.allocation == "sensitivity"
+
+    @classmethod
+    def from_options(cls, options: LowRankConfig | Mapping[str, Any] | None) -> LowRankConfig:
+        """Parse ``torch.compile``'s options dict; unknown keys fail with a suggestion."""
+        if options is None:
+            return cls()
+        if isinstance(options, LowRankConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise LowRankConfigError(f"options must be a dict or a LowRankConfig, got {type(options).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise LowRankConfigError(f"unknown option {key!r}{hint} (allowed: {', '.join(known)})")
+        return cls(**options)
+
+    def to_json(self) -> dict[str, Any]:
+        """The options that decide the result, for plans and reports (calibration left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "calibration"}

@@ -1,0 +1,24 @@
+"""Errors raised on bad input; each message names the offending input.
+
+Like :mod:`lrcompile.types`, this module imports nothing else of the project.
+"""
+
+
+class LowRankError(Exception):
+    """Base class of every error lrcompile raises on bad input."""
+
+
+class LowRankConfigError(LowRankError, ValueError):
+    """An option key or value is not allowed."""
+
+
+class CalibrationError(LowRankError, ValueError):
+    """Calibration data is missing, empty, does not fit the graph, or produced NaN/Inf."""
+
+
+class NoCompressibleLinearError(LowRankError):
+    """A graph holds parameters but no linear layer that may be compressed."""
+
+
+class SavedPlanError(LowRankError):
+    """A saved compressed model is missing, corrupted or does not match the model."""

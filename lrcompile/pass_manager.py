@@ -1,0 +1,73 @@
+"""Orders passes by what they require and provide, runs them, times them, dumps graphs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import networkx as nx
+from torch import fx
+
+log = logging.getLogger(__name__)
+
+Context = TypeVar("Context")
+
+
+@dataclass(frozen=True)
+class Pass(Generic[Context]):
+    name: str
+    run: Callable[[Context], None]
+    requires: frozenset[str] = frozenset()
+    provides: frozenset[str] = frozenset()
+
+
+def order_passes(passes: Sequence[Pass]) -> list[Pass]:
+    """Topological order of ``passes`` by requires/provides (ties keep the given order)."""
+    producers = {}
+    for p in passes:
+        for fact in p.provides:
+            producers[fact] = p.name
+    dag = nx.DiGraph()
+    dag.add_nodes_from(p.name for p in passes)
+    for p in passes:
+        for fact in p.requires:
+            if fact not in producers:
+                raise ValueError(f"pass {p.name!r} requires {fact!r}, which no pass provides")
+            dag.add_edge(producers[fact], p.name)
+    if not nx.is_directed_acyclic_graph(dag):
+        raise ValueError(f"passes form a cycle: {nx.find_cycle(dag)}")
+    position = {p.name: i for i, p in enumerate(passes)}
+    by_name = {p.name: p for p in passes}
+    return [by_name[n] for n in nx.lexicographical_topological_sort(dag, key=position.__getitem__)]
+
+
+def readable_graph(gm: fx.GraphModule) -> str:
+    return gm.print_readable(print_output=False, include_stride=False, include_device=False)
+
+
+class PassManager(Generic[Context]):
+    """Runs ordered passes on a context holding ``gm``; records each pass's wall time."""
+
+    def __init__(self, passes: Sequence[Pass[Context]], dump_dir: Path | None = None):
+        self.passes = order_passes(passes)
+        self.dump_dir = dump_dir
+        self.timings: dict[str, float] = {}
+
+    def _dump(self, index: int, name: str, when: str, gm: fx.GraphModule) -> None:
+        if self.dump_dir is not None:
+            (self.dump_dir / f"{index:02d}_{name}_{when}.py").write_text(readable_graph(gm))
+
+    def run(self, context: Context, graph_of: Callable[[Context], fx.GraphModule]) -> None:
+        if self.dump_dir is not None:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+        for i, p in enumerate(self.passes):
+            self._dump(i, p.name, "before", graph_of(context))
+            start = time.perf_counter()
+            p.run(context)
+            self.timings[p.name] = time.perf_counter() - start
+            self._dump(i, p.name, "after", graph_of(context))
+            log.info("pass %s: %.2f s", p.name, self.timings[p.name])

@@ -1,0 +1,181 @@
+"""Typed records shared by the front, the passes and the runtime.
+
+This module imports nothing else of the project, so `lrcompile.passes` and
+`lrcompile.runtime` can depend on it without pulling in the backend.
+Analysis results live on the FX node they describe, under
+``node.meta[META_KEY]``, as a :class:`LinearMeta`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+META_KEY = "lowrank"
+
+FactorMethod = Literal["svd", "asvd", "whiten"]
+AllocationMethod = Literal["uniform", "sensitivity", "closed_form"]
+FACTOR_METHODS: tuple[str, ...] = ("svd", "asvd", "whiten")
+ALLOCATION_METHODS: tuple[str, ...] = ("uniform", "sensitivity", "closed_form")
+
+
+class WeightLayout(enum.Enum):
+    """How a matmul node holds its weight."""
+
+    LINEAR = "linear"  # F.linear(x, W[out, in], b)
+    ADDMM = "addmm"  # torch.addmm(b, x2d, W[in, out]) (HF Conv1D, GPT-2)
+    MODULE = "module"  # call_module of an nn.Linear (symbolic_trace)
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of a linear layer's input rows, accumulated in float64.
+
+    ``mean_abs`` feeds ASVD's scaling (arXiv 2312.05821, Eq. 3), ``gram`` is
+    X^T X for SVD-LLM's whitening (arXiv 2403.07378, Eq. 5).
+    """
+
+    abs_sum: torch.Tensor  # [in]
+    abs_max: torch.Tensor  # [in]
+    gram: torch.Tensor  # [in, in]
+    rows: int = 0
+
+    @classmethod
+    def empty(cls, in_features: int) -> ActivationStats:
+        f64 = dict(dtype=torch.float64)
+        return cls(
+            torch.zeros(in_features, **f64),
+            torch.zeros(in_features, **f64),
+            torch.zeros(in_features, in_features, **f64),
+        )
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
+        self.abs_sum += rows.abs().sum(0)
+        if rows.shape[0]:
+            self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0))
+        self.gram += rows.T @ rows
+        self.rows += rows.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.rows, 1)
+
+    def is_finite(self) -> bool:
+        return bool(
+            torch.isfinite(self.abs_sum).all() and torch.isfinite(self.abs_max).all() and torch.isfinite(self.gram).all()
+        )
+
+
+@dataclass
+class LinearMeta:
+    """What the capture and analysis passes know about one matmul node."""
+
+    name: str  # module path, e.g. "model.layers.0.mlp.down_proj"
+    layout: WeightLayout
+    out_features: int
+    in_features: int
+    has_bias: bool
+    weight_dtype: torch.dtype
+    compressible: bool = True
+    skip_reason: str = ""
+    stats: ActivationStats | None = None
+    sensitivity: dict[float, float] = field(default_factory=dict)  # param ratio -> KL
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features
+
+    def factored_params(self, rank: int) -> int:
+        return rank * (self.out_features + self.in_features)
+
+    @property
+    def break_even_rank(self) -> int:
+        """Largest rank whose factors still hold fewer parameters than the dense weight."""
+        return (self.dense_params - 1) // (self.out_features + self.in_features)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The decision for one linear: a rank, or dense with a reason."""
+
+    name: str
+    out_features: int
+    in_features: int
+    rank: int | None  # None: left dense
+    reason: str = ""
+    sensitivity: float | None = None  # KL at the chosen ratio (sensitivity allocation)
+    truncation_loss: float | None = None  # dropped energy / total energy of the scaled weight
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def params_after(self) -> int:
+        if self.rank is None:
+            return self.dense_params
+        return self.rank * (self.out_features + self.in_features)
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """Ranks for every compressible linear of a graph, meeting a parameter budget."""
+
+    method: str
+    allocation: str
+    param_ratio: float
+    layers: tuple[LayerPlan, ...]
+
+    @property
+    def dense_params(self) -> int:
+        return sum(layer.dense_params for layer in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    @property
+    def achieved_ratio(self) -> float:
+        return self.params_after / max(self.dense_params, 1)
+
+    def layer(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+
+class LayerStatus(enum.Enum):
+    FACTORED = "factored"
+    DENSE = "dense"  # planned dense: factoring would not save parameters at its rank
+    SKIPPED = "skipped"  # not compressible (pattern, tied weight, unrecognised form)
+
+
+@dataclass
+class CompressedLayer:
+    """The outcome for one linear: ``y = up (down x) + bias`` when factored.
+
+    ``down`` is B ``[rank, in]``, ``up`` is A ``[out, rank]``; both None unless factored.
+    """
+
+    plan: LayerPlan
+    method: str
+    status: LayerStatus
+    dtype: torch.dtype
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    dense_bytes: int = 0  # bytes of the dense weight before compression
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def factor_bytes(self) -> int:
+        if self.down is None:
+            return 0
+        return self.down.untyped_storage().nbytes() + self.up.untyped_storage().nbytes()

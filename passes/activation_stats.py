@@ -1,0 +1,93 @@
+"""Analysis pass: statistics of each linear layer's input activations.
+
+Follows the pt2e calibration flow: :func:`insert_observers` puts an identity
+:class:`ActivationObserver` in front of every compressible linear, calibration
+data runs through the graph (:func:`calibrate`, or the user's own loop), and
+:func:`collect_stats` moves the statistics onto ``node.meta["lowrank"].stats``
+and removes the observers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from lrcompile.errors import CalibrationError
+from lrcompile.types import ActivationStats
+
+from .calibration_runner import CalibrationRunner
+from .find_linears import LinearNode
+
+log = logging.getLogger(__name__)
+
+OBSERVER_PREFIX = "lowrank_observer_"
+
+
+class ActivationObserver(nn.Module):
+    """Identity that accumulates :class:`ActivationStats` of what passes through it."""
+
+    def __init__(self, in_features: int, layer: str):
+        super().__init__()
+        self.layer = layer
+        self.stats = ActivationStats.empty(in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.stats.update(x)
+        return x
+
+
+def insert_observers(gm: fx.GraphModule, linears: Iterable[LinearNode]) -> None:
+    """Route the input of every compressible linear through an observer."""
+    for i, view in enumerate(v for v in linears if v.meta.compressible):
+        name = f"{OBSERVER_PREFIX}{i}"
+        gm.add_submodule(name, ActivationObserver(view.meta.in_features, view.meta.name))
+        with gm.graph.inserting_before(view.node):
+            observed = gm.graph.call_module(name, (view.input,))
+        view.node.replace_input_with(view.input, observed)
+    gm.recompile()
+
+
+def collect_stats(gm: fx.GraphModule, linears: Iterable[LinearNode]) -> None:
+    """Attach each observer's statistics to its linear node and remove the observer.
+
+    Raises :class:`CalibrationError` naming the first layer (in graph order) whose
+    statistics hold NaN/Inf or that no calibration row reached.
+    """
+    for view in linears:
+        observer_node = next(
+            (a for a in view.node.all_input_nodes if a.op == "call_module" and a.target.startswith(OBSERVER_PREFIX)), None
+        )
+        if observer_node is None:
+            continue
+        observer = gm.get_submodule(observer_node.target)
+        view.meta.stats = observer.stats
+        view.node.replace_input_with(observer_node, observer_node.args[0])
+        gm.graph.erase_node(observer_node)
+        gm.delete_submodule(observer_node.target)
+    gm.recompile()
+    for view in linears:
+        stats = view.meta.stats
+        if stats is None:
+            continue
+        if not stats.is_finite():
+            raise CalibrationError(
+                f"calibration activations entering layer {view.meta.name!r} contain NaN or Inf "
+                "(the first such layer in graph order); check the calibration inputs and the model's weights"
+            )
+        if stats.rows == 0:
+            raise CalibrationError(f"no calibration data reached layer {view.meta.name!r}")
+
+
+def calibrate(runner: CalibrationRunner, batches: Iterable[Any], total: int | None = None) -> None:
+    """Run every calibration batch through the observed graph, with a progress bar."""
+    count = 0
+    for count, batch in enumerate(tqdm(batches, total=total, desc="lowrank: calibration", unit="batch", leave=False), 1):
+        runner.run(batch, count - 1)
+    if not count:
+        raise CalibrationError("calibration is empty: give at least one batch of model inputs")
+    log.info("calibrated on %d batches", count)

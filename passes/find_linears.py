@@ -1,0 +1,160 @@
+"""Analysis pass: find every matmul-with-a-weight node and name it by module path.
+
+Recognised forms: ``F.linear`` / ``aten.linear`` (weight ``[out, in]``),
+``addmm(bias, x, W[in, out])`` (HF ``Conv1D``, GPT-2) and ``call_module`` of an
+``nn.Linear`` (``symbolic_trace``). Each found node gets a
+:class:`~lrcompile.types.LinearMeta` under ``node.meta["lowrank"]``; a node that
+is found but may not be compressed says why in ``skip_reason``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from lrcompile.types import META_KEY, LinearMeta, WeightLayout
+
+log = logging.getLogger(__name__)
+
+LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
+ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
+_MODULE_PATH = re.compile(r"_modules\['([^']*)'\]")
+
+
+@dataclass(frozen=True)
+class LinearNode:
+    """Structural view of a linear node: where its input, weight and bias come from."""
+
+    node: fx.Node
+    layout: WeightLayout
+    input: fx.Node
+    weight: fx.Node | None  # None for call_module (the weight lives on the module)
+    bias: fx.Node | None
+
+    @property
+    def meta(self) -> LinearMeta:
+        return self.node.meta[META_KEY]
+
+
+def linear_view(gm: fx.GraphModule, node: fx.Node) -> LinearNode | None:
+    """The :class:`LinearNode` of ``node``, or None when it is no recognised linear."""
+    if node.op == "call_function" and node.target in LINEAR_TARGETS:
+        args = list(node.args) + [None] * (3 - len(node.args))
+        weight = node.kwargs.get("weight", args[1])
+        bias = node.kwargs.get("bias", args[2])
+        if isinstance(args[0], fx.Node) and isinstance(weight, fx.Node):
+            return LinearNode(node, WeightLayout.LINEAR, args[0], weight, bias)
+    elif node.op == "call_function" and node.target in ADDMM_TARGETS and len(node.args) == 3:
+        bias, x, weight = node.args
+        if all(isinstance(a, fx.Node) for a in (bias, x, weight)):
+            return LinearNode(node, WeightLayout.ADDMM, x, weight, bias)
+    elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
+        return LinearNode(node, WeightLayout.MODULE, node.args[0], None, None)
+    return None
+
+
+def placeholder_values(gm: fx.GraphModule, example_inputs: list[Any] | None) -> dict[fx.Node, Any]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return dict(zip(placeholders, example_inputs or ()))
+
+
+def weight_tensor(gm: fx.GraphModule, view: LinearNode, values: dict[fx.Node, Any]) -> torch.Tensor:
+    """The layer's weight as stored (``[in, out]`` for addmm, ``[out, in]`` otherwise)."""
+    if view.layout is WeightLayout.MODULE:
+        return gm.get_submodule(view.node.target).weight
+    if view.weight.op == "get_attr":
+        return _get_attr(gm, view.weight.target)
+    if view.weight.op == "placeholder" and view.weight in values:
+        return values[view.weight]
+    raise ValueError(f"weight of {view.node.name} is computed in the graph, not a parameter")
+
+
+def dense_weight(gm: fx.GraphModule, view: LinearNode, values: dict[fx.Node, Any]) -> torch.Tensor:
+    """The weight in linear layout ``[out, in]``."""
+    weight = weight_tensor(gm, view, values)
+    return weight.T if view.layout is WeightLayout.ADDMM else weight
+
+
+def _get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def layer_name(view: LinearNode) -> str:
+    """Module path of the layer, from the weight's Dynamo source, get_attr target or module."""
+    if view.layout is WeightLayout.MODULE:
+        return str(view.node.target)
+    if view.weight.op == "get_attr":
+        return str(view.weight.target).removesuffix(".weight")
+    grapharg = view.weight.meta.get("grapharg")
+    if grapharg is not None:
+        parts = _MODULE_PATH.findall(grapharg.source.name)
+        if parts:
+            return ".".join(parts)
+    stack = view.node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return re.sub(r"^L\['self'\]\.?", "", path) or view.node.name
+    return view.node.name
+
+
+def _skip_reason(gm: fx.GraphModule, view: LinearNode, weight: torch.Tensor, name: str, include, exclude) -> str:
+    if not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return "not matched by include patterns"
+    if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        return "excluded by pattern (output head by default)"
+    if weight.dim() != 2 or not weight.is_floating_point():
+        return f"weight is not a 2-D float matrix ({tuple(weight.shape)}, {weight.dtype})"
+    if view.layout is WeightLayout.MODULE:
+        if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == view.node.target) > 1:
+            return "module is called more than once"
+    elif len(view.weight.users) > 1:
+        return "weight is shared with another op (tied weights)"
+    if view.layout is WeightLayout.ADDMM and (view.node.kwargs.get("beta", 1) != 1 or view.node.kwargs.get("alpha", 1) != 1):
+        return "addmm with beta/alpha other than 1 is not recognised"
+    return ""
+
+
+def find_linears(
+    gm: fx.GraphModule,
+    example_inputs: list[Any] | None = None,
+    include: tuple[str, ...] = ("*",),
+    exclude: tuple[str, ...] = (),
+) -> list[LinearNode]:
+    """Annotate every linear node of ``gm`` with a :class:`LinearMeta`; return them in graph order."""
+    values = placeholder_values(gm, example_inputs)
+    found = []
+    for node in gm.graph.nodes:
+        view = linear_view(gm, node)
+        if view is None:
+            continue
+        try:
+            weight = weight_tensor(gm, view, values)
+        except ValueError as err:
+            log.info("linear %s left alone: %s", node.name, err)
+            continue
+        name = layer_name(view)
+        out_f, in_f = (weight.shape[1], weight.shape[0]) if view.layout is WeightLayout.ADDMM else weight.shape[:2]
+        reason = _skip_reason(gm, view, weight, name, include, exclude)
+        node.meta[META_KEY] = LinearMeta(
+            name=name,
+            layout=view.layout,
+            out_features=int(out_f),
+            in_features=int(in_f),
+            has_bias=view.bias is not None or (view.layout is WeightLayout.MODULE and gm.get_submodule(node.target).bias is not None),
+            weight_dtype=weight.dtype,
+            compressible=not reason,
+            skip_reason=reason,
+        )
+        found.append(view)
+    log.info("found %d linear nodes, %d compressible", len(found), sum(v.meta.compressible for v in found))
+    return found

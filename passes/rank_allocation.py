@@ -1,0 +1,146 @@
+"""Plan pass: choose a rank per linear so the factored layers meet ``param_ratio``.
+
+A layer of shape ``[m, n]`` at rank ``k`` holds ``k (m + n)`` parameters instead
+of ``m n``; where that would not save parameters it stays dense. Ranks are
+multiples of ``rank_multiple`` (rounded down, at least one multiple).
+
+* ``uniform``: every layer keeps the same fraction of its parameters.
+* ``sensitivity`` (ASVD, arXiv 2312.05821, Sec. 3.3): each (layer, ratio) has a
+  measured KL divergence; for a threshold tau each layer takes its smallest
+  ratio whose KL <= tau, and a binary search over the sorted KLs finds the
+  smallest tau that meets the budget.
+* ``closed_form`` (SVD-LLM, arXiv 2403.07378): singular value i of layer j
+  costs ``m_j + n_j`` parameters and, with whitening, removing it costs
+  ``s_ji^2`` of truncation loss (normalised by the layer's energy here so
+  layers of different output scale compare). Keeping values in order of loss
+  per parameter is the optimal greedy (fractional knapsack); a binary search on
+  that threshold meets the budget with no forward passes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from lrcompile.types import CompressionPlan, LayerPlan, LinearMeta
+
+log = logging.getLogger(__name__)
+
+DENSE_REASON = "factoring would not save parameters"
+
+
+def align_rank(rank: float, multiple: int, meta: LinearMeta) -> int:
+    """Round down to a multiple of ``multiple``, at least one multiple, at most full rank."""
+    full = min(meta.out_features, meta.in_features)
+    aligned = max(multiple, int(rank) // multiple * multiple)
+    return min(aligned, full)
+
+
+def rank_for_ratio(meta: LinearMeta, ratio: float, multiple: int) -> int | None:
+    """Rank keeping about ``ratio`` of the layer's parameters; None (dense) at ratio 1 or where it would not save any."""
+    if ratio >= 1.0:
+        return None
+    rank = align_rank(ratio * meta.dense_params / (meta.out_features + meta.in_features), multiple, meta)
+    return rank if rank <= meta.break_even_rank else None
+
+
+def _layer_plan(meta: LinearMeta, rank: int | None, **scores: float | None) -> LayerPlan:
+    return LayerPlan(
+        meta.name, meta.out_features, meta.in_features, rank, "" if rank is not None else DENSE_REASON, **scores
+    )
+
+
+def _search(
+    metas: Sequence[LinearMeta], thresholds: Sequence[float], plan_at: Callable[[float], list[LayerPlan]], budget: float
+) -> list[LayerPlan]:
+    """Binary search for the first threshold (ascending: fewer parameters) whose plan meets the budget."""
+    lo, hi = 0, len(thresholds) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(p.params_after for p in plan_at(thresholds[mid])) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    plans = plan_at(thresholds[lo])
+    if sum(p.params_after for p in plans) > budget:
+        log.warning("budget of %.0f parameters cannot be met with these candidates; closest plan used", budget)
+    return plans
+
+
+def allocate_uniform(metas: Sequence[LinearMeta], param_ratio: float, multiple: int) -> list[LayerPlan]:
+    return [_layer_plan(m, rank_for_ratio(m, param_ratio, multiple)) for m in metas]
+
+
+def monotone_sensitivity(curve: Mapping[float, float]) -> dict[float, float]:
+    """``kl'(r) = max_{r' >= r} kl(r')``: non-increasing in the ratio kept."""
+    out, running = {}, 0.0
+    for ratio in sorted(curve, reverse=True):
+        running = max(running, curve[ratio])
+        out[ratio] = running
+    return out
+
+
+def allocate_by_sensitivity(metas: Sequence[LinearMeta], param_ratio: float, multiple: int) -> list[LayerPlan]:
+    """Needs ``meta.sensitivity`` (ratio -> KL) on every layer.
+
+    Each layer's curve is made monotone first (a ratio scores at least the KL of
+    every larger ratio), so raising the threshold lowers a layer one candidate
+    at a time instead of letting measurement noise jump it to the smallest ratio.
+    """
+    budget = param_ratio * sum(m.dense_params for m in metas)
+    curves = {m.name: monotone_sensitivity(m.sensitivity) for m in metas}
+
+    def plan_at(tau: float) -> list[LayerPlan]:
+        plans = []
+        for meta in metas:
+            ok = [r for r, kl in curves[meta.name].items() if kl <= tau]
+            ratio = min(ok) if ok else 1.0
+            rank = rank_for_ratio(meta, ratio, multiple)
+            plans.append(_layer_plan(meta, rank, sensitivity=meta.sensitivity.get(ratio, 0.0)))
+        return plans
+
+    thresholds = sorted({0.0, *(kl for curve in curves.values() for kl in curve.values())})
+    return _search(metas, thresholds, plan_at, budget)
+
+
+def allocate_closed_form(
+    metas: Sequence[LinearMeta], spectra: Mapping[str, torch.Tensor], param_ratio: float, multiple: int
+) -> list[LayerPlan]:
+    """``spectra[name]``: singular values of the layer's (scaled) weight, descending."""
+    budget = param_ratio * sum(m.dense_params for m in metas)
+    energy = {m.name: spectra[m.name].double().square() for m in metas}
+    # value of keeping singular value i: its share of the layer's energy per parameter it costs
+    value = {m.name: (energy[m.name] / energy[m.name].sum().clamp_min(1e-300)) / (m.out_features + m.in_features) for m in metas}
+    ascending = {m.name: value[m.name].flip(0).tolist() for m in metas}
+
+    def plan_at(threshold: float) -> list[LayerPlan]:
+        plans = []
+        for meta in metas:
+            kept = len(ascending[meta.name]) - bisect.bisect_left(ascending[meta.name], threshold)
+            rank = align_rank(kept, multiple, meta) if kept else multiple
+            if rank > meta.break_even_rank:
+                plans.append(_layer_plan(meta, None, truncation_loss=0.0))
+                continue
+            share = energy[meta.name] / energy[meta.name].sum().clamp_min(1e-300)
+            plans.append(_layer_plan(meta, rank, truncation_loss=float(share[rank:].sum())))
+        return plans
+
+    thresholds = sorted({0.0, *(v for vals in value.values() for v in vals.tolist())})
+    return _search(metas, thresholds, plan_at, budget)
+
+
+def build_plan(method: str, allocation: str, param_ratio: float, layers: list[LayerPlan]) -> CompressionPlan:
+    plan = CompressionPlan(method, allocation, param_ratio, tuple(layers))
+    log.info(
+        "plan (%s, %s): %d of %d linears factored, parameters %.3f of dense (target %.3f)",
+        method,
+        allocation,
+        sum(layer.rank is not None for layer in layers),
+        len(layers),
+        plan.achieved_ratio,
+        param_ratio,
+    )
+    return plan
