@@ -112,14 +112,10 @@ class LowRankConfig:
             set_(self, "dump_dir", os.environ[DUMP_ENV])
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise LowRankConfigError(f"option 'dump_dir'={self.dump_dir!r}: expected a folder path")
-        if self.calibration is None and self.needs_calibration:
-            raise CalibrationError(
-                f"option 'calibration' is required for method={self.method!r}, allocation={self.allocation!r}: "
-                "pass an iterable of model inputs (only method='svd' with allocation='uniform' needs none)"
-            )
 
     @property
     def needs_calibration(self) -> bool:
+        """Whether layers without a recorded outcome need calibration data (checked when one does)."""
         return self.method != "svd" or self.allocation == "sensitivity"
 
     @classmethod

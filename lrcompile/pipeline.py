@@ -100,7 +100,7 @@ def _apply_recorded(c: GraphCompression) -> None:
 
 def _activation_stats(c: GraphCompression) -> None:
     targets = c.to_compress()
-    if not targets or (c.config.method == "svd" and c.config.allocation != "sensitivity"):
+    if not targets or not c.config.needs_calibration:
         return
     if c.config.calibration is None:
         raise CalibrationError(
@@ -113,8 +113,10 @@ def _activation_stats(c: GraphCompression) -> None:
     insert_observers(c.gm, targets)
     try:
         calibrate(c.runner, c.config.calibration, total=len(c.config.calibration))
-    finally:
-        collect_stats(c.gm, targets)
+    except BaseException:
+        collect_stats(c.gm, targets, validate=False)  # leave the graph clean; report the real error
+        raise
+    collect_stats(c.gm, targets)
 
 
 def _decompose(c: GraphCompression, view: LinearNode):

@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._dynamo.source import DictGetItemSource, GetItemSource, LocalSource, TensorProperty, TensorPropertySource
+from torch._dynamo.source import (
+    DictGetItemSource,
+    GetItemSource,
+    LocalSource,
+    ParamBufferSource,
+    TensorProperty,
+    TensorPropertySource,
+    UnspecializedParamBufferSource,
+)
 
 from lrcompile.errors import CalibrationError
 from lrcompile.types import WeightLayout
@@ -31,10 +39,15 @@ class _Missing(Exception):
     pass
 
 
+def _chain(source: Any) -> list[Any]:
+    chain = [source]
+    while hasattr(chain[-1], "base"):
+        chain.append(chain[-1].base)
+    return chain
+
+
 def _root(source: Any) -> Any:
-    while hasattr(source, "base"):
-        source = source.base
-    return source
+    return _chain(source)[-1]
 
 
 def _role(node: fx.Node) -> str:
@@ -42,8 +55,14 @@ def _role(node: fx.Node) -> str:
     if grapharg is None:
         return _ROLE_USER  # symbolic_trace / export: placeholders are the forward's arguments
     source = grapharg.source
-    root = _root(source)
-    if not isinstance(root, LocalSource) or root.local_name == "self":
+    chain = _chain(source)
+    root = chain[-1]
+    if (
+        not isinstance(root, LocalSource)
+        or root.local_name == "self"
+        or not root.is_input
+        or any(isinstance(s, (ParamBufferSource, UnspecializedParamBufferSource)) for s in chain)
+    ):
         return _ROLE_STATE
     return _ROLE_SIZE if isinstance(source, TensorPropertySource) else _ROLE_USER
 
@@ -105,27 +124,30 @@ class CalibrationRunner:
         return env["args"][self.user.index(node)]
 
     def bind(self, batch: Any, index: int = 0) -> list[Any]:
-        """Graph arguments for one calibration batch; a clear error when it does not fit."""
+        """Graph arguments for one calibration batch; a clear error when it does not fit.
+
+        User tensors are bound first: symbolic sizes (which Dynamo places before
+        the tensor they measure) are then read off the bound tensors.
+        """
         env = self._env(batch)
-        bound: dict[str, Any] = {}  # user input source name -> value, for symbolic sizes
-        args = []
-        for node, role, example in zip(self.placeholders, self.roles, self.examples):
-            if role == _ROLE_STATE:
-                args.append(example)
-                continue
-            try:
-                if role == _ROLE_USER:
-                    value = self._check_tensor(node, self._user_value(node, batch, env), index)
-                    bound[self._user_label(node)] = value
-                else:
-                    value = _resolve(node.meta["grapharg"].source, {**env, **bound})
-            except (_Missing, KeyError, IndexError) as err:
-                raise CalibrationError(
-                    f"calibration batch {index} does not give the graph input {self._user_label(node)!r}; "
-                    f"the graph was captured with inputs {', '.join(self._user_label(n) for n in self.user)}. "
-                    "Give calibration batches with the same inputs as the compiled call."
-                ) from err
-            args.append(value)
+        args: list[Any] = list(self.examples)
+        bound: dict[str, Any] = {}  # user input source name -> value
+        for phase in (_ROLE_USER, _ROLE_SIZE):
+            for i, (node, role) in enumerate(zip(self.placeholders, self.roles)):
+                if role != phase:
+                    continue
+                try:
+                    if role == _ROLE_USER:
+                        args[i] = self._check_tensor(node, self._user_value(node, batch, env), index)
+                        bound[self._user_label(node)] = args[i]
+                    else:
+                        args[i] = _resolve(node.meta["grapharg"].source, {**env, **bound})
+                except (_Missing, KeyError, IndexError) as err:
+                    raise CalibrationError(
+                        f"calibration batch {index} does not give the graph input {self._user_label(node)!r}; "
+                        f"the graph was captured with inputs {', '.join(self._user_label(n) for n in self.user)}. "
+                        "Give calibration batches with the same inputs as the compiled call."
+                    ) from err
         self._check_extra_keys(batch, index)
         return args
 

@@ -1,0 +1,212 @@
+"""The lowrank backend through torch.compile on tiny models of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILIES, first_output, tiny_model, token_batches
+
+import lrcompile
+from lrcompile.passes import decompose, dense_weight, factorize_linears, find_linears
+from lrcompile.passes.find_linears import placeholder_values
+from lrcompile.runtime.compressed_layers import model_layers
+from lrcompile.types import CompressedLayer, LayerPlan, LayerStatus
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compile(model, **options):
+    """Downstream compiler ``eager`` unless a test asks otherwise: numerics are the same, compiles are fast."""
+    options.setdefault("compiler", "eager")
+    return torch.compile(model, backend="lowrank", fullgraph=True, options=lrcompile.LowRankConfig(**options))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio_one_reproduces_dense(family):
+    model = tiny_model(family)
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        dense = first_output(model(input_ids=ids))
+        compiled = _compile(model, calibration=token_batches(2), param_ratio=1.0, compiler="aot_eager")
+        out = first_output(compiled(input_ids=ids))
+    assert (out - dense).abs().max().item() <= 1e-4
+    totals = lrcompile.model_report(model).totals()
+    assert totals["param_ratio"] == 1.0 and totals["factored"] == 0
+
+
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [(f, m) for f in ("llama", "gpt2") for m in ("svd", "asvd", "whiten")] + [(f, "whiten") for f in ("qwen2", "opt", "bert")],
+)
+def test_full_rank_factoring_is_exact_on_dynamo_graphs(family, method):
+    """Every linear of the captured graph factored at full rank: logits within float32 round-off."""
+    model = tiny_model(family)
+    calib = token_batches(1)[0]
+
+    def full_rank_backend(gm, example_inputs):
+        from lrcompile.passes import CalibrationRunner, calibrate, collect_stats, insert_observers
+
+        views = [v for v in find_linears(gm, example_inputs) if v.meta.compressible]
+        insert_observers(gm, views)
+        calibrate(CalibrationRunner(gm, example_inputs), [calib])
+        collect_stats(gm, views)
+        values = placeholder_values(gm, example_inputs)
+        factors = {}
+        for view in views:
+            meta = view.meta
+            rank = min(meta.out_features, meta.in_features)
+            down, up = decompose(dense_weight(gm, view, values), method, meta.stats).factors(rank, meta.weight_dtype)
+            plan = LayerPlan(meta.name, meta.out_features, meta.in_features, rank)
+            factors[view] = CompressedLayer(plan, method, LayerStatus.FACTORED, meta.weight_dtype, down, up)
+        factorize_linears(gm, factors)
+        assert factors
+        return gm.forward
+
+    ids = token_batches(1, seed=3)[0]
+    with torch.no_grad():
+        dense = first_output(model(input_ids=ids))
+        out = first_output(torch.compile(model, backend=full_rank_backend, fullgraph=True)(input_ids=ids))
+    assert (out - dense).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio_08_holds_factors_and_frees_dense_storage(family):
+    model = tiny_model(family)
+    bytes_before = lrcompile.weight_bytes(model)
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        out = first_output(_compile(model, calibration=token_batches(2), param_ratio=0.8, allocation="uniform")(input_ids=ids))
+    assert torch.isfinite(out).all()
+    report = lrcompile.model_report(model)
+    totals = report.totals()
+    assert totals["factored"] > 0
+    assert totals["params_after"] <= 0.8 * totals["params_before"]
+    factored = [layer for layer in report.layers if layer.status == "factored"]
+    # held by the process: factors in, dense storage of factored layers out
+    freed = sum(layer.dense_bytes for layer in factored)
+    added = sum(layer.factor_bytes for layer in factored)
+    assert lrcompile.weight_bytes(model) == bytes_before - freed + added
+    assert totals["weight_bytes_after"] <= 0.8 * totals["weight_bytes_before"]
+    for _, layer in model_layers(model):
+        if layer.status is LayerStatus.FACTORED:
+            assert layer.down.dtype == torch.float32
+    dense_params = {name: p for name, p in model.named_parameters()}
+    freed_names = [n for n, p in dense_params.items() if p.untyped_storage().nbytes() == 0]
+    assert len(freed_names) == totals["factored"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_keeps_its_dtype(dtype):
+    model = tiny_model("llama").to(dtype)
+    with torch.no_grad():
+        out = first_output(_compile(model, calibration=token_batches(2), param_ratio=0.8, method="whiten",
+                                    allocation="closed_form")(input_ids=token_batches(1)[0]))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    factored = [layer for _, layer in model_layers(model) if layer.status is LayerStatus.FACTORED]
+    assert factored and all(layer.down.dtype == dtype and layer.up.dtype == dtype for layer in factored)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "sensitivity", "closed_form"])
+@pytest.mark.parametrize("method", ["svd", "asvd", "whiten"])
+def test_methods_and_allocations_meet_budget(method, allocation):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        _compile(model, calibration=token_batches(2), param_ratio=0.7, method=method, allocation=allocation,
+                 sensitivity_batches=1)(input_ids=token_batches(1, seed=9)[0])
+    report = lrcompile.model_report(model)
+    assert report.param_ratio <= 0.7
+    assert all(layer.method == method for layer in report.layers if layer.status == "factored")
+    if allocation == "sensitivity":
+        assert all(layer.sensitivity is not None for layer in report.layers if layer.status == "factored")
+
+
+def test_graph_breaks_compress_every_graph():
+    class TwoParts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU())
+            self.second = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            h = self.first(x)
+            torch._dynamo.graph_break()
+            return self.second(h)
+
+    torch.manual_seed(0)
+    model = TwoParts().eval()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = torch.compile(model, backend="lowrank", options=lrcompile.LowRankConfig(
+            calibration=[torch.randn(4, 64)], param_ratio=1.0, compiler="eager"))
+        out = compiled(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    names = {layer.name for layer in lrcompile.model_report(model).layers}
+    assert names == {"first.0", "second"}
+
+
+def test_recompile_reuses_recorded_factors_without_recalibrating():
+    model = tiny_model("llama")
+    compiled = _compile(model, calibration=token_batches(2), param_ratio=0.6, allocation="uniform", method="asvd")
+    with torch.no_grad():
+        compiled(input_ids=token_batches(1, seq=16)[0])
+        ranks = {layer.name: layer.rank for layer in lrcompile.model_report(model).layers}
+        # a new static shape recompiles; the dense weights are already released
+        out = first_output(compiled(input_ids=token_batches(1, seq=12, seed=5)[0]))
+    assert out.shape[:2] == (2, 12) and torch.isfinite(out).all()
+    assert {layer.name: layer.rank for layer in lrcompile.model_report(model).layers} == ranks
+
+
+def test_dynamic_shapes_calibrate_on_varied_lengths():
+    model = tiny_model("qwen2")
+    calib = [token_batches(1, seq=s, seed=s)[0] for s in (8, 12, 20)]
+    compiled = torch.compile(model, backend="lowrank", dynamic=True, options=lrcompile.LowRankConfig(
+        calibration=calib, param_ratio=0.8, compiler="eager", sensitivity_batches=2))
+    with torch.no_grad():
+        for seq in (10, 17):
+            out = first_output(compiled(input_ids=token_batches(1, seq=seq)[0]))
+            assert out.shape[1] == seq and torch.isfinite(out).all()
+    assert lrcompile.model_report(model).param_ratio <= 0.8
+
+
+def test_dict_calibration_with_attention_mask():
+    model = tiny_model("bert")
+    ids = token_batches(3)
+    calib = [{"input_ids": t, "attention_mask": torch.ones_like(t)} for t in ids[:2]]
+    with torch.no_grad():
+        out = _compile(model, calibration=calib, param_ratio=0.8)(input_ids=ids[2], attention_mask=torch.ones_like(ids[2]))
+    assert torch.isfinite(first_output(out)).all()
+
+
+def test_dump_dir_writes_graphs_plan_and_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("LRCOMPILE_DUMP", str(tmp_path))
+    model = tiny_model("gpt2")
+    with torch.no_grad():
+        _compile(model, calibration=token_batches(2), param_ratio=0.8, allocation="closed_form", method="whiten")(
+            input_ids=token_batches(1)[0])
+    graph_dir = next(tmp_path.glob("graph_*"))
+    files = {p.name for p in graph_dir.iterdir()}
+    assert {"plan.json", "report.json", "report.md"} <= files
+    before = (graph_dir / "05_factorize_linears_before.py").read_text()
+    after = (graph_dir / "05_factorize_linears_after.py").read_text()
+    assert "addmm" in before and "lowrank_transformer_h_0_mlp_c_fc_down" in after
+    report = (graph_dir / "report.md").read_text()
+    assert "transformer.h.0.mlp.c_fc" in report and "flops_compressed(T)" in report and "truncation loss" in report
+
+
+@pytest.mark.inductor
+def test_inductor_compiles_the_rewritten_graph():
+    options = dict(calibration=token_batches(2), param_ratio=0.7, method="whiten", allocation="closed_form")
+    ids = token_batches(1, seed=11)[0]
+    reference_model, inductor_model = tiny_model("llama"), tiny_model("llama")
+    with torch.no_grad():
+        reference = first_output(_compile(reference_model, compiler="eager", **options)(input_ids=ids))
+        torch._dynamo.reset()
+        out = first_output(_compile(inductor_model, compiler="inductor", **options)(input_ids=ids))
+    assert torch.allclose(out, reference, atol=1e-4)
+    assert lrcompile.model_report(inductor_model).param_ratio <= 0.7

@@ -1,0 +1,107 @@
+"""Bad input through torch.compile: each fails at once with a message naming the input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model, token_batches
+
+import lrcompile
+from lrcompile.errors import CalibrationError, LowRankConfigError, NoCompressibleLinearError
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _inner(excinfo) -> BaseException:
+    """Dynamo wraps a backend's exception in BackendCompilerFailed; unwrap it."""
+    err = excinfo.value
+    return getattr(err, "inner_exception", err)
+
+
+def _run(model, options, *, input_ids=None, **kwargs):
+    compiled = torch.compile(model, backend="lowrank", fullgraph=True, options=options)
+    with torch.no_grad():
+        return compiled(input_ids=token_batches(1)[0] if input_ids is None else input_ids, **kwargs)
+
+
+def test_unknown_option_suggests_the_key():
+    with pytest.raises(Exception, match="unknown option 'param_ration'; did you mean 'param_ratio'") as excinfo:
+        _run(tiny_model("llama"), {"param_ration": 0.8, "calibration": token_batches(1)})
+    assert isinstance(_inner(excinfo), LowRankConfigError)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.5, -0.2])
+def test_ratio_outside_unit_interval(ratio):
+    with pytest.raises(Exception, match=rf"option 'param_ratio'={ratio!r} is outside \(0, 1\]") as excinfo:
+        _run(tiny_model("llama"), {"param_ratio": ratio, "calibration": token_batches(1)})
+    assert isinstance(_inner(excinfo), LowRankConfigError)
+
+
+def test_empty_calibration():
+    with pytest.raises(Exception, match="option 'calibration' is empty") as excinfo:
+        _run(tiny_model("llama"), {"calibration": []})
+    assert isinstance(_inner(excinfo), CalibrationError)
+
+
+def test_missing_calibration_for_asvd():
+    with pytest.raises(Exception, match="option 'calibration' is required for method='asvd'"):
+        _run(tiny_model("llama"), {"method": "asvd", "allocation": "uniform", "compiler": "eager"})
+
+
+def test_calibration_shape_does_not_fit_static_graph():
+    options = lrcompile.LowRankConfig(calibration=[torch.randint(0, 128, (1, 9))], compiler="eager")
+    with pytest.raises(Exception, match=r"calibration batch 0: input \"L\['kwargs'\]\['input_ids'\]\" has shape \(1, 9\), "
+                       r"but the graph was captured for shape \(2, 16\)") as excinfo:
+        _run(tiny_model("llama"), options)
+    assert isinstance(_inner(excinfo), CalibrationError)
+
+
+def test_calibration_dtype_does_not_fit():
+    options = lrcompile.LowRankConfig(calibration=[torch.zeros(2, 16)], compiler="eager")
+    with pytest.raises(Exception, match="calibration batch 0: input .* has dtype torch.float32, the graph takes torch.int64"):
+        _run(tiny_model("llama"), options)
+
+
+def test_calibration_dict_with_input_the_graph_does_not_take():
+    ids = token_batches(1)[0]
+    options = lrcompile.LowRankConfig(calibration=[{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], compiler="eager")
+    with pytest.raises(Exception, match=r"calibration batch 0 gives \['attention_mask'\], which the captured graph does not take"):
+        _run(tiny_model("llama"), options)
+
+
+def test_calibration_dict_missing_an_input_of_the_graph():
+    ids = token_batches(1)[0]
+    options = lrcompile.LowRankConfig(calibration=[{"input_ids": ids}], compiler="eager")
+    with pytest.raises(Exception, match=r"calibration batch 0 does not give the graph input \"L\['kwargs'\]\['attention_mask'\]\""):
+        _run(tiny_model("bert"), options, attention_mask=torch.ones_like(ids))
+
+
+def test_nan_activations_name_the_first_layer():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] = float("nan")
+    ids = token_batches(1)[0]
+    ids[0, 0] = 5
+    options = lrcompile.LowRankConfig(calibration=[ids], compiler="eager")
+    with pytest.raises(Exception, match="layer 'model.layers.0.self_attn.q_proj' contain NaN or Inf") as excinfo:
+        _run(model, options)
+    assert isinstance(_inner(excinfo), CalibrationError)
+
+
+def test_model_without_compressible_linear():
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.LayerNorm(8)).eval()
+    options = lrcompile.LowRankConfig(calibration=[torch.zeros(2, 4, dtype=torch.long)], compiler="eager")
+    with pytest.raises(Exception, match="the captured graph has no compressible linear layer") as excinfo:
+        torch.compile(model, backend="lowrank", options=options)(torch.zeros(2, 4, dtype=torch.long))
+    assert isinstance(_inner(excinfo), NoCompressibleLinearError)
+
+
+def test_every_linear_excluded_names_them():
+    options = lrcompile.LowRankConfig(calibration=token_batches(1), exclude=["*"], compiler="eager")
+    with pytest.raises(Exception, match=r"model.layers.0.self_attn.q_proj: excluded by pattern.*exclude=\['\*'\]"):
+        _run(tiny_model("llama"), options)

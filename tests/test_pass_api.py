@@ -1,0 +1,235 @@
+"""The pass-level API end to end on fx.GraphModules, without the torch.compile backend."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from lrcompile import LowRankConfig
+from lrcompile.passes import (
+    CalibrationRunner,
+    allocate_closed_form,
+    allocate_uniform,
+    build_plan,
+    calibrate,
+    collect_stats,
+    decompose,
+    dense_weight,
+    factorize_linears,
+    find_linears,
+    insert_observers,
+    release_dense_weights,
+)
+from lrcompile.passes.find_linears import placeholder_values
+from lrcompile.pipeline import compress_graph
+from lrcompile.types import CompressedLayer, LayerPlan, LayerStatus
+
+LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 24)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return MLP().eval()
+
+
+def _batches(n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 32, generator=g) for _ in range(n)]
+
+
+def _graph(kind: str, model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+    if kind == "symbolic_trace":
+        return fx.symbolic_trace(model)
+    return torch.export.export(model, (x,)).module()
+
+
+def _linear_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS]
+
+
+def _calibrated(gm, batches, example_inputs=None):
+    """find_linears -> observers -> calibration -> statistics."""
+    views = find_linears(gm, example_inputs)
+    runner = CalibrationRunner(gm, example_inputs)
+    insert_observers(gm, views)
+    calibrate(runner, batches, total=len(batches))
+    collect_stats(gm, views)
+    return views
+
+
+def _factor(gm, views, ranks, method, example_inputs=None):
+    values = placeholder_values(gm, example_inputs)
+    layers = {}
+    for view in views:
+        rank = ranks[view.meta.name]
+        if rank is None:
+            continue
+        meta = view.meta
+        d = decompose(dense_weight(gm, view, values), method, meta.stats, 0.5, meta.name)
+        down, up = d.factors(rank, meta.weight_dtype)
+        plan = LayerPlan(meta.name, meta.out_features, meta.in_features, rank, truncation_loss=d.truncation_loss(rank))
+        layers[view] = CompressedLayer(plan, method, LayerStatus.FACTORED, meta.weight_dtype, down, up)
+    factorize_linears(gm, layers)
+    return layers
+
+
+@pytest.mark.parametrize("method", ["svd", "asvd", "whiten"])
+@pytest.mark.parametrize("kind", ["symbolic_trace", "export"])
+def test_full_rank_factors_reproduce_outputs(kind, method):
+    model = _model()
+    batches = _batches()
+    x = torch.randn(4, 32)
+    ref = model(x).detach()
+    gm = _graph(kind, model, batches[0])
+    views = _calibrated(gm, batches)
+    assert [v.meta.name for v in views] == ["fc1", "fc2"]
+    assert all(v.meta.stats is not None and v.meta.stats.rows == 12 for v in views)
+    layers = _factor(gm, views, {"fc1": 32, "fc2": 24}, method)
+    assert len(layers) == 2
+    assert len(_linear_nodes(gm)) == 4
+    with torch.no_grad():
+        out = gm(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["symbolic_trace", "export"])
+def test_reduced_rank_rewrites_graph_and_changes_outputs(kind):
+    model = _model()
+    batches = _batches()
+    x = torch.randn(4, 32)
+    ref = model(x).detach()
+    gm = _graph(kind, model, batches[0])
+    views = _calibrated(gm, batches)
+    plans = allocate_uniform([v.meta for v in views], 0.5, 8)
+    plan = build_plan("asvd", "uniform", 0.5, plans)
+    assert [p.rank for p in plan.layers] == [8, 8]  # 0.5*2048/96 = 10.7 -> 8; 0.5*1536/88 = 8.7 -> 8
+    assert plan.params_after <= 0.5 * plan.dense_params
+    layers = _factor(gm, views, {p.name: p.rank for p in plan.layers}, "asvd")
+    linears = _linear_nodes(gm)
+    assert len(linears) == 2 * len(layers) == 4
+    # the factored layers hold the thin weights, chained down -> up
+    down1, up1, down2, up2 = linears
+    assert up1.args[0] is down1 and up2.args[0] is down2
+    shapes = [tuple(getattr(gm, n.args[1].target).shape) for n in linears]
+    assert shapes == [(8, 32), (64, 8), (8, 64), (24, 8)]
+    assert not any(n.op == "call_module" for n in gm.graph.nodes if str(n.target) in ("fc1", "fc2"))
+    with torch.no_grad():
+        out = gm(x)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() > 1e-3
+    assert (out - ref).norm() / ref.norm() < 1.0  # still an approximation
+
+
+@pytest.mark.parametrize("kind", ["symbolic_trace", "export"])
+def test_release_dense_weights_frees_storage(kind):
+    model = _model()
+    batches = _batches()
+    x = torch.randn(4, 32)
+    gm = _graph(kind, model, batches[0])
+    views = _calibrated(gm, batches)
+    dense = [dense_weight(gm, v, {}) for v in views]
+    expected_bytes = sum(w.untyped_storage().nbytes() for w in dense)
+    assert expected_bytes == (64 * 32 + 24 * 64) * 4
+    _factor(gm, views, {"fc1": 16, "fc2": 8}, "asvd")
+    with torch.no_grad():
+        before = gm(x)
+    freed, kept = release_dense_weights(gm, views, None)
+    assert freed == expected_bytes
+    assert all(w.untyped_storage().nbytes() == 0 for w in dense)
+    assert model.fc1.weight.untyped_storage().nbytes() == 0 and model.fc2.weight.untyped_storage().nbytes() == 0
+    assert model.fc1.weight.shape == (64, 32)  # size kept, as FSDP does: guards still hold
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert kept == list(range(len(placeholders)))  # no weight placeholders in these graphs
+    assert not any(n.op == "get_attr" and n.target in ("fc1.weight", "fc2.weight") for n in gm.graph.nodes)
+    assert not any(n.op == "call_module" and n.target in ("fc1", "fc2") for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), before, rtol=0, atol=0)
+
+
+def test_closed_form_allocation_from_decomposition_spectra():
+    model = _model()
+    batches = _batches()
+    gm = fx.symbolic_trace(model)
+    views = _calibrated(gm, batches)
+    spectra = {v.meta.name: decompose(dense_weight(gm, v, {}), "whiten", v.meta.stats).s for v in views}
+    plans = allocate_closed_form([v.meta for v in views], spectra, 0.6, 8)
+    assert sum(p.params_after for p in plans) <= 0.6 * (64 * 32 + 24 * 64)
+    assert all(p.rank is not None and p.rank % 8 == 0 for p in plans)
+
+
+# --------------------------------------------------------------------------- compress_graph
+
+
+def _config(**kw):
+    return LowRankConfig(**{"calibration": _batches(), "compiler": "eager", "rank_multiple": 8, **kw})
+
+
+def test_compress_graph_full_ratio_leaves_graph_exact():
+    model = _model()
+    x = torch.randn(4, 32)
+    ref = model(x).detach()
+    gm = fx.symbolic_trace(model)
+    c = compress_graph(gm, [x], _config(param_ratio=1.0, allocation="uniform", method="asvd"))
+    assert [layer.rank for layer in c.plan.layers] == [None, None]
+    assert all(layer.status is LayerStatus.DENSE for layer in c.layers.values())
+    assert model.fc1.weight.untyped_storage().nbytes() > 0  # nothing factored: nothing released
+    with torch.no_grad():
+        torch.testing.assert_close(c.gm(x), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method,allocation", [("asvd", "uniform"), ("whiten", "closed_form"), ("svd", "uniform")])
+def test_compress_graph_reduced_ratio(method, allocation, tmp_path):
+    model = _model()
+    x = torch.randn(4, 32)
+    ref = model(x).detach()
+    gm = fx.symbolic_trace(model)
+    c = compress_graph(gm, [x], _config(param_ratio=0.5, allocation=allocation, method=method, dump_dir=str(tmp_path)))
+    assert c.gm is gm
+    assert c.plan.method == method and c.plan.allocation == allocation
+    assert c.plan.params_after <= 0.5 * c.plan.dense_params
+    assert all(layer.status is LayerStatus.FACTORED for layer in c.layers.values())
+    for layer in c.layers.values():
+        assert layer.down.shape == (layer.plan.rank, layer.plan.in_features)
+        assert layer.up.shape == (layer.plan.out_features, layer.plan.rank)
+        assert 0.0 < layer.plan.truncation_loss < 1.0
+    assert len(_linear_nodes(gm)) == 4
+    # dense storage released (release_dense=True by default)
+    assert model.fc1.weight.untyped_storage().nbytes() == 0
+    with torch.no_grad():
+        out = c.gm(x)
+    assert (out - ref).abs().max() > 1e-3
+    assert (out - ref).norm() / ref.norm() < 1.0
+    dumped = sorted(p.name for p in tmp_path.iterdir())
+    assert len(dumped) == 1 and dumped[0].startswith("graph_")
+    plan = json.loads((tmp_path / dumped[0] / "plan.json").read_text())
+    assert [layer["rank"] for layer in plan["layers"]] == [layer.rank for layer in c.plan.layers]
+    assert any(p.name.endswith("_after.py") for p in (tmp_path / dumped[0]).iterdir())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library bug: passes/sensitivity.py sensitivity_output reads node.meta['example_value'/'val'] on "
+    "graph outputs, which symbolic_trace graphs lack, so allocation='sensitivity' (the default) raises "
+    "CalibrationError 'the captured graph returns no floating-point tensor to compare'",
+)
+def test_compress_graph_sensitivity_allocation_on_symbolic_trace():
+    model = _model()
+    x = torch.randn(4, 32)
+    gm = fx.symbolic_trace(model)
+    c = compress_graph(gm, [x], _config(param_ratio=0.6, allocation="sensitivity", method="asvd", sensitivity_batches=2))
+    assert c.plan.params_after <= 0.6 * c.plan.dense_params
+    assert all(v.meta.sensitivity for v in c.linears)
