@@ -14,13 +14,13 @@ multiples of ``rank_multiple`` (rounded down, at least one multiple).
   ``s_ji^2`` of truncation loss (normalised by the layer's energy here so
   layers of different output scale compare). Keeping values in order of loss
   per parameter is the optimal greedy (fractional knapsack); a binary search on
-  that threshold meets the budget with no forward passes.
+  the length of the kept prefix meets the budget with no forward passes.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -56,7 +56,7 @@ def _layer_plan(meta: LinearMeta, rank: int | None, **scores: float | None) -> L
 def _search(
     metas: Sequence[LinearMeta], thresholds: Sequence[float], plan_at: Callable[[float], list[LayerPlan]], budget: float
 ) -> list[LayerPlan]:
-    """Binary search for the first threshold (ascending: fewer parameters) whose plan meets the budget."""
+    """Binary search for the first threshold whose plan meets the budget (parameters fall as thresholds rise)."""
     lo, hi = 0, len(thresholds) - 1
     while lo < hi:
         mid = (lo + hi) // 2
@@ -109,27 +109,36 @@ def allocate_by_sensitivity(metas: Sequence[LinearMeta], param_ratio: float, mul
 def allocate_closed_form(
     metas: Sequence[LinearMeta], spectra: Mapping[str, torch.Tensor], param_ratio: float, multiple: int
 ) -> list[LayerPlan]:
-    """``spectra[name]``: singular values of the layer's (scaled) weight, descending."""
-    budget = param_ratio * sum(m.dense_params for m in metas)
-    energy = {m.name: spectra[m.name].double().square() for m in metas}
-    # value of keeping singular value i: its share of the layer's energy per parameter it costs
-    value = {m.name: (energy[m.name] / energy[m.name].sum().clamp_min(1e-300)) / (m.out_features + m.in_features) for m in metas}
-    ascending = {m.name: value[m.name].flip(0).tolist() for m in metas}
+    """``spectra[name]``: singular values of the layer's (scaled) weight, descending.
 
-    def plan_at(threshold: float) -> list[LayerPlan]:
+    All singular values of all layers go into one list, best value per parameter
+    first; a binary search finds the longest kept prefix that meets the budget.
+    A layer's rank is its count in the prefix (aligned), so tied values split.
+    """
+    budget = param_ratio * sum(m.dense_params for m in metas)
+    share = {m.name: _energy_share(spectra[m.name]) for m in metas}
+    items = sorted(
+        ((float(v) / (m.out_features + m.in_features), m.name) for m in metas for v in share[m.name]), key=lambda t: -t[0]
+    )
+    order = [name for _, name in items]
+
+    def plan_at(dropped: int) -> list[LayerPlan]:
+        kept = Counter(order[: len(order) - dropped])
         plans = []
         for meta in metas:
-            kept = len(ascending[meta.name]) - bisect.bisect_left(ascending[meta.name], threshold)
-            rank = align_rank(kept, multiple, meta) if kept else multiple
-            if rank > meta.break_even_rank:
+            rank = align_rank(kept[meta.name], multiple, meta)
+            if kept[meta.name] >= min(meta.out_features, meta.in_features) or rank > meta.break_even_rank:
                 plans.append(_layer_plan(meta, None, truncation_loss=0.0))
-                continue
-            share = energy[meta.name] / energy[meta.name].sum().clamp_min(1e-300)
-            plans.append(_layer_plan(meta, rank, truncation_loss=float(share[rank:].sum())))
+            else:
+                plans.append(_layer_plan(meta, rank, truncation_loss=float(share[meta.name][rank:].sum())))
         return plans
 
-    thresholds = sorted({0.0, *(v for vals in value.values() for v in vals.tolist())})
-    return _search(metas, thresholds, plan_at, budget)
+    return _search(metas, range(len(order) + 1), plan_at, budget)
+
+
+def _energy_share(singular_values: torch.Tensor) -> torch.Tensor:
+    energy = singular_values.double().square()
+    return energy / energy.sum().clamp_min(1e-300)
 
 
 def build_plan(method: str, allocation: str, param_ratio: float, layers: list[LayerPlan]) -> CompressionPlan:

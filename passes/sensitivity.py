@@ -29,9 +29,9 @@ from .rank_allocation import rank_for_ratio
 log = logging.getLogger(__name__)
 
 
-def sensitivity_output(gm: fx.GraphModule, linears: Sequence[LinearNode]) -> int:
-    """Index (among the flattened graph outputs) of the floating output downstream of the most
-    compressible linears; ties go to the larger output."""
+def sensitivity_output(gm: fx.GraphModule, linears: Sequence[LinearNode], values: Sequence[Any]) -> int:
+    """Index (among the flattened graph outputs ``values`` of one run) of the floating output
+    downstream of the most compressible linears; ties go to the larger output."""
     bit = {view.node: 1 << i for i, view in enumerate(linears)}
     reach: dict[fx.Node, int] = {}
     for node in gm.graph.nodes:
@@ -42,11 +42,10 @@ def sensitivity_output(gm: fx.GraphModule, linears: Sequence[LinearNode]) -> int
     output = next(n for n in gm.graph.nodes if n.op == "output")
     leaves = torch.utils._pytree.tree_leaves(output.args[0])
     best, best_key = None, (-1, -1)
-    for i, leaf in enumerate(leaves):
-        value = leaf.meta.get("example_value", leaf.meta.get("val")) if isinstance(leaf, fx.Node) else None
+    for i, (leaf, value) in enumerate(zip(leaves, values)):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             continue
-        key = (bin(reach.get(leaf, 0)).count("1"), value.numel() if not value.shape or all(isinstance(d, int) for d in value.shape) else 0)
+        key = (bin(reach.get(leaf, 0)).count("1"), value.numel())
         if key > best_key:
             best, best_key = i, key
     if best is None:
@@ -71,12 +70,13 @@ def measure_sensitivity(
 ) -> None:
     """Fill ``meta.sensitivity[ratio]`` for every compressible linear."""
     targets = [v for v in linears if v.meta.compressible]
-    index = sensitivity_output(runner.gm, targets)
+    dense = [torch.utils._pytree.tree_leaves(runner.run(b, i)) for i, b in enumerate(batches)]
+    index = sensitivity_output(runner.gm, targets, dense[0])
 
     def output(result: Any) -> torch.Tensor:
         return torch.utils._pytree.tree_leaves(result)[index]
 
-    references = [F.log_softmax(output(runner.run(b, i)).double(), dim=-1) for i, b in enumerate(batches)]
+    references = [F.log_softmax(leaves[index].double(), dim=-1) for leaves in dense]
     progress = tqdm(total=len(targets) * len(ratios), desc="lowrank: sensitivity", unit="trial", leave=False)
     for view in targets:
         meta = view.meta

@@ -220,12 +220,6 @@ def test_compress_graph_reduced_ratio(method, allocation, tmp_path):
     assert any(p.name.endswith("_after.py") for p in (tmp_path / dumped[0]).iterdir())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: passes/sensitivity.py sensitivity_output reads node.meta['example_value'/'val'] on "
-    "graph outputs, which symbolic_trace graphs lack, so allocation='sensitivity' (the default) raises "
-    "CalibrationError 'the captured graph returns no floating-point tensor to compare'",
-)
 def test_compress_graph_sensitivity_allocation_on_symbolic_trace():
     model = _model()
     x = torch.randn(4, 32)
