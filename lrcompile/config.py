@@ -115,8 +115,10 @@ class LowRankConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether layers without a recorded outcome need calibration data (checked when one does)."""
-        return self.method != "svd" or self.allocation == "sensitivity"
+        """Whether layers without a recorded outcome need calibration data (checked when one does).
+
+        At ``param_ratio`` 1 every layer stays dense, so nothing is measured."""
+        return self.param_ratio < 1.0 and (self.method != "svd" or self.allocation == "sensitivity")
 
     @classmethod
     def from_options(cls, options: LowRankConfig | Mapping[str, Any] | None) -> LowRankConfig:

@@ -30,6 +30,7 @@ from lrcompile.passes import (
     release_dense_weights,
 )
 from lrcompile.passes.calibration_runner import is_state_input
+from lrcompile.passes.decomposition import LinearDecomposition
 from lrcompile.passes.find_linears import placeholder_values, weight_tensor
 from lrcompile.runtime.compressed_layers import record_layer, recorded_layer
 
@@ -110,7 +111,7 @@ def _activation_stats(c: GraphCompression) -> None:
     c.runner = CalibrationRunner(c.gm, c.example_inputs)
     if c.config.method == "svd":
         return
-    insert_observers(c.gm, targets)
+    insert_observers(c.gm, targets, gram=c.config.method == "whiten")
     try:
         calibrate(c.runner, c.config.calibration, total=len(c.config.calibration))
     except BaseException:
@@ -119,14 +120,16 @@ def _activation_stats(c: GraphCompression) -> None:
     collect_stats(c.gm, targets)
 
 
-def _decompose(c: GraphCompression, view: LinearNode):
+def _decompose(c: GraphCompression, view: LinearNode) -> LinearDecomposition:
+    """One layer's float64 SVD, recomputed by each pass that needs it: holding every
+    layer's decomposition at once would cost several times the model's own memory."""
     weight = dense_weight(c.gm, view, placeholder_values(c.gm, c.example_inputs))
     return decompose(weight, c.config.method, view.meta.stats, c.config.alpha, view.meta.name)
 
 
 def _sensitivity(c: GraphCompression) -> None:
     targets = c.to_compress()
-    if not targets or c.config.allocation != "sensitivity":
+    if not targets or c.config.allocation != "sensitivity" or not c.config.needs_calibration:
         return
     batches = c.config.calibration[: c.config.sensitivity_batches]
     measure_sensitivity(c.runner, targets, lambda v: _decompose(c, v), c.config.sensitivity_ratios, batches, c.config.rank_multiple)
@@ -138,7 +141,7 @@ def _allocate_ranks(c: GraphCompression) -> None:
     cfg = c.config
     if not targets:
         layers: list[LayerPlan] = []
-    elif cfg.allocation == "uniform":
+    elif cfg.allocation == "uniform" or cfg.param_ratio >= 1.0:  # at ratio 1 every layer stays dense
         layers = allocate_uniform(metas, cfg.param_ratio, cfg.rank_multiple)
     elif cfg.allocation == "sensitivity":
         layers = allocate_by_sensitivity(metas, cfg.param_ratio, cfg.rank_multiple)

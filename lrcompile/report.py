@@ -140,8 +140,8 @@ class CompressionReport:
             t["factored"], t["linears"], t["param_ratio"], t["weight_bytes_before"], t["weight_bytes_after"],
         )
         for layer in self.layers:
-            log.debug("lowrank layer %s: %s rank=%s params %d -> %d %s", layer.name, layer.status, layer.rank,
-                      layer.params_before, layer.params_after, layer.reason)
+            log.info("lowrank layer %s: %s rank=%s params %d -> %d %s", layer.name, layer.status, layer.rank,
+                     layer.params_before, layer.params_after, layer.reason)
 
 
 def _num(value: float | None) -> str:

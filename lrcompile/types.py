@@ -40,16 +40,16 @@ class ActivationStats:
 
     abs_sum: torch.Tensor  # [in]
     abs_max: torch.Tensor  # [in]
-    gram: torch.Tensor  # [in, in]
+    gram: torch.Tensor | None  # [in, in]; only collected when a method needs it (whitening)
     rows: int = 0
 
     @classmethod
-    def empty(cls, in_features: int) -> ActivationStats:
+    def empty(cls, in_features: int, gram: bool = True) -> ActivationStats:
         f64 = dict(dtype=torch.float64)
         return cls(
             torch.zeros(in_features, **f64),
             torch.zeros(in_features, **f64),
-            torch.zeros(in_features, in_features, **f64),
+            torch.zeros(in_features, in_features, **f64) if gram else None,
         )
 
     def update(self, x: torch.Tensor) -> None:
@@ -57,7 +57,8 @@ class ActivationStats:
         self.abs_sum += rows.abs().sum(0)
         if rows.shape[0]:
             self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0))
-        self.gram += rows.T @ rows
+        if self.gram is not None:
+            self.gram += rows.T @ rows
         self.rows += rows.shape[0]
 
     @property
@@ -65,9 +66,8 @@ class ActivationStats:
         return self.abs_sum / max(self.rows, 1)
 
     def is_finite(self) -> bool:
-        return bool(
-            torch.isfinite(self.abs_sum).all() and torch.isfinite(self.abs_max).all() and torch.isfinite(self.gram).all()
-        )
+        tensors = [self.abs_sum, self.abs_max] + ([self.gram] if self.gram is not None else [])
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 @dataclass

@@ -31,21 +31,25 @@ OBSERVER_PREFIX = "lowrank_observer_"
 class ActivationObserver(nn.Module):
     """Identity that accumulates :class:`ActivationStats` of what passes through it."""
 
-    def __init__(self, in_features: int, layer: str):
+    def __init__(self, in_features: int, layer: str, gram: bool = True):
         super().__init__()
         self.layer = layer
-        self.stats = ActivationStats.empty(in_features)
+        self.stats = ActivationStats.empty(in_features, gram)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.stats.update(x)
         return x
 
 
-def insert_observers(gm: fx.GraphModule, linears: Iterable[LinearNode]) -> None:
-    """Route the input of every compressible linear through an observer."""
+def insert_observers(gm: fx.GraphModule, linears: Iterable[LinearNode], gram: bool = True) -> None:
+    """Route the input of every compressible linear through an observer.
+
+    ``gram``: also accumulate X^T X (``in x in`` float64 per layer), which only
+    whitening needs; ASVD needs the per-channel statistics alone.
+    """
     for i, view in enumerate(v for v in linears if v.meta.compressible):
         name = f"{OBSERVER_PREFIX}{i}"
-        gm.add_submodule(name, ActivationObserver(view.meta.in_features, view.meta.name))
+        gm.add_submodule(name, ActivationObserver(view.meta.in_features, view.meta.name, gram))
         with gm.graph.inserting_before(view.node):
             observed = gm.graph.call_module(name, (view.input,))
         view.node.replace_input_with(view.input, observed)

@@ -89,6 +89,8 @@ def decompose(
         u, s, vt = torch.linalg.svd(w * scale[None, :], full_matrices=False)
         vt = vt / scale[None, :]
     elif method == "whiten":
+        if stats.gram is None:
+            raise CalibrationError(f"layer {layer!r}: method 'whiten' needs the Gram matrix X^T X (observe with gram=True)")
         chol = regularized_cholesky(stats.gram, layer)
         u, s, vt = torch.linalg.svd(w @ chol, full_matrices=False)
         vt = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # vt @ L^-1

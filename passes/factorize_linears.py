@@ -93,6 +93,10 @@ def release_dense_weights(
     for view in views:
         weight = weight_tensor(gm, view, values)
         freed += weight.untyped_storage().nbytes()
+        if not weight.untyped_storage().resizable():
+            # from_pretrained maps safetensors storage, which cannot be resized: move the tensor
+            # (same object, size and strides, so Dynamo's guards hold) onto ordinary storage first.
+            weight.data = torch.empty_like(weight)
         weight.untyped_storage().resize_(0)
         if view.weight is not None and view.weight.op == "placeholder" and not view.weight.users:
             removed.add(placeholders.index(view.weight))

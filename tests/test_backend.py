@@ -9,6 +9,7 @@ from tiny_models import FAMILIES, first_output, tiny_model, token_batches
 import lrcompile
 from lrcompile.passes import decompose, dense_weight, factorize_linears, find_linears
 from lrcompile.passes.find_linears import placeholder_values
+from lrcompile.pipeline import compress_graph
 from lrcompile.runtime.compressed_layers import model_layers
 from lrcompile.types import CompressedLayer, LayerPlan, LayerStatus
 
@@ -98,6 +99,34 @@ def test_ratio_08_holds_factors_and_frees_dense_storage(family):
     dense_params = {name: p for name, p in model.named_parameters()}
     freed_names = [n for n, p in dense_params.items() if p.untyped_storage().nbytes() == 0]
     assert len(freed_names) == totals["factored"]
+
+
+def test_from_pretrained_weights_are_released(tmp_path):
+    """from_pretrained maps safetensors storage, which cannot be resized in place."""
+    tiny_model("bert").save_pretrained(tmp_path)
+    model = type(tiny_model("bert")).from_pretrained(tmp_path).eval()
+    assert not model.encoder.layer[0].intermediate.dense.weight.untyped_storage().resizable()
+    ids = token_batches(1)[0]
+    with torch.no_grad():
+        dense = first_output(model(input_ids=ids))
+        out = first_output(_compile(model, param_ratio=0.5, method="svd", allocation="uniform")(input_ids=ids))
+    assert model.encoder.layer[0].intermediate.dense.weight.untyped_storage().nbytes() == 0
+    assert out.shape == dense.shape and torch.isfinite(out).all()
+
+
+def test_asvd_collects_no_gram_matrix():
+    model = tiny_model("llama")
+    seen = []
+
+    def spy(gm, example_inputs):
+        result = compress_graph(gm, example_inputs, lrcompile.LowRankConfig(
+            calibration=token_batches(1), param_ratio=0.8, method="asvd", allocation="uniform", compiler="eager"))
+        seen.extend(v.meta.stats for v in result.linears if v.meta.stats is not None)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=spy)(input_ids=token_batches(1)[0])
+    assert seen and all(stats.gram is None and stats.rows > 0 for stats in seen)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
