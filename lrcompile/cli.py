@@ -60,14 +60,6 @@ class Compressed:
 # ---------------------------------------------------------------------------- inputs
 
 
-def _own_storage(model: torch.nn.Module) -> None:
-    """Copy parameters whose storage cannot be resized (safetensors files are memory-mapped)
-    into ordinary memory, so the backend can release the dense weights it factors."""
-    for param in model.parameters():
-        if not param.untyped_storage().resizable():
-            param.data = param.data.clone()
-
-
 def _is_causal_lm(config: Any) -> bool:
     """A decoder config whose saved architecture is a causal LM (``*ForCausalLM``, ``*LMHeadModel``)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -89,7 +81,6 @@ def load_model_folder(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     cls = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
     model = cls.from_pretrained(path, local_files_only=True).eval()
-    _own_storage(model)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
