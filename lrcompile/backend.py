@@ -7,6 +7,7 @@ Registered under the ``torch_dynamo_backends`` entry point, so
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,9 +15,29 @@ import torch
 from torch import fx
 
 from .config import LowRankConfig
+from .errors import LowRankError
 from .pipeline import GraphCompression, compress_graph
 
 log = logging.getLogger(__name__)
+
+
+def _check_instance(compression: GraphCompression, compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """Refuse to run the factors of one model instance on another (see ``_instance_input``)."""
+    if compression.instance_input is None:
+        return compiled
+    position, source, tensor = compression.instance_input
+    expected = weakref.ref(tensor)
+
+    def run(*args: Any) -> Any:
+        if args[position] is not expected():
+            raise LowRankError(
+                f"this lowrank-compiled graph holds the factors of another model instance (its input {source} is a "
+                "different tensor): Dynamo reuses a graph across instances of one class when their backends compare "
+                "equal. Compile each model with its own LowRankConfig object, or call torch._dynamo.reset() first."
+            )
+        return compiled(*args)  # Dynamo calls a backend's result unboxed
+
+    return run
 
 
 def compile_downstream(compression: GraphCompression, compiler: str) -> Callable[..., Any]:
@@ -32,12 +53,12 @@ def compile_downstream(compression: GraphCompression, compiler: str) -> Callable
     if compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, inputs)
+        return _check_instance(compression, compile_fx(gm, inputs))
     if compiler == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 
-        return lookup_backend("aot_eager")(gm, inputs)
-    return gm.forward
+        return _check_instance(compression, lookup_backend("aot_eager")(gm, inputs))
+    return _check_instance(compression, gm.forward)
 
 
 def lowrank_backend(

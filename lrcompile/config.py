@@ -63,7 +63,7 @@ def _calibration(value: Any) -> tuple[Any, ...] | None:
     return batches
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LowRankConfig:
     """Options of ``torch.compile(model, backend="lowrank", options=...)``.
 
@@ -72,9 +72,13 @@ class LowRankConfig:
     allocation: ``uniform``, ``sensitivity`` (ASVD's KL search) or ``closed_form``
         (truncation loss from the spectra, exact for ``whiten``).
     include / exclude: glob patterns over module paths choosing the linears to compress.
+
+    Equality is identity (``eq=False``): Dynamo reuses a graph captured for one
+    model instance for another of the same class when their backends' options
+    compare equal, and that graph holds the first instance's factors.
     """
 
-    calibration: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
+    calibration: tuple[Any, ...] | None = field(default=None, repr=False)
     param_ratio: float = 0.85
     method: str = "asvd"
     alpha: float = 0.5

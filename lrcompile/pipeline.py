@@ -57,6 +57,7 @@ class GraphCompression:
     plan: CompressionPlan | None = None
     layers: dict[LinearNode, CompressedLayer] = field(default_factory=dict)
     kept_inputs: list[int] | None = None
+    instance_input: tuple[int, str, torch.Tensor] | None = None  # (kept input index, source, tensor)
     runner: CalibrationRunner | None = None
     report: CompressionReport | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -177,9 +178,25 @@ def _factorize(c: GraphCompression) -> None:
 
 def _release_dense(c: GraphCompression) -> None:
     factored = [v for v, layer in c.layers.items() if layer.status is LayerStatus.FACTORED]
-    if not c.config.release_dense or not factored:
-        return
-    _, c.kept_inputs = release_dense_weights(c.gm, factored, c.example_inputs)
+    if c.config.release_dense and factored:
+        _, c.kept_inputs = release_dense_weights(c.gm, factored, c.example_inputs)
+    if any(layer.status is LayerStatus.FACTORED for layer in c.layers.values()):
+        c.instance_input = _instance_input(c)
+
+
+def _instance_input(c: GraphCompression) -> tuple[int, str, torch.Tensor] | None:
+    """A model-state input that identifies the model instance the factors belong to.
+
+    Dynamo reuses a graph for another instance of the same class when the
+    backends compare equal (same options object, or equal option dicts); that
+    graph would then run with the first instance's factors.
+    """
+    kept = c.kept_inputs if c.kept_inputs is not None else range(len(c.example_inputs))
+    placeholders = [n for n in c.gm.graph.nodes if n.op == "placeholder"]
+    for position, (node, index) in enumerate(zip(placeholders, kept)):
+        if is_state_input(node) and isinstance(c.example_inputs[index], torch.Tensor):
+            return position, node.meta["grapharg"].source.name, c.example_inputs[index]
+    return None
 
 
 PASSES: tuple[Pass[GraphCompression], ...] = (

@@ -99,7 +99,7 @@ def allocate_by_sensitivity(metas: Sequence[LinearMeta], param_ratio: float, mul
             ok = [r for r, kl in curves[meta.name].items() if kl <= tau]
             ratio = min(ok) if ok else 1.0
             rank = rank_for_ratio(meta, ratio, multiple)
-            plans.append(_layer_plan(meta, rank, sensitivity=meta.sensitivity.get(ratio, 0.0)))
+            plans.append(_layer_plan(meta, rank, sensitivity=meta.sensitivity.get(ratio) if rank is not None else None))
         return plans
 
     thresholds = sorted({0.0, *(kl for curve in curves.values() for kl in curve.values())})

@@ -239,3 +239,26 @@ def test_inductor_compiles_the_rewritten_graph():
         out = first_output(_compile(inductor_model, compiler="inductor", **options)(input_ids=ids))
     assert torch.allclose(out, reference, atol=1e-4)
     assert lrcompile.model_report(inductor_model).param_ratio <= 0.7
+
+
+def test_two_instances_of_one_class_get_their_own_factors():
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ids = token_batches(1)[0]
+    options = dict(calibration=token_batches(2), param_ratio=0.8, allocation="uniform")
+    with torch.no_grad():
+        _compile(a, **options)(input_ids=ids)
+        out_b = first_output(_compile(b, **options)(input_ids=ids))
+    # b was compressed from its own weights: its records exist and its dense storage is released
+    assert lrcompile.model_report(b).totals()["factored"] > 0
+    assert b.model.layers[0].mlp.up_proj.weight.untyped_storage().nbytes() == 0
+    assert torch.isfinite(out_b).all()
+
+
+def test_one_options_object_shared_by_two_instances_fails_loudly():
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ids = token_batches(1)[0]
+    shared = lrcompile.LowRankConfig(calibration=token_batches(2), param_ratio=0.8, allocation="uniform", compiler="eager")
+    with torch.no_grad():
+        torch.compile(a, backend="lowrank", options=shared)(input_ids=ids)
+        with pytest.raises(lrcompile.LowRankError, match="holds the factors of another model instance"):
+            torch.compile(b, backend="lowrank", options=shared)(input_ids=ids)

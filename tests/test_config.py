@@ -209,7 +209,9 @@ def test_from_options_accepts_dict_and_config():
     assert (cfg.param_ratio, cfg.method, cfg.allocation, cfg.compiler) == (0.6, "whiten", "closed_form", "eager")
     assert LowRankConfig.from_options(cfg) is cfg
     again = LowRankConfig.from_options(cfg.to_json() | {"calibration": cfg.calibration})
-    assert again == cfg
+    assert again.to_json() == cfg.to_json()
+    # identity equality: Dynamo shares a captured graph between backends whose options compare equal
+    assert again != cfg and again == again
 
 
 def test_to_json_leaves_out_calibration():
