@@ -1,0 +1,1 @@
+"""Accuracy, speed, memory and compile-cost benchmarks of lrcompile."""
