@@ -35,9 +35,10 @@ class ActivationObserver(nn.Module):
         super().__init__()
         self.layer = layer
         self.stats = ActivationStats.empty(in_features, gram)
+        self.token_mask: torch.Tensor | None = None  # padding rows to drop, set per batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.stats.update(x)
+        self.stats.update(x, self.token_mask)
         return x
 
 
@@ -88,9 +89,15 @@ def collect_stats(gm: fx.GraphModule, linears: Iterable[LinearNode], validate: b
 
 
 def calibrate(runner: CalibrationRunner, batches: Iterable[Any], total: int | None = None) -> None:
-    """Run every calibration batch through the observed graph, with a progress bar."""
+    """Run every calibration batch through the observed graph, with a progress bar.
+
+    Rows of padding tokens (``attention_mask`` 0 in a dict batch) are left out of the statistics.
+    """
+    observers = [m for m in runner.gm.modules() if isinstance(m, ActivationObserver)]
     count = 0
     for count, batch in enumerate(tqdm(batches, total=total, desc="lowrank: calibration", unit="batch", leave=False), 1):
+        for observer in observers:
+            observer.token_mask = runner.token_mask(batch)
         runner.run(batch, count - 1)
     if not count:
         raise CalibrationError("calibration is empty: give at least one batch of model inputs")

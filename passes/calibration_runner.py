@@ -205,6 +205,12 @@ class CalibrationRunner:
             for owner, attr, value in restore:
                 setattr(owner, attr, value)
 
+    @staticmethod
+    def token_mask(batch: Any) -> torch.Tensor | None:
+        """The batch's ``attention_mask`` (1 = real token), when it gives one."""
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        return mask if isinstance(mask, torch.Tensor) else None
+
     @torch.no_grad()
     def run(self, batch: Any, index: int = 0, overrides: Mapping[LinearNode, torch.Tensor] | None = None) -> Any:
         args = self.bind(batch, index)

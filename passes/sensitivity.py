@@ -53,10 +53,14 @@ def sensitivity_output(gm: fx.GraphModule, linears: Sequence[LinearNode], values
     return best
 
 
-def output_kl(reference_logp: torch.Tensor, output: torch.Tensor) -> float:
-    """Mean over positions of KL(P || Q), P from log-probs ``reference_logp``, Q = softmax(output)."""
+def output_kl(reference_logp: torch.Tensor, output: torch.Tensor, token_mask: torch.Tensor | None = None) -> float:
+    """Mean over positions of KL(P || Q), P from log-probs ``reference_logp``, Q = softmax(output);
+    positions where ``token_mask`` is 0 (padding) are left out when the mask matches the positions."""
     logq = F.log_softmax(output.double(), dim=-1)
-    return float((reference_logp.exp() * (reference_logp - logq)).sum(-1).mean())
+    kl = (reference_logp.exp() * (reference_logp - logq)).sum(-1)
+    if token_mask is not None and token_mask.shape == kl.shape and token_mask.any():
+        return float(kl[token_mask.to(torch.bool)].mean())
+    return float(kl.mean())
 
 
 @torch.no_grad()
@@ -88,7 +92,7 @@ def measure_sensitivity(
             else:
                 weight = decomposition.reconstruct(rank, meta.weight_dtype)
                 kls = [
-                    output_kl(ref, output(runner.run(b, i, overrides={view: weight})))
+                    output_kl(ref, output(runner.run(b, i, overrides={view: weight})), runner.token_mask(b))
                     for i, (b, ref) in enumerate(zip(batches, references))
                 ]
                 meta.sensitivity[ratio] = sum(kls) / len(kls)

@@ -179,3 +179,31 @@ def test_calibrate_empty_raises():
     gm = fx.symbolic_trace(MLP())
     with pytest.raises(CalibrationError, match="empty"):
         calibrate(CalibrationRunner(gm), [])
+
+
+def test_padding_rows_are_left_out_of_the_statistics():
+    """Rows whose attention_mask is 0 do not enter mean|x|, max|x| or X^T X."""
+    from lrcompile.passes import CalibrationRunner, calibrate, collect_stats, find_linears, insert_observers
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x, attention_mask):
+            return self.fc(x) * attention_mask.unsqueeze(-1)
+
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(Masked())
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    x[mask == 0] = 1e3  # padding rows, far from the real ones
+    views = find_linears(gm)
+    insert_observers(gm, views)
+    calibrate(CalibrationRunner(gm), [{"x": x, "attention_mask": mask}])
+    collect_stats(gm, views)
+    real = x[mask == 1].double()
+    stats = views[0].meta.stats
+    assert stats.rows == 7
+    torch.testing.assert_close(stats.mean_abs, real.abs().mean(0))
+    torch.testing.assert_close(stats.gram, real.T @ real)
