@@ -262,3 +262,29 @@ def test_one_options_object_shared_by_two_instances_fails_loudly():
         torch.compile(a, backend="lowrank", options=shared)(input_ids=ids)
         with pytest.raises(lrcompile.LowRankError, match="holds the factors of another model instance"):
             torch.compile(b, backend="lowrank", options=shared)(input_ids=ids)
+
+
+def test_compiled_graph_keeps_no_activation_statistics():
+    """Statistics (a float64 X^T X per layer for whitening) must not live on with the compiled graph."""
+    from lrcompile.types import META_KEY
+
+    model = tiny_model("llama")
+    kept = []
+    import lrcompile.backend as backend
+
+    real_downstream = backend.compile_downstream
+
+    def spy(compression, compiler):
+        kept.append(compression.gm)
+        return real_downstream(compression, compiler)
+
+    backend.compile_downstream = spy
+    try:
+        with torch.no_grad():
+            _compile(model, calibration=token_batches(2), param_ratio=0.9, method="whiten", allocation="closed_form")(
+                input_ids=token_batches(1)[0])
+    finally:
+        backend.compile_downstream = real_downstream
+    metas = [n.meta[META_KEY] for n in kept[0].graph.nodes if META_KEY in n.meta]
+    assert metas and any(m.compressible for m in metas)  # layers left dense are still in the graph
+    assert all(m.stats is None for m in metas)
