@@ -57,7 +57,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 
-from benchmarks.run import (
+from benchmarks.common import (
     CompileRecorder,
     command_line,
     fmt,

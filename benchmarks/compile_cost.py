@@ -46,7 +46,7 @@ from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from benchmarks.run import (
+from benchmarks.common import (
     ROOT,
     CompileRecorder,
     command_line,

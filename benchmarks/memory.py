@@ -54,7 +54,7 @@ from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from benchmarks.run import (
+from benchmarks.common import (
     ROOT,
     command_line,
     fmt,

@@ -30,12 +30,10 @@ analysis survives a re-run (it is dated; check it still matches the numbers).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import logging
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -46,8 +44,8 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")  # per-config lines replace the backend's progress bars
 
 import torch
-import torch.nn.functional as F
 
+from benchmarks.common import ANALYSIS_MARKER, DEFAULT_OUT, ROOT, command_line, kept_analysis, machine_info, machine_line
 import lrcompile
 from lrcompile.sentence_embeddings import embed, minilm_path
 from lrcompile.text_data import stdlib_sentences, token_batches
@@ -58,9 +56,6 @@ RATIOS = (0.9, 0.8)
 SANITY_RATIO = 1.0
 SANITY_ALLOCATION = "uniform"
 SANITY_TOL = 1e-6
-ANALYSIS_MARKER = "<!-- analysis -->"
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "docs" / "results"
 
 # module-path suffix -> short layer kind, for per-kind summaries of the plans
 LAYER_KINDS = (
@@ -395,19 +390,13 @@ def write_markdown(payload: dict, path: Path, plot: bool) -> None:
     s = payload["settings"]
     methods, allocations, ratios = s["methods"], s["allocations"], s["ratios"]
     results = payload["results"]
-    keep = ""
-    if path.exists():
-        old = path.read_text(encoding="utf-8")
-        if ANALYSIS_MARKER in old:
-            keep = old.split(ANALYSIS_MARKER, 1)[1].strip()
+    keep = kept_analysis(path)
     checks = ordering_checks(results, methods, allocations, ratios)
     parts = [
         "# all-MiniLM-L6-v2 embedding fidelity under lrcompile",
         "",
         f"- date: {payload['date']}",
-        f"- machine: {payload['machine']['platform']}, {payload['machine']['cpu_count']} CPUs, "
-        f"torch {payload['machine']['torch']}, transformers {payload['machine']['transformers']}, "
-        f"{s['torch_threads']} torch thread(s)",
+        f"- machine: {machine_line(payload['machine'])}",
         f"- command: `{payload['command']}`",
         f"- total wall time: {payload['total_wall_s']:.0f} s",
         f"- calibration: {s['calibration_sentences']} stdlib docstring sentences ({s['calibration_batches']} batches of "
@@ -498,8 +487,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lrcompile").setLevel(logging.WARNING)
     t_total = time.perf_counter()
 
-    import transformers
-
     path = str(minilm_path())
     tokenizer = load_tokenizer(path)
     cal_texts = stdlib_sentences("calibration", args.calibration)
@@ -542,16 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         "defaults": {k: v for k, v in defaults.to_json().items() if k in ("alpha", "rank_multiple", "sensitivity_ratios", "exclude", "release_dense")},
         "dense_eval_wall_s": dense_eval_s,
     }
+    machine = machine_info()
     payload: dict[str, Any] = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.minilm_fidelity" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(argv if argv is not None else sys.argv[1:])),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "date": machine["date"],
+        "command": command_line("benchmarks.minilm_fidelity", argv),
+        "machine": machine,
         "settings": settings,
         "results": [],
     }

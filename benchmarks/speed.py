@@ -56,7 +56,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch
 import torch.nn.functional as F
 
-from benchmarks.run import (
+from benchmarks.common import (
     CompileRecorder,
     command_line,
     fmt,
