@@ -12,7 +12,14 @@ import importlib
 from typing import Any
 
 from .config import LowRankConfig
-from .errors import CalibrationError, LowRankConfigError, LowRankError, NoCompressibleLinearError, SavedPlanError
+from .errors import (
+    CalibrationError,
+    LatentCacheError,
+    LowRankConfigError,
+    LowRankError,
+    NoCompressibleLinearError,
+    SavedPlanError,
+)
 from .types import CompressedLayer, CompressionPlan, LayerPlan, LayerStatus
 
 _LAZY = {
@@ -23,6 +30,8 @@ _LAZY = {
     "weight_bytes": "lrcompile.runtime.compressed_layers",
     "save_compressed": "lrcompile.runtime.saved_model",
     "load_compressed": "lrcompile.runtime.saved_model",
+    "LatentKVCache": "lrcompile.runtime.latent_cache",
+    "generate": "lrcompile.runtime.generation",
 }
 
 __all__ = [
@@ -30,6 +39,7 @@ __all__ = [
     "CompressedLayer",
     "CompressionPlan",
     "LayerPlan",
+    "LatentCacheError",
     "LayerStatus",
     "LowRankConfig",
     "LowRankConfigError",

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .errors import CalibrationError, LowRankConfigError
-from .types import ALLOCATION_METHODS, FACTOR_METHODS
+from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 DUMP_ENV = "LRCOMPILE_DUMP"
@@ -23,7 +23,7 @@ def _ratio(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise LowRankConfigError(f"option {key!r}={value!r}: expected a number in (0, 1]")
     if not 0.0 < float(value) <= 1.0:
-        raise LowRankConfigError(f"option {key!r}={value!r} is outside (0, 1]: it is the fraction of parameters kept")
+        raise LowRankConfigError(f"option {key!r}={value!r} is outside (0, 1]: it is the fraction kept")
     return float(value)
 
 
@@ -72,6 +72,11 @@ class LowRankConfig:
     allocation: ``uniform``, ``sensitivity`` (ASVD's KL search) or ``closed_form``
         (truncation loss from the spectra, exact for ``whiten``).
     include / exclude: glob patterns over module paths choosing the linears to compress.
+    kv_ratio: latent K/V values cached per token over dense K+V values (Palu); None
+        leaves attention as it is. At 1.0 the restructure is exact (full rank).
+    kv_group_size: KV heads sharing one latent (1 = per head, ``"all"`` = joint).
+    kv_allocation: ``uniform`` or ``fisher`` (ranks proportional to the Fisher
+        information of the K/V weights on calibration, Palu Sec. 3.3).
 
     Equality is identity (``eq=False``): Dynamo reuses a graph captured for one
     model instance for another of the same class when their backends' options
@@ -88,6 +93,9 @@ class LowRankConfig:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     sensitivity_ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     sensitivity_batches: int = 4
+    kv_ratio: float | None = None
+    kv_group_size: int | str = 1
+    kv_allocation: str = "fisher"
     release_dense: bool = True
     dump_dir: str | None = None
     compiler: str = "inductor"
@@ -103,6 +111,12 @@ class LowRankConfig:
             raise LowRankConfigError(f"option 'alpha'={self.alpha!r}: expected a number in [0, 2] (ASVD uses 0.5)")
         if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
             raise LowRankConfigError(f"option 'rank_multiple'={self.rank_multiple!r}: expected a positive integer")
+        if self.kv_ratio is not None:
+            set_(self, "kv_ratio", _ratio("kv_ratio", self.kv_ratio))
+        group = self.kv_group_size
+        if group != "all" and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+            raise LowRankConfigError(f"option 'kv_group_size'={group!r}: expected a positive integer or 'all'")
+        _choice("kv_allocation", self.kv_allocation, KV_ALLOCATION_METHODS)
         set_(self, "include", _patterns("include", self.include))
         set_(self, "exclude", _patterns("exclude", self.exclude))
         ratios = self.sensitivity_ratios
@@ -123,6 +137,11 @@ class LowRankConfig:
 
         At ``param_ratio`` 1 every layer stays dense, so nothing is measured."""
         return self.param_ratio < 1.0 and (self.method != "svd" or self.allocation == "sensitivity")
+
+    @property
+    def kv_needs_calibration(self) -> bool:
+        """Whether restructuring attention needs calibration data (not at kv_ratio 1, which is exact)."""
+        return self.kv_ratio is not None and self.kv_ratio < 1.0 and (self.method != "svd" or self.kv_allocation == "fisher")
 
     @classmethod
     def from_options(cls, options: LowRankConfig | Mapping[str, Any] | None) -> LowRankConfig:

@@ -22,3 +22,7 @@ class NoCompressibleLinearError(LowRankError):
 
 class SavedPlanError(LowRankError):
     """A saved compressed model is missing, corrupted or does not match the model."""
+
+
+class LatentCacheError(LowRankError):
+    """A latent KV cache is full, mis-sized, or used with a model it was not built for."""

@@ -29,16 +29,20 @@ from lrcompile.passes import (
     measure_sensitivity,
     release_dense_weights,
 )
+from lrcompile.passes.attention_blocks import AttentionBlock, UnmatchedAttention, find_attention_blocks
 from lrcompile.passes.calibration_runner import is_state_input
 from lrcompile.passes.decomposition import LinearDecomposition
 from lrcompile.passes.find_linears import placeholder_values, weight_tensor
-from lrcompile.runtime.compressed_layers import record_layer, recorded_layer
+from lrcompile.passes.kv_fisher import measure_kv_fisher
+from lrcompile.passes.kv_rank_allocation import KVProjection, allocate_kv_fisher, allocate_kv_uniform
+from lrcompile.passes.latent_kv import block_weights, build_latent_attention, check_group_size, restructure_attention
+from lrcompile.runtime.compressed_layers import record_latent, record_layer, recorded_latent, recorded_layer
 
 from .config import LowRankConfig
-from .errors import CalibrationError, NoCompressibleLinearError
+from .errors import CalibrationError, LatentCacheError, NoCompressibleLinearError
 from .pass_manager import Pass, PassManager
 from .report import CompressionReport, build_report
-from .types import CompressionPlan, CompressedLayer, LayerPlan, LayerStatus
+from .types import CompressionPlan, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +63,22 @@ class GraphCompression:
     kept_inputs: list[int] | None = None
     instance_input: tuple[int, str, torch.Tensor] | None = None  # (kept input index, source, tensor)
     runner: CalibrationRunner | None = None
+    blocks: list[tuple[AttentionBlock, LatentAttention | None]] = field(default_factory=list)  # None: to plan
+    unmatched_attention: list[UnmatchedAttention] = field(default_factory=list)
+    kv_fisher: dict[str, float] = field(default_factory=dict)
+    latent: list[LatentAttention] = field(default_factory=list)
+    latent_views: list[LinearNode] = field(default_factory=list)
     report: CompressionReport | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_compress(self) -> list[LinearNode]:
         """Compressible linears with no recorded outcome: these need calibration and planning."""
-        return [v for v in self.linears if v.meta.compressible and v not in self.recorded]
+        members = {view for block, _ in self.blocks for view in (block.k_linear, block.v_linear, block.o_linear)}
+        return [v for v in self.linears if v.meta.compressible and v not in self.recorded and v not in members]
+
+    def new_blocks(self) -> list[AttentionBlock]:
+        """Attention blocks to restructure that have no recorded outcome."""
+        return [block for block, layer in self.blocks if layer is None]
 
     def weight(self, view: LinearNode) -> torch.Tensor:
         return weight_tensor(self.gm, view, placeholder_values(self.gm, self.example_inputs))
@@ -92,6 +106,27 @@ def _find_linears(c: GraphCompression) -> None:
         )
 
 
+def _find_attention(c: GraphCompression) -> None:
+    """Recognise attention blocks; those to restructure take their K/V/output projections out of weight factoring."""
+    blocks, c.unmatched_attention = find_attention_blocks(c.gm, c.linears)
+    for block in blocks:
+        layer = recorded_latent(c.weight(block.k_linear))
+        if layer is None and c.config.kv_ratio is None:
+            if block.marker is not None:
+                raise LatentCacheError(
+                    f"{block.name} writes a latent KV cache, but the model has no latent-KV plan: compress it with "
+                    "a kv_ratio option first"
+                )
+            continue
+        c.blocks.append((block, layer))
+    if c.config.kv_ratio is not None and not c.blocks and c.unmatched_attention:
+        log.warning("kv_ratio=%s: no attention block was recognised, attention is left dense (%s)", c.config.kv_ratio,
+                    "; ".join(f"{u.name}: {u.reason}" for u in c.unmatched_attention))
+    stray = [u for u in c.unmatched_attention if "marker" in u.reason]
+    if stray:
+        raise LatentCacheError(f"latent KV cache used by attention that was not restructured: {stray[0].name} ({stray[0].reason})")
+
+
 def _apply_recorded(c: GraphCompression) -> None:
     """Rewrite layers compressed earlier (a recompile, another graph, a loaded plan) without recalibrating."""
     factored = {v: layer for v, layer in c.recorded.items() if layer.status is LayerStatus.FACTORED}
@@ -101,15 +136,18 @@ def _apply_recorded(c: GraphCompression) -> None:
 
 
 def _activation_stats(c: GraphCompression) -> None:
-    targets = c.to_compress()
-    if not targets or not c.config.needs_calibration:
+    targets = c.to_compress() if c.config.needs_calibration else []
+    kv_targets = [b.k_linear for b in c.new_blocks()] if c.config.kv_needs_calibration else []
+    if not targets and not kv_targets:
         return
     if c.config.calibration is None:
         raise CalibrationError(
-            f"option 'calibration' is required for method={c.config.method!r}, allocation={c.config.allocation!r}: "
-            "pass an iterable of model inputs (only method='svd' with allocation='uniform' needs none)"
+            f"option 'calibration' is required for method={c.config.method!r}, allocation={c.config.allocation!r}, "
+            f"kv_allocation={c.config.kv_allocation!r}: pass an iterable of model inputs (only method='svd' with "
+            "allocation='uniform' and kv_allocation='uniform' needs none)"
         )
     c.runner = CalibrationRunner(c.gm, c.example_inputs)
+    targets = targets + kv_targets
     if c.config.method == "svd":
         return
     insert_observers(c.gm, targets, gram=c.config.method == "whiten")
@@ -126,6 +164,14 @@ def _decompose(c: GraphCompression, view: LinearNode) -> LinearDecomposition:
     layer's decomposition at once would cost several times the model's own memory."""
     weight = dense_weight(c.gm, view, placeholder_values(c.gm, c.example_inputs))
     return decompose(weight, c.config.method, view.meta.stats, c.config.alpha, view.meta.name)
+
+
+def _kv_fisher(c: GraphCompression) -> None:
+    blocks = c.new_blocks()
+    if not blocks or c.config.kv_allocation != "fisher" or not c.config.kv_needs_calibration:
+        return
+    views = [view for b in blocks for view in (b.k_linear, b.v_linear)]
+    c.kv_fisher = measure_kv_fisher(c.runner, views, [c.weight(v) for v in views], c.config.calibration)
 
 
 def _sensitivity(c: GraphCompression) -> None:
@@ -176,11 +222,56 @@ def _factorize(c: GraphCompression) -> None:
     factorize_linears(c.gm, factored)
 
 
+def _kv_ranks(c: GraphCompression) -> dict[str, int]:
+    cfg = c.config
+    projections = []
+    for block in c.new_blocks():
+        group = block.num_kv_heads if cfg.kv_group_size == "all" else cfg.kv_group_size
+        check_group_size(group, block.num_kv_heads, block.name)
+        for view in (block.k_linear, block.v_linear):
+            projections.append(KVProjection(view.meta.name, block.num_kv_heads // group, group * block.head_dim,
+                                            c.kv_fisher.get(view.meta.name, 0.0)))
+    if cfg.kv_allocation == "fisher" and c.kv_fisher:
+        return allocate_kv_fisher(projections, cfg.kv_ratio, cfg.rank_multiple)
+    return allocate_kv_uniform(projections, cfg.kv_ratio, cfg.rank_multiple)
+
+
+def _restructure_attention(c: GraphCompression) -> None:
+    """Factor new blocks' K/V per head group, record them, and rewrite every block to latent attention."""
+    if not c.blocks:
+        return
+    ranks = _kv_ranks(c)
+    values = placeholder_values(c.gm, c.example_inputs)
+    method = c.config.method if c.config.kv_needs_calibration or c.config.method == "svd" else "svd"
+    pairs = []
+    for block, layer in c.blocks:
+        views = (block.k_linear, block.v_linear, block.o_linear)
+        if layer is None:
+            weights = block_weights(c.gm, block, values)
+            group = block.num_kv_heads if c.config.kv_group_size == "all" else c.config.kv_group_size
+            layer = build_latent_attention(block, weights, group, ranks[block.k_linear.meta.name],
+                                           ranks[block.v_linear.meta.name], method, block.k_linear.meta.stats,
+                                           c.config.alpha)
+            record_latent(weights["k"], layer)
+            for view in views:
+                meta = view.meta
+                plan = LayerPlan(meta.name, meta.out_features, meta.in_features, None, f"latent attention {block.name}")
+                weight = c.weight(view)
+                record_layer(weight, CompressedLayer(plan, method, LayerStatus.LATENT, weight.dtype,
+                                                     dense_bytes=weight.untyped_storage().nbytes()))
+        for view in views:
+            c.layers[view] = recorded_layer(c.weight(view))
+        pairs.append((block, layer))
+        c.latent.append(layer)
+        c.latent_views.extend(views)
+    restructure_attention(c.gm, pairs)
+
+
 def _release_dense(c: GraphCompression) -> None:
-    factored = [v for v, layer in c.layers.items() if layer.status is LayerStatus.FACTORED]
+    factored = [v for v, layer in c.layers.items() if layer.status is LayerStatus.FACTORED] + c.latent_views
     if c.config.release_dense and factored:
         _, c.kept_inputs = release_dense_weights(c.gm, factored, c.example_inputs)
-    if any(layer.status is LayerStatus.FACTORED for layer in c.layers.values()):
+    if c.latent or any(layer.status is LayerStatus.FACTORED for layer in c.layers.values()):
         c.instance_input = _instance_input(c)
 
 
@@ -201,12 +292,15 @@ def _instance_input(c: GraphCompression) -> tuple[int, str, torch.Tensor] | None
 
 PASSES: tuple[Pass[GraphCompression], ...] = (
     Pass("find_linears", _find_linears, provides=frozenset({"linears"})),
-    Pass("apply_recorded", _apply_recorded, frozenset({"linears"}), frozenset({"recorded"})),
+    Pass("find_attention", _find_attention, frozenset({"linears"}), frozenset({"attention"})),
+    Pass("apply_recorded", _apply_recorded, frozenset({"linears", "attention"}), frozenset({"recorded"})),
     Pass("activation_stats", _activation_stats, frozenset({"recorded"}), frozenset({"stats"})),
+    Pass("kv_fisher", _kv_fisher, frozenset({"stats"}), frozenset({"fisher"})),
     Pass("sensitivity", _sensitivity, frozenset({"stats"}), frozenset({"sensitivity"})),
     Pass("allocate_ranks", _allocate_ranks, frozenset({"stats", "sensitivity"}), frozenset({"plan"})),
     Pass("factorize_linears", _factorize, frozenset({"plan"}), frozenset({"factored"})),
-    Pass("release_dense", _release_dense, frozenset({"factored"}), frozenset({"released"})),
+    Pass("restructure_attention", _restructure_attention, frozenset({"factored", "fisher"}), frozenset({"latent"})),
+    Pass("release_dense", _release_dense, frozenset({"factored", "latent"}), frozenset({"released"})),
 )
 
 

@@ -20,6 +20,7 @@ FactorMethod = Literal["svd", "asvd", "whiten"]
 AllocationMethod = Literal["uniform", "sensitivity", "closed_form"]
 FACTOR_METHODS: tuple[str, ...] = ("svd", "asvd", "whiten")
 ALLOCATION_METHODS: tuple[str, ...] = ("uniform", "sensitivity", "closed_form")
+KV_ALLOCATION_METHODS: tuple[str, ...] = ("uniform", "fisher")
 
 
 class WeightLayout(enum.Enum):
@@ -157,6 +158,7 @@ class LayerStatus(enum.Enum):
     FACTORED = "factored"
     DENSE = "dense"  # planned dense: factoring would not save parameters at its rank
     SKIPPED = "skipped"  # not compressible (pattern, tied weight, unrecognised form)
+    LATENT = "latent_kv"  # K/V/output projection of an attention block restructured for a latent KV cache
 
 
 @dataclass
@@ -183,3 +185,53 @@ class CompressedLayer:
         if self.down is None:
             return 0
         return self.down.untyped_storage().nbytes() + self.up.untyped_storage().nbytes()
+
+
+@dataclass
+class LatentAttention:
+    """One attention block restructured for a latent KV cache (Palu, arXiv 2407.21118).
+
+    K and V projections are factored per group of ``group_size`` KV heads
+    (group-head low-rank decomposition, Palu Sec. 3.2): ``K_g = U^k_g (D^k_g x)``.
+    Only the latents ``D^k x`` (``groups * k_rank`` values) and ``D^v x``
+    (``groups * v_rank``) are cached. V's up-projection is folded into the
+    output projection: ``o_weight[:, h] = W_o[:, h] U^v_{j(h)}`` (Palu Eq. 6).
+    """
+
+    name: str  # e.g. "model.layers.0.self_attn"
+    method: str
+    group_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    k_rank: int  # per group
+    v_rank: int  # per group
+    dtype: torch.dtype
+    k_down: torch.Tensor | None = None  # [groups * k_rank, hidden]
+    k_up: torch.Tensor | None = None  # [groups, group_size * head_dim, k_rank]
+    k_bias: torch.Tensor | None = None  # [kv_heads * head_dim]
+    v_down: torch.Tensor | None = None  # [groups * v_rank, hidden]
+    o_weight: torch.Tensor | None = None  # [out, heads * v_rank]
+    o_bias: torch.Tensor | None = None  # [out]
+    dense_bytes: int = 0  # k, v and o weights before
+    k_truncation_loss: float | None = None
+    v_truncation_loss: float | None = None
+
+    @property
+    def groups(self) -> int:
+        return self.num_kv_heads // self.group_size
+
+    @property
+    def latent_width(self) -> int:
+        """Cached values per token: ``groups * (k_rank + v_rank)``."""
+        return self.groups * (self.k_rank + self.v_rank)
+
+    @property
+    def dense_width(self) -> int:
+        """Values per token of the dense K and V cache: ``2 * kv_heads * head_dim``."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def factor_bytes(self) -> int:
+        tensors = (self.k_down, self.k_up, self.k_bias, self.v_down, self.o_weight, self.o_bias)
+        return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)

@@ -9,6 +9,7 @@ from transformers import (
     BertConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     OPTConfig,
     Qwen2Config,
 )
@@ -28,6 +29,36 @@ CONFIGS = {
                                num_attention_heads=4, max_position_embeddings=64),
 }
 FAMILIES = tuple(CONFIGS)
+
+# Decoders with RoPE and grouped-query attention, for the latent KV cache (Qwen2 has q/k/v biases).
+ROPE_CONFIGS = {
+    "llama": CONFIGS["llama"],
+    "mistral": lambda: MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "qwen2": CONFIGS["qwen2"],
+}
+ROPE_FAMILIES = tuple(ROPE_CONFIGS)
+
+
+def tiny_rope_model(family: str, seed: int = 0, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = ROPE_CONFIGS[family]()
+    config._attn_implementation = attn_implementation
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def left_padded_prompts(lengths: list[int], seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of prompts of the given lengths, left-padded with id 0."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(1, VOCAB, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return ids, mask
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:

@@ -1,0 +1,60 @@
+"""Custom ops that connect the runtime's latent KV cache to the captured graph.
+
+* ``lowrank::latent_cache_marker`` is what the cache's ``update`` records while
+  Dynamo traces: it takes the layer's dense K/V and the layer's latent buffers
+  (so they become graph inputs) and stands for the dense K/V of the whole
+  cache. The attention-restructure pass replaces it; it never runs.
+* ``lowrank::write_latent_cache`` writes a chunk's latents and key positions
+  into the buffers at the layer's fill level and advances it. It is declared as
+  mutating them, so the buffers are updated in place by compiled graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lrcompile.errors import LatentCacheError
+
+
+@torch.library.custom_op("lowrank::latent_cache_marker", mutates_args=())
+def latent_cache_marker(
+    key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor, length: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Dense K/V ``[B, Hk, S_max, D]`` of the whole cache; only ever traced, never run."""
+    raise LatentCacheError(
+        "a latent KV cache was used by a graph whose attention was not restructured: compile the model with "
+        "backend='lowrank' and a kv_ratio (see the report for the layers left dense)"
+    )
+
+
+@latent_cache_marker.register_fake
+def _(key, value, k_cache, v_cache, pos_cache, length):
+    shape = (key.shape[0], key.shape[1], k_cache.shape[1], key.shape[3])
+    return key.new_empty(shape), value.new_empty((*shape[:3], value.shape[3]))
+
+
+def check_capacity(length: int, new: int, capacity: int) -> None:
+    if length + new > capacity:
+        raise LatentCacheError(
+            f"latent KV cache overflow: {length} cached + {new} new tokens exceed its capacity of {capacity} "
+            "tokens; create the cache with a larger max_cache_len"
+        )
+
+
+@torch.library.custom_op("lowrank::write_latent_cache", mutates_args=("k_cache", "v_cache", "pos_cache", "length"))
+def write_latent_cache(
+    k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor, length: Tensor, k_new: Tensor, v_new: Tensor, positions: Tensor
+) -> None:
+    """``cache[:, length:length+T] = new``; ``length += T``. Buffers ``[B, S_max, R]``, positions ``[B, S_max]``."""
+    start, new = int(length), k_new.shape[1]
+    check_capacity(start, new, k_cache.shape[1])
+    k_cache[:, start : start + new] = k_new
+    v_cache[:, start : start + new] = v_new
+    pos_cache[:, start : start + new] = positions
+    length.add_(new)
+
+
+@write_latent_cache.register_fake
+def _(k_cache, v_cache, pos_cache, length, k_new, v_new, positions):
+    return None

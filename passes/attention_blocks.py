@@ -1,0 +1,362 @@
+"""Analysis pass: recognise RoPE attention blocks in a Dynamo graph of an HF decoder.
+
+A block is matched structurally, from the attention op back to the projections
+and forward to the output projection (Llama, Mistral and Qwen2 share this
+code in transformers):
+
+* q/k/v projections ``linear(x)`` split into heads, ``view(B, T, -1, D).transpose(1, 2)``;
+* RoPE on q and k, ``x * cos + rotate_half(x) * sin`` with ``cos``/``sin`` from
+  the model's rotary embedding, ``cat(p * inv_freq, p * inv_freq).cos() * scale``;
+* optionally the GQA repeat ``x[:, :, None].expand(...).reshape(...)``, or the
+  runtime cache's marker op in between (:mod:`lrcompile.kernels.latent_cache`);
+* ``scaled_dot_product_attention``, or eager ``softmax(q k^T * s + mask) v``;
+* the head merge ``transpose(1, 2) ... reshape(B, T, -1)`` into the output projection.
+
+Anything else is left alone and reported with the reason it did not match.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from lrcompile.kernels.latent_cache import latent_cache_marker  # noqa: F401  (registers the op)
+
+from .find_linears import LinearNode
+
+log = logging.getLogger(__name__)
+
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention,
+                torch.ops.aten.scaled_dot_product_attention.default)
+SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.Tensor.softmax)
+MARKER = torch.ops.lowrank.latent_cache_marker.default
+_VIEW_METHODS = ("view", "reshape")
+
+
+class NoMatch(Exception):
+    """The structure around an attention op is not the one this pass knows."""
+
+
+@dataclass
+class AttentionBlock:
+    """One recognised attention block; nodes belong to the graph it was found in."""
+
+    name: str  # module path, e.g. "model.layers.0.self_attn"
+    k_linear: LinearNode
+    v_linear: LinearNode
+    o_linear: LinearNode
+    query: fx.Node  # RoPE'd query [B, Hq, T, D] as fed to attention
+    attention: fx.Node  # SDPA node, or the value matmul of eager attention
+    merged: fx.Node  # [B, T, Hq * D], the output projection's input
+    mask: fx.Node | None
+    is_causal: bool
+    scale: float
+    inv_freq: fx.Node
+    positions: fx.Node  # position ids [1 or B, T]
+    rope_scale: float
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    marker: fx.Node | None = None  # the latent cache's marker, when the graph writes a cache
+    cache_slots: object = None  # attention reads only the first n cache slots (int or SymInt node), else all
+
+
+@dataclass(frozen=True)
+class UnmatchedAttention:
+    name: str
+    reason: str
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if not isinstance(value, torch.Tensor):
+        raise NoMatch(f"node {node.name} has no tensor metadata")
+    return tuple(value.shape)
+
+
+def _is_fn(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _is_method(node, *names) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def _strip_casts(node: fx.Node) -> fx.Node:
+    while _is_method(node, "to", "float", "type") or _is_fn(node, torch._C._set_grad_enabled):
+        node = node.args[0]
+    return node
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _mul_operands(node: fx.Node) -> tuple[object, object]:
+    if not _is_fn(node, operator.mul, torch.mul):
+        raise NoMatch(f"{node.name} is not a multiplication")
+    return node.args[0], node.args[1]
+
+
+def _head_split(node: fx.Node, linears: dict[fx.Node, LinearNode]) -> LinearNode:
+    """``linear(x).view(B, T, -1, D).transpose(1, 2)`` -> the linear."""
+    if not (_is_method(node, "transpose") and sorted(node.args[1:3]) == [1, 2]):
+        raise NoMatch(f"{node.name} is not the head transpose of a projection")
+    view = node.args[0]
+    if not _is_method(view, *_VIEW_METHODS) or view.args[0] not in linears:
+        raise NoMatch(f"{node.name} does not split a projection into heads")
+    return linears[view.args[0]]
+
+
+def _rope_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """``x * cos + rotate_half(x) * sin`` -> ``(x, cos, sin)``."""
+    if not _is_fn(node, operator.add, torch.add) or len(node.args) != 2:
+        raise NoMatch(f"{node.name} has no RoPE (x * cos + rotate_half(x) * sin); only RoPE attention is restructured")
+    for plain, rotated in (node.args, node.args[::-1]):
+        try:
+            a, b = _mul_operands(plain)
+            c, d = _mul_operands(rotated)
+        except NoMatch:
+            continue
+        for x, cos in ((a, b), (b, a)):
+            for half, sin in ((c, d), (d, c)):
+                if _is_rotate_half(half, x):
+                    return x, cos, sin
+    raise NoMatch(f"{node.name} has no RoPE (x * cos + rotate_half(x) * sin); only RoPE attention is restructured")
+
+
+def _is_rotate_half(node, x: fx.Node) -> bool:
+    """``cat((-x[..., h:], x[..., :h]), -1)``."""
+    if not _is_fn(node, torch.cat):
+        return False
+    parts = node.args[0]
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not _is_fn(parts[0], operator.neg):
+        return False
+    upper, lower = parts[0].args[0], parts[1]
+    if not (_is_fn(upper, operator.getitem) and _is_fn(lower, operator.getitem)):
+        return False
+    if upper.args[0] is not x or lower.args[0] is not x:
+        return False
+    up, low = upper.args[1], lower.args[1]
+    up, low = (up[-1] if isinstance(up, tuple) else up), (low[-1] if isinstance(low, tuple) else low)
+    half = _shape(x)[-1] // 2
+    return (isinstance(up, slice) and isinstance(low, slice) and up.start == half and up.stop is None
+            and low.start in (None, 0) and low.stop == half)
+
+
+def _rotary_table(node: fx.Node, fn: str) -> tuple[fx.Node, float]:
+    """``(emb.<fn>() * scale).to(dtype).unsqueeze(1)`` -> ``(emb, scale)``."""
+    if not (_is_method(node, "unsqueeze") and _arg(node, 1, "dim") == 1):
+        raise NoMatch(f"rotary table {node.name} is not unsqueezed on the head dim")
+    node = _strip_casts(node.args[0])
+    scale = 1.0
+    if _is_fn(node, operator.mul, torch.mul):
+        a, b = node.args
+        node, scale = (a, b) if isinstance(b, (int, float)) else (b, a)
+        if not isinstance(scale, (int, float)) or not isinstance(node, fx.Node):
+            raise NoMatch("rotary table is scaled by a tensor, not a number")
+    if not (_is_method(node, fn) or _is_fn(node, getattr(torch, fn))):
+        raise NoMatch(f"rotary table {node.name} is not a {fn}")
+    return node.args[0], float(scale)
+
+
+def _rotary_source(cos: fx.Node, sin: fx.Node) -> tuple[fx.Node, fx.Node, float]:
+    """``(inv_freq, positions, attention_scaling)`` behind HF's rotary cos/sin."""
+    emb, scale = _rotary_table(cos, "cos")
+    emb_sin, scale_sin = _rotary_table(sin, "sin")
+    if emb_sin is not emb or scale_sin != scale:
+        raise NoMatch("cos and sin come from different rotary tables")
+    if not _is_fn(emb, torch.cat) or len(emb.args[0]) != 2 or emb.args[0][0] is not emb.args[0][1]:
+        raise NoMatch("rotary angles are not cat((freqs, freqs), -1)")
+    freqs = emb.args[0][0]
+    for pos, inv in (_mul_operands(freqs), _mul_operands(freqs)[::-1]):
+        pos = _strip_casts(pos)
+        if _is_fn(pos, operator.getitem) and pos.args[1] in ((Ellipsis, None),):
+            return _strip_casts(inv), pos.args[0], scale
+    raise NoMatch("rotary angles are not positions[..., None] * inv_freq")
+
+
+def _repeat_source(node: fx.Node) -> tuple[fx.Node, int]:
+    """HF ``repeat_kv``: ``x[:, :, None].expand(B, Hk, n, T, D).reshape(B, Hk * n, T, D)`` -> ``(x, n)``."""
+    if _is_method(node, "reshape") and _is_method(node.args[0], "expand"):
+        expand = node.args[0]
+        src = expand.args[0]
+        if _is_fn(src, operator.getitem) and isinstance(src.args[1], tuple) and None in src.args[1]:
+            return src.args[0], _shape(expand)[2]
+    return node, 1
+
+
+def _leading_slots(node: fx.Node):
+    """``x[:, :, :n]`` (transformers trims a static cache to the filled slots) -> ``(x, n)``; else ``(node, None)``."""
+    if _is_fn(node, operator.getitem) and isinstance(node.args[1], tuple) and len(node.args[1]) == 4:
+        index = node.args[1]
+        full = slice(None, None, None)
+        if index[0] == index[1] == index[3] == full and isinstance(index[2], slice) and index[2].start in (None, 0) \
+                and index[2].step is None and index[2].stop is not None:
+            return node.args[0], index[2].stop
+    return node, None
+
+
+def _kv_sources(k_arg: fx.Node, v_arg: fx.Node) -> tuple[fx.Node, fx.Node, int, fx.Node | None, object]:
+    """Undo the GQA repeat and the cache marker: ``(k_rope, v_heads, n_rep, marker, slots read or None)``."""
+    k_src, k_rep = _repeat_source(k_arg)
+    v_src, v_rep = _repeat_source(v_arg)
+    if k_rep != v_rep:
+        raise NoMatch("K and V are repeated differently")
+    marker = None
+    k_src, k_slots = _leading_slots(k_src)
+    v_src, v_slots = _leading_slots(v_src)
+    if k_slots != v_slots:
+        raise NoMatch("K and V read different cache lengths")
+    if k_slots is not None and not (_is_fn(k_src, operator.getitem) and _is_fn(k_src.args[0], MARKER)):
+        raise NoMatch("attention reads a slice of K that does not come from the latent cache")
+    if _is_fn(k_src, operator.getitem) and _is_fn(k_src.args[0], MARKER):
+        marker = k_src.args[0]
+        if not (_is_fn(v_src, operator.getitem) and v_src.args[0] is marker and (k_src.args[1], v_src.args[1]) == (0, 1)):
+            raise NoMatch("K and V do not come from the same latent cache marker")
+        k_src, v_src = marker.args[0], marker.args[1]
+    return k_src, v_src, k_rep, marker, k_slots
+
+
+def _sdpa_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | None, bool, float | None]:
+    q, k, v = node.args[:3]
+    if _arg(node, 4, "dropout_p", 0.0) not in (0, 0.0):
+        raise NoMatch("attention dropout is on")
+    return q, k, v, _arg(node, 3, "attn_mask"), bool(_arg(node, 5, "is_causal", False)), _arg(node, 6, "scale")
+
+
+def _eager_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | None, bool, float]:
+    """``matmul(dropout(softmax(matmul(q, k.transpose(2, 3)) * s + mask).to(dtype)), v)``."""
+    probs, v = node.args
+    while _is_method(probs, "to") or _is_fn(probs, F.dropout):
+        if _is_fn(probs, F.dropout) and _arg(probs, 1, "p", 0.5) not in (0, 0.0):
+            raise NoMatch("attention dropout is on")
+        probs = probs.args[0]
+    if not (_is_fn(probs, *SOFTMAX_TARGETS) or _is_method(probs, "softmax")) or _arg(probs, 1, "dim") not in (-1, 3):
+        raise NoMatch("eager attention probabilities are not a softmax over keys")
+    scores, mask = probs.args[0], None
+    if _is_fn(scores, operator.add):
+        scores, mask = scores.args
+    product, scale = _mul_operands(scores)
+    if not isinstance(scale, (int, float)) or not _is_fn(product, torch.matmul):
+        raise NoMatch("eager attention scores are not matmul(q, k^T) * scale")
+    q, kt = product.args
+    if not (_is_method(kt, "transpose") and sorted(kt.args[1:3]) == [2, 3]):
+        raise NoMatch("eager attention keys are not transposed (2, 3)")
+    return q, kt.args[0], v, mask, False, float(scale)
+
+
+def _merged_heads(node: fx.Node, linears: dict[fx.Node, LinearNode]) -> tuple[fx.Node, LinearNode]:
+    """Follow ``transpose(1, 2)``, no-op reshapes and ``contiguous`` to the output projection."""
+    out_shape = _shape(node)
+    batch, heads, length, head_dim = out_shape
+    transposed = False
+    while True:
+        if node in linears:
+            raise NoMatch("output projection reads attention without merging heads")
+        users = list(node.users)
+        if len(users) != 1:
+            raise NoMatch(f"attention output {node.name} has {len(users)} users")
+        user = users[0]
+        if user in linears:
+            if not transposed or _shape(node) != (batch, length, heads * head_dim):
+                raise NoMatch("attention heads are not merged as transpose(1, 2).reshape(B, T, -1)")
+            return node, linears[user]
+        if _is_method(user, "contiguous"):
+            pass
+        elif _is_method(user, "transpose") and sorted(user.args[1:3]) == [1, 2] and not transposed:
+            transposed = True
+        elif _is_method(user, *_VIEW_METHODS):
+            shape = _shape(user)
+            if shape != _shape(node) and not (transposed and shape == (batch, length, heads * head_dim)):
+                raise NoMatch(f"unexpected reshape of attention output to {shape}")
+        else:
+            raise NoMatch(f"attention output goes through {user.target} before the output projection")
+        node = user
+
+
+def _block_name(k_linear: LinearNode) -> str:
+    return k_linear.meta.name.rsplit(".", 1)[0] if "." in k_linear.meta.name else k_linear.meta.name
+
+
+def _module_name(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return ".".join(re.findall(r"_modules\['([^']*)'\]", path)) or re.sub(r"^L\['self'\]\.?", "", path)
+    return node.name
+
+
+def match_attention(node: fx.Node, linears: dict[fx.Node, LinearNode]) -> AttentionBlock:
+    """The :class:`AttentionBlock` around attention op ``node``; raises :class:`NoMatch` with the reason."""
+    parts = _sdpa_parts(node) if _is_fn(node, *SDPA_TARGETS) else _eager_parts(node)
+    q_arg, k_arg, v_arg, mask, is_causal, scale = parts
+    k_rope, v_heads, n_rep, marker, cache_slots = _kv_sources(k_arg, v_arg)
+    k_heads, cos, sin = _rope_operands(k_rope)
+    q_heads, q_cos, q_sin = _rope_operands(q_arg)
+    if (q_cos, q_sin) != (cos, sin):
+        raise NoMatch("q and k are rotated with different tables")
+    k_linear, v_linear = _head_split(k_heads, linears), _head_split(v_heads, linears)
+    _head_split(q_heads, linears)
+    if k_linear.input is not v_linear.input:
+        raise NoMatch("k and v projections read different inputs")
+    inv_freq, positions, rope_scale = _rotary_source(cos, sin)
+    _, num_heads, _, head_dim = _shape(q_arg)
+    num_kv_heads = _shape(k_heads)[1]
+    if _is_fn(node, *SDPA_TARGETS) and _arg(node, 7, "enable_gqa", False) and n_rep == 1 and num_kv_heads:
+        n_rep = num_heads // num_kv_heads  # SDPA repeats the KV heads itself
+    if num_heads != num_kv_heads * n_rep or _shape(v_heads)[-1] != head_dim:
+        raise NoMatch(f"{num_heads} query heads do not match {num_kv_heads} KV heads repeated {n_rep} times")
+    merged, o_linear = _merged_heads(node, linears)
+    if scale is None:
+        scale = head_dim**-0.5
+    for view in (k_linear, v_linear, o_linear):
+        if not view.meta.compressible:
+            raise NoMatch(f"{view.meta.name} may not be compressed: {view.meta.skip_reason}")
+    return AttentionBlock(
+        name=_block_name(k_linear), k_linear=k_linear, v_linear=v_linear, o_linear=o_linear, query=q_arg,
+        attention=node, merged=merged, mask=mask, is_causal=is_causal, scale=float(scale), inv_freq=inv_freq,
+        positions=positions, rope_scale=rope_scale, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, marker=marker, cache_slots=cache_slots,
+    )
+
+
+def _attention_ops(gm: fx.GraphModule) -> list[fx.Node]:
+    """SDPA nodes and the value matmul of every eager softmax attention."""
+    found = []
+    for node in gm.graph.nodes:
+        if _is_fn(node, *SDPA_TARGETS):
+            found.append(node)
+        elif _is_fn(node, *SOFTMAX_TARGETS) or _is_method(node, "softmax"):
+            user = node
+            while len(user.users) == 1 and (_is_method(user, "to", "type", "softmax") or _is_fn(user, F.dropout, *SOFTMAX_TARGETS)):
+                user = next(iter(user.users))
+            if _is_fn(user, torch.matmul):
+                found.append(user)
+    return found
+
+
+def find_attention_blocks(
+    gm: fx.GraphModule, linears: list[LinearNode]
+) -> tuple[list[AttentionBlock], list[UnmatchedAttention]]:
+    """Every recognised attention block of ``gm``, and every attention op left alone with its reason."""
+    by_node = {view.node: view for view in linears if view.layout.name == "LINEAR"}
+    blocks, unmatched = [], []
+    for node in _attention_ops(gm):
+        try:
+            blocks.append(match_attention(node, by_node))
+        except NoMatch as reason:
+            unmatched.append(UnmatchedAttention(_module_name(node), str(reason)))
+            log.info("attention %s left dense: %s", unmatched[-1].name, reason)
+    markers = {n for n in gm.graph.nodes if _is_fn(n, MARKER)}
+    for stray in markers - {b.marker for b in blocks}:
+        unmatched.append(UnmatchedAttention(_module_name(stray), "latent cache marker without a recognised attention"))
+    return blocks, unmatched

@@ -1,0 +1,78 @@
+"""Planning pass: ranks of the K and V latents of each attention block under ``kv_ratio``.
+
+``kv_ratio`` = cached latent values per token / dense K+V values per token,
+over all restructured blocks. Ranks are per group and rounded to
+``rank_multiple`` (the kernels tile the latent in such multiples).
+
+* ``uniform``: every group of every block keeps ``kv_ratio`` of its width.
+* ``fisher``: Palu's allocation (arXiv 2407.21118, Sec. 3.3): each K or V
+  projection gets a share of the total budget proportional to its Fisher
+  information ``sum (dL/dW)^2`` on calibration data, capped at its dense width
+  (the excess is handed on to the others).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVProjection:
+    """One K or V projection to plan: ``groups`` groups of ``width`` rows each."""
+
+    name: str  # e.g. "model.layers.0.self_attn.k_proj"
+    groups: int
+    width: int  # group_size * head_dim
+    fisher: float = 0.0
+
+
+def round_rank(value: float, width: int, multiple: int) -> int:
+    """Nearest multiple of ``multiple`` in ``[min(multiple, width), width]``."""
+    rank = int(round(value / multiple)) * multiple
+    return max(min(multiple, width), min(width, rank))
+
+
+def allocate_kv_uniform(projections: Sequence[KVProjection], kv_ratio: float, multiple: int) -> dict[str, int]:
+    return {p.name: p.width if kv_ratio >= 1.0 else round_rank(kv_ratio * p.width, p.width, multiple) for p in projections}
+
+
+def allocate_kv_fisher(projections: Sequence[KVProjection], kv_ratio: float, multiple: int) -> dict[str, int]:
+    """Per-group ranks with ``groups * rank`` proportional to Fisher information, within the budget.
+
+    Every projection first keeps the smallest rank (one ``multiple``); the rest of
+    the budget is water-filled in proportion to Fisher information, capped at each
+    projection's width, and rounded down to multiples; whole multiples left over
+    go to the projections with the largest rounding remainders.
+    """
+    if kv_ratio >= 1.0:
+        return allocate_kv_uniform(projections, kv_ratio, multiple)
+    budget = kv_ratio * sum(p.groups * p.width for p in projections)
+    ranks = {p.name: min(multiple, p.width) for p in projections}
+    extra: dict[str, float] = {}
+    open_ = list(projections)
+    while open_:
+        left = budget - sum(p.groups * ranks[p.name] for p in projections) - sum(extra.values())
+        total = sum(max(p.fisher, 0.0) for p in open_)
+        trial = {p.name: max(left, 0.0) * (max(p.fisher, 0.0) / total if total > 0 else 1 / len(open_)) for p in open_}
+        capped = [p for p in open_ if trial[p.name] >= p.groups * (p.width - ranks[p.name])]
+        if not capped:
+            extra.update(trial)
+            break
+        for p in capped:
+            extra[p.name] = p.groups * (p.width - ranks[p.name])
+        open_ = [p for p in open_ if p not in capped]
+    remainders = {}
+    for p in projections:
+        steps = extra.get(p.name, 0.0) / (p.groups * multiple)
+        ranks[p.name] = min(p.width, ranks[p.name] + int(steps) * multiple)
+        remainders[p.name] = steps - int(steps)
+    for p in sorted(projections, key=lambda q: -remainders[q.name]):
+        used = sum(q.groups * ranks[q.name] for q in projections)
+        if ranks[p.name] + multiple <= p.width and used + p.groups * multiple <= budget + 1e-9:
+            ranks[p.name] += multiple
+    log.info("fisher KV ranks: %s", ", ".join(f"{k}={v}" for k, v in ranks.items()))
+    return ranks

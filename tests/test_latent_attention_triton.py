@@ -1,0 +1,368 @@
+"""Triton kernels of ``lowrank::latent_attention`` (kernels/latent_attention_triton.py) and their CUDA registration.
+
+* Interpreter: each kernel against ``latent_attention_reference`` on CPU under
+  ``TRITON_INTERPRET=1``. Triton decides when ``@triton.jit`` runs whether a
+  kernel is interpreted, so all cases run in one subprocess started with the
+  variable set (in-process when this run already has it), and each case is one
+  test here. Every case also checks that perturbing ``k_up`` moves the
+  reference by more than the tolerance, so the comparison can see K.
+* CUDA path without a GPU: the kernels compile to PTX for sm_90, and
+  AOTAutograd traces the op on (fake) CUDA tensors into Triton kernel nodes
+  that write only their outputs (Inductor then never copies the cache).
+* CUDA (skipped without a GPU): fp16/bf16 at head dims 64/128, the op's eager
+  CUDA dispatch, and Inductor's output code containing the kernels.
+
+Run as a script, this file is the interpreter worker: it prints the cases'
+results as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrcompile.kernels.latent_attention import latent_attention_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (4e-2, 4e-2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One attention problem. ``mask``: ``none``, ``causal`` (``is_causal``), ``pad`` (bool: left padding and,
+    when several queries, bottom-right causal, as a decoder with a cache), ``additive`` (the same pattern as a
+    float mask with extra biases)."""
+
+    name: str
+    length: int
+    keys: int
+    head_dim: int = 32
+    q_heads: int = 4
+    kv_heads: int = 2
+    group_size: int = 1
+    batch: int = 2
+    k_rank: int = 12
+    v_rank: int = 20
+    dtype: torch.dtype = torch.float32
+    bias: bool = True
+    mask: str = "none"
+    rope_scale: float = 1.0
+    strided: bool = False
+
+
+def make_inputs(case: Case, device: str = "cpu", seed: int = 0) -> tuple:
+    """The op's arguments for ``case`` (latents at unit scale; up-projections scaled to unit-variance keys)."""
+    g = torch.Generator().manual_seed(seed)
+    b, t, s, d = case.batch, case.length, case.keys, case.head_dim
+    groups = case.kv_heads // case.group_size
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    query = randn(b, t, case.q_heads, d).transpose(1, 2) if case.strided else randn(b, case.q_heads, t, d)
+    width_k, width_v = groups * case.k_rank, groups * case.v_rank
+    k_latent = randn(b, s + 3, width_k + 5)[:, :s, :width_k] if case.strided else randn(b, s, width_k)
+    v_latent = randn(b, s + 3, width_v + 5)[:, :s, :width_v] if case.strided else randn(b, s, width_v)
+    k_up = randn(groups, case.group_size * d, case.k_rank) / case.k_rank**0.5
+    k_bias = randn(case.kv_heads * d) * 0.5 if case.bias else None
+    inv_freq = 1.0 / (1000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    pad = torch.tensor([(3 * i + 17 * (i % 2)) % s for i in range(b)])  # 0, 20, 6, ... tokens of left padding
+    keep = torch.arange(s)[None, :] >= pad[:, None]
+    if case.mask in ("pad", "additive"):
+        positions = (torch.arange(s)[None, :] - pad[:, None]).clamp(min=0)
+    else:
+        positions = torch.arange(s)[None, :] + 5
+    mask = None
+    if case.mask in ("pad", "additive"):
+        causal = torch.arange(s)[None, :] <= torch.arange(s - t, s)[:, None]
+        allowed = keep[:, None, None, :] & causal[None, None]
+        mask = allowed
+        if case.mask == "additive":
+            mask = torch.where(allowed, 0.3 * randn(b, 1, t, s), torch.tensor(float("-inf")))
+    dtype = case.dtype
+    cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
+    return (cast(query), cast(k_latent), cast(v_latent), positions.to(device), cast(k_up), cast(k_bias),
+            inv_freq.to(device), case.rope_scale, None if mask is None else mask.to(device=device,
+            dtype=torch.bool if mask.dtype == torch.bool else dtype), d**-0.5, case.mask == "causal")
+
+
+def perturbed_up(args: tuple, seed: int = 1) -> tuple:
+    """``args`` with the up-projection of each group's last head nudged by 5 % of its scale."""
+    args = list(args)
+    k_up = args[4].clone()
+    d = args[0].shape[-1]
+    noise = torch.randn(k_up[:, -d:].shape, generator=torch.Generator().manual_seed(seed)).to(k_up)
+    k_up[:, -d:] += 0.05 * noise * k_up.float().std().to(k_up.dtype)
+    args[4] = k_up
+    return tuple(args)
+
+
+def excess(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Largest ``|out - ref| - (atol + rtol |ref|)``: positive means out of tolerance."""
+    atol, rtol = TOLERANCE[dtype]
+    return float(((out.float() - ref.float()).abs() - (atol + rtol * ref.float().abs())).max())
+
+
+CASES = [
+    Case("decode_fp32_d16_gs1", 1, 37, head_dim=16),
+    Case("decode_fp16_d32_gs2_pad", 1, 50, group_size=2, dtype=torch.float16, mask="pad"),
+    Case("decode_fp32_d64_gsall_mha", 1, 23, head_dim=64, q_heads=4, kv_heads=4, group_size=4, batch=3,
+         rope_scale=0.8, bias=False),
+    Case("decode_fp16_d64_gqa4_additive", 1, 70, head_dim=64, q_heads=8, kv_heads=2, mask="additive",
+         dtype=torch.float16, k_rank=40, v_rank=24),
+    Case("decode_fp32_causal_top_left", 1, 19, mask="causal"),
+    Case("decode_fp32_rank80_strided", 1, 41, k_rank=80, v_rank=36, strided=True, mask="pad"),
+    Case("prefill_fp32_d16_gs2_causal", 21, 21, head_dim=16, group_size=2, mask="causal"),
+    Case("prefill_fp16_d32_gs1_pad", 19, 19, batch=3, dtype=torch.float16, mask="pad"),
+    Case("prefill_fp32_d64_gsall_cache", 5, 29, head_dim=64, q_heads=6, kv_heads=2, group_size=2, mask="pad"),
+    Case("prefill_fp16_rank20_nobias_full", 17, 33, k_rank=20, v_rank=12, bias=False, dtype=torch.float16),
+    Case("prefill_fp32_additive_strided", 9, 26, mask="additive", strided=True, rope_scale=1.2),
+    Case("prefill_fp32_rank80_gqa3", 7, 18, q_heads=6, kv_heads=2, k_rank=80, v_rank=16, batch=1, mask="causal"),
+]
+
+
+def run_case(case: Case) -> dict:
+    """Kernel vs reference for ``case`` (needs the kernels defined under the interpreter)."""
+    from lrcompile.kernels.latent_attention_triton import latent_attention_triton
+
+    start = time.perf_counter()
+    try:
+        args = make_inputs(case)
+        out = latent_attention_triton(*args)
+        ref = latent_attention_reference(*args)
+        moved = latent_attention_reference(*perturbed_up(args))
+        return {"excess": excess(out, ref, case.dtype), "max_err": float((out.float() - ref.float()).abs().max()),
+                "perturbed_excess": excess(moved, ref, case.dtype), "finite": bool(out.isfinite().all()),
+                "seconds": time.perf_counter() - start}
+    except Exception:  # noqa: BLE001 - the test reports the worker's traceback
+        return {"error": traceback.format_exc()}
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    if INTERPRETER:
+        return {case.name: run_case(case) for case in CASES}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_kernel_matches_reference_under_interpreter(case, interpreter_results):
+    result = interpreter_results[case.name]
+    assert "error" not in result, result.get("error")
+    assert result["finite"]
+    assert result["excess"] <= 0, f"{case.name}: max |kernel - reference| = {result['max_err']:.3g}"
+    assert result["perturbed_excess"] > 0, f"{case.name}: perturbing k_up stays within tolerance; the case is blind"
+
+
+def test_decode_splits_fill_the_gpu_and_cover_the_keys():
+    from lrcompile.kernels.latent_attention_triton import _decode_split_len
+
+    cpu = torch.device("cpu")
+    assert _decode_split_len(37, 4, cpu) == 16  # interpreter cases use several splits
+    for keys in (1, 63, 64, 1000, 131072):
+        for programs in (1, 8, 256):
+            split = _decode_split_len(keys, programs, cpu)
+            splits = -(-keys // split)
+            assert split % 16 == 0 and (splits - 1) * split < keys <= splits * split
+            assert splits <= -(-16 // programs)
+
+
+# --------------------------------------------------------------------------- CUDA path, checked without a GPU
+
+def _nvidia_target():
+    from triton.backends.compiler import GPUTarget
+
+    class CompileOnlyDriver:
+        """Enough of a Triton driver to compile for sm_90 (and run Inductor's mutation analysis) with no GPU."""
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    return CompileOnlyDriver()
+
+
+needs_cpu_compile = pytest.mark.skipif(
+    INTERPRETER or torch.cuda.is_available(), reason="checks the CUDA path on a machine without GPU, uninterpreted"
+)
+
+
+@pytest.fixture
+def sm90_driver():
+    import triton
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    triton.runtime.driver.set_active(_nvidia_target())
+    yield
+    triton.runtime.driver._active = None  # back to lazy detection (no reset_active: there is no default driver)
+
+
+@needs_cpu_compile
+def test_kernels_compile_to_ptx_for_sm90(sm90_driver):
+    from lrcompile.kernels import latent_attention_triton as kt
+
+    q = torch.empty(1, 8, 1, 128, dtype=torch.bfloat16)
+    latent = torch.empty(1, 64, 128, dtype=torch.bfloat16)
+    k_up = torch.empty(1, 256, 128, dtype=torch.bfloat16)
+    positions = torch.zeros(1, 64, dtype=torch.int64)
+    mask = torch.empty(1, 1, 64, 64, dtype=torch.bool)
+    inv_freq = torch.empty(64)
+    partial = torch.empty(8, 4, 128)
+    shared = dict(kz_ptr=latent, stride_kzb=8192, stride_kzs=128, stride_kzr=1, vz_ptr=latent, stride_vzb=8192,
+                  stride_vzs=128, stride_vzr=1, pos_ptr=positions, stride_pb=0, stride_ps=1, ku_ptr=k_up,
+                  stride_kug=32768, stride_kud=128, stride_kur=1, bias_ptr=inv_freq, freq_ptr=inv_freq,
+                  mask_ptr=mask, stride_mb=0, stride_mh=0, stride_ms=1, kv_heads=2, group_size=2, n_rep=4,
+                  k_rank=128, v_rank=64, qk_scale=0.1, rope_scale=1.0, HALF=64, BLOCK_HALF=64, BLOCK_R=64,
+                  BLOCK_RV=64, HAS_BIAS=True, MASK_KIND=1, IS_CAUSAL=False)
+
+    def compiled(kernel, config, **kwargs):
+        return kernel.fn.warmup(**kwargs, **config.kwargs, num_warps=config.num_warps,
+                                num_stages=config.num_stages, grid=(1,))
+
+    attention = [
+        compiled(kt._latent_decode_split_kernel, kt._DECODE_CONFIGS[0], q_ptr=q, stride_qb=1024, stride_qh=128,
+                 stride_qd=1, part_acc_ptr=partial, part_m_ptr=partial, part_l_ptr=partial, num_keys=64, split_len=64,
+                 num_splits=1, BLOCK_H=16, **shared),
+        compiled(kt._latent_prefill_kernel, kt._PREFILL_CONFIGS[-1], q_ptr=q, stride_qb=1024, stride_qh=128,
+                 stride_qt=128, stride_qd=1, stride_mt=64, out_ptr=q, stride_ob=1024, stride_ot=1024, num_queries=64,
+                 num_keys=64, **shared),
+    ]
+    merge = kt._latent_decode_merge_kernel.warmup(partial, partial, partial, q, 1024, 4, 8, 64, BLOCK_S=16,
+                                                  BLOCK_RV=64, grid=(1,))
+    assert all(".target sm_90" in k.asm["ptx"] for k in [*attention, merge])
+    assert all("mma" in k.asm["ptx"] for k in attention)  # tensor cores for reconstruction, scores and values
+
+
+def _traced_graph(case: Case, monkeypatch) -> torch.fx.GraphModule:
+    """The AOTAutograd forward graph of the op on fake CUDA tensors (what Inductor would receive)."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132))
+    graphs = []
+    args = make_inputs(case)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(a).to("cuda") if isinstance(a, torch.Tensor) else a for a in args]
+        aot_function(lambda *a: torch.ops.lowrank.latent_attention(*a),
+                     fw_compiler=lambda gm, _: graphs.append(gm) or gm)(*fake)
+    return graphs[0]
+
+
+@needs_cpu_compile
+@pytest.mark.parametrize("case", [CASES[1], CASES[7]], ids=["decode", "prefill"])
+def test_compile_traces_cuda_calls_into_kernels_that_write_only_outputs(case, sm90_driver, monkeypatch):
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
+
+    gm = _traced_graph(case, monkeypatch)
+    calls = [n for n in gm.graph.nodes if n.target is triton_kernel_wrapper_functional]
+    names = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in calls]
+    expected = ["_latent_decode_split_kernel", "_latent_decode_merge_kernel"] if case.length == 1 else [
+        "_latent_prefill_kernel"]
+    assert names == expected
+    cloned = {name for n in calls for name in n.kwargs["tensors_to_clone"]}
+    assert cloned <= {"out_ptr", "part_acc_ptr", "part_m_ptr", "part_l_ptr"}
+    assert not any(n.target is torch.ops.lowrank.latent_attention.default for n in gm.graph.nodes)
+
+
+def test_cpu_calls_stay_the_op_when_traced():
+    from torch._functorch.aot_autograd import aot_function
+
+    graphs = []
+    args = make_inputs(CASES[0])
+    out = aot_function(lambda *a: torch.ops.lowrank.latent_attention(*a),
+                       fw_compiler=lambda gm, _: graphs.append(gm) or gm)(*args)
+    assert any(n.target is torch.ops.lowrank.latent_attention.default for n in graphs[0].graph.nodes)
+    torch.testing.assert_close(out, latent_attention_reference(*args))
+
+
+@pytest.mark.inductor
+def test_cpu_inductor_still_compiles_the_reference_decomposition():
+    from torch._inductor.utils import run_and_get_code
+
+    args = make_inputs(CASES[8])
+    compiled = torch.compile(lambda *a: torch.ops.lowrank.latent_attention(*a), backend="inductor", fullgraph=True)
+    out, codes = run_and_get_code(compiled, *args)
+    code = "\n".join(codes)
+    assert "lowrank.latent_attention" not in code and "_latent_prefill_kernel" not in code
+    torch.testing.assert_close(out, latent_attention_reference(*args), atol=2e-3, rtol=2e-3)
+
+
+# --------------------------------------------------------------------------- CUDA
+
+needs_cuda = pytest.mark.skipif(INTERPRETER or not torch.cuda.is_available(), reason="needs CUDA")
+GPU_CASES = [
+    Case(f"{kind}_{str(dtype)[6:]}_d{d}_gs{gs}", t, s, head_dim=d, q_heads=8, kv_heads=4, group_size=gs,
+         k_rank=d * gs // 2, v_rank=d * gs // 4, dtype=dtype, mask=mask, batch=3)
+    for dtype in (torch.float16, torch.bfloat16) for d in (64, 128) for gs in (1, 4)
+    for kind, t, s, mask in (("decode", 1, 1500, "pad"), ("prefill", 300, 300, "causal"), ("chunk", 70, 700, "pad"))
+]
+
+
+def _reference_fp32(args: tuple) -> torch.Tensor:
+    return latent_attention_reference(*[a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                        for a in args])
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+def test_cuda_kernel_matches_float32_reference(case):
+    from lrcompile.kernels.latent_attention_triton import latent_attention_triton
+
+    args = make_inputs(case, "cuda")
+    out = latent_attention_triton(*args)
+    ref = _reference_fp32(args)
+    assert excess(out, ref, case.dtype) <= 0, f"max err {(out.float() - ref).abs().max():.3g}"
+
+
+@needs_cuda
+def test_cuda_op_dispatches_to_the_triton_kernels():
+    from lrcompile.kernels.latent_attention_triton import latent_attention_triton
+
+    for case in (GPU_CASES[0], GPU_CASES[1]):
+        args = make_inputs(case, "cuda")
+        torch.testing.assert_close(torch.ops.lowrank.latent_attention(*args), latent_attention_triton(*args),
+                                   atol=0, rtol=0)
+
+
+@needs_cuda
+@pytest.mark.inductor
+@pytest.mark.parametrize("case", [GPU_CASES[0], GPU_CASES[1]], ids=["decode", "prefill"])
+def test_inductor_output_code_contains_the_kernels(case):
+    from torch._inductor.utils import run_and_get_code
+
+    args = make_inputs(case, "cuda")
+    compiled = torch.compile(lambda *a: torch.ops.lowrank.latent_attention(*a) * 2, backend="inductor",
+                             fullgraph=True)
+    out, codes = run_and_get_code(compiled, *args)
+    code = "\n".join(codes)
+    kernel = "_latent_decode_split_kernel" if case.length == 1 else "_latent_prefill_kernel"
+    assert kernel in code and "lowrank.latent_attention" not in code
+    assert excess(out / 2, _reference_fp32(args), case.dtype) <= 0
+
+
+if __name__ == "__main__":  # the interpreter worker (see the module docstring)
+    torch.set_num_threads(1)
+    print(json.dumps({case.name: run_case(case) for case in CASES}))

@@ -1,0 +1,252 @@
+"""Latent KV cache (Palu): attention recognition, restructure, runtime cache and generation on tiny HF decoders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import ROPE_FAMILIES, left_padded_prompts, tiny_model, tiny_rope_model, token_batches
+
+import lrcompile
+from lrcompile.errors import LatentCacheError, LowRankConfigError
+from lrcompile.kernels.latent_attention import latent_attention_reference, rope_cos_sin, rotate_half
+from lrcompile.passes import find_linears
+from lrcompile.passes.attention_blocks import find_attention_blocks
+from lrcompile.passes.kv_rank_allocation import KVProjection, allocate_kv_fisher, allocate_kv_uniform
+from lrcompile.passes.latent_kv import factor_kv_groups, fold_value_up
+from lrcompile.runtime.compressed_layers import model_latent_attention
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _config(**kw) -> lrcompile.LowRankConfig:
+    base = dict(param_ratio=1.0, kv_ratio=1.0, kv_allocation="uniform", method="svd", compiler="eager")
+    return lrcompile.LowRankConfig(**{**base, **kw})
+
+
+# --------------------------------------------------------------------------- the op
+
+
+def test_latent_attention_at_full_rank_is_dense_gqa_attention():
+    torch.manual_seed(0)
+    batch, q_heads, kv_heads, head_dim, length, group = 2, 4, 2, 16, 5, 2
+    groups = kv_heads // group
+    x = torch.randn(batch, length, 32)
+    w_k, w_v = torch.randn(kv_heads * head_dim, 32), torch.randn(kv_heads * head_dim, 32)
+    k_down, k_up, _ = factor_kv_groups(w_k, groups, group * head_dim, "svd", None, 0.5, "k")
+    v_down, v_up, _ = factor_kv_groups(w_v, groups, group * head_dim, "svd", None, 0.5, "v")
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    positions = torch.arange(length)[None] + torch.tensor([[0], [3]])
+    query = torch.randn(batch, q_heads, length, head_dim)
+    mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+    out = latent_attention_reference(query, x @ k_down.T, x @ v_down.T, positions, k_up, None, inv_freq, 1.0, mask,
+                                     0.3, False)
+    # dense: K with RoPE at the same positions, V, GQA repeat, SDPA; then V's up-projection per head
+    keys = (x @ w_k.T).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    cos, sin = rope_cos_sin(positions, inv_freq, 1.0, keys.dtype)
+    keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
+    values = (x @ w_v.T).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    rep = q_heads // kv_heads
+    dense = F.scaled_dot_product_attention(query, keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1),
+                                           attn_mask=mask, scale=0.3)
+    o_weight = torch.eye(q_heads * head_dim)
+    folded, _ = fold_value_up(o_weight, None, v_up, None, q_heads, head_dim)
+    assert torch.allclose(out @ folded.T, dense.transpose(1, 2).reshape(batch, length, -1), atol=1e-4)
+
+
+def test_fake_latent_attention_gives_the_output_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        out = torch.ops.lowrank.latent_attention(
+            torch.empty(2, 8, 3, 16), torch.empty(2, 7, 2 * 8), torch.empty(2, 7, 2 * 4), torch.empty(1, 7, dtype=torch.long),
+            torch.empty(2, 32, 8), None, torch.empty(8), 1.0, None, 0.25, True,
+        )
+    assert out.shape == (2, 3, 8 * 4)
+
+
+# --------------------------------------------------------------------------- recognition
+
+
+def _blocks(model, **kwargs):
+    found = {}
+
+    def backend(gm, example_inputs):
+        blocks, unmatched = find_attention_blocks(gm, find_linears(gm, example_inputs))
+        found["result"] = blocks, unmatched
+        found["inv_freq"] = [b.inv_freq.meta["grapharg"].source.name for b in blocks]
+        return gm
+
+    torch.compile(model, backend=backend)(token_batches(1)[0], use_cache=False, **kwargs)
+    return (*found["result"], found["inv_freq"])
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_attention_blocks_are_recognised(family, impl):
+    blocks, unmatched, inv_freq = _blocks(tiny_rope_model(family, attn_implementation=impl))
+    assert unmatched == []
+    assert [b.name for b in blocks] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    block = blocks[0]
+    assert (block.num_heads, block.num_kv_heads, block.head_dim, block.scale, block.rope_scale) == (4, 2, 16, 0.25, 1.0)
+    assert block.k_linear.meta.name.endswith("k_proj") and block.o_linear.meta.name.endswith("o_proj")
+    assert all(source.endswith("_buffers['inv_freq']") for source in inv_freq)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_attention_without_rope_is_left_alone_with_a_reason(family):
+    blocks, unmatched, _ = _blocks(tiny_model(family))
+    assert blocks == []
+    assert len(unmatched) == 2 and all("no RoPE" in u.reason for u in unmatched)
+
+
+def test_model_without_recognisable_attention_stays_dense_and_says_why(caplog):
+    model = tiny_model("gpt2")
+    ids = token_batches(1)[0]
+    with torch.no_grad():
+        dense = model(ids).logits
+        out = torch.compile(model, backend="lowrank", options=_config())(ids).logits
+    assert torch.equal(out, dense)
+    assert "no attention block was recognised" in caplog.text and "transformer.h.0.attn" in caplog.text
+    assert list(model_latent_attention(model)) == []
+
+
+# --------------------------------------------------------------------------- restructure
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_kv_ratio_one_is_exact_without_cache(family):
+    model = tiny_rope_model(family)
+    ids = token_batches(1, seq=12)[0]
+    with torch.no_grad():
+        dense = model(ids, use_cache=False).logits
+        out = torch.compile(model, backend="lowrank", options=_config())(ids, use_cache=False).logits
+    assert (out - dense).abs().max() < 1e-5
+    latent = dict(model_latent_attention(model))
+    assert len(latent) == 2 and all(layer.latent_width == layer.dense_width for layer in latent.values())
+    assert model.model.layers[0].self_attn.k_proj.weight.untyped_storage().nbytes() == 0  # dense K released
+
+
+def test_kv_ratio_half_halves_the_latent_and_fisher_changes_the_split():
+    uniform = tiny_rope_model("llama")
+    calibration = token_batches(4, seq=12)
+    torch.compile(uniform, backend="lowrank", options=_config(kv_ratio=0.5, method="asvd", calibration=calibration))(
+        calibration[0], use_cache=False)
+    layers = [layer for _, layer in model_latent_attention(uniform)]
+    assert all(layer.k_rank == layer.v_rank == 8 and layer.latent_width * 2 == layer.dense_width for layer in layers)
+    torch._dynamo.reset()
+    fisher = tiny_rope_model("llama")
+    torch.compile(fisher, backend="lowrank", options=_config(kv_ratio=0.5, kv_allocation="fisher", method="asvd",
+                                                             kv_group_size="all", calibration=calibration))(
+        calibration[0], use_cache=False)
+    joint = [layer for _, layer in model_latent_attention(fisher)]
+    assert all(layer.groups == 1 for layer in joint)
+    assert [(layer.k_rank, layer.v_rank) for layer in joint] != [(16, 16), (16, 16)]  # uniform's split
+    assert sum(layer.latent_width for layer in joint) == sum(layer.dense_width for layer in joint) // 2
+
+
+def test_fisher_allocation_follows_fisher_and_caps_at_width():
+    projections = [KVProjection("a", 2, 32, 100.0), KVProjection("b", 2, 32, 1.0), KVProjection("c", 2, 32, 1.0)]
+    ranks = allocate_kv_fisher(projections, 0.5, 8)
+    assert ranks["a"] == 32 and ranks["b"] == ranks["c"] == 8  # a capped at its width, b and c keep the minimum
+    spread = allocate_kv_fisher([KVProjection("a", 1, 64, 3.0), KVProjection("b", 1, 64, 1.0)], 0.5, 8)
+    assert spread == {"a": 48, "b": 16}  # 8 each, then 48 split 3:1 (36 + 12), rounded to 32 + 8 and one more 8
+    assert allocate_kv_uniform(projections, 0.25, 8) == {"a": 8, "b": 8, "c": 8}
+    assert allocate_kv_fisher(projections, 1.0, 8) == {"a": 32, "b": 32, "c": 32}
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _generate_pair(family, lengths, new_tokens, **options):
+    model = tiny_rope_model(family)
+    ids, mask = left_padded_prompts(lengths)
+    dense = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True, min_new_tokens=new_tokens)
+    out = lrcompile.generate(model, ids, mask, options=_config(**options), max_new_tokens=new_tokens, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, min_new_tokens=new_tokens)
+    return model, dense, out
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+@pytest.mark.parametrize("lengths", [[7], [9, 4, 6, 1]], ids=["batch1", "batch4_padded"])
+def test_kv_ratio_one_generation_matches_dense_hf(family, lengths):
+    _, dense, out = _generate_pair(family, lengths, 64)
+    assert torch.equal(out.sequences, dense.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(out.logits, dense.logits)) < 1e-4
+
+
+def test_half_kv_cache_allocates_half_and_does_not_recompile_per_token():
+    from torch._dynamo.utils import counters
+
+    model = tiny_rope_model("llama")
+    ids, mask = left_padded_prompts([9, 4])
+    lrcompile.generate(model, ids, mask, options=_config(kv_ratio=0.5), max_new_tokens=2)  # compress
+    cache = lrcompile.LatentKVCache(model, batch_size=2, max_cache_len=9 + 256)
+    lrcompile.generate(model, ids, mask, max_new_tokens=3, cache=cache)  # prefill and decode graphs for this cache
+    graphs = counters["stats"]["unique_graphs"]
+    out = lrcompile.generate(model, ids, mask, max_new_tokens=256, cache=cache, min_new_tokens=256)  # reused
+    assert out.shape == (2, 9 + 256)
+    assert counters["stats"]["unique_graphs"] == graphs
+    latent_values = sum(layer.k_latent.untyped_storage().nbytes() + layer.v_latent.untyped_storage().nbytes()
+                        for layer in cache.layers)
+    assert latent_values == cache.dense_bytes() // 2
+    assert cache.latent_bytes <= cache.dense_bytes() // 2 + 2 * 8 * (9 + 256) * 2 + 64  # + positions, lengths
+    assert all(layer.keys is None for layer in cache.layers)  # no dense K/V was ever allocated
+
+
+def test_sampling_and_weight_compression_together():
+    model = tiny_rope_model("qwen2")
+    calibration = token_batches(2, seq=12)
+    ids, mask = left_padded_prompts([5, 3])
+    dense_bytes = lrcompile.weight_bytes(model)
+    torch.manual_seed(0)
+    out = lrcompile.generate(model, ids, mask, options=_config(param_ratio=0.8, kv_ratio=0.5, method="asvd",
+                                                               allocation="uniform", calibration=calibration),
+                             max_new_tokens=16, do_sample=True, top_k=20)
+    assert out.shape == (2, 5 + 16)
+    assert lrcompile.weight_bytes(model) < dense_bytes
+    factored = [name for name, layer in lrcompile.runtime.compressed_layers.model_layers(model)
+                if layer.status.value == "factored"]
+    assert any("mlp" in name for name in factored) and not any("k_proj" in name for name in factored)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.5])
+def test_kv_ratio_outside_unit_interval(ratio):
+    with pytest.raises(LowRankConfigError, match=rf"option 'kv_ratio'={ratio!r} is outside \(0, 1\]"):
+        _config(kv_ratio=ratio)
+
+
+def test_group_size_must_divide_kv_heads():
+    model = tiny_rope_model("llama")
+    with pytest.raises(Exception, match="option 'kv_group_size'=3 does not divide the 2 KV heads of model.layers.0.self_attn"):
+        torch.compile(model, backend="lowrank", options=_config(kv_group_size=3))(token_batches(1)[0], use_cache=False)
+
+
+def test_rank_above_group_width_is_refused():
+    with pytest.raises(LowRankConfigError, match=r"rank 40 per group is outside \[1, 32\]"):
+        factor_kv_groups(torch.randn(64, 16), 2, 40, "svd", None, 0.5, "model.layers.0.self_attn K")
+
+
+def test_generation_past_capacity_is_refused():
+    model = tiny_rope_model("llama")
+    ids, mask = left_padded_prompts([6])
+    lrcompile.generate(model, ids, mask, options=_config(), max_new_tokens=2)
+    cache = lrcompile.LatentKVCache(model, batch_size=1, max_cache_len=10)
+    with pytest.raises(LatentCacheError, match="exceed the cache's capacity of 10"):
+        lrcompile.generate(model, ids, mask, max_new_tokens=8, cache=cache)
+    with pytest.raises(Exception, match=r"latent KV cache overflow: 10 cached \+ 1 new tokens exceed its capacity of 10"):
+        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8, min_new_tokens=8)
+
+
+def test_cache_needs_a_compressed_model():
+    with pytest.raises(LatentCacheError, match="model.layers.0.self_attn has no latent-KV plan"):
+        lrcompile.LatentKVCache(tiny_rope_model("llama"), batch_size=1, max_cache_len=8)
