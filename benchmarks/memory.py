@@ -12,7 +12,9 @@ Each configuration runs in its own subprocess, so peaks never mix:
   the process on 4 batches of 8 x 128 train tokens; it then saves its plan;
 * ``lowrank_loaded``: a fresh model given that saved plan with
   ``lrcompile.load_compressed`` and compiled the same way: no calibration, the
-  path a deployment would take.
+  path a deployment would take;
+* ``lowrank_kv``: like ``lowrank`` plus ``kv_ratio`` (latent KV cache, Palu);
+  its prefill writes into an ``lrcompile.LatentKVCache`` of the same capacity.
 
 In each subprocess, after the model is ready (for ``lowrank*``: after the first
 compiled call, which factors the layers and frees the dense weights), a prefill
@@ -23,8 +25,8 @@ of ``[B, L]`` held-out tokens runs with a fresh ``DynamicCache``
   of the parameters plus the factors that replace them (released dense weights
   count 0);
 * **KV-cache bytes**: the sum of the storages of the ``DynamicCache`` tensors after
-  the prefill. The cache is dense in every configuration (the latent KV cache is
-  a later issue), so the ratio is 1.0 for now;
+  the prefill; for ``lowrank_kv`` the bytes the ``LatentKVCache`` allocated
+  (latents, RoPE positions, fill levels) for as many tokens;
 * **RSS**: ``ru_maxrss`` (the process's peak resident set) right after imports,
   after compression and at the end, and ``VmRSS`` (current) at the end; "above
   baseline" subtracts the RSS after imports (torch alone is a few hundred MB);
@@ -67,7 +69,7 @@ from benchmarks.common import (
     write_markdown,
 )
 
-CONFIGS = ("dense", "dense_compiled", "lowrank", "lowrank_loaded")
+CONFIGS = ("dense", "dense_compiled", "lowrank", "lowrank_loaded", "lowrank_kv")
 REFERENCE = "dense_compiled"  # RSS ratios: same Dynamo capture, no compression
 MiB = 1 << 20
 
@@ -130,13 +132,18 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             if args.child == "lowrank_loaded":
                 lrcompile.load_compressed(model, args.plan_dir)
                 out["weight_bytes_with_loaded_plan"] = lrcompile.weight_bytes(model)
+            latent = args.child == "lowrank_kv"
             config = lrcompile.LowRankConfig(
-                calibration=calibration if args.child == "lowrank" else None, param_ratio=args.param_ratio,
+                calibration=calibration if args.child != "lowrank_loaded" else None, param_ratio=args.param_ratio,
                 method=args.method, allocation=args.allocation, compiler="eager",
+                kv_ratio=args.kv_ratio if latent else None,
             )
             torch._dynamo.reset()
             forward = torch.compile(model, backend="lowrank", options=config, dynamic=False)
-            forward(input_ids=calibration[0], past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            if latent:
+                forward(input_ids=calibration[0], use_cache=False)
+            else:
+                forward(input_ids=calibration[0], past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
             if args.child == "lowrank":
                 lrcompile.save_compressed(model, args.plan_dir)
         out["prepare_s"] = time.perf_counter() - start
@@ -144,14 +151,21 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         out["weight_bytes"] = lrcompile.weight_bytes(model)
         out["maxrss_after_prepare"] = _maxrss()
         out["rss_after_prepare"] = _vmrss()
-        cache = DynamicCache()
-        forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        storages = {}
-        for layer in cache.layers:
-            for t in (layer.keys, layer.values):
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        out["kv_bytes"] = sum(storages.values())
-        out["kv_shape"] = list(cache.layers[0].keys.shape)
+        if args.child == "lowrank_kv":
+            cache = lrcompile.LatentKVCache(model, args.batch, args.seq_len)
+            forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out["kv_bytes"] = cache.latent_bytes
+            out["kv_dense_same_capacity"] = cache.dense_bytes()
+            out["kv_shape"] = [list(cache.layers[0].k_latent.shape), list(cache.layers[0].v_latent.shape)]
+        else:
+            cache = DynamicCache()
+            forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            storages = {}
+            for layer in cache.layers:
+                for t in (layer.keys, layer.values):
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            out["kv_bytes"] = sum(storages.values())
+            out["kv_shape"] = list(cache.layers[0].keys.shape)
         out["kv_layers"] = len(cache.layers)
         gc.collect()
         out["rss_end"] = _vmrss()
@@ -177,6 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "--plan-dir", plan_dir, "--result", result_path, "--batch", str(args.batch),
                        "--seq-len", str(args.seq_len), "--calib-batches", str(args.calib_batches),
                        "--param-ratio", str(args.param_ratio), "--method", args.method, "--allocation", args.allocation,
+                       "--kv-ratio", str(args.kv_ratio),
                        "--threads", str(args.threads)]
                 start = time.perf_counter()
                 proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -197,6 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"fixtures": args.fixtures, "batch": args.batch, "seq_len": args.seq_len,
                      "calibration": f"{args.calib_batches} x [{args.batch}, {args.seq_len}] train tokens",
                      "param_ratio": args.param_ratio, "method": args.method, "allocation": args.allocation,
+                     "kv_ratio": args.kv_ratio,
                      "compiler": "eager", "dtype": "float32"},
         "results": results,
         "total_wall_s": time.perf_counter() - t_total,
@@ -216,7 +232,8 @@ def plot_memory(payload: dict[str, Any], path: Path) -> bool:
                ("peak_above", "peak RSS above import baseline"), ("steady_above", "RSS at end above baseline"),
                ("trimmed_above", "RSS at end after malloc_trim"))
     fig, axes = plt.subplots(1, len(fixtures), figsize=(7 * len(fixtures), 4.4), squeeze=False)
-    colors = {"dense": "tab:gray", "dense_compiled": "black", "lowrank": "tab:blue", "lowrank_loaded": "tab:green"}
+    colors = {"dense": "tab:gray", "dense_compiled": "black", "lowrank": "tab:blue", "lowrank_loaded": "tab:green",
+              "lowrank_kv": "tab:purple"}
     width = 0.8 / len(CONFIGS)
     for ax, fixture in zip(axes[0], fixtures):
         for j, config in enumerate(CONFIGS):
@@ -280,8 +297,8 @@ def write_memory_markdown(payload: dict[str, Any], path: Path, plot: bool) -> No
         "- one subprocess per row; `lowrank_loaded` = a fresh model + `lrcompile.load_compressed(plan saved by the "
         "`lowrank` row)`, no calibration",
         f"- KV cache: `DynamicCache` after a prefill of {s['batch']} x {s['seq_len']} held-out tokens (per layer K and V "
-        f"of shape {shape}); **dense in every configuration: the latent KV cache is a later issue, so the KV ratio is "
-        "1.0 for now**",
+        f"of shape {shape}); `lowrank_kv`: `LatentKVCache` of the same capacity, kv_ratio {s.get('kv_ratio')} "
+        "(latents + int64 RoPE positions + fill level per layer)",
         "- weight bytes: `lrcompile.weight_bytes(model)` (parameter storages + factors; released dense weights count 0). "
         "Peak = `ru_maxrss` at the end of the process; baseline = RSS after imports, before the model is loaded",
         "",
@@ -311,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--param-ratio", type=float, default=0.8)
+    parser.add_argument("--kv-ratio", type=float, default=0.5, help="kv_ratio of the lowrank_kv row")
     parser.add_argument("--method", default="whiten")
     parser.add_argument("--allocation", default="closed_form")
     parser.add_argument("--threads", type=int, default=1)

@@ -7,16 +7,18 @@
    ``sensitivity`` / ``closed_form`` at param ratios 1.0 (once per method),
    0.95, 0.9, 0.85, 0.8; and the MiniLM embedding fidelity at the same ratios
    (functions of :mod:`benchmarks.minilm_fidelity`), in a parallel subprocess;
-2. **memory** (:mod:`benchmarks.memory`): measured weight and KV-cache bytes and
+2. **kv accuracy** (:mod:`benchmarks.kv_accuracy`): held-out perplexity with a
+   latent KV cache per kv_ratio (1.0 / 0.75 / 0.5 / 0.25), allocation and group size;
+3. **memory** (:mod:`benchmarks.memory`): measured weight and KV-cache bytes and
    peak RSS, one subprocess per configuration;
-3. **speed** (:mod:`benchmarks.speed`): prefill and decode throughput of the
+4. **speed** (:mod:`benchmarks.speed`): prefill and decode throughput of the
    compressed model compiled with ``lowrank`` + Inductor against the same model
    compiled with Inductor alone, batch 1 and 8;
-4. **compile cost** (:mod:`benchmarks.compile_cost`): wall time per phase
+5. **compile cost** (:mod:`benchmarks.compile_cost`): wall time per phase
    (Dynamo capture, statistics, sensitivity, factoring, Inductor) on the
    ``tiny`` / ``small`` / ``medium`` fixtures.
 
-Accuracy (both parts) and memory do not measure time, so they run first and
+Accuracy (all parts) and memory do not measure time, so they run first and
 side by side; speed and compile cost then run alone. Each writes
 ``docs/results/<name>.{json,md,png}``; this script prints their Markdown
 tables and writes ``docs/results/README.md``, an index of every result file.
@@ -53,10 +55,11 @@ from benchmarks.common import (
     write_json,
 )
 
-BENCHMARKS = ("accuracy", "memory", "speed", "compile_cost")
+BENCHMARKS = ("accuracy", "kv_accuracy", "memory", "speed", "compile_cost")
 
 RESULT_FILES = (
     ("accuracy.md", "Perplexity of the trained `small` Llama fixture per method, allocation and param ratio"),
+    ("kv_accuracy.md", "Perplexity with a latent KV cache per kv_ratio, allocation and group size"),
     ("accuracy_minilm.md", "MiniLM (all-MiniLM-L6-v2) embedding fidelity at ratios 0.95 / 0.9 / 0.85 / 0.8"),
     ("speed.md", "Prefill and decode throughput, `lowrank` + Inductor vs dense Inductor, batch 1 and 8"),
     ("memory.md", "Measured weight bytes, KV-cache bytes and peak RSS, compressed vs dense"),
@@ -158,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                   time.perf_counter(), minilm_log)
     if "accuracy" in args.only:
         run_module("accuracy", ["--part", "llama"])
+    if "kv_accuracy" in args.only:
+        run_module("kv_accuracy")
     if "memory" in args.only:
         run_module("memory")
     if minilm is not None:

@@ -203,6 +203,7 @@ def run_report(args: argparse.Namespace) -> int:
             f"saved plan {plan_json}: {t['linears']} linears ({t['factored']} factored, {t['dense']} dense, "
             f"{t['skipped']} skipped); parameters {t['params_before']:,} -> {t['params_after']:,} "
             f"(ratio {t['param_ratio']}); {2 * len(factors)} factor tensors checked"
+            + (f", and the tensors of {len(saved.attention)} latent attention blocks" if saved.attention else "")
         )
     return 0
 

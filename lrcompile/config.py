@@ -75,8 +75,9 @@ class LowRankConfig:
     kv_ratio: latent K/V values cached per token over dense K+V values (Palu); None
         leaves attention as it is. At 1.0 the restructure is exact (full rank).
     kv_group_size: KV heads sharing one latent (1 = per head, ``"all"`` = joint).
-    kv_allocation: ``uniform`` or ``fisher`` (ranks proportional to the Fisher
-        information of the K/V weights on calibration, Palu Sec. 3.3).
+    kv_allocation: ``uniform``, ``fisher`` (ranks proportional to the Fisher
+        information of the K/V weights on calibration, Palu Sec. 3.3) or
+        ``sensitivity`` (output-KL search per K/V projection, as for weights).
 
     Equality is identity (``eq=False``): Dynamo reuses a graph captured for one
     model instance for another of the same class when their backends' options
@@ -141,7 +142,7 @@ class LowRankConfig:
     @property
     def kv_needs_calibration(self) -> bool:
         """Whether restructuring attention needs calibration data (not at kv_ratio 1, which is exact)."""
-        return self.kv_ratio is not None and self.kv_ratio < 1.0 and (self.method != "svd" or self.kv_allocation == "fisher")
+        return self.kv_ratio is not None and self.kv_ratio < 1.0 and (self.method != "svd" or self.kv_allocation != "uniform")
 
     @classmethod
     def from_options(cls, options: LowRankConfig | Mapping[str, Any] | None) -> LowRankConfig:

@@ -34,8 +34,15 @@ from lrcompile.passes.calibration_runner import is_state_input
 from lrcompile.passes.decomposition import LinearDecomposition
 from lrcompile.passes.find_linears import placeholder_values, weight_tensor
 from lrcompile.passes.kv_fisher import measure_kv_fisher
-from lrcompile.passes.kv_rank_allocation import KVProjection, allocate_kv_fisher, allocate_kv_uniform
-from lrcompile.passes.latent_kv import block_weights, build_latent_attention, check_group_size, restructure_attention
+from lrcompile.passes.kv_rank_allocation import KVProjection, allocate_kv_fisher, allocate_kv_sensitivity, allocate_kv_uniform
+from lrcompile.passes.kv_sensitivity import measure_kv_sensitivity
+from lrcompile.passes.latent_kv import (
+    block_weights,
+    build_latent_attention,
+    check_group_size,
+    group_decompositions,
+    restructure_attention,
+)
 from lrcompile.runtime.compressed_layers import record_latent, record_layer, recorded_latent, recorded_layer
 
 from .config import LowRankConfig
@@ -66,6 +73,7 @@ class GraphCompression:
     blocks: list[tuple[AttentionBlock, LatentAttention | None]] = field(default_factory=list)  # None: to plan
     unmatched_attention: list[UnmatchedAttention] = field(default_factory=list)
     kv_fisher: dict[str, float] = field(default_factory=dict)
+    kv_sensitivity: dict[str, dict[float, float]] = field(default_factory=dict)
     latent: list[LatentAttention] = field(default_factory=list)
     latent_views: list[LinearNode] = field(default_factory=list)
     report: CompressionReport | None = None
@@ -174,6 +182,33 @@ def _kv_fisher(c: GraphCompression) -> None:
     c.kv_fisher = measure_kv_fisher(c.runner, views, [c.weight(v) for v in views], c.config.calibration)
 
 
+def _kv_group_size(c: GraphCompression, block: AttentionBlock) -> int:
+    group = block.num_kv_heads if c.config.kv_group_size == "all" else c.config.kv_group_size
+    check_group_size(group, block.num_kv_heads, block.name)
+    return group
+
+
+def _kv_sensitivity(c: GraphCompression) -> None:
+    blocks = c.new_blocks()
+    if not blocks or c.config.kv_allocation != "sensitivity" or not c.config.kv_needs_calibration:
+        return
+    groups = {}
+    for block in blocks:
+        for view in (block.k_linear, block.v_linear):
+            groups[view] = block.num_kv_heads // _kv_group_size(c, block)
+    method = c.config.method
+    values = placeholder_values(c.gm, c.example_inputs)
+
+    def decompose_groups(view: LinearNode) -> list[LinearDecomposition]:
+        weight = weight_tensor(c.gm, view, values)
+        stats = next(b.k_linear.meta.stats for b in blocks if view in (b.k_linear, b.v_linear))
+        return group_decompositions(weight, groups[view], method, stats, c.config.alpha, view.meta.name)
+
+    batches = c.config.calibration[: c.config.sensitivity_batches]
+    c.kv_sensitivity = measure_kv_sensitivity(c.runner, list(groups), decompose_groups, c.config.sensitivity_ratios,
+                                              batches, c.config.rank_multiple)
+
+
 def _sensitivity(c: GraphCompression) -> None:
     targets = c.to_compress()
     if not targets or c.config.allocation != "sensitivity" or not c.config.needs_calibration:
@@ -226,13 +261,15 @@ def _kv_ranks(c: GraphCompression) -> dict[str, int]:
     cfg = c.config
     projections = []
     for block in c.new_blocks():
-        group = block.num_kv_heads if cfg.kv_group_size == "all" else cfg.kv_group_size
-        check_group_size(group, block.num_kv_heads, block.name)
+        group = _kv_group_size(c, block)
         for view in (block.k_linear, block.v_linear):
             projections.append(KVProjection(view.meta.name, block.num_kv_heads // group, group * block.head_dim,
-                                            c.kv_fisher.get(view.meta.name, 0.0)))
+                                            c.kv_fisher.get(view.meta.name, 0.0),
+                                            c.kv_sensitivity.get(view.meta.name, {})))
     if cfg.kv_allocation == "fisher" and c.kv_fisher:
         return allocate_kv_fisher(projections, cfg.kv_ratio, cfg.rank_multiple)
+    if cfg.kv_allocation == "sensitivity" and c.kv_sensitivity:
+        return allocate_kv_sensitivity(projections, cfg.kv_ratio, cfg.rank_multiple)
     return allocate_kv_uniform(projections, cfg.kv_ratio, cfg.rank_multiple)
 
 
@@ -240,7 +277,7 @@ def _restructure_attention(c: GraphCompression) -> None:
     """Factor new blocks' K/V per head group, record them, and rewrite every block to latent attention."""
     if not c.blocks:
         return
-    ranks = _kv_ranks(c)
+    ranks = _kv_ranks(c) if c.new_blocks() else {}
     values = placeholder_values(c.gm, c.example_inputs)
     method = c.config.method if c.config.kv_needs_calibration or c.config.method == "svd" else "svd"
     pairs = []
@@ -248,8 +285,7 @@ def _restructure_attention(c: GraphCompression) -> None:
         views = (block.k_linear, block.v_linear, block.o_linear)
         if layer is None:
             weights = block_weights(c.gm, block, values)
-            group = block.num_kv_heads if c.config.kv_group_size == "all" else c.config.kv_group_size
-            layer = build_latent_attention(block, weights, group, ranks[block.k_linear.meta.name],
+            layer = build_latent_attention(block, weights, _kv_group_size(c, block), ranks[block.k_linear.meta.name],
                                            ranks[block.v_linear.meta.name], method, block.k_linear.meta.stats,
                                            c.config.alpha)
             record_latent(weights["k"], layer)
@@ -296,10 +332,12 @@ PASSES: tuple[Pass[GraphCompression], ...] = (
     Pass("apply_recorded", _apply_recorded, frozenset({"linears", "attention"}), frozenset({"recorded"})),
     Pass("activation_stats", _activation_stats, frozenset({"recorded"}), frozenset({"stats"})),
     Pass("kv_fisher", _kv_fisher, frozenset({"stats"}), frozenset({"fisher"})),
+    Pass("kv_sensitivity", _kv_sensitivity, frozenset({"stats"}), frozenset({"kv_sensitivity"})),
     Pass("sensitivity", _sensitivity, frozenset({"stats"}), frozenset({"sensitivity"})),
     Pass("allocate_ranks", _allocate_ranks, frozenset({"stats", "sensitivity"}), frozenset({"plan"})),
     Pass("factorize_linears", _factorize, frozenset({"plan"}), frozenset({"factored"})),
-    Pass("restructure_attention", _restructure_attention, frozenset({"factored", "fisher"}), frozenset({"latent"})),
+    Pass("restructure_attention", _restructure_attention, frozenset({"factored", "fisher", "kv_sensitivity"}),
+         frozenset({"latent"})),
     Pass("release_dense", _release_dense, frozenset({"factored", "latent"}), frozenset({"released"})),
 )
 
@@ -313,7 +351,8 @@ def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config:
     manager.run(compression, lambda c: c.gm)
     compression.timings = manager.timings
     compression.report = build_report(
-        [compression.layers[v] for v in compression.linears if v in compression.layers], config.to_json(), manager.timings
+        [compression.layers[v] for v in compression.linears if v in compression.layers], config.to_json(), manager.timings,
+        compression.latent, [(u.name, u.reason) for u in compression.unmatched_attention],
     )
     compression.report.log()
     if dump_dir is not None:

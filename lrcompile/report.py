@@ -1,7 +1,9 @@
 """Per-layer compression report: shapes, ranks, parameters, scores, bytes and cost formulas.
 
 Costs are sympy expressions in the number of tokens ``T``: a dense ``[m, n]``
-linear costs ``2 T m n`` FLOPs, a factored one ``2 T k (m + n)``.
+linear costs ``2 T m n`` FLOPs, a factored one ``2 T k (m + n)``. Attention
+blocks restructured for a latent KV cache get their own rows: K/V ranks per
+group and KV-cache bytes as functions of batch ``B`` and cached tokens ``T``.
 """
 
 from __future__ import annotations
@@ -16,11 +18,40 @@ from typing import Any
 import sympy
 from torch import nn
 
-from .types import CompressedLayer, LayerStatus
+from .types import CompressedLayer, LatentAttention, LayerStatus
 
 log = logging.getLogger(__name__)
 
 TOKENS = sympy.Symbol("T", positive=True, integer=True)
+BATCH = sympy.Symbol("B", positive=True, integer=True)
+POSITION_BYTES = 8  # the runtime cache's int64 RoPE position per cached token and layer
+
+
+@dataclass(frozen=True)
+class AttentionReport:
+    """One attention block restructured for a latent KV cache."""
+
+    name: str
+    method: str
+    group_size: int
+    groups: int
+    k_rank: int  # per group
+    v_rank: int
+    latent_width: int  # cached values per token
+    dense_width: int  # 2 * kv_heads * head_dim
+    itemsize: int
+    weight_bytes_before: int  # dense K, V and output projections
+    weight_bytes_after: int  # latent projections, K up-projection, folded output projection
+    k_truncation_loss: float | None
+    v_truncation_loss: float | None
+
+    @property
+    def kv_bytes_dense(self) -> sympy.Expr:
+        return BATCH * TOKENS * self.dense_width * self.itemsize
+
+    @property
+    def kv_bytes_latent(self) -> sympy.Expr:
+        return BATCH * TOKENS * (self.latent_width * self.itemsize + POSITION_BYTES)
 
 
 @dataclass(frozen=True)
@@ -50,9 +81,13 @@ class CompressionReport:
     layers: list[LayerReport]
     config: Mapping[str, Any] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
+    attention: list[AttentionReport] = field(default_factory=list)
+    attention_left_dense: list[tuple[str, str]] = field(default_factory=list)  # (block, reason)
+    kv_bytes_measured: tuple[int, int] | None = None  # (latent cache, dense cache of the same capacity)
 
     def _compressible(self) -> list[LayerReport]:
-        return [layer for layer in self.layers if layer.status != LayerStatus.SKIPPED.value]
+        """Linears under the parameter budget (K/V/output projections of latent attention are reported apart)."""
+        return [layer for layer in self.layers if layer.status not in (LayerStatus.SKIPPED.value, LayerStatus.LATENT.value)]
 
     @property
     def params_before(self) -> int:
@@ -84,6 +119,18 @@ class CompressionReport:
             "flops_dense(T)": str(sympy.expand(sum((2 * TOKENS * layer.params_before for layer in layers), sympy.Integer(0)))),
             "flops_compressed(T)": str(sympy.expand(sum((layer.flops for layer in layers), sympy.Integer(0)))),
             "layer_flops(T; m, n, k)": "dense 2*T*m*n, factored 2*T*k*(m + n)",
+            **self.kv_formulas(),
+        }
+
+    def kv_formulas(self) -> dict[str, str]:
+        if not self.attention:
+            return {}
+        dense = sympy.expand(sum((a.kv_bytes_dense for a in self.attention), sympy.Integer(0)))
+        latent = sympy.expand(sum((a.kv_bytes_latent for a in self.attention), sympy.Integer(0)))
+        return {
+            "kv_cache_bytes_dense(B, T)": str(dense),
+            "kv_cache_bytes_latent(B, T)": str(latent),
+            "kv_cache_ratio": str(sympy.nsimplify(sympy.simplify(latent / dense))),
         }
 
     def totals(self) -> dict[str, Any]:
@@ -105,6 +152,10 @@ class CompressionReport:
             "formulas": self.formulas(),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "layers": [asdict(layer) for layer in self.layers],
+            "attention": [asdict(block) for block in self.attention],
+            "attention_left_dense": [{"name": n, "reason": r} for n, r in self.attention_left_dense],
+            "kv_bytes_measured": None if self.kv_bytes_measured is None else
+            {"latent": self.kv_bytes_measured[0], "dense": self.kv_bytes_measured[1]},
         }
 
     def to_markdown(self) -> str:
@@ -125,7 +176,30 @@ class CompressionReport:
             f"{t['weight_bytes_after']:,} (ratio {t['weight_bytes_ratio']}).\n\n**Cost formulas (T = tokens):**\n\n"
         )
         formulas = "\n".join(f"- `{k}` = `{v}`" for k, v in self.formulas().items())
-        return "\n".join(rows) + "\n" + summary + formulas + "\n"
+        return "\n".join(rows) + "\n" + summary + formulas + "\n" + self._attention_markdown()
+
+    def _attention_markdown(self) -> str:
+        if not self.attention and not self.attention_left_dense:
+            return ""
+        rows = [
+            "\n## Latent KV cache\n",
+            "| block | method | group size | groups | K rank | V rank | KV values per token dense -> latent | "
+            "KV bytes per token dense -> latent | weight bytes before -> after | K / V truncation loss |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for a in self.attention:
+            rows.append(
+                f"| {a.name} | {a.method} | {a.group_size} | {a.groups} | {a.k_rank} | {a.v_rank} | "
+                f"{a.dense_width} -> {a.latent_width} | {a.dense_width * a.itemsize} -> "
+                f"{a.latent_width * a.itemsize + POSITION_BYTES} | {a.weight_bytes_before:,} -> {a.weight_bytes_after:,} | "
+                f"{_num(a.k_truncation_loss)} / {_num(a.v_truncation_loss)} |"
+            )
+        rows += [f"- left dense: {name}: {reason}" for name, reason in self.attention_left_dense]
+        if self.kv_bytes_measured is not None:
+            latent, dense = self.kv_bytes_measured
+            rows.append(f"\n**KV cache measured:** {latent:,} bytes allocated vs {dense:,} for a dense cache of the same "
+                        f"capacity (ratio {latent / max(dense, 1):.4f}).")
+        return "\n".join(rows) + "\n"
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -167,19 +241,38 @@ def layer_report(layer: CompressedLayer) -> LayerReport:
     )
 
 
+def attention_report(layer: LatentAttention) -> AttentionReport:
+    return AttentionReport(
+        name=layer.name, method=layer.method, group_size=layer.group_size, groups=layer.groups, k_rank=layer.k_rank,
+        v_rank=layer.v_rank, latent_width=layer.latent_width, dense_width=layer.dense_width,
+        itemsize=layer.k_down.element_size() if layer.k_down is not None else 4, weight_bytes_before=layer.dense_bytes,
+        weight_bytes_after=layer.factor_bytes, k_truncation_loss=layer.k_truncation_loss,
+        v_truncation_loss=layer.v_truncation_loss,
+    )
+
+
 def build_report(
-    layers: Iterable[CompressedLayer], config: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None
+    layers: Iterable[CompressedLayer],
+    config: Mapping[str, Any] | None = None,
+    timings: Mapping[str, float] | None = None,
+    attention: Iterable[LatentAttention] = (),
+    attention_left_dense: Iterable[tuple[str, str]] = (),
 ) -> CompressionReport:
-    return CompressionReport([layer_report(layer) for layer in layers], dict(config or {}), dict(timings or {}))
+    return CompressionReport([layer_report(layer) for layer in layers], dict(config or {}), dict(timings or {}),
+                             [attention_report(a) for a in attention], list(attention_left_dense))
 
 
-def model_report(model: nn.Module) -> CompressionReport:
-    """The report of every layer of ``model`` compressed so far (across all its graphs)."""
-    from lrcompile.runtime.compressed_layers import model_layers
+def model_report(model: nn.Module, cache: Any = None) -> CompressionReport:
+    """The report of every layer of ``model`` compressed so far (across all its graphs); with a
+    :class:`~lrcompile.LatentKVCache`, also the KV-cache bytes it actually allocated."""
+    from lrcompile.runtime.compressed_layers import model_latent_attention, model_layers
 
     seen, layers = set(), []
     for _, layer in model_layers(model):
         if id(layer) not in seen:
             seen.add(id(layer))
             layers.append(layer)
-    return build_report(layers)
+    report = build_report(layers, attention=[layer for _, layer in model_latent_attention(model)])
+    if cache is not None:
+        report.kv_bytes_measured = (cache.latent_bytes, cache.dense_bytes())
+    return report

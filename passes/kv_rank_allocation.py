@@ -5,6 +5,9 @@ over all restructured blocks. Ranks are per group and rounded to
 ``rank_multiple`` (the kernels tile the latent in such multiples).
 
 * ``uniform``: every group of every block keeps ``kv_ratio`` of its width.
+* ``sensitivity``: ASVD's search (arXiv 2312.05821, Sec. 3.3) on K/V: each
+  projection's output KL at candidate ratios; a binary search over a KL
+  threshold finds the smallest latent per projection that meets the budget.
 * ``fisher``: Palu's allocation (arXiv 2407.21118, Sec. 3.3): each K or V
   projection gets a share of the total budget proportional to its Fisher
   information ``sum (dL/dW)^2`` on calibration data, capped at its dense width
@@ -14,8 +17,10 @@ over all restructured blocks. Ranks are per group and rounded to
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .rank_allocation import monotone_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +33,7 @@ class KVProjection:
     groups: int
     width: int  # group_size * head_dim
     fisher: float = 0.0
+    sensitivity: Mapping[float, float] = field(default_factory=dict)  # kept ratio -> output KL
 
 
 def round_rank(value: float, width: int, multiple: int) -> int:
@@ -75,4 +81,36 @@ def allocate_kv_fisher(projections: Sequence[KVProjection], kv_ratio: float, mul
         if ranks[p.name] + multiple <= p.width and used + p.groups * multiple <= budget + 1e-9:
             ranks[p.name] += multiple
     log.info("fisher KV ranks: %s", ", ".join(f"{k}={v}" for k, v in ranks.items()))
+    return ranks
+
+
+def allocate_kv_sensitivity(projections: Sequence[KVProjection], kv_ratio: float, multiple: int) -> dict[str, int]:
+    """Lowest KL threshold whose per-projection choices (smallest ratio with KL <= threshold) fit the budget."""
+    if kv_ratio >= 1.0:
+        return allocate_kv_uniform(projections, kv_ratio, multiple)
+    budget = kv_ratio * sum(p.groups * p.width for p in projections)
+    curves = {p.name: monotone_sensitivity(p.sensitivity) for p in projections}
+
+    def ranks_at(tau: float) -> dict[str, int]:
+        ranks = {}
+        for p in projections:
+            ok = [r for r, kl in curves[p.name].items() if kl <= tau]
+            ranks[p.name] = round_rank(min(ok) * p.width, p.width, multiple) if ok else p.width
+        return ranks
+
+    def cost(ranks: Mapping[str, int]) -> int:
+        return sum(p.groups * ranks[p.name] for p in projections)
+
+    thresholds = sorted({0.0, *(kl for curve in curves.values() for kl in curve.values())})
+    low, high = 0, len(thresholds) - 1
+    if cost(ranks_at(thresholds[high])) > budget:
+        return ranks_at(thresholds[high])  # even the smallest candidates exceed it: the closest we can get
+    while low < high:
+        mid = (low + high) // 2
+        if cost(ranks_at(thresholds[mid])) <= budget:
+            high = mid
+        else:
+            low = mid + 1
+    ranks = ranks_at(thresholds[low])
+    log.info("sensitivity KV ranks: %s", ", ".join(f"{k}={v}" for k, v in ranks.items()))
     return ranks

@@ -32,7 +32,7 @@ from lrcompile.kernels.latent_cache import write_latent_cache  # noqa: F401  (re
 from lrcompile.types import ActivationStats, LatentAttention
 
 from .attention_blocks import AttentionBlock
-from .decomposition import decompose
+from .decomposition import LinearDecomposition, decompose
 from .factorize_linears import _attr_name, _register
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,19 @@ def check_group_size(group_size: int, num_kv_heads: int, block: str) -> None:
             f"option 'kv_group_size'={group_size} does not divide the {num_kv_heads} KV heads of {block}; "
             f"use a divisor of {num_kv_heads} (1 = per head, {num_kv_heads} = all heads jointly)"
         )
+
+
+def group_decompositions(
+    weight: torch.Tensor,
+    groups: int,
+    method: str,
+    stats: ActivationStats | None,
+    alpha: float,
+    name: str,
+) -> list[LinearDecomposition]:
+    """One decomposition per group of rows of a K or V projection ``[kv_heads * D, hidden]``."""
+    width = weight.shape[0] // groups
+    return [decompose(weight[g * width : (g + 1) * width], method, stats, alpha, f"{name}[group {g}]") for g in range(groups)]
 
 
 def factor_kv_groups(
@@ -66,13 +79,9 @@ def factor_kv_groups(
             f"{name}: rank {rank} per group is outside [1, {width}] (the group's dense width, "
             f"{weight.shape[0]} rows in {groups} groups)"
         )
-    downs, ups, losses = [], [], []
-    for g in range(groups):
-        decomposition = decompose(weight[g * width : (g + 1) * width], method, stats, alpha, f"{name}[group {g}]")
-        down, up = decomposition.factors(rank, weight.dtype)
-        downs.append(down)
-        ups.append(up)
-        losses.append(decomposition.truncation_loss(rank))
+    decompositions = group_decompositions(weight, groups, method, stats, alpha, name)
+    downs, ups = zip(*(d.factors(rank, weight.dtype) for d in decompositions))
+    losses = [d.truncation_loss(rank) for d in decompositions]
     return torch.cat(downs), torch.stack(ups), sum(losses) / len(losses)
 
 

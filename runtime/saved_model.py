@@ -16,6 +16,17 @@ reason, sensitivity, truncation_loss, dtype, dense_bytes);
 every factored layer. Factors are stored in the linear sense (``down [rank, in]``, ``up [out, rank]``)
 whatever the weight's layout; ``weight_shape`` keeps the weight as the model
 stores it (``[in, out]`` for HF ``Conv1D``), which the load checks.
+
+Version 2 adds the attention blocks restructured for a latent KV cache
+(:class:`~lrcompile.types.LatentAttention`): ``plan.json`` gets an
+``attention`` list (name, k_parameter, method, group_size, num_heads,
+num_kv_heads, head_dim, k_rank, v_rank, dtype, dense_bytes,
+k/v_truncation_loss, has_k_bias, has_o_bias) and ``factors.safetensors``
+``<block>.k_down``, ``.k_up``, ``.k_bias``, ``.v_down``, ``.o_weight``,
+``.o_bias`` (biases only where the plan has them). The block's K/V/output
+projections are layers of status ``latent_kv``; ``k_parameter`` names the K
+projection's weight, which keys the record. Version 1 folders (no attention
+list) still load.
 """
 
 from __future__ import annotations
@@ -33,14 +44,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lrcompile.errors import LowRankError, SavedPlanError
-from lrcompile.types import CompressedLayer, LayerPlan, LayerStatus
+from lrcompile.types import FACTOR_METHODS, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
 
-from .compressed_layers import model_layers, record_layer
+from .compressed_layers import model_latent_attention, model_layers, record_latent, record_layer
 
 log = logging.getLogger(__name__)
 
 FORMAT = "lrcompile.compressed"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PLAN_FILE = "plan.json"
 FACTORS_FILE = "factors.safetensors"
 
@@ -48,6 +60,11 @@ _LAYER_KEYS = (
     "name", "parameter", "status", "method", "rank", "out_features", "in_features", "weight_shape",
     "reason", "sensitivity", "truncation_loss", "dtype", "dense_bytes",
 )  # fmt: skip
+_ATTENTION_KEYS = (
+    "name", "k_parameter", "method", "group_size", "num_heads", "num_kv_heads", "head_dim", "k_rank", "v_rank",
+    "dtype", "dense_bytes", "k_truncation_loss", "v_truncation_loss", "has_k_bias", "has_o_bias",
+)  # fmt: skip
+_ATTENTION_TENSORS = ("k_down", "k_up", "k_bias", "v_down", "o_weight", "o_bias")
 
 
 @dataclass(frozen=True)
@@ -86,12 +103,83 @@ class SavedLayer:
 
 
 @dataclass(frozen=True)
+class SavedAttention:
+    """One ``attention`` entry of ``plan.json``: a block restructured for a latent KV cache (tensors apart)."""
+
+    name: str  # e.g. "model.layers.0.self_attn"
+    k_parameter: str  # the K projection's weight, e.g. "model.layers.0.self_attn.k_proj.weight"
+    method: str
+    group_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    k_rank: int
+    v_rank: int
+    dtype: torch.dtype
+    dense_bytes: int
+    k_truncation_loss: float | None
+    v_truncation_loss: float | None
+    has_k_bias: bool
+    has_o_bias: bool
+    hidden: int  # the K projection's in_features (from its layer entry), the width of the latent projections
+
+    @property
+    def groups(self) -> int:
+        return self.num_kv_heads // self.group_size
+
+    @classmethod
+    def of(cls, k_parameter: str, layer: LatentAttention, hidden: int) -> SavedAttention:
+        return cls(
+            layer.name, k_parameter, layer.method, layer.group_size, layer.num_heads, layer.num_kv_heads, layer.head_dim,
+            layer.k_rank, layer.v_rank, layer.dtype, layer.dense_bytes, layer.k_truncation_loss, layer.v_truncation_loss,
+            layer.k_bias is not None, layer.o_bias is not None, hidden,
+        )
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor this block stores (biases only where it has them)."""
+        shapes = {
+            "k_down": (self.groups * self.k_rank, self.hidden),
+            "k_up": (self.groups, self.group_size * self.head_dim, self.k_rank),
+            "k_bias": (self.num_kv_heads * self.head_dim,),
+            "v_down": (self.groups * self.v_rank, self.hidden),
+            "o_weight": (self.hidden, self.num_heads * self.v_rank),  # o_proj maps back to the residual width
+            "o_bias": (self.hidden,),
+        }
+        if not self.has_k_bias:
+            del shapes["k_bias"]
+        if not self.has_o_bias:
+            del shapes["o_bias"]
+        return shapes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "k_parameter": self.k_parameter,
+            "method": self.method,
+            "group_size": self.group_size,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "k_rank": self.k_rank,
+            "v_rank": self.v_rank,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "dense_bytes": self.dense_bytes,
+            "k_truncation_loss": self.k_truncation_loss,
+            "v_truncation_loss": self.v_truncation_loss,
+            "has_k_bias": self.has_k_bias,
+            "has_o_bias": self.has_o_bias,
+        }
+
+
+@dataclass(frozen=True)
 class SavedPlan:
     """The validated content of a saved folder's ``plan.json``."""
 
     folder: Path
     layers: tuple[SavedLayer, ...]
     totals: Mapping[str, Any]
+    attention: tuple[SavedAttention, ...] = ()
+    version: int = VERSION
 
     @property
     def plan_path(self) -> Path:
@@ -111,10 +199,13 @@ class LoadSummary:
     factored: int
     dense: int
     skipped: int
+    latent: int = 0  # K/V/output projections of restructured attention blocks
+    attention: int = 0  # attention blocks restructured for a latent KV cache
 
 
-def _totals(layers: tuple[SavedLayer, ...]) -> dict[str, Any]:
-    compressible = [s for s in layers if s.status is not LayerStatus.SKIPPED]
+def _totals(layers: tuple[SavedLayer, ...], attention: tuple[SavedAttention, ...] = ()) -> dict[str, Any]:
+    # like the report: the projections of latent attention are not under the parameter budget
+    compressible = [s for s in layers if s.status not in (LayerStatus.SKIPPED, LayerStatus.LATENT)]
     before = sum(s.plan.dense_params for s in compressible)
     after = sum(s.plan.params_after for s in compressible)
     return {
@@ -122,6 +213,8 @@ def _totals(layers: tuple[SavedLayer, ...]) -> dict[str, Any]:
         "factored": sum(s.status is LayerStatus.FACTORED for s in layers),
         "dense": sum(s.status is LayerStatus.DENSE for s in layers),
         "skipped": sum(s.status is LayerStatus.SKIPPED for s in layers),
+        "latent": sum(s.status is LayerStatus.LATENT for s in layers),
+        "attention": len(attention),
         "params_before": before,
         "params_after": after,
         "param_ratio": round(after / max(before, 1), 4),
@@ -157,7 +250,8 @@ def save_compressed(model: nn.Module, folder: str | Path) -> SavedPlan:
             f"{type(model).__name__} has no compressed layers to save: compile it with backend='lowrank' "
             "and call the compiled model once first"
         )
-    saved = SavedPlan(folder, tuple(entries), _totals(tuple(entries)))
+    attention = _saved_attention(model, entries, tensors)
+    saved = SavedPlan(folder, tuple(entries), _totals(tuple(entries), attention), attention)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(saved.factors_path), metadata={"format": FORMAT, "version": str(VERSION)})
     document = {
@@ -165,10 +259,39 @@ def save_compressed(model: nn.Module, folder: str | Path) -> SavedPlan:
         "version": VERSION,
         "totals": saved.totals,
         "layers": [s.to_json() for s in entries],
+        "attention": [a.to_json() for a in attention],
     }
     saved.plan_path.write_text(json.dumps(document, indent=2))
-    log.info("saved %d layers (%d factored) to %s", len(entries), saved.totals["factored"], folder)
+    log.info("saved %d layers (%d factored) and %d latent attention blocks to %s", len(entries), saved.totals["factored"],
+             len(attention), folder)
     return saved
+
+
+def _saved_attention(
+    model: nn.Module, entries: list[SavedLayer], tensors: dict[str, torch.Tensor]
+) -> tuple[SavedAttention, ...]:
+    """The model's latent-attention records as plan entries; their tensors go into ``tensors``."""
+    latent_layers = {s.parameter: s for s in entries if s.status is LayerStatus.LATENT}
+    found: list[SavedAttention] = []
+    seen: set[int] = set()
+    for k_parameter, layer in model_latent_attention(model):
+        if id(layer) in seen:
+            continue
+        if any(a.name == layer.name for a in found):
+            raise LowRankError(f"cannot save {type(model).__name__}: two latent attention blocks are named {layer.name!r}")
+        k_layer = latent_layers.get(k_parameter)
+        if k_layer is None:  # record_latent and the LATENT layer records are made together
+            raise LowRankError(
+                f"cannot save {type(model).__name__}: attention block {layer.name!r} has a latent-KV record but its K "
+                f"projection {k_parameter!r} is not recorded as a {LayerStatus.LATENT.value} layer"
+            )
+        seen.add(id(layer))
+        found.append(SavedAttention.of(k_parameter, layer, k_layer.plan.in_features))
+        for part in _ATTENTION_TENSORS:
+            tensor = getattr(layer, part)
+            if tensor is not None:
+                tensors[f"{layer.name}.{part}"] = tensor.detach().cpu().contiguous()
+    return tuple(found)
 
 
 def _field(path: Path, where: str, entry: Mapping[str, Any], key: str, *kinds: type) -> Any:
@@ -243,8 +366,10 @@ def read_plan(folder: str | Path) -> SavedPlan:
         raise SavedPlanError(f"{path}: expected a JSON object, got {type(document).__name__}")
     if document.get("format") != FORMAT:
         raise SavedPlanError(f"{path}: format {document.get('format')!r} is not {FORMAT!r}")
-    if document.get("version") != VERSION:
-        raise SavedPlanError(f"{path}: version {document.get('version')!r} is not supported (this lrcompile reads {VERSION})")
+    version = document.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise SavedPlanError(f"{path}: version {version!r} is not supported (this lrcompile reads {readable})")
     layers = document.get("layers")
     if not isinstance(layers, list) or not layers:
         raise SavedPlanError(f"{path}: key 'layers' must be a non-empty list, got {layers!r:.80}")
@@ -254,7 +379,97 @@ def read_plan(folder: str | Path) -> SavedPlan:
         duplicates = sorted({v for v in values if values.count(v) > 1})
         if duplicates:
             raise SavedPlanError(f"{path}: layers repeat the {key}(s) {', '.join(map(repr, duplicates))}")
-    return SavedPlan(folder, parsed, _totals(parsed))
+    if version == 1:
+        if "attention" in document:
+            raise SavedPlanError(f"{path}: version 1 has no key 'attention' (it was added in version 2)")
+        entries: list[Any] = []
+    else:
+        entries = document.get("attention")
+        if not isinstance(entries, list):
+            raise SavedPlanError(f"{path}: key 'attention' must be a list (empty when no block has a latent KV cache), "
+                                 f"got {entries!r:.80}")
+    by_parameter = {s.parameter: s for s in parsed}
+    attention = tuple(_parse_attention(path, i, entry, by_parameter) for i, entry in enumerate(entries))
+    _check_latent_layers(path, parsed, attention)
+    return SavedPlan(folder, parsed, _totals(parsed, attention), attention, version)
+
+
+def _parse_attention(path: Path, index: int, entry: Any, layers: Mapping[str, SavedLayer]) -> SavedAttention:
+    where = f"attention {index}"
+    if not isinstance(entry, dict):
+        raise SavedPlanError(f"{path}: {where} is a {type(entry).__name__}, expected an object")
+    if isinstance(entry.get("name"), str):
+        where = f"attention {index} ({entry['name']!r})"
+    missing = [k for k in _ATTENTION_KEYS if k not in entry]
+    if missing:
+        raise SavedPlanError(f"{path}: {where} lacks key(s) {', '.join(map(repr, missing))}")
+    name = _field(path, where, entry, "name", str)
+    k_parameter = _field(path, where, entry, "k_parameter", str)
+    method = _field(path, where, entry, "method", str)
+    if method not in FACTOR_METHODS:
+        raise SavedPlanError(f"{path}: {where}: method {method!r} is not one of {', '.join(map(repr, FACTOR_METHODS))}")
+    sizes = {}
+    for key in ("group_size", "num_heads", "num_kv_heads", "head_dim", "k_rank", "v_rank"):
+        sizes[key] = _field(path, where, entry, key, int)
+        if sizes[key] < 1:
+            raise SavedPlanError(f"{path}: {where}: key {key!r}={sizes[key]} must be positive")
+    heads, kv_heads, group = sizes["num_heads"], sizes["num_kv_heads"], sizes["group_size"]
+    if kv_heads % group or heads % kv_heads:
+        raise SavedPlanError(
+            f"{path}: {where}: group_size={group} must divide num_kv_heads={kv_heads}, which must divide num_heads={heads}"
+        )
+    width = group * sizes["head_dim"]
+    for key in ("k_rank", "v_rank"):
+        if sizes[key] > width:
+            raise SavedPlanError(
+                f"{path}: {where}: {key}={sizes[key]} exceeds the group's width {width} (group_size * head_dim)"
+            )
+    dtype = getattr(torch, _field(path, where, entry, "dtype", str), None)
+    if not isinstance(dtype, torch.dtype):
+        raise SavedPlanError(f"{path}: {where}: dtype {entry['dtype']!r} is not a torch dtype")
+    dense_bytes = _field(path, where, entry, "dense_bytes", int)
+    losses = [_field(path, where, entry, key, int, float, type(None)) for key in ("k_truncation_loss", "v_truncation_loss")]
+    has_k_bias = _field(path, where, entry, "has_k_bias", bool)
+    has_o_bias = _field(path, where, entry, "has_o_bias", bool)
+    k_layer = layers.get(k_parameter)
+    if k_layer is None or k_layer.status is not LayerStatus.LATENT:
+        raise SavedPlanError(
+            f"{path}: {where}: k_parameter {k_parameter!r} is not the parameter of a "
+            f"{LayerStatus.LATENT.value!r} layer of the plan"
+        )
+    if k_layer.name.rsplit(".", 1)[0] != name:
+        raise SavedPlanError(f"{path}: {where}: k_parameter {k_parameter!r} is the weight of layer {k_layer.name!r}, "
+                             f"which is not a projection of block {name!r}")
+    k_out = kv_heads * sizes["head_dim"]
+    if k_layer.plan.out_features != k_out:
+        raise SavedPlanError(
+            f"{path}: {where}: its K projection {k_layer.name!r} has out_features={k_layer.plan.out_features}, but "
+            f"num_kv_heads * head_dim = {kv_heads} * {sizes['head_dim']} = {k_out}"
+        )
+    if k_layer.dtype != dtype:
+        raise SavedPlanError(f"{path}: {where}: dtype {dtype} differs from its K projection's {k_layer.dtype}")
+    return SavedAttention(
+        name, k_parameter, method, group, heads, kv_heads, sizes["head_dim"], sizes["k_rank"], sizes["v_rank"], dtype,
+        dense_bytes, *losses, has_k_bias, has_o_bias, k_layer.plan.in_features,
+    )
+
+
+def _check_latent_layers(path: Path, layers: tuple[SavedLayer, ...], attention: tuple[SavedAttention, ...]) -> None:
+    """Blocks are unique, and every latent-KV layer is a projection of one of them (a layer recorded
+    as latent without its block's restructure would silently stay dense)."""
+    for key in ("name", "k_parameter"):
+        values = [getattr(a, key) for a in attention]
+        duplicates = sorted({v for v in values if values.count(v) > 1})
+        if duplicates:
+            raise SavedPlanError(f"{path}: attention entries repeat the {key}(s) {', '.join(map(repr, duplicates))}")
+    blocks = {a.name for a in attention}
+    for s in layers:
+        if s.status is LayerStatus.LATENT and s.name.rsplit(".", 1)[0] not in blocks:
+            raise SavedPlanError(
+                f"{path}: layer {s.name!r} has status {LayerStatus.LATENT.value!r}, but no attention entry restructures "
+                f"its block {s.name.rsplit('.', 1)[0]!r} (a folder saved before attention blocks were saved: "
+                "compress and save the model again)"
+            )
 
 
 def _factor(path: Path, tensors: dict[str, torch.Tensor], s: SavedLayer, part: str) -> torch.Tensor:
@@ -274,11 +489,35 @@ def _factor(path: Path, tensors: dict[str, torch.Tensor], s: SavedLayer, part: s
     return tensor
 
 
-def read_factors(saved: SavedPlan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{layer name: (down, up)}`` from ``factors.safetensors`` (on CPU), checked against the plan."""
+def _attention_tensors(path: Path, tensors: dict[str, torch.Tensor], a: SavedAttention) -> dict[str, torch.Tensor]:
+    """The block's tensors, popped from ``tensors`` and checked against its plan entry."""
+    found = {}
+    for part, expected in a.shapes().items():
+        key = f"{a.name}.{part}"
+        tensor = tensors.pop(key, None)
+        if tensor is None:
+            raise SavedPlanError(f"{path}: tensor {key!r} is missing (attention block {a.name!r} has a latent KV cache)")
+        if tuple(tensor.shape) != expected:
+            raise SavedPlanError(
+                f"{path}: tensor {key!r} has shape {list(tensor.shape)}, but {PLAN_FILE} says {list(expected)} "
+                f"(heads {a.num_heads}, kv_heads {a.num_kv_heads}, head_dim {a.head_dim}, group_size {a.group_size}, "
+                f"k_rank {a.k_rank}, v_rank {a.v_rank}, hidden {a.hidden})"
+            )
+        if tensor.dtype != a.dtype:
+            raise SavedPlanError(f"{path}: tensor {key!r} is {tensor.dtype}, but {PLAN_FILE} says {a.dtype}")
+        found[part] = tensor
+    return found
+
+
+def _read_tensors(
+    saved: SavedPlan,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
     path = saved.factors_path
     if not path.is_file():
-        raise SavedPlanError(f"{path}: missing (it holds the factors of the {saved.totals['factored']} factored layers)")
+        raise SavedPlanError(
+            f"{path}: missing (it holds the factors of the {saved.totals['factored']} factored layers and the tensors "
+            f"of the {len(saved.attention)} latent attention blocks)"
+        )
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
@@ -288,9 +527,19 @@ def read_factors(saved: SavedPlan) -> dict[str, tuple[torch.Tensor, torch.Tensor
         for s in saved.layers
         if s.status is LayerStatus.FACTORED
     }
+    attention = {a.name: _attention_tensors(path, tensors, a) for a in saved.attention}
     if tensors:
-        raise SavedPlanError(f"{path}: tensors {', '.join(map(repr, sorted(tensors)))} belong to no factored layer of {PLAN_FILE}")
-    return factors
+        raise SavedPlanError(
+            f"{path}: tensors {', '.join(map(repr, sorted(tensors)))} belong to no factored layer or attention block "
+            f"of {PLAN_FILE}"
+        )
+    return factors, attention
+
+
+def read_factors(saved: SavedPlan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer name: (down, up)}`` from ``factors.safetensors`` (on CPU), checked against the plan
+    (the latent attention blocks' tensors are checked too)."""
+    return _read_tensors(saved)[0]
 
 
 def _match_weight(saved: SavedPlan, s: SavedLayer, parameters: Mapping[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
@@ -322,23 +571,44 @@ def load_compressed(model: nn.Module, folder: str | Path) -> LoadSummary:
     """Validate ``folder`` against ``model`` and record its layers' outcomes for the model's weights.
 
     Compile ``model`` with ``backend="lowrank"`` afterwards: layers with a
-    loaded outcome are rewritten without calibration. Nothing is recorded
-    unless the whole folder matches.
+    loaded outcome are rewritten without calibration, and attention blocks
+    with a loaded latent-KV restructure are rewritten without a ``kv_ratio``
+    option (``lrcompile.generate`` needs none either). Dense weights are
+    released by that compile, not here. Nothing is recorded unless the whole
+    folder matches.
     """
     saved = read_plan(folder)
-    factors = read_factors(saved)
+    factors, attention_tensors = _read_tensors(saved)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     records: list[tuple[torch.Tensor, CompressedLayer]] = []
+    weights: dict[str, torch.Tensor] = {}
     for s in saved.layers:
-        weight = _match_weight(saved, s, parameters, model)
+        weight = weights[s.parameter] = _match_weight(saved, s, parameters, model)
         layer = CompressedLayer(s.plan, s.method, s.status, s.dtype, dense_bytes=s.dense_bytes)
         if s.status is LayerStatus.FACTORED:
             down, up = factors[s.name]
             layer.down, layer.up = down.to(weight.device), up.to(weight.device)
         records.append((weight, layer))
+    latent: list[tuple[torch.Tensor, LatentAttention]] = []
+    for a in saved.attention:
+        k_weight = weights[a.k_parameter]  # a latent-KV layer's weight, matched above (shape [kv_heads * head_dim, hidden])
+        tensors = {part: t.to(k_weight.device) for part, t in attention_tensors[a.name].items()}
+        latent.append((k_weight, LatentAttention(
+            name=a.name, method=a.method, group_size=a.group_size, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim, k_rank=a.k_rank, v_rank=a.v_rank, dtype=a.dtype, k_down=tensors["k_down"],
+            k_up=tensors["k_up"], k_bias=tensors.get("k_bias"), v_down=tensors["v_down"], o_weight=tensors["o_weight"],
+            o_bias=tensors.get("o_bias"), dense_bytes=a.dense_bytes, k_truncation_loss=a.k_truncation_loss,
+            v_truncation_loss=a.v_truncation_loss,
+        )))
+    # Nothing is released here: like factored layers, the dense K/V/output weights are freed by the
+    # backend when it rewrites the graph (and a weight already released is refused above).
     for weight, layer in records:
         record_layer(weight, layer)
+    for k_weight, block in latent:
+        record_latent(k_weight, block)
     totals = saved.totals
-    summary = LoadSummary(saved.folder, len(records), totals["factored"], totals["dense"], totals["skipped"])
-    log.info("loaded %d layers (%d factored) from %s", summary.layers, summary.factored, saved.folder)
+    summary = LoadSummary(saved.folder, len(records), totals["factored"], totals["dense"], totals["skipped"],
+                          totals["latent"], totals["attention"])
+    log.info("loaded %d layers (%d factored, %d latent-KV projections of %d attention blocks) from %s", summary.layers,
+             summary.factored, summary.latent, summary.attention, saved.folder)
     return summary

@@ -78,7 +78,7 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
     assert main(["dump", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--allocation", "uniform", *SMALL]) == 0
     assert (out / "report.md").is_file() and not (out / "plan.json").exists()
     dumps = sorted(p.name for p in out.glob("graph_*/*.py"))
-    assert "00_find_linears_before.py" in dumps and "05_factorize_linears_after.py" in dumps
+    assert "00_find_linears_before.py" in dumps and any(d.endswith("_factorize_linears_after.py") for d in dumps)
     assert "wrote graph dumps" in capsys.readouterr().out
 
 

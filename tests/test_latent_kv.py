@@ -250,3 +250,36 @@ def test_generation_past_capacity_is_refused():
 def test_cache_needs_a_compressed_model():
     with pytest.raises(LatentCacheError, match="model.layers.0.self_attn has no latent-KV plan"):
         lrcompile.LatentKVCache(tiny_rope_model("llama"), batch_size=1, max_cache_len=8)
+
+
+def test_report_shows_kv_ranks_formulas_and_measured_bytes(tmp_path):
+    model = tiny_rope_model("llama")
+    ids, mask = left_padded_prompts([5])
+    lrcompile.generate(model, ids, mask, options=_config(kv_ratio=0.5, dump_dir=str(tmp_path)), max_new_tokens=2)
+    cache = lrcompile.LatentKVCache(model, batch_size=1, max_cache_len=16)
+    report = lrcompile.model_report(model, cache)
+    assert [(a.k_rank, a.v_rank, a.latent_width, a.dense_width) for a in report.attention] == [(8, 8, 32, 64)] * 2
+    formulas = report.formulas()
+    assert formulas["kv_cache_bytes_dense(B, T)"] == "512*B*T"  # 2 layers x 64 values x 4 bytes
+    assert formulas["kv_cache_bytes_latent(B, T)"] == "272*B*T"  # 2 x (32 x 4 + 8 position bytes)
+    assert report.kv_bytes_measured == (cache.latent_bytes, 512 * 16)
+    assert "## Latent KV cache" in report.to_markdown()
+    graph_dir = next(tmp_path.glob("graph_*"))  # the first (stateless) graph compressed the model
+    dumps = sorted(p.name for p in graph_dir.glob("*restructure_attention*"))
+    assert [name[3:] for name in dumps] == ["restructure_attention_after.py", "restructure_attention_before.py"]
+    assert "lowrank.latent_attention" in (graph_dir / dumps[0]).read_text()
+
+
+def test_kv_sensitivity_allocation_meets_the_budget_and_follows_kl():
+    model = tiny_rope_model("llama")
+    calibration = token_batches(2, seq=12)
+    config = _config(kv_ratio=0.5, kv_allocation="sensitivity", kv_group_size="all", method="asvd",
+                     calibration=calibration, sensitivity_batches=1)
+    torch.compile(model, backend="lowrank", options=config)(calibration[0], use_cache=False)
+    layers = [layer for _, layer in model_latent_attention(model)]
+    assert sum(layer.latent_width for layer in layers) <= sum(layer.dense_width for layer in layers) // 2
+    curves = {"a": {0.25: 0.5, 0.5: 0.1, 0.75: 0.0}, "b": {0.25: 0.01, 0.5: 0.0, 0.75: 0.0}}
+    projections = [KVProjection(name, 1, 64, sensitivity=curve) for name, curve in curves.items()]
+    from lrcompile.passes.kv_rank_allocation import allocate_kv_sensitivity
+
+    assert allocate_kv_sensitivity(projections, 0.5, 8) == {"a": 48, "b": 16}  # the sensitive one keeps more
