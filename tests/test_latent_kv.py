@@ -283,3 +283,14 @@ def test_kv_sensitivity_allocation_meets_the_budget_and_follows_kl():
     from lrcompile.passes.kv_rank_allocation import allocate_kv_sensitivity
 
     assert allocate_kv_sensitivity(projections, 0.5, 8) == {"a": 48, "b": 16}  # the sensitive one keeps more
+
+
+def test_dense_kv_cache_graph_is_left_dense_with_the_fix_named(caplog):
+    model = tiny_rope_model("llama")
+    ids = token_batches(1, seq=12)[0]
+    with torch.no_grad():
+        dense = model(ids).logits
+        out = torch.compile(model, backend="lowrank", options=_config(kv_ratio=0.5))(ids).logits  # use_cache=True
+    assert torch.equal(out, dense)
+    assert "dense KV cache (use_cache=True without lrcompile.LatentKVCache)" in caplog.text
+    assert list(model_latent_attention(model)) == []

@@ -1,0 +1,420 @@
+"""Latent-attention Triton kernels on CUDA: time, effective bandwidth and roofline fraction.
+
+One attention layer shaped like Llama-3-8B's (32 query heads, 8 KV heads, head
+dim 128, bfloat16), its K and V cached as Palu latents (arXiv 2407.21118):
+groups of ``gs`` KV heads (1 or 4) share a latent of rank
+``kv_ratio * gs * 128`` for K and the same for V (kv_ratio 0.5 or 0.25), so
+the latent cache is ``kv_ratio`` of the dense one.
+
+**Decode** (one query token per sequence, batch 1-32, 1k-128k cached keys):
+
+* *kernel*: ``lowrank::latent_attention`` on CUDA, i.e. the fused Triton
+  kernels (FlashDecoding-style split over the keys, then a merge);
+* *dense*: ``F.scaled_dot_product_attention`` (``enable_gqa``) over full K/V
+  of the same layer: what the latent cache replaces;
+* *reference*: the unfused reconstruction (``K = Z U^T``, RoPE, repeat for
+  GQA, SDPA on the value latent) = ``latent_attention_reference``.
+
+Each call is replayed from a CUDA graph (as a serving loop would, so launch
+overhead does not count) over enough copies of its inputs that they do not fit
+in L2 (each call reads its operands from HBM, as layer after layer does);
+time = median over replays / copies.
+
+*Bytes* are the compulsory HBM traffic (inputs read once, output written once;
+latents, up-projections, positions, query, output for the kernel; K, V, query,
+output for dense). *FLOPs*: reconstruction ``2 B S Hk D r`` (each KV head's
+keys once), scores ``2 B Hq T S D``, values ``2 B Hq T S r`` (dense:
+``4 B Hq T S D``; the full T x S square, as PyTorch's FLOP counter counts
+it). Effective
+bandwidth = bytes / time, against the measured bandwidth of a large device
+copy (bytes read + written / time). The roofline bound is
+``max(bytes / copy bandwidth, FLOPs / measured bf16 matmul throughput)``; the
+tables give each method's fraction of its own bound (1 = at the roofline).
+
+**Prefill** (causal, T = S = 1k-16k, batch 1 and 4): kernel vs reference vs
+dense SDPA time.
+
+Needs CUDA (no numbers are produced otherwise)::
+
+    python -m benchmarks.latent_attention_kernel            # full grid
+    python -m benchmarks.latent_attention_kernel --quick    # 2 lengths, 2 batches, kv_ratio 0.5
+
+Writes ``docs/results/latent_attention_kernel.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import (
+    command_line,
+    fmt,
+    machine_info,
+    median,
+    pyplot,
+    resolve_out,
+    table,
+    write_json,
+    write_markdown,
+)
+
+HEAD_DIM, Q_HEADS, KV_HEADS = 128, 32, 8
+DTYPE = torch.bfloat16
+ITEM = 2  # bytes per bfloat16
+NAME = "latent_attention_kernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One benchmark point: ``batch`` sequences, ``queries`` new tokens each, ``keys`` cached tokens."""
+
+    batch: int
+    keys: int
+    kv_ratio: float
+    group_size: int
+    queries: int = 1
+
+    @property
+    def groups(self) -> int:
+        return KV_HEADS // self.group_size
+
+    @property
+    def rank(self) -> int:
+        """Latent rank per group, the same for K and V."""
+        return round(self.kv_ratio * self.group_size * HEAD_DIM)
+
+
+def decode_shapes(quick: bool) -> list[Shape]:
+    keys = (1024, 8192) if quick else (1024, 4096, 16384, 65536, 131072)
+    batches = (1, 8) if quick else (1, 4, 16, 32)
+    ratios = (0.5,) if quick else (0.5, 0.25)
+    return [Shape(b, s, r, gs) for r in ratios for gs in (1, 4) for b in batches for s in keys]
+
+
+def prefill_shapes(quick: bool) -> list[Shape]:
+    lengths = (1024,) if quick else (1024, 4096, 16384)
+    batches = (1,) if quick else (1, 4)
+    ratios = (0.5,) if quick else (0.5, 0.25)
+    return [Shape(b, t, r, gs, queries=t) for r in ratios for gs in (1, 4) for b in batches for t in lengths]
+
+
+def latent_bytes(shape: Shape) -> int:
+    """Compulsory HBM bytes of the fused kernel: latents, up-projections, positions (int64, shared by the batch)
+    and the query read once, the value-latent output written once."""
+    b, s, t, r = shape.batch, shape.keys, shape.queries, shape.rank
+    latents = b * s * shape.groups * 2 * r * ITEM
+    up = KV_HEADS * HEAD_DIM * r * ITEM
+    return latents + up + s * 8 + b * t * Q_HEADS * (HEAD_DIM + r) * ITEM
+
+
+def dense_bytes(shape: Shape) -> int:
+    """Compulsory HBM bytes of dense attention: K and V, the query and the output."""
+    b, s, t = shape.batch, shape.keys, shape.queries
+    return 2 * b * s * KV_HEADS * HEAD_DIM * ITEM + 2 * b * t * Q_HEADS * HEAD_DIM * ITEM
+
+
+def latent_flops(shape: Shape) -> int:
+    """Reconstruction of every KV head's keys once, plus scores and latent values for every query head."""
+    b, s, t, r = shape.batch, shape.keys, shape.queries, shape.rank
+    return 2 * b * s * KV_HEADS * HEAD_DIM * r + 2 * b * Q_HEADS * t * s * (HEAD_DIM + r)
+
+
+def dense_flops(shape: Shape) -> int:
+    b, s, t = shape.batch, shape.keys, shape.queries
+    return 4 * b * Q_HEADS * t * s * HEAD_DIM
+
+
+def roofline_s(nbytes: int, flops: int, bandwidth: float, throughput: float) -> float:
+    """Lower bound on the time: memory-bound or compute-bound, whichever is slower."""
+    return max(nbytes / bandwidth, flops / throughput)
+
+
+def latent_inputs(shape: Shape, device: str = "cuda", seed: int = 0) -> tuple:
+    """Arguments of ``lowrank::latent_attention`` (no mask: every cached key is visible; causal for prefill)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    b, s, t, r = shape.batch, shape.keys, shape.queries, shape.rank
+
+    def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*size, generator=g, device=device) * scale).to(DTYPE)
+
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, HEAD_DIM, 2, device=device, dtype=torch.float32) / HEAD_DIM))
+    positions = torch.arange(s, device=device)[None]
+    return (randn(b, Q_HEADS, t, HEAD_DIM), randn(b, s, shape.groups * r), randn(b, s, shape.groups * r), positions,
+            randn(shape.groups, shape.group_size * HEAD_DIM, r, scale=r**-0.5), None, inv_freq, 1.0, None,
+            HEAD_DIM**-0.5, t > 1)
+
+
+def dense_inputs(shape: Shape, device: str = "cuda", seed: int = 0) -> tuple:
+    g = torch.Generator(device=device).manual_seed(seed)
+    b, s, t = shape.batch, shape.keys, shape.queries
+    q, k, v = (torch.randn(b, h, n, HEAD_DIM, generator=g, device=device).to(DTYPE)
+               for h, n in ((Q_HEADS, t), (KV_HEADS, s), (KV_HEADS, s)))
+    return q, k, v, t > 1
+
+
+def run_latent_kernel(args: tuple) -> torch.Tensor:
+    return torch.ops.lowrank.latent_attention(*args)
+
+
+def run_reference(args: tuple) -> torch.Tensor:
+    from lrcompile.kernels.latent_attention import latent_attention_reference
+
+    return latent_attention_reference(*args)
+
+
+def run_dense(args: tuple) -> torch.Tensor:
+    q, k, v, causal = args
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+
+def time_us(run: Callable[[tuple], Any], make_inputs: Callable[[int], tuple], nbytes: int, l2_bytes: int,
+            replays: int = 10) -> float | None:
+    """Median microseconds per call, replayed from a CUDA graph over enough input copies to overflow L2;
+    None when the method runs out of memory."""
+    copies = min(64, max(1, math.ceil(4 * l2_bytes / max(nbytes, 1))))
+    inputs, graph = [], None
+    try:
+        inputs = [make_inputs(seed) for seed in range(copies)]
+        for args in inputs:  # warm-up (autotuning, lazy initialisation) outside the graph
+            run(args)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the graph's private pool cannot reuse blocks cached by the warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for args in inputs:
+                run(args)
+        samples = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3 / copies)
+        return median(samples)
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        inputs = graph = None
+        torch.cuda.empty_cache()
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes per second of a large device-to-device copy (read + written)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = _event_median(lambda: dst.copy_(src))
+    return 2 * nbytes / seconds
+
+
+def matmul_throughput(n: int = 8192) -> float:
+    """FLOP per second of a large bfloat16 matmul."""
+    a = torch.randn(n, n, device="cuda", dtype=DTYPE)
+    b = torch.randn(n, n, device="cuda", dtype=DTYPE)
+    return 2 * n**3 / _event_median(lambda: a @ b)
+
+
+def _event_median(fn: Callable[[], Any], repeats: int = 20) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return median(samples)
+
+
+def _best_config(kernel: Any) -> str | None:
+    config = getattr(kernel, "best_config", None)
+    return None if config is None else str(config)
+
+
+def summarize(shape: Shape, times_us: dict[str, float | None], bandwidth: float, throughput: float) -> dict[str, Any]:
+    """One result row: the shape, its bytes and FLOPs, each method's time (None = out of memory), and for the
+    kernel and dense attention their effective bandwidth, roofline bound and fraction of it."""
+    row: dict[str, Any] = {**dataclasses.asdict(shape), "rank": shape.rank, "latent_bytes": latent_bytes(shape),
+                           "dense_bytes": dense_bytes(shape), "latent_flops": latent_flops(shape),
+                           "dense_flops": dense_flops(shape)}
+    row.update({f"{method}_us": us for method, us in times_us.items()})
+    for name, kind in (("kernel", "latent"), ("dense", "dense")):
+        us, nbytes = row[f"{name}_us"], row[f"{kind}_bytes"]
+        bound = roofline_s(nbytes, row[f"{kind}_flops"], bandwidth, throughput) * 1e6
+        row[f"{name}_roofline_us"] = bound
+        row[f"{name}_GBps"] = None if us is None else nbytes / us / 1e3
+        row[f"{name}_roofline_fraction"] = None if us is None else bound / us
+    return row
+
+
+def measure(shape: Shape, bandwidth: float, throughput: float, l2_bytes: int) -> dict[str, Any]:
+    from lrcompile.kernels import latent_attention_triton as kt
+
+    latent, dense = latent_bytes(shape), dense_bytes(shape)
+    times = {
+        "kernel": time_us(run_latent_kernel, lambda seed: latent_inputs(shape, seed=seed), latent, l2_bytes),
+        "reference": time_us(run_reference, lambda seed: latent_inputs(shape, seed=seed), latent, l2_bytes),
+        "dense": time_us(run_dense, lambda seed: dense_inputs(shape, seed=seed), dense, l2_bytes),
+    }
+    row = summarize(shape, times, bandwidth, throughput)
+    kernel = kt._latent_decode_split_kernel if shape.queries == 1 else kt._latent_prefill_kernel
+    row["kernel_config"] = _best_config(kernel)
+    return row
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None else f"{a / b:.2f}"
+
+
+def _us(x: float | None) -> str:
+    return "OOM" if x is None else f"{x:.1f}"
+
+
+def decode_table(rows: Sequence[dict[str, Any]], bandwidth: float) -> str:
+    head = ["kv_ratio", "gs", "rank", "batch", "keys", "kernel us", "dense us", "reference us", "dense / kernel",
+            "reference / kernel", "kernel GB/s", "of copy bw", "kernel of roofline", "dense of roofline"]
+    body = [[r["kv_ratio"], r["group_size"], r["rank"], r["batch"], r["keys"], _us(r["kernel_us"]), _us(r["dense_us"]),
+             _us(r["reference_us"]), _ratio(r["dense_us"], r["kernel_us"]), _ratio(r["reference_us"], r["kernel_us"]),
+             fmt(r["kernel_GBps"], 0), fmt(None if r["kernel_GBps"] is None else r["kernel_GBps"] * 1e9 / bandwidth, 2),
+             fmt(r["kernel_roofline_fraction"], 2), fmt(r["dense_roofline_fraction"], 2)] for r in rows]
+    return table(head, body)
+
+
+def prefill_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = ["kv_ratio", "gs", "rank", "batch", "tokens", "kernel ms", "reference ms", "dense ms", "reference / kernel",
+            "dense / kernel"]
+    body = [[r["kv_ratio"], r["group_size"], r["rank"], r["batch"], r["keys"],
+             "OOM" if r["kernel_us"] is None else f"{r['kernel_us'] / 1e3:.2f}",
+             "OOM" if r["reference_us"] is None else f"{r['reference_us'] / 1e3:.2f}",
+             "OOM" if r["dense_us"] is None else f"{r['dense_us'] / 1e3:.2f}",
+             _ratio(r["reference_us"], r["kernel_us"]), _ratio(r["dense_us"], r["kernel_us"])] for r in rows]
+    return table(head, body)
+
+
+def _line(ax: Any, points: Sequence[tuple[float, float | None]], *style: str, **kwargs: Any) -> None:
+    """Plot the measured points (None = out of memory) if there are any."""
+    points = [(x, y) for x, y in points if y is not None]
+    if points:
+        ax.plot(*zip(*points), *style, **kwargs)
+
+
+def plot(payload: dict[str, Any], path: Path) -> bool:
+    """Decode time vs cached keys at the smallest and largest batch, and the kernel's roofline fraction."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    rows = payload["decode"]
+    batches = sorted({r["batch"] for r in rows})
+    variants = sorted({(r["kv_ratio"], r["group_size"]) for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, batch in zip(axes, (batches[0], batches[-1])):
+        for i, (ratio, gs) in enumerate(variants):
+            pts = sorted(((r["keys"], r) for r in rows
+                          if (r["batch"], r["kv_ratio"], r["group_size"]) == (batch, ratio, gs)), key=lambda p: p[0])
+            color = f"C{i}"
+            for method, style in (("kernel", "-"), ("reference", ":")):
+                _line(ax, [(k, r[f"{method}_us"]) for k, r in pts], style, color=color, marker="o", ms=3,
+                      label=f"{method} kv {ratio} gs {gs}")
+        _line(ax, sorted((r["keys"], r["dense_us"]) for r in rows
+                         if r["batch"] == batch and (r["kv_ratio"], r["group_size"]) == variants[0]),
+              "--", color="black", label="dense SDPA")
+        ax.set(xscale="log", yscale="log", xlabel="cached keys", ylabel="us per decode step (one layer)",
+               title=f"decode, batch {batch}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    for i, (ratio, gs) in enumerate(variants):
+        for batch, marker in zip((batches[0], batches[-1]), ("o", "s")):
+            _line(ax, sorted((r["keys"], r["kernel_roofline_fraction"]) for r in rows
+                             if (r["batch"], r["kv_ratio"], r["group_size"]) == (batch, ratio, gs)),
+                  color=f"C{i}", marker=marker, ms=3, label=f"kv {ratio} gs {gs} batch {batch}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set(xscale="log", xlabel="cached keys", ylabel="roofline time / measured time",
+           title="fused kernel: fraction of its roofline")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"latent attention, Llama-3-8B layer shape, bf16, {payload['machine'].get('gpu')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(payload: dict[str, Any], path: Path, plotted: bool) -> None:
+    bw, tput = payload["copy_bandwidth_Bps"], payload["matmul_flops"]
+    body = [
+        f"GPU: {payload['machine']['gpu']}, triton {payload['machine']['triton']}. Layer: {Q_HEADS} query heads, "
+        f"{KV_HEADS} KV heads, head dim {HEAD_DIM}, bfloat16. Measured copy bandwidth {bw / 1e9:.0f} GB/s, "
+        f"bf16 matmul {tput / 1e12:.0f} TFLOP/s. Times are medians of CUDA-graph replays over L2-overflowing input "
+        "copies (see the benchmark's docstring for bytes, FLOPs and the roofline).",
+        "",
+        "## Decode (one query token per sequence)",
+        "",
+        decode_table(payload["decode"], bw),
+        "",
+        "## Prefill (causal, T = S)",
+        "",
+        prefill_table(payload["prefill"]),
+        "",
+    ]
+    if plotted:
+        body.append(f"![{NAME}]({NAME}.png)")
+    write_markdown(path, "Latent attention kernels: decode and prefill on CUDA", payload, body)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 lengths, 2 batches, kv_ratio 0.5, one prefill length")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/results)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{NAME}: CUDA is required (the kernels run on a GPU); nothing measured, nothing written.",
+              file=sys.stderr)
+        return 0
+    import triton
+
+    import lrcompile.kernels.latent_attention  # noqa: F401  (registers the op and its CUDA kernels)
+
+    start = time.perf_counter()
+    out = resolve_out(args.out, args.quick)
+    props = torch.cuda.get_device_properties(0)
+    l2_bytes = getattr(props, "L2_cache_size", 64 << 20)
+    bandwidth, throughput = copy_bandwidth(), matmul_throughput()
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, bf16 matmul {throughput / 1e12:.0f} TFLOP/s")
+    results: dict[str, list[dict[str, Any]]] = {"decode": [], "prefill": []}
+    for phase, shapes in (("decode", decode_shapes(args.quick)), ("prefill", prefill_shapes(args.quick))):
+        for shape in shapes:
+            row = measure(shape, bandwidth, throughput, l2_bytes)
+            results[phase].append(row)
+            print(f"{phase} {shape}: kernel {_us(row['kernel_us'])} us, dense {_us(row['dense_us'])} us, "
+                  f"reference {_us(row['reference_us'])} us", flush=True)
+    payload = {
+        "machine": {**machine_info(), "gpu": torch.cuda.get_device_name(0), "triton": triton.__version__,
+                    "l2_bytes": l2_bytes},
+        "command": command_line(f"benchmarks.{NAME}", argv),
+        "copy_bandwidth_Bps": bandwidth,
+        "matmul_flops": throughput,
+        **results,
+        "total_wall_s": time.perf_counter() - start,
+    }
+    write_json(out / f"{NAME}.json", payload)
+    plotted = plot(payload, out / f"{NAME}.png")
+    write_report(payload, out / f"{NAME}.md", plotted)
+    print((out / f"{NAME}.md").read_text().split("<!-- analysis -->")[0])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
