@@ -73,7 +73,6 @@ def plot(results: list[dict], dense_ppl: float, path: Path) -> bool:
     ax.axhline(dense_ppl, color="gray", linewidth=0.8, label="dense")
     ax.set_xlabel("kv_ratio (latent / dense K+V values per token)")
     ax.set_ylabel("held-out perplexity")
-    ax.set_yscale("log")
     ax.invert_xaxis()
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -64,6 +64,8 @@ RESULT_FILES = (
     ("speed.md", "Prefill and decode throughput, `lowrank` + Inductor vs dense Inductor, batch 1 and 8"),
     ("memory.md", "Measured weight bytes, KV-cache bytes and peak RSS, compressed vs dense"),
     ("compile_cost.md", "Compile time per phase and its growth over the tiny / small / medium fixtures"),
+    ("latent_attention_kernel.md", "Triton latent-attention kernels vs dense SDPA and unfused reconstruction "
+     "(CUDA only: `python -m benchmarks.latent_attention_kernel`)"),
     ("minilm_fidelity.md", "MiniLM embedding fidelity at ratios 0.9 / 0.8 with per-layer ranks (standalone benchmark)"),
     ("fixtures.md", "The trained Llama fixtures (recipes, training, held-out perplexity)"),
 )

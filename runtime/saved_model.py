@@ -303,15 +303,21 @@ def _field(path: Path, where: str, entry: Mapping[str, Any], key: str, *kinds: t
     return value
 
 
-def _parse_layer(path: Path, index: int, entry: Any) -> SavedLayer:
-    where = f"layer {index}"
+def _entry_where(path: Path, kind: str, index: int, entry: Any, keys: tuple[str, ...]) -> str:
+    """``"<kind> <index> ('<name>')"`` for messages, once ``entry`` is checked to be an object holding ``keys``."""
+    where = f"{kind} {index}"
     if not isinstance(entry, dict):
         raise SavedPlanError(f"{path}: {where} is a {type(entry).__name__}, expected an object")
     if isinstance(entry.get("name"), str):
-        where = f"layer {index} ({entry['name']!r})"
-    missing = [k for k in _LAYER_KEYS if k not in entry]
+        where = f"{kind} {index} ({entry['name']!r})"
+    missing = [k for k in keys if k not in entry]
     if missing:
         raise SavedPlanError(f"{path}: {where} lacks key(s) {', '.join(map(repr, missing))}")
+    return where
+
+
+def _parse_layer(path: Path, index: int, entry: Any) -> SavedLayer:
+    where = _entry_where(path, "layer", index, entry, _LAYER_KEYS)
     name = _field(path, where, entry, "name", str)
     parameter = _field(path, where, entry, "parameter", str)
     try:
@@ -395,14 +401,7 @@ def read_plan(folder: str | Path) -> SavedPlan:
 
 
 def _parse_attention(path: Path, index: int, entry: Any, layers: Mapping[str, SavedLayer]) -> SavedAttention:
-    where = f"attention {index}"
-    if not isinstance(entry, dict):
-        raise SavedPlanError(f"{path}: {where} is a {type(entry).__name__}, expected an object")
-    if isinstance(entry.get("name"), str):
-        where = f"attention {index} ({entry['name']!r})"
-    missing = [k for k in _ATTENTION_KEYS if k not in entry]
-    if missing:
-        raise SavedPlanError(f"{path}: {where} lacks key(s) {', '.join(map(repr, missing))}")
+    where = _entry_where(path, "attention", index, entry, _ATTENTION_KEYS)
     name = _field(path, where, entry, "name", str)
     k_parameter = _field(path, where, entry, "k_parameter", str)
     method = _field(path, where, entry, "method", str)
