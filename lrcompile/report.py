@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 TOKENS = sympy.Symbol("T", positive=True, integer=True)
 BATCH = sympy.Symbol("B", positive=True, integer=True)
-POSITION_BYTES = 8  # the runtime cache's int64 RoPE position per cached token and layer
+POSITION_BYTES = 8  # the runtime cache's int64 RoPE position per cached token (shared by all layers)
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class AttentionReport:
 
     @property
     def kv_bytes_latent(self) -> sympy.Expr:
-        return BATCH * TOKENS * (self.latent_width * self.itemsize + POSITION_BYTES)
+        """The block's latents; the cache adds ``B * T * POSITION_BYTES`` once for all blocks."""
+        return BATCH * TOKENS * self.latent_width * self.itemsize
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class CompressionReport:
         if not self.attention:
             return {}
         dense = sympy.expand(sum((a.kv_bytes_dense for a in self.attention), sympy.Integer(0)))
-        latent = sympy.expand(sum((a.kv_bytes_latent for a in self.attention), sympy.Integer(0)))
+        latent = sympy.expand(sum((a.kv_bytes_latent for a in self.attention), BATCH * TOKENS * POSITION_BYTES))
         return {
             "kv_cache_bytes_dense(B, T)": str(dense),
             "kv_cache_bytes_latent(B, T)": str(latent),
@@ -191,9 +192,12 @@ class CompressionReport:
             rows.append(
                 f"| {a.name} | {a.method} | {a.group_size} | {a.groups} | {a.k_rank} | {a.v_rank} | "
                 f"{a.dense_width} -> {a.latent_width} | {a.dense_width * a.itemsize} -> "
-                f"{a.latent_width * a.itemsize + POSITION_BYTES} | {a.weight_bytes_before:,} -> {a.weight_bytes_after:,} | "
+                f"{a.latent_width * a.itemsize} | {a.weight_bytes_before:,} -> {a.weight_bytes_after:,} | "
                 f"{_num(a.k_truncation_loss)} / {_num(a.v_truncation_loss)} |"
             )
+        if self.attention:
+            rows.append(f"\nThe runtime cache also keeps each token's RoPE position ({POSITION_BYTES} bytes per token, "
+                        "shared by all layers).")
         rows += [f"- left dense: {name}: {reason}" for name, reason in self.attention_left_dense]
         if self.kv_bytes_measured is not None:
             latent, dense = self.kv_bytes_measured

@@ -4,9 +4,11 @@ Per layer it owns, preallocated for ``max_cache_len`` tokens:
 
 * ``k_latent`` ``[B, max_cache_len, groups * k_rank]`` and ``v_latent``
   ``[B, max_cache_len, groups * v_rank]`` in the model's dtype,
-* ``positions`` ``[B, max_cache_len]`` (the RoPE position of each cached token:
-  K is cached before RoPE, and under left padding positions differ from slots),
-* ``length``, the number of filled slots (a tensor, so it changes without recompiling).
+* ``length``, the number of filled slots (a tensor, so it changes without recompiling),
+
+and, shared by all layers, ``positions`` ``[B, max_cache_len]``: the RoPE
+position of each cached token (K is cached before RoPE, and under left padding
+positions differ from slots). Every layer writes the same positions.
 
 While Dynamo traces the model, ``update`` records the marker op
 ``lowrank::latent_cache_marker`` with these buffers; the backend's attention
@@ -41,15 +43,16 @@ class LatentLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, layer: LatentAttention, batch_size: int, max_cache_len: int, device: torch.device):
+    def __init__(self, layer: LatentAttention, batch_size: int, max_cache_len: int, positions: torch.Tensor):
         super().__init__()
+        device = positions.device
         self.spec = layer
         self.max_cache_len = max_cache_len
         self.batch_size = batch_size
         groups = layer.groups
         self.k_latent = torch.zeros(batch_size, max_cache_len, groups * layer.k_rank, dtype=layer.dtype, device=device)
         self.v_latent = torch.zeros(batch_size, max_cache_len, groups * layer.v_rank, dtype=layer.dtype, device=device)
-        self.positions = torch.zeros(batch_size, max_cache_len, dtype=torch.long, device=device)
+        self.positions = positions
         self.length = torch.zeros((), dtype=torch.long, device=device)
         self.is_initialized = True
 
@@ -86,9 +89,8 @@ class LatentLayer(CacheLayerMixin):
         self.positions.zero_()
         self.keys = self.values = None
 
-    @property
-    def latent_bytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in (self.k_latent, self.v_latent, self.positions, self.length))
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.k_latent, self.v_latent, self.positions, self.length
 
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -111,6 +113,7 @@ class LatentKVCache(Cache):
         if batch_size < 1 or max_cache_len < 1:
             raise LatentCacheError(f"batch_size={batch_size} and max_cache_len={max_cache_len} must be positive")
         layers = []
+        positions = None
         for name, module in _attention_modules(model):
             spec = recorded_latent(module.k_proj.weight)
             if spec is None:
@@ -118,7 +121,9 @@ class LatentKVCache(Cache):
                     f"{name} has no latent-KV plan: compress the model with a kv_ratio (call the compiled model once, "
                     "or lrcompile.generate does it) before building a LatentKVCache"
                 )
-            layers.append(LatentLayer(spec, batch_size, max_cache_len, module.k_proj.weight.device))
+            if positions is None:
+                positions = torch.zeros(batch_size, max_cache_len, dtype=torch.long, device=module.k_proj.weight.device)
+            layers.append(LatentLayer(spec, batch_size, max_cache_len, positions))
         if not layers:
             raise LatentCacheError(f"{type(model).__name__} has no attention module with a k_proj linear and a layer_idx")
         super().__init__(layers=layers)
@@ -126,8 +131,10 @@ class LatentKVCache(Cache):
 
     @property
     def latent_bytes(self) -> int:
-        """Bytes allocated for latents, positions and fill levels of every layer."""
-        return sum(layer.latent_bytes for layer in self.layers)
+        """Bytes allocated for every layer's latents and fill level, and the shared positions."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for layer in self.layers
+                    for t in layer.buffers()}
+        return sum(storages.values())
 
     def dense_bytes(self) -> int:
         """Bytes a dense cache of the same capacity would hold: ``2 * kv_heads * head_dim`` per token and layer."""

@@ -196,7 +196,8 @@ def test_half_kv_cache_allocates_half_and_does_not_recompile_per_token():
     latent_values = sum(layer.k_latent.untyped_storage().nbytes() + layer.v_latent.untyped_storage().nbytes()
                         for layer in cache.layers)
     assert latent_values == cache.dense_bytes() // 2
-    assert cache.latent_bytes <= cache.dense_bytes() // 2 + 2 * 8 * (9 + 256) * 2 + 64  # + positions, lengths
+    positions, lengths = 2 * (9 + 256) * 8, 2 * 8  # int64 position per token (shared), fill level per layer
+    assert cache.latent_bytes == cache.dense_bytes() // 2 + positions + lengths
     assert all(layer.keys is None for layer in cache.layers)  # no dense K/V was ever allocated
 
 
@@ -261,7 +262,7 @@ def test_report_shows_kv_ranks_formulas_and_measured_bytes(tmp_path):
     assert [(a.k_rank, a.v_rank, a.latent_width, a.dense_width) for a in report.attention] == [(8, 8, 32, 64)] * 2
     formulas = report.formulas()
     assert formulas["kv_cache_bytes_dense(B, T)"] == "512*B*T"  # 2 layers x 64 values x 4 bytes
-    assert formulas["kv_cache_bytes_latent(B, T)"] == "272*B*T"  # 2 x (32 x 4 + 8 position bytes)
+    assert formulas["kv_cache_bytes_latent(B, T)"] == "264*B*T"  # 2 x 32 x 4 + 8 position bytes
     assert report.kv_bytes_measured == (cache.latent_bytes, 512 * 16)
     assert "## Latent KV cache" in report.to_markdown()
     graph_dir = next(tmp_path.glob("graph_*"))  # the first (stateless) graph compressed the model
@@ -294,3 +295,18 @@ def test_dense_kv_cache_graph_is_left_dense_with_the_fix_named(caplog):
     assert torch.equal(out, dense)
     assert "dense KV cache (use_cache=True without lrcompile.LatentKVCache)" in caplog.text
     assert list(model_latent_attention(model)) == []
+
+
+@pytest.mark.inductor
+def test_generation_with_inductor_matches_dense_and_writes_the_cache_in_place():
+    model = tiny_rope_model("llama")
+    ids, mask = left_padded_prompts([7, 3])
+    dense = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    out = lrcompile.generate(model, ids, mask, options=_config(compiler="inductor"), max_new_tokens=8, min_new_tokens=8,
+                             do_sample=False)
+    assert torch.equal(out, dense)
+    cache = lrcompile.LatentKVCache(model, batch_size=2, max_cache_len=7 + 8)
+    lrcompile.generate(model, ids, mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, cache=cache)
+    assert all(int(layer.length) == 7 + 8 - 1 for layer in cache.layers)  # the last token is sampled, not cached
+    positions = cache.layers[0].positions  # RoPE positions of real tokens count from each prompt's first token
+    assert positions[0, :9].tolist() == list(range(9)) and positions[1, 4:9].tolist() == [0, 1, 2, 3, 4]
