@@ -310,3 +310,40 @@ def test_generation_with_inductor_matches_dense_and_writes_the_cache_in_place():
     assert all(int(layer.length) == 7 + 8 - 1 for layer in cache.layers)  # the last token is sampled, not cached
     positions = cache.layers[0].positions  # RoPE positions of real tokens count from each prompt's first token
     assert positions[0, :9].tolist() == list(range(9)) and positions[1, 4:9].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.inductor
+def test_compiled_model_output_code_calls_the_triton_kernels():
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_rope_model("llama").cuda()
+    ids, mask = (t.cuda() for t in left_padded_prompts([7, 3]))
+    dense = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    out, codes = run_and_get_code(lrcompile.generate, model, ids, mask, options=_config(compiler="inductor"),
+                                  max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    code = "\n".join(codes)
+    assert "_latent_prefill_kernel" in code and "_latent_decode_split_kernel" in code
+    assert torch.equal(out, dense)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32, "rope_theta": 10000.0},
+], ids=["yarn", "llama3"])
+def test_scaled_rope_variants_are_exact_at_full_rank(rope):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_parameters=rope, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = token_batches(1, seq=12)[0]
+    with torch.no_grad():
+        dense = model(ids, use_cache=False).logits
+        out = torch.compile(model, backend="lowrank", options=_config())(ids, use_cache=False).logits
+    assert len(list(model_latent_attention(model))) == 2
+    assert (out - dense).abs().max() < 1e-5
+    if rope["rope_type"] == "yarn":
+        assert model.model.rotary_emb.attention_scaling != 1.0  # the scaling reaches the op from the graph
