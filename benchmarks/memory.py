@@ -298,7 +298,7 @@ def write_memory_markdown(payload: dict[str, Any], path: Path, plot: bool) -> No
         "`lowrank` row)`, no calibration",
         f"- KV cache: `DynamicCache` after a prefill of {s['batch']} x {s['seq_len']} held-out tokens (per layer K and V "
         f"of shape {shape}); `lowrank_kv`: `LatentKVCache` of the same capacity, kv_ratio {s.get('kv_ratio')} "
-        "(latents + int64 RoPE positions + fill level per layer)",
+        "(latents and a fill level per layer, plus one int64 RoPE position per token shared by all layers)",
         "- weight bytes: `lrcompile.weight_bytes(model)` (parameter storages + factors; released dense weights count 0). "
         "Peak = `ru_maxrss` at the end of the process; baseline = RSS after imports, before the model is loaded",
         "",

@@ -14,6 +14,8 @@
 4. **speed** (:mod:`benchmarks.speed`): prefill and decode throughput of the
    compressed model compiled with ``lowrank`` + Inductor against the same model
    compiled with Inductor alone, batch 1 and 8;
+   **kv speed** (:mod:`benchmarks.kv_speed`): decode step time with a latent KV
+   cache against a dense static cache;
 5. **compile cost** (:mod:`benchmarks.compile_cost`): wall time per phase
    (Dynamo capture, statistics, sensitivity, factoring, Inductor) on the
    ``tiny`` / ``small`` / ``medium`` fixtures.
@@ -55,13 +57,14 @@ from benchmarks.common import (
     write_json,
 )
 
-BENCHMARKS = ("accuracy", "kv_accuracy", "memory", "speed", "compile_cost")
+BENCHMARKS = ("accuracy", "kv_accuracy", "memory", "speed", "kv_speed", "compile_cost")
 
 RESULT_FILES = (
     ("accuracy.md", "Perplexity of the trained `small` Llama fixture per method, allocation and param ratio"),
     ("kv_accuracy.md", "Perplexity with a latent KV cache per kv_ratio, allocation and group size"),
     ("accuracy_minilm.md", "MiniLM (all-MiniLM-L6-v2) embedding fidelity at ratios 0.95 / 0.9 / 0.85 / 0.8"),
     ("speed.md", "Prefill and decode throughput, `lowrank` + Inductor vs dense Inductor, batch 1 and 8"),
+    ("kv_speed.md", "Decode step time with a latent KV cache vs a dense static cache, both compiled with Inductor"),
     ("memory.md", "Measured weight bytes, KV-cache bytes and peak RSS, compressed vs dense"),
     ("compile_cost.md", "Compile time per phase and its growth over the tiny / small / medium fixtures"),
     ("latent_attention_kernel.md", "Triton latent-attention kernels vs dense SDPA and unfused reconstruction "
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             (args.out / ".accuracy_minilm.log").unlink(missing_ok=True)
     # Phase 2: the timed benchmarks, one at a time.
-    for name in ("speed", "compile_cost"):
+    for name in ("speed", "kv_speed", "compile_cost"):
         if name in args.only:
             run_module(name)
 
