@@ -64,6 +64,7 @@ from benchmarks.common import (
     machine_info,
     pyplot,
     resolve_out,
+    save_figure,
     set_threads,
     table,
     write_json,
@@ -298,10 +299,7 @@ def plot_ppl(results: list[dict], methods, allocations, ratios, dense_ppl: float
     axes[0][0].set_ylabel("held-out perplexity (lower is better)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("small Llama fixture compressed by lrcompile: held-out perplexity vs parameter ratio")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def run_llama(args: argparse.Namespace, out: Path) -> int:

@@ -125,6 +125,16 @@ def pyplot() -> Any | None:
     return plt
 
 
+def save_figure(fig: Any, path: Path) -> bool:
+    """Lay out, write (PNG, 120 dpi) and close a matplotlib figure; True, for the plot functions to return."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def resolve_out(out: Path | None, quick: bool) -> Path:
     """The output folder: ``--out``, else docs/results (docs/results/quick for ``--quick``, so a smoke run
     never overwrites the full results)."""

@@ -47,14 +47,15 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from benchmarks.common import (
-    ROOT,
     CompileRecorder,
+    ROOT,
     command_line,
     fmt,
     machine_info,
     median,
     pyplot,
     resolve_out,
+    save_figure,
     set_threads,
     table,
     write_json,
@@ -224,10 +225,7 @@ def plot_cost(payload: dict[str, Any], path: Path) -> bool:
     ax.set_title("growth with model size (tiny / small / medium)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def write_cost_markdown(payload: dict[str, Any], path: Path, plot: bool) -> None:

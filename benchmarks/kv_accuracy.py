@@ -25,7 +25,17 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 
-from benchmarks.common import command_line, machine_info, pyplot, resolve_out, set_threads, table, write_json, write_markdown
+from benchmarks.common import (
+    command_line,
+    machine_info,
+    pyplot,
+    resolve_out,
+    save_figure,
+    set_threads,
+    table,
+    write_json,
+    write_markdown,
+)
 
 KV_RATIOS = (1.0, 0.75, 0.5, 0.25)
 ALLOCATIONS = ("uniform", "fisher", "sensitivity")
@@ -75,10 +85,7 @@ def plot(results: list[dict], dense_ppl: float, path: Path) -> bool:
     ax.set_ylabel("held-out perplexity")
     ax.invert_xaxis()
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

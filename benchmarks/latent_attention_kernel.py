@@ -63,6 +63,7 @@ from benchmarks.common import (
     median,
     pyplot,
     resolve_out,
+    save_figure,
     table,
     write_json,
     write_markdown,
@@ -346,10 +347,7 @@ def plot(payload: dict[str, Any], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.suptitle(f"latent attention, Llama-3-8B layer shape, bf16, {payload['machine'].get('gpu')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def write_report(payload: dict[str, Any], path: Path, plotted: bool) -> None:

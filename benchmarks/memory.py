@@ -63,6 +63,7 @@ from benchmarks.common import (
     machine_info,
     pyplot,
     resolve_out,
+    save_figure,
     set_threads,
     table,
     write_json,
@@ -251,10 +252,7 @@ def plot_memory(payload: dict[str, Any], path: Path) -> bool:
         ax.legend(fontsize=8)
     s = payload["settings"]
     fig.suptitle(f"Measured memory, {s['method']}/{s['allocation']} @ {s['param_ratio']}, prefill {s['batch']} x {s['seq_len']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def _trim_ratio(r: dict[str, Any], ref: dict[str, Any]) -> str:

@@ -45,7 +45,15 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # per-config lines replace the backe
 
 import torch
 
-from benchmarks.common import ANALYSIS_MARKER, DEFAULT_OUT, ROOT, command_line, kept_analysis, machine_info, machine_line
+from benchmarks.common import (
+    ANALYSIS_MARKER,
+    DEFAULT_OUT,
+    ROOT,
+    command_line,
+    kept_analysis,
+    machine_info,
+    machine_line,
+)
 import lrcompile
 from lrcompile.sentence_embeddings import embed, minilm_path
 from lrcompile.text_data import stdlib_sentences, token_batches

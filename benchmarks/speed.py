@@ -64,6 +64,7 @@ from benchmarks.common import (
     median,
     pyplot,
     resolve_out,
+    save_figure,
     set_threads,
     table,
     write_json,
@@ -296,10 +297,7 @@ def plot_speed(payload: dict[str, Any], path: Path) -> bool:
     s = payload["settings"]
     fig.suptitle(f"{s['fixture']} Llama, {s['method']}/{s['allocation']} @ {s['param_ratio']}, CPU "
                  f"({payload['machine']['torch_threads']} thread), medians")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def write_speed_markdown(payload: dict[str, Any], path: Path, plot: bool) -> None:
