@@ -26,39 +26,37 @@ from .find_linears import LinearNode, placeholder_values, weight_tensor
 log = logging.getLogger(__name__)
 
 
-def _attr_name(gm: fx.GraphModule, layer: str, part: str) -> str:
+def add_frozen_parameter(gm: fx.GraphModule, layer: str, part: str, tensor: torch.Tensor) -> str:
+    """Register ``tensor`` on ``gm`` as a frozen parameter named after ``layer`` and ``part``; return its name.
+
+    In a Dynamo graph the parameter also gets a source, which aot_autograd
+    requires of every parameter of a graph Dynamo captured.
+    """
     base = "lowrank_" + re.sub(r"\W", "_", layer) + "_" + part
     name, i = base, 0
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
-    return name
-
-
-def _register(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> None:
-    """Register a new frozen parameter; in a Dynamo graph also give it a source, which
-    aot_autograd requires of every parameter of a graph Dynamo captured."""
     gm.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
     sources = getattr(gm, "_param_name_to_source", None)
     if sources is not None:
         sources[name] = ConstantSource(f"lowrank_factor_{name}")
+    return name
 
 
 def factorize_linear(gm: fx.GraphModule, view: LinearNode, factors: CompressedLayer) -> None:
     """Replace ``view.node`` by ``linear(linear(x, B), A, bias)``."""
     graph = gm.graph
     node = view.node
-    down_name, up_name = _attr_name(gm, factors.plan.name, "down"), _attr_name(gm, factors.plan.name, "up")
-    _register(gm, down_name, factors.down)
-    _register(gm, up_name, factors.up)
+    down_name = add_frozen_parameter(gm, factors.plan.name, "down", factors.down)
+    up_name = add_frozen_parameter(gm, factors.plan.name, "up", factors.up)
     target = torch.ops.aten.linear.default if node.target in (torch.ops.aten.linear.default, torch.ops.aten.addmm.default) else F.linear
     with graph.inserting_before(node):
         bias: Any = view.bias
         if view.layout is WeightLayout.MODULE:
             module_bias = gm.get_submodule(node.target).bias
             if module_bias is not None:
-                bias_name = _attr_name(gm, factors.plan.name, "bias")
-                _register(gm, bias_name, module_bias.detach())
+                bias_name = add_frozen_parameter(gm, factors.plan.name, "bias", module_bias.detach())
                 bias = graph.get_attr(bias_name)
         down = graph.get_attr(down_name)
         up = graph.get_attr(up_name)

@@ -33,7 +33,8 @@ from lrcompile.types import ActivationStats, LatentAttention
 
 from .attention_blocks import AttentionBlock
 from .decomposition import LinearDecomposition, decompose
-from .factorize_linears import _attr_name, _register
+from .factorize_linears import add_frozen_parameter
+from .find_linears import weight_tensor
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +144,10 @@ def build_latent_attention(
     )
 
 
-def _get(gm: fx.GraphModule, block: str, part: str, tensor: torch.Tensor | None, graph: fx.Graph) -> fx.Node | None:
+def _frozen_attr(gm: fx.GraphModule, block: str, part: str, tensor: torch.Tensor | None, graph: fx.Graph) -> fx.Node | None:
     if tensor is None:
         return None
-    name = _attr_name(gm, block, part)
-    _register(gm, name, tensor)
-    return graph.get_attr(name)
+    return graph.get_attr(add_frozen_parameter(gm, block, part, tensor))
 
 
 def restructure_block(gm: fx.GraphModule, block: AttentionBlock, layer: LatentAttention) -> None:
@@ -157,12 +156,12 @@ def restructure_block(gm: fx.GraphModule, block: AttentionBlock, layer: LatentAt
     graph = gm.graph
     x = block.k_linear.input
     with graph.inserting_before(block.attention):
-        k_down = _get(gm, block.name, "k_down", layer.k_down, graph)
-        v_down = _get(gm, block.name, "v_down", layer.v_down, graph)
-        k_up = _get(gm, block.name, "k_up", layer.k_up, graph)
-        k_bias = _get(gm, block.name, "k_bias", layer.k_bias, graph)
-        o_weight = _get(gm, block.name, "o_weight", layer.o_weight, graph)
-        o_bias = _get(gm, block.name, "o_bias", layer.o_bias, graph)
+        k_down = _frozen_attr(gm, block.name, "k_down", layer.k_down, graph)
+        v_down = _frozen_attr(gm, block.name, "v_down", layer.v_down, graph)
+        k_up = _frozen_attr(gm, block.name, "k_up", layer.k_up, graph)
+        k_bias = _frozen_attr(gm, block.name, "k_bias", layer.k_bias, graph)
+        o_weight = _frozen_attr(gm, block.name, "o_weight", layer.o_weight, graph)
+        o_bias = _frozen_attr(gm, block.name, "o_bias", layer.o_bias, graph)
         k_latent = graph.call_function(F.linear, (x, k_down))
         v_latent = graph.call_function(F.linear, (x, v_down))
         positions = block.positions
@@ -200,8 +199,6 @@ def restructure_attention(gm: fx.GraphModule, layers: Sequence[tuple[AttentionBl
 
 def block_weights(gm: fx.GraphModule, block: AttentionBlock, values: Mapping[fx.Node, Any]) -> dict[str, torch.Tensor | None]:
     """Dense weights and biases of a block's K, V and output projections."""
-    from .find_linears import weight_tensor
-
     def bias(view):
         if view.bias is None:
             return None

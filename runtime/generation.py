@@ -57,6 +57,7 @@ def generate(
         if config.kv_ratio is None:
             raise LowRankConfigError("generate needs option 'kv_ratio' to restructure attention for a latent KV cache")
         compile_forward(model, config)
+        log.info("compressing %s on its first compiled call (kv_ratio %s)", type(model).__name__, config.kv_ratio)
         first = config.calibration[0] if config.calibration else {"input_ids": input_ids, "attention_mask": attention_mask}
         with torch.no_grad():
             model(**_as_kwargs(first), use_cache=False)

@@ -128,6 +128,8 @@ class LatentKVCache(Cache):
             raise LatentCacheError(f"{type(model).__name__} has no attention module with a k_proj linear and a layer_idx")
         super().__init__(layers=layers)
         self.max_cache_len = max_cache_len
+        log.info("latent KV cache: %d layers, batch %d, %d slots, %d bytes (a dense cache: %d)", len(layers),
+                 batch_size, max_cache_len, self.latent_bytes, self.dense_bytes())
 
     @property
     def latent_bytes(self) -> int:
