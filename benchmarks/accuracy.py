@@ -58,6 +58,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch
 
 from benchmarks.common import (
+    compression_record,
     CompileRecorder,
     command_line,
     fmt,
@@ -168,33 +169,14 @@ def llama_config(
         start = time.perf_counter()
         ppl = perplexity(lambda ids: compiled(input_ids=ids).logits, heldout)
         eval_s = time.perf_counter() - start
-    report = lrcompile.model_report(model)
-    totals = report.totals()
-    layers = [
-        {"name": l.name, "kind": layer_kind(l.name), "shape": [l.out_features, l.in_features], "status": l.status,
-         "rank": l.rank, "params_after": l.params_after, "sensitivity_kl": l.sensitivity,
-         "truncation_loss": l.truncation_loss}
-        for l in report.layers
-    ]
     result = {
         "method": method,
         "allocation": allocation,
         "param_ratio_target": ratio,
         "ppl": ppl,
-        "param_ratio_achieved": totals["param_ratio"],
-        "params_before": totals["params_before"],
-        "params_after": totals["params_after"],
-        "linears": totals["linears"],
-        "factored": totals["factored"],
-        "linear_weight_bytes_before": totals["weight_bytes_before"],
-        "linear_weight_bytes_after": totals["weight_bytes_after"],
-        "model_weight_bytes_before": bytes_before,
-        "model_weight_bytes_after": lrcompile.weight_bytes(model),
         "compress_wall_s": compress_s,
-        "pass_timings_s": {k[5:-2]: round(v, 3) for k, v in recorder.totals().items() if k.startswith("pass_")},
-        "graphs_compressed": len(recorder.graphs),
         "eval_wall_s": eval_s,
-        "layers": layers,
+        **compression_record(model, bytes_before, recorder, lambda name: {"kind": layer_kind(name)}),
     }
     del compiled, model
     torch._dynamo.reset()

@@ -125,6 +125,37 @@ def pyplot() -> Any | None:
     return plt
 
 
+def compression_record(model: Any, bytes_before: int, recorder: CompileRecorder,
+                       layer_fields: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """Totals, measured weight bytes, pass timings and per-layer outcome of a model compressed under ``recorder``.
+
+    ``layer_fields(name)`` adds benchmark-specific keys (layer kind, block index) to each layer's entry.
+    """
+    import lrcompile
+
+    report = lrcompile.model_report(model)
+    totals = report.totals()
+    return {
+        "param_ratio_achieved": totals["param_ratio"],
+        "params_before": totals["params_before"],
+        "params_after": totals["params_after"],
+        "linears": totals["linears"],
+        "factored": totals["factored"],
+        "linear_weight_bytes_before": totals["weight_bytes_before"],
+        "linear_weight_bytes_after": totals["weight_bytes_after"],
+        "model_weight_bytes_before": bytes_before,
+        "model_weight_bytes_after": lrcompile.weight_bytes(model),
+        "pass_timings_s": {k[5:-2]: round(v, 3) for k, v in recorder.totals().items() if k.startswith("pass_")},
+        "graphs_compressed": len(recorder.graphs),
+        "layers": [
+            {"name": l.name, **layer_fields(l.name), "shape": [l.out_features, l.in_features], "status": l.status,
+             "rank": l.rank, "params_after": l.params_after, "sensitivity_kl": l.sensitivity,
+             "truncation_loss": l.truncation_loss}
+            for l in report.layers
+        ],
+    }
+
+
 def save_figure(fig: Any, path: Path) -> bool:
     """Lay out, write (PNG, 120 dpi) and close a matplotlib figure; True, for the plot functions to return."""
     import matplotlib.pyplot as plt

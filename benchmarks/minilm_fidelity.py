@@ -48,8 +48,9 @@ import torch
 from benchmarks.common import (
     ANALYSIS_MARKER,
     DEFAULT_OUT,
-    ROOT,
+    CompileRecorder,
     command_line,
+    compression_record,
     kept_analysis,
     machine_info,
     machine_line,
@@ -104,22 +105,6 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-class PassTimings(logging.Handler):
-    """Collects the pass manager's ``pass <name>: <seconds> s`` records (summed over captured graphs)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.timings: dict[str, float] = defaultdict(float)
-        self.graphs = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == "pass %s: %.2f s" and len(record.args) == 2:
-            name, seconds = record.args
-            self.timings[name] += float(seconds)
-            if name == "find_linears":
-                self.graphs += 1
-
-
 # ---------------------------------------------------------------------------- one configuration
 
 
@@ -146,41 +131,17 @@ def run_config(
     )
     compiled = torch.compile(model, backend="lowrank", options=config)
 
-    handler = PassTimings()
-    pm_log = logging.getLogger("lrcompile.pass_manager")
-    old_level = pm_log.level
-    pm_log.setLevel(logging.INFO)
-    pm_log.addHandler(handler)
-    try:
+    recorder = CompileRecorder()
+    with recorder.active(), torch.no_grad():
         start = time.perf_counter()
-        with torch.no_grad():
-            compiled(**calibration[0])  # capture + compress on a batch of the calibration shape
+        compiled(**calibration[0])  # capture + compress on a batch of the calibration shape
         compress_s = time.perf_counter() - start
-    finally:
-        pm_log.removeHandler(handler)
-        pm_log.setLevel(old_level)
 
     start = time.perf_counter()
     embeddings = embed(compiled, heldout)
     eval_s = time.perf_counter() - start
     cos = (embeddings * dense_embeddings).sum(-1)
 
-    report = lrcompile.model_report(model)
-    totals = report.totals()
-    layers = [
-        {
-            "name": layer.name,
-            "kind": layer_kind(layer.name),
-            "block": layer_index(layer.name),
-            "shape": [layer.out_features, layer.in_features],
-            "status": layer.status,
-            "rank": layer.rank,
-            "params_after": layer.params_after,
-            "sensitivity_kl": layer.sensitivity,
-            "truncation_loss": layer.truncation_loss,
-        }
-        for layer in report.layers
-    ]
     result = {
         "method": method,
         "allocation": allocation,
@@ -189,20 +150,10 @@ def run_config(
         "cos_min": float(cos.min()),
         "cos_p05": float(torch.quantile(cos, 0.05)),
         "one_minus_cos_mean": float((1 - cos).mean()),
-        "param_ratio_achieved": totals["param_ratio"],
-        "params_before": totals["params_before"],
-        "params_after": totals["params_after"],
-        "linears": totals["linears"],
-        "factored": totals["factored"],
-        "linear_weight_bytes_before": totals["weight_bytes_before"],
-        "linear_weight_bytes_after": totals["weight_bytes_after"],
-        "model_weight_bytes_before": bytes_before,
-        "model_weight_bytes_after": lrcompile.weight_bytes(model),
         "compress_wall_s": compress_s,
-        "pass_timings_s": {k: round(v, 3) for k, v in handler.timings.items()},
-        "graphs_compressed": handler.graphs,
         "eval_wall_s": eval_s,
-        "layers": layers,
+        **compression_record(model, bytes_before, recorder,
+                             lambda name: {"kind": layer_kind(name), "block": layer_index(name)}),
     }
     del compiled, model
     torch._dynamo.reset()
