@@ -130,7 +130,7 @@ def _find_attention(c: GraphCompression) -> None:
     if c.config.kv_ratio is not None and not c.blocks and c.unmatched_attention:
         log.warning("kv_ratio=%s: no attention block was recognised, attention is left dense (%s)", c.config.kv_ratio,
                     "; ".join(f"{u.name}: {u.reason}" for u in c.unmatched_attention))
-    stray = [u for u in c.unmatched_attention if "marker" in u.reason]
+    stray = [u for u in c.unmatched_attention if u.cache_marker]
     if stray:
         raise LatentCacheError(f"latent KV cache used by attention that was not restructured: {stray[0].name} ({stray[0].reason})")
 
@@ -192,20 +192,17 @@ def _kv_sensitivity(c: GraphCompression) -> None:
     blocks = c.new_blocks()
     if not blocks or c.config.kv_allocation != "sensitivity" or not c.config.kv_needs_calibration:
         return
-    groups = {}
-    for block in blocks:
-        for view in (block.k_linear, block.v_linear):
-            groups[view] = block.num_kv_heads // _kv_group_size(c, block)
-    method = c.config.method
+    block_of = {view: block for block in blocks for view in (block.k_linear, block.v_linear)}
     values = placeholder_values(c.gm, c.example_inputs)
 
     def decompose_groups(view: LinearNode) -> list[LinearDecomposition]:
-        weight = weight_tensor(c.gm, view, values)
-        stats = next(b.k_linear.meta.stats for b in blocks if view in (b.k_linear, b.v_linear))
-        return group_decompositions(weight, groups[view], method, stats, c.config.alpha, view.meta.name)
+        block = block_of[view]  # K and V read the same input: its statistics are on the K projection
+        groups = block.num_kv_heads // _kv_group_size(c, block)
+        return group_decompositions(weight_tensor(c.gm, view, values), groups, c.config.method,
+                                    block.k_linear.meta.stats, c.config.alpha, view.meta.name)
 
     batches = c.config.calibration[: c.config.sensitivity_batches]
-    c.kv_sensitivity = measure_kv_sensitivity(c.runner, list(groups), decompose_groups, c.config.sensitivity_ratios,
+    c.kv_sensitivity = measure_kv_sensitivity(c.runner, list(block_of), decompose_groups, c.config.sensitivity_ratios,
                                               batches, c.config.rank_multiple)
 
 
@@ -279,7 +276,7 @@ def _restructure_attention(c: GraphCompression) -> None:
         return
     ranks = _kv_ranks(c) if c.new_blocks() else {}
     values = placeholder_values(c.gm, c.example_inputs)
-    method = c.config.method if c.config.kv_needs_calibration or c.config.method == "svd" else "svd"
+    method = c.config.method if c.config.kv_needs_calibration else "svd"  # kv_ratio 1 is exact with any method
     pairs = []
     for block, layer in c.blocks:
         views = (block.k_linear, block.v_linear, block.o_linear)

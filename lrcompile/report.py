@@ -249,7 +249,7 @@ def attention_report(layer: LatentAttention) -> AttentionReport:
     return AttentionReport(
         name=layer.name, method=layer.method, group_size=layer.group_size, groups=layer.groups, k_rank=layer.k_rank,
         v_rank=layer.v_rank, latent_width=layer.latent_width, dense_width=layer.dense_width,
-        itemsize=layer.k_down.element_size() if layer.k_down is not None else 4, weight_bytes_before=layer.dense_bytes,
+        itemsize=layer.itemsize, weight_bytes_before=layer.dense_bytes,
         weight_bytes_after=layer.factor_bytes, k_truncation_loss=layer.k_truncation_loss,
         v_truncation_loss=layer.v_truncation_loss,
     )

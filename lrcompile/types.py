@@ -222,6 +222,11 @@ class LatentAttention:
         return self.num_kv_heads // self.group_size
 
     @property
+    def itemsize(self) -> int:
+        """Bytes per cached value (the model's dtype)."""
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
     def latent_width(self) -> int:
         """Cached values per token: ``groups * (k_rank + v_rank)``."""
         return self.groups * (self.k_rank + self.v_rank)

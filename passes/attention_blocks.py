@@ -73,6 +73,7 @@ class AttentionBlock:
 class UnmatchedAttention:
     name: str
     reason: str
+    cache_marker: bool = False  # a latent cache marker no recognised block consumes: the graph cannot run
 
 
 def _shape(node: fx.Node) -> tuple[int, ...]:
@@ -364,5 +365,6 @@ def find_attention_blocks(
             log.info("attention %s left dense: %s", unmatched[-1].name, reason)
     markers = {n for n in gm.graph.nodes if _is_fn(n, MARKER)}
     for stray in markers - {b.marker for b in blocks}:
-        unmatched.append(UnmatchedAttention(_module_name(stray), "latent cache marker without a recognised attention"))
+        unmatched.append(UnmatchedAttention(_module_name(stray), "latent cache marker without a recognised attention",
+                                            cache_marker=True))
     return blocks, unmatched

@@ -140,9 +140,5 @@ class LatentKVCache(Cache):
 
     def dense_bytes(self) -> int:
         """Bytes a dense cache of the same capacity would hold: ``2 * kv_heads * head_dim`` per token and layer."""
-        total = 0
-        for layer in self.layers:
-            spec = layer.spec
-            itemsize = torch.empty((), dtype=spec.dtype).element_size()
-            total += layer.batch_size * self.max_cache_len * spec.dense_width * itemsize
-        return total
+        return sum(layer.batch_size * self.max_cache_len * layer.spec.dense_width * layer.spec.itemsize
+                   for layer in self.layers)
