@@ -26,6 +26,10 @@ def _as_kwargs(batch: Any) -> dict[str, Any]:
     return {"input_ids": batch}
 
 
+def _has_latent_attention(model: nn.Module) -> bool:
+    return next(model_latent_attention(model), None) is not None
+
+
 def compile_forward(model: nn.Module, config: LowRankConfig) -> None:
     """``model.forward = torch.compile(model.forward, backend="lowrank")``, once: ``model.generate``
     then runs compiled prefill and decode graphs (a compiled *module*'s ``generate`` would run eagerly)."""
@@ -52,19 +56,18 @@ def generate(
     reused when given, else one sized for this request is built. Other keyword
     arguments go to ``model.generate`` (``do_sample``, ``temperature``, ...).
     """
-    if not any(True for _ in model_latent_attention(model)):
-        config = LowRankConfig.from_options(options)
-        if config.kv_ratio is None:
-            raise LowRankConfigError("generate needs option 'kv_ratio' to restructure attention for a latent KV cache")
-        compile_forward(model, config)
+    config = LowRankConfig.from_options(options)
+    compressed = _has_latent_attention(model)
+    if not compressed and config.kv_ratio is None:
+        raise LowRankConfigError("generate needs option 'kv_ratio' to restructure attention for a latent KV cache")
+    compile_forward(model, config)
+    if not compressed:
         log.info("compressing %s on its first compiled call (kv_ratio %s)", type(model).__name__, config.kv_ratio)
         first = config.calibration[0] if config.calibration else {"input_ids": input_ids, "attention_mask": attention_mask}
         with torch.no_grad():
             model(**_as_kwargs(first), use_cache=False)
-        if not any(True for _ in model_latent_attention(model)):
+        if not _has_latent_attention(model):
             raise LatentCacheError(f"{type(model).__name__}: no attention block was restructured (see the report)")
-    else:
-        compile_forward(model, LowRankConfig.from_options(options))
     needed = input_ids.shape[1] + max_new_tokens
     if cache is None:
         cache = LatentKVCache(model, input_ids.shape[0], needed)
