@@ -92,7 +92,7 @@ def _is_method(node, *names) -> bool:
 
 
 def _strip_casts(node: fx.Node) -> fx.Node:
-    while _is_method(node, "to", "float", "type") or _is_fn(node, torch._C._set_grad_enabled):
+    while _is_method(node, "to", "float", "type"):
         node = node.args[0]
     return node
 
@@ -179,8 +179,8 @@ def _rotary_source(cos: fx.Node, sin: fx.Node) -> tuple[fx.Node, fx.Node, float]
         raise NoMatch("cos and sin come from different rotary tables")
     if not _is_fn(emb, torch.cat) or len(emb.args[0]) != 2 or emb.args[0][0] is not emb.args[0][1]:
         raise NoMatch("rotary angles are not cat((freqs, freqs), -1)")
-    freqs = emb.args[0][0]
-    for pos, inv in (_mul_operands(freqs), _mul_operands(freqs)[::-1]):
+    a, b = _mul_operands(emb.args[0][0])
+    for pos, inv in ((a, b), (b, a)):
         pos = _strip_casts(pos)
         if _is_fn(pos, operator.getitem) and pos.args[1] in ((Ellipsis, None),):
             return _strip_casts(inv), pos.args[0], scale
