@@ -16,6 +16,7 @@ from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 DUMP_ENV = "LRCOMPILE_DUMP"
+_NOT_DECIDING = frozenset({"release_dense", "dump_dir", "compiler"})
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out", "*pooler.dense")
 
 
@@ -160,6 +161,11 @@ class LowRankConfig:
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise LowRankConfigError(f"unknown option {key!r}{hint} (allowed: {', '.join(known)})")
         return cls(**options)
+
+    def deciding_options(self) -> dict[str, Any]:
+        """The options that decide what a compression produces (not how it is compiled or dumped);
+        a later compile of an already-compressed model must ask for the same ones."""
+        return {key: value for key, value in self.to_json().items() if key not in _NOT_DECIDING}
 
     def to_json(self) -> dict[str, Any]:
         """The options that decide the result, for plans and reports (calibration left out)."""

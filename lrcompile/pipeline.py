@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from lrcompile.passes.latent_kv import (
 from lrcompile.runtime.compressed_layers import record_latent, record_layer, recorded_latent, recorded_layer
 
 from .config import LowRankConfig
-from .errors import CalibrationError, LatentCacheError, NoCompressibleLinearError
+from .errors import CalibrationError, LatentCacheError, LowRankError, NoCompressibleLinearError
 from .pass_manager import Pass, PassManager
 from .report import CompressionReport, build_report
 from .types import CompressionPlan, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
@@ -70,6 +71,7 @@ class GraphCompression:
     kept_inputs: list[int] | None = None
     instance_input: tuple[int, str, torch.Tensor] | None = None  # (kept input index, source, tensor)
     runner: CalibrationRunner | None = None
+    batches: list[Any] = field(default_factory=list)  # calibration batches as the graph runs them
     blocks: list[tuple[AttentionBlock, LatentAttention | None]] = field(default_factory=list)  # None: to plan
     unmatched_attention: list[UnmatchedAttention] = field(default_factory=list)
     kv_fisher: dict[str, float] = field(default_factory=dict)
@@ -92,6 +94,29 @@ class GraphCompression:
         return weight_tensor(self.gm, view, placeholder_values(self.gm, self.example_inputs))
 
 
+def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None, weight: torch.Tensor) -> bool:
+    """Whether a recorded outcome holds under this compile's options.
+
+    Recorded under other options: compress again while the dense weight is
+    still held, else there is nothing to compress from. A loaded plan
+    (``options`` None) is used as saved.
+    """
+    wanted = c.config.deciding_options()
+    if options is None or options == wanted:
+        return True
+    changed = sorted(key for key in wanted if options.get(key) != wanted[key])
+    before = ", ".join(f"{key}={options.get(key)!r}" for key in changed)
+    after = ", ".join(f"{key}={wanted[key]!r}" for key in changed)
+    if weight.untyped_storage().nbytes() > 0:
+        log.warning("%s was compressed with %s; compressing it again with %s", name, before, after)
+        return False
+    raise LowRankError(
+        f"{name} was compressed with {before} and its dense weights were released; this compile asks for {after} "
+        "(other options equal). Load a fresh copy of the model (from_pretrained) to compress it with new options, "
+        "or compile with the options it was compressed with."
+    )
+
+
 def _find_linears(c: GraphCompression) -> None:
     c.linears = find_linears(c.gm, c.example_inputs, c.config.include, c.config.exclude)
     for view in c.linears:
@@ -99,6 +124,8 @@ def _find_linears(c: GraphCompression) -> None:
             continue
         weight = c.weight(view)
         layer = recorded_layer(weight)
+        if layer is not None and not _reusable(c, view.meta.name, layer.options, weight):
+            layer = None
         if layer is not None:
             c.recorded[view] = layer
         elif weight.untyped_storage().nbytes() == 0:
@@ -118,7 +145,10 @@ def _find_attention(c: GraphCompression) -> None:
     """Recognise attention blocks; those to restructure take their K/V/output projections out of weight factoring."""
     blocks, c.unmatched_attention = find_attention_blocks(c.gm, c.linears)
     for block in blocks:
-        layer = recorded_latent(c.weight(block.k_linear))
+        k_weight = c.weight(block.k_linear)
+        layer = recorded_latent(k_weight)
+        if layer is not None and not _reusable(c, block.name, layer.options, k_weight):
+            layer = None
         if layer is None and c.config.kv_ratio is None:
             if block.marker is not None:
                 raise LatentCacheError(
@@ -155,12 +185,13 @@ def _activation_stats(c: GraphCompression) -> None:
             "allocation='uniform' and kv_allocation='uniform' needs none)"
         )
     c.runner = CalibrationRunner(c.gm, c.example_inputs)
+    c.batches = c.runner.fit(c.config.calibration)
     targets = targets + kv_targets
     if c.config.method == "svd":
         return
     insert_observers(c.gm, targets, gram=c.config.method == "whiten")
     try:
-        calibrate(c.runner, c.config.calibration, total=len(c.config.calibration))
+        calibrate(c.runner, c.batches, total=len(c.batches))
     except BaseException:
         collect_stats(c.gm, targets, validate=False)  # leave the graph clean; report the real error
         raise
@@ -179,7 +210,7 @@ def _kv_fisher(c: GraphCompression) -> None:
     if not blocks or c.config.kv_allocation != "fisher" or not c.config.kv_needs_calibration:
         return
     views = [view for b in blocks for view in (b.k_linear, b.v_linear)]
-    c.kv_fisher = measure_kv_fisher(c.runner, views, [c.weight(v) for v in views], c.config.calibration)
+    c.kv_fisher = measure_kv_fisher(c.runner, views, [c.weight(v) for v in views], c.batches)
 
 
 def _kv_group_size(c: GraphCompression, block: AttentionBlock) -> int:
@@ -201,7 +232,7 @@ def _kv_sensitivity(c: GraphCompression) -> None:
         return group_decompositions(weight_tensor(c.gm, view, values), groups, c.config.method,
                                     block.k_linear.meta.stats, c.config.alpha, view.meta.name)
 
-    batches = c.config.calibration[: c.config.sensitivity_batches]
+    batches = c.batches[: c.config.sensitivity_batches]
     c.kv_sensitivity = measure_kv_sensitivity(c.runner, list(block_of), decompose_groups, c.config.sensitivity_ratios,
                                               batches, c.config.rank_multiple)
 
@@ -210,7 +241,7 @@ def _sensitivity(c: GraphCompression) -> None:
     targets = c.to_compress()
     if not targets or c.config.allocation != "sensitivity" or not c.config.needs_calibration:
         return
-    batches = c.config.calibration[: c.config.sensitivity_batches]
+    batches = c.batches[: c.config.sensitivity_batches]
     measure_sensitivity(c.runner, targets, lambda v: _decompose(c, v), c.config.sensitivity_ratios, batches, c.config.rank_multiple)
 
 
@@ -235,7 +266,8 @@ def _factorize(c: GraphCompression) -> None:
     factored = {}
     for view, layer_plan in zip(targets, c.plan.layers):
         weight = c.weight(view)
-        layer = CompressedLayer(layer_plan, c.config.method, LayerStatus.DENSE, weight.dtype, dense_bytes=weight.untyped_storage().nbytes())
+        layer = CompressedLayer(layer_plan, c.config.method, LayerStatus.DENSE, weight.dtype,
+                                dense_bytes=weight.untyped_storage().nbytes(), options=c.config.deciding_options())
         if layer_plan.rank is not None:
             decomposition = _decompose(c, view)
             down, up = decomposition.factors(layer_plan.rank, view.meta.weight_dtype)
@@ -285,13 +317,15 @@ def _restructure_attention(c: GraphCompression) -> None:
             layer = build_latent_attention(block, weights, _kv_group_size(c, block), ranks[block.k_linear.meta.name],
                                            ranks[block.v_linear.meta.name], method, block.k_linear.meta.stats,
                                            c.config.alpha)
+            layer.options = c.config.deciding_options()
             record_latent(weights["k"], layer)
             for view in views:
                 meta = view.meta
                 plan = LayerPlan(meta.name, meta.out_features, meta.in_features, None, f"latent attention {block.name}")
                 weight = c.weight(view)
                 record_layer(weight, CompressedLayer(plan, method, LayerStatus.LATENT, weight.dtype,
-                                                     dense_bytes=weight.untyped_storage().nbytes()))
+                                                     dense_bytes=weight.untyped_storage().nbytes(),
+                                                     options=layer.options))
         for view in views:
             c.layers[view] = recorded_layer(c.weight(view))
         pairs.append((block, layer))

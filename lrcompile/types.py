@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -175,6 +176,7 @@ class CompressedLayer:
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
     dense_bytes: int = 0  # bytes of the dense weight before compression
+    options: Mapping[str, Any] | None = None  # the options that decided it (LowRankConfig.deciding_options); None: loaded
 
     @property
     def name(self) -> str:
@@ -216,6 +218,7 @@ class LatentAttention:
     dense_bytes: int = 0  # k, v and o weights before
     k_truncation_loss: float | None = None
     v_truncation_loss: float | None = None
+    options: Mapping[str, Any] | None = None  # as on CompressedLayer
 
     @property
     def groups(self) -> int:

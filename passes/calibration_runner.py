@@ -12,6 +12,8 @@ substitute one layer's weight (for sensitivity measurements).
 from __future__ import annotations
 
 import contextlib
+import logging
+from dataclasses import dataclass
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -21,16 +23,17 @@ from torch._dynamo.source import (
     DictGetItemSource,
     GetItemSource,
     LocalSource,
-    ParamBufferSource,
+    NNModuleSource,
     TensorProperty,
     TensorPropertySource,
-    UnspecializedParamBufferSource,
 )
 
 from lrcompile.errors import CalibrationError
 from lrcompile.types import WeightLayout
 
 from .find_linears import LinearNode, _get_attr
+
+log = logging.getLogger(__name__)
 
 _ROLE_STATE, _ROLE_USER, _ROLE_SIZE = "state", "user", "size"
 
@@ -46,11 +49,16 @@ def _chain(source: Any) -> list[Any]:
     return chain
 
 
-def _root(source: Any) -> Any:
-    return _chain(source)[-1]
+def _is_attribute(source: Any) -> bool:
+    """An attribute access (``x.attr``, ``m._modules[...]``, a parameter or buffer), as opposed to an item of an input."""
+    return hasattr(source, "member") or isinstance(source, NNModuleSource)
 
 
 def _role(node: fx.Node) -> str:
+    """``user`` for a tensor reached from the call's arguments by indexing alone, ``size`` for a
+    symbolic size of one, ``state`` for everything read from an object's attributes: parameters,
+    buffers and module constants (Dynamo lifts float attributes such as ``variance_epsilon``
+    to inputs under ``dynamic=True``), a cache object's tensors, globals."""
     grapharg = node.meta.get("grapharg")
     if grapharg is None:
         return _ROLE_USER  # symbolic_trace / export: placeholders are the forward's arguments
@@ -61,7 +69,7 @@ def _role(node: fx.Node) -> str:
         not isinstance(root, LocalSource)
         or root.local_name == "self"
         or not root.is_input
-        or any(isinstance(s, (ParamBufferSource, UnspecializedParamBufferSource)) for s in chain)
+        or any(_is_attribute(s) for s in chain)
     ):
         return _ROLE_STATE
     return _ROLE_SIZE if isinstance(source, TensorPropertySource) else _ROLE_USER
@@ -92,8 +100,61 @@ def _resolve(source: Any, env: Mapping[str, Any]) -> Any:
     raise _Missing(source.name)
 
 
+@dataclass(frozen=True)
+class _Input:
+    """A top-level model input the graph reads: by keyword ``name``, by ``position``, or both."""
+
+    source: str  # the source name the graph's placeholders resolve it by, e.g. "L['kwargs']['input_ids']"
+    name: str | None
+    position: int | None
+
+
+def _top_input(node: fx.Node, order: int) -> _Input:
+    """The call argument a user placeholder reads (``kwargs[k]``, a named local, ``args[i]``)."""
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None:
+        return _Input(str(node.target), str(node.target), order)
+    chain = _chain(grapharg.source)
+    root = chain[-1]
+    top = chain[-2] if len(chain) > 1 and root.local_name in ("args", "kwargs") else root
+    if top is root:
+        return _Input(top.name, root.local_name, None)
+    if root.local_name == "kwargs":
+        return _Input(top.name, str(top.index), None)
+    return _Input(top.name, None, int(top.index))
+
+
+def _derived_input(name: str | None, given: Mapping[str, Any], example: Any) -> Any:
+    """A standard transformers input the batch did not give, derived from its ``input_ids``
+    as ``model.generate`` builds it; None when ``name`` is not one of them."""
+    ids = given.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or not isinstance(example, torch.Tensor):
+        return None
+    mask = given.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device)
+    if name == "attention_mask":
+        return mask.to(example.dtype)
+    if name == "position_ids":
+        return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1).to(example.dtype)
+    if name == "cache_position":
+        return torch.arange(ids.shape[1], dtype=example.dtype, device=ids.device)
+    if name == "token_type_ids":
+        return torch.zeros(ids.shape[:2], dtype=example.dtype, device=ids.device)
+    return None
+
+
 class CalibrationRunner:
-    """Binds calibration batches to a graph's inputs and runs it."""
+    """Binds calibration batches to a graph's inputs, by name, and runs it.
+
+    A tensor batch is the model's ``input_ids`` (or its one input), whether the
+    graph took it by keyword or by position; a tuple fills the positional
+    inputs in order; a dict gives inputs by name. Inputs a batch leaves out are
+    derived as transformers' ``generate`` derives them (``attention_mask``,
+    ``position_ids``, ``cache_position``, ``token_type_ids``) or taken from the
+    captured call; model state (parameters, buffers, module constants) is
+    always the captured call's.
+    """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None):
         self.gm = gm
@@ -101,27 +162,96 @@ class CalibrationRunner:
         self.examples = list(example_inputs) if example_inputs is not None else [None] * len(self.placeholders)
         self.roles = [_role(n) for n in self.placeholders]
         self.user = [n for n, r in zip(self.placeholders, self.roles) if r == _ROLE_USER]
+        self.inputs = {node: _top_input(node, order) for order, node in enumerate(self.user)}
 
     def _user_label(self, node: fx.Node) -> str:
         grapharg = node.meta.get("grapharg")
         return grapharg.source.name if grapharg is not None else str(node.target)
 
-    def _env(self, batch: Any) -> dict[str, Any]:
+    def _primary(self) -> _Input | None:
+        """The input a lone tensor batch stands for: ``input_ids``, else the first positional input."""
+        inputs = list(dict.fromkeys(self.inputs.values()))
+        named = [i for i in inputs if i.name == "input_ids"]
+        positional = sorted((i for i in inputs if i.position is not None), key=lambda i: i.position)
+        return (named or positional or inputs or [None])[0]
+
+    def _given(self, batch: Any, index: int) -> dict[_Input, Any]:
+        """The batch's values keyed by the top-level inputs they fill."""
+        inputs = list(dict.fromkeys(self.inputs.values()))
         if isinstance(batch, Mapping):
-            return {"kwargs": batch, **batch}
+            return {i: batch[i.name] for i in inputs if i.name in batch}
         if isinstance(batch, torch.Tensor):
             batch = (batch,)
-        return {"args": tuple(batch)}
+        positional = sorted((i for i in inputs if i.position is not None), key=lambda i: i.position)
+        if not positional and self._primary() is not None:
+            positional = [self._primary()]
+        if len(batch) > len(positional):
+            raise CalibrationError(
+                f"calibration batch {index} gives {len(batch)} positional inputs, the captured graph takes "
+                f"{len(positional)} ({', '.join(i.source for i in positional) or 'none'}); give a dict of inputs by name"
+            )
+        return dict(zip(positional, batch))
 
-    def _user_value(self, node: fx.Node, batch: Any, env: Mapping[str, Any]) -> Any:
+    def _complete(self, given: dict[_Input, Any]) -> dict[str, Any]:
+        """Source name -> value for every top-level input: given, derived, or the captured call's."""
+        by_name = {i.name: v for i, v in given.items() if i.name is not None}
+        primary = self._primary()
+        if "input_ids" not in by_name and primary in given:
+            by_name["input_ids"] = given[primary]
+        env = {i.source: v for i, v in given.items()}
+        for node, top in self.inputs.items():
+            if top.source in env:
+                continue
+            example = self.examples[self.placeholders.index(node)]
+            derived = _derived_input(top.name, by_name, example) if top.source == self._user_label(node) else None
+            if derived is not None:
+                env[top.source] = derived
+        return env
+
+    def fit(self, batches: Sequence[Any]) -> list[Any]:
+        """The calibration batches as this graph can run them.
+
+        A graph captured with static shapes runs only on its captured
+        ``[batch, length]`` (``model.generate`` compiles the prompt's shape). Batches
+        of another shape are re-cut into windows of that shape, their 2-D inputs
+        (ids, mask, token types) alike, so every calibration token is still used.
+        """
+        primary = self._primary()
+        node = next((n for n, i in self.inputs.items() if i == primary and self._user_label(n) == i.source), None)
+        expected = None if node is None else node.meta.get("example_value", node.meta.get("val"))
+        if not isinstance(expected, torch.Tensor) or expected.dim() != 2 or any(
+                isinstance(d, torch.SymInt) for d in expected.shape):
+            return list(batches)
+        shape = tuple(expected.shape)
+        named = [{i.name: v for i, v in self._given(b, k).items()} for k, b in enumerate(batches)]
+        ids = [b.get(primary.name) for b in named]
+        if all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape for t in ids):
+            return list(batches)
+        rows, length = shape
+        windows: dict[str, list[torch.Tensor]] = {}
+        for batch, batch_ids in zip(named, ids):
+            if not isinstance(batch_ids, torch.Tensor) or batch_ids.dim() != 2:
+                return list(batches)  # not token batches: bind() reports what does not fit
+            usable = batch_ids.shape[1] // length * length
+            for key, value in batch.items():
+                if isinstance(value, torch.Tensor) and value.shape[:2] == batch_ids.shape:
+                    windows.setdefault(key, []).extend(value[:, :usable].reshape(-1, length))
+        count = len(windows.get(primary.name, [])) // rows
+        if count == 0:
+            raise CalibrationError(
+                f"the graph was captured for inputs of shape {shape} and the calibration batches hold fewer than "
+                f"{rows} windows of {length} tokens; give longer calibration batches or compile with dynamic=True"
+            )
+        log.warning("graph captured for the static shape %s: calibration re-cut into %d batches of that shape "
+                    "(compile with dynamic=True to calibrate on the batches as given)", shape, count)
+        return [{key: torch.stack(parts[k * rows:(k + 1) * rows]) for key, parts in windows.items()} for k in range(count)]
+
+    def _user_value(self, node: fx.Node, env: Mapping[str, Any]) -> Any:
+        """The value of one user placeholder; the captured call's when the batch neither gives nor implies it."""
+        if self.inputs[node].source not in env:
+            return self.examples[self.placeholders.index(node)]
         grapharg = node.meta.get("grapharg")
-        if isinstance(batch, torch.Tensor) and len(self.user) == 1:
-            return batch
-        if grapharg is not None:
-            return _resolve(grapharg.source, env)
-        if isinstance(batch, Mapping):
-            return batch[node.target]
-        return env["args"][self.user.index(node)]
+        return _resolve(grapharg.source, env) if grapharg is not None else env[self.inputs[node].source]
 
     def bind(self, batch: Any, index: int = 0) -> list[Any]:
         """Graph arguments for one calibration batch; a clear error when it does not fit.
@@ -129,7 +259,7 @@ class CalibrationRunner:
         User tensors are bound first: symbolic sizes (which Dynamo places before
         the tensor they measure) are then read off the bound tensors.
         """
-        env = self._env(batch)
+        env = self._complete(self._given(batch, index))
         args: list[Any] = list(self.examples)
         bound: dict[str, Any] = {}  # user input source name -> value
         for phase in (_ROLE_USER, _ROLE_SIZE):
@@ -138,7 +268,7 @@ class CalibrationRunner:
                     continue
                 try:
                     if role == _ROLE_USER:
-                        args[i] = self._check_tensor(node, self._user_value(node, batch, env), index)
+                        args[i] = self._check_tensor(node, self._user_value(node, env), index)
                         bound[self._user_label(node)] = args[i]
                     else:
                         args[i] = _resolve(node.meta["grapharg"].source, {**env, **bound})
@@ -171,9 +301,9 @@ class CalibrationRunner:
         return value.to(device.device) if isinstance(device, torch.Tensor) else value
 
     def _check_extra_keys(self, batch: Any, index: int) -> None:
-        if not isinstance(batch, Mapping) or not all(n.meta.get("grapharg") for n in self.user):
+        if not isinstance(batch, Mapping):
             return
-        taken = {_batch_key(n.meta["grapharg"].source) for n in self.user}
+        taken = {i.name for i in self.inputs.values()}
         extra = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in taken]
         if extra:
             raise CalibrationError(
@@ -216,13 +346,3 @@ class CalibrationRunner:
         args = self.bind(batch, index)
         with self._weights(args, overrides or {}):
             return self.gm(*args)
-
-
-def _batch_key(source: Any) -> Any:
-    """The dict key a user input is read from: ``k`` for ``L['kwargs'][k]``, ``x`` for ``L['x']``."""
-    while isinstance(source.base if hasattr(source, "base") else None, (DictGetItemSource, GetItemSource)):
-        source = source.base
-    base = getattr(source, "base", None)
-    if isinstance(base, LocalSource) and base.local_name == "kwargs":
-        return source.index
-    return _root(source).local_name

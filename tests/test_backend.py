@@ -288,3 +288,54 @@ def test_compiled_graph_keeps_no_activation_statistics():
     metas = [n.meta[META_KEY] for n in kept[0].graph.nodes if META_KEY in n.meta]
     assert metas and any(m.compressible for m in metas)  # layers left dense are still in the graph
     assert all(m.stats is None for m in metas)
+
+
+def test_new_options_recompress_while_dense_weights_are_held():
+    """Ratio 1.0 keeps every layer dense; a later compile at 0.5 must compress, not reuse the ratio-1.0 records."""
+    model = tiny_model("llama")
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        dense = first_output(model(input_ids=ids))
+        _compile(model, calibration=token_batches(2), param_ratio=1.0)(input_ids=ids)
+        torch._dynamo.reset()
+        out = first_output(_compile(model, calibration=token_batches(2), param_ratio=0.5, allocation="uniform")(input_ids=ids))
+    assert (out - dense).abs().max().item() > 1e-3
+    assert lrcompile.model_report(model).param_ratio <= 0.5
+
+
+def test_new_options_after_release_name_both_configs():
+    model = tiny_model("llama")
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        _compile(model, calibration=token_batches(2), param_ratio=0.5, allocation="uniform")(input_ids=ids)
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed,
+                           match=r"compressed with param_ratio=0\.5 .* asks for param_ratio=0\.7 .* fresh copy"):
+            _compile(model, calibration=token_batches(2), param_ratio=0.7, allocation="uniform")(input_ids=ids)
+
+
+def test_same_options_after_reset_reuse_the_records():
+    model = tiny_model("llama")
+    ids = token_batches(1, seed=7)[0]
+    options = dict(calibration=token_batches(2), param_ratio=0.5, allocation="uniform")
+    with torch.no_grad():
+        first = first_output(_compile(model, **options)(input_ids=ids))
+        torch._dynamo.reset()
+        again = first_output(_compile(model, **options)(input_ids=ids))
+    assert torch.equal(first, again)
+
+
+def test_model_generate_on_a_lowrank_compiled_forward():
+    """transformers' own generate: the first compiled call has generate's inputs (position_ids, cache, ...) and the
+    prompt's static shape; tensor calibration batches of another shape bind to input_ids and are re-cut to fit."""
+    from tiny_models import tiny_rope_model
+
+    model = tiny_rope_model("llama")
+    model.forward = torch.compile(model.forward, backend="lowrank", options=lrcompile.LowRankConfig(
+        calibration=token_batches(3, seq=16), param_ratio=0.5, allocation="uniform", compiler="eager"))
+    prompt = token_batches(1, batch=1, seq=6, seed=5)[0]
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
+        logits = model(out, use_cache=False).logits
+    assert lrcompile.model_report(model).param_ratio <= 0.5
+    assert torch.equal(logits[0, 5:-1].argmax(-1), out[0, 6:])  # cached decode agrees with a full recompute
