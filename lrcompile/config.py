@@ -79,6 +79,9 @@ class LowRankConfig:
     kv_allocation: ``uniform``, ``fisher`` (ranks proportional to the Fisher
         information of the K/V weights on calibration, Palu Sec. 3.3) or
         ``sensitivity`` (output-KL search per K/V projection, as for weights).
+    kv_unmatched: with a ``kv_ratio``, an attention block that cannot be restructured
+        (no RoPE, another attention kernel, a dense KV cache in the graph) is an
+        error naming it and why (``"error"``) or a warning, the block left dense (``"warn"``).
 
     Equality is identity (``eq=False``): Dynamo reuses a graph captured for one
     model instance for another of the same class when their backends' options
@@ -98,6 +101,7 @@ class LowRankConfig:
     kv_ratio: float | None = None
     kv_group_size: int | str = 1
     kv_allocation: str = "fisher"
+    kv_unmatched: str = "error"
     release_dense: bool = True
     dump_dir: str | None = None
     compiler: str = "inductor"
@@ -119,6 +123,7 @@ class LowRankConfig:
         if group != "all" and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
             raise LowRankConfigError(f"option 'kv_group_size'={group!r}: expected a positive integer or 'all'")
         _choice("kv_allocation", self.kv_allocation, KV_ALLOCATION_METHODS)
+        _choice("kv_unmatched", self.kv_unmatched, ("error", "warn"))
         set_(self, "include", _patterns("include", self.include))
         set_(self, "exclude", _patterns("exclude", self.exclude))
         ratios = self.sensitivity_ratios

@@ -132,8 +132,9 @@ def _find_linears(c: GraphCompression) -> None:
             raise CalibrationError(
                 f"layer {view.meta.name!r}: its dense weight was released but no factors are recorded for it"
             )
-    has_parameters = any(n.op in ("get_attr", "call_module") or is_state_input(n) for n in c.gm.graph.nodes)
-    if not any(v.meta.compressible for v in c.linears) and (c.linears or has_parameters):
+    if not c.linears:  # a graph-break fragment (embeddings, mask building) or a model without linears
+        log.warning("a captured graph has no linear layer: nothing to compress in it")
+    elif not any(v.meta.compressible for v in c.linears):
         found = "; ".join(f"{v.meta.name}: {v.meta.skip_reason}" for v in c.linears) or "none"
         raise NoCompressibleLinearError(
             f"the captured graph has no compressible linear layer (linears found: {found}); "
@@ -157,12 +158,26 @@ def _find_attention(c: GraphCompression) -> None:
                 )
             continue
         c.blocks.append((block, layer))
-    if c.config.kv_ratio is not None and not c.blocks and c.unmatched_attention:
-        log.warning("kv_ratio=%s: no attention block was recognised, attention is left dense (%s)", c.config.kv_ratio,
-                    "; ".join(f"{u.name}: {u.reason}" for u in c.unmatched_attention))
     stray = [u for u in c.unmatched_attention if u.cache_marker]
     if stray:
         raise LatentCacheError(f"latent KV cache used by attention that was not restructured: {stray[0].name} ({stray[0].reason})")
+    reasons = {u.name: u.reason for u in c.unmatched_attention}
+    matched = {view for block, _ in c.blocks for view in (block.k_linear, block.v_linear, block.o_linear)}
+    restructured = sorted({layer.plan.reason.removeprefix("latent attention ") for view, layer in c.recorded.items()
+                           if layer.status is LayerStatus.LATENT and view not in matched})
+    if restructured:  # their dense K/V/O weights are gone: this graph cannot run them
+        raise LatentCacheError(
+            "attention restructured for a latent KV cache is called in a form it cannot run: "
+            + "; ".join(f"{name} ({reasons.get(name, 'not recognised')})" for name in restructured)
+            + ". Pass past_key_values=lrcompile.LatentKVCache(model, batch_size, max_cache_len), or call with use_cache=False."
+        )
+    if c.config.kv_ratio is not None and c.unmatched_attention:
+        message = (f"kv_ratio={c.config.kv_ratio}: {len(c.unmatched_attention)} attention block(s) cannot be "
+                   "restructured for a latent KV cache and would stay dense: "
+                   + "; ".join(f"{u.name}: {u.reason}" for u in c.unmatched_attention))
+        if c.config.kv_unmatched == "error":
+            raise LatentCacheError(message + " (option kv_unmatched='warn' compresses the rest and leaves these dense)")
+        log.warning("%s", message)
 
 
 def _apply_recorded(c: GraphCompression) -> None:

@@ -292,12 +292,29 @@ def _block_name(k_linear: LinearNode) -> str:
     return k_linear.meta.name.rsplit(".", 1)[0] if "." in k_linear.meta.name else k_linear.meta.name
 
 
+def _module_path(source: str) -> str:
+    """``model.layers.0.self_attn`` from an ``nn_module_stack`` source such as ``L['self']._modules['model']...``."""
+    return ".".join(re.findall(r"_modules\['([^']*)'\]", source)) or re.sub(r"^L\['self'\]\.?", "", source)
+
+
 def _module_name(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return ".".join(re.findall(r"_modules\['([^']*)'\]", path)) or re.sub(r"^L\['self'\]\.?", "", path)
-    return node.name
+    return _module_path(list(stack.values())[-1][0]) if stack else node.name
+
+
+def _attention_modules(linears: list[LinearNode]) -> set[str]:
+    """Module paths (named like the linears) of the ``*Attention`` modules (by class) that hold a linear of the graph."""
+    found = set()
+    for view in linears:
+        stack = list((view.node.meta.get("nn_module_stack") or {}).values())
+        if not stack:
+            continue
+        depth = len(_module_path(stack[-1][0]).split("."))
+        for path, cls in stack:
+            if getattr(cls, "__name__", str(cls)).endswith("Attention"):
+                below = depth - len(_module_path(path).split("."))
+                found.add(".".join(view.meta.name.split(".")[: -below or None]))
+    return found
 
 
 def match_attention(node: fx.Node, linears: dict[fx.Node, LinearNode]) -> AttentionBlock:
@@ -363,6 +380,15 @@ def find_attention_blocks(
         except NoMatch as reason:
             unmatched.append(UnmatchedAttention(_module_name(node), str(reason)))
             log.info("attention %s left dense: %s", unmatched[-1].name, reason)
+    seen = {b.name for b in blocks} | {u.name for u in unmatched}
+    modules = _attention_modules(linears)
+    related = lambda a, b: a == b or a.startswith(b + ".") or b.startswith(a + ".")  # noqa: E731
+    for name in sorted(m for m in modules if not any(related(m, other) for other in seen)
+                       and not any(other.startswith(m + ".") for other in modules)):
+        unmatched.append(UnmatchedAttention(name, "its attention is computed by an op the matcher does not know (only "
+                                            "scaled_dot_product_attention and eager softmax attention are recognised: "
+                                            "load the model with attn_implementation='sdpa' or 'eager')"))
+        log.info("attention %s left dense: %s", name, unmatched[-1].reason)
     markers = {n for n in gm.graph.nodes if _is_fn(n, MARKER)}
     for stray in markers - {b.marker for b in blocks}:
         unmatched.append(UnmatchedAttention(_module_name(stray), "latent cache marker without a recognised attention",

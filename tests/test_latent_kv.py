@@ -105,15 +105,31 @@ def test_attention_without_rope_is_left_alone_with_a_reason(family):
     assert len(unmatched) == 2 and all("no RoPE" in u.reason for u in unmatched)
 
 
-def test_model_without_recognisable_attention_stays_dense_and_says_why(caplog):
+def test_kv_ratio_on_unrecognisable_attention_is_an_error_naming_each_block():
+    model = tiny_model("gpt2")
+    with torch.no_grad(), pytest.raises(Exception, match=r"transformer\.h\.0\.attn: .*no RoPE.*transformer\.h\.1\.attn") as info:
+        torch.compile(model, backend="lowrank", options=_config())(token_batches(1)[0], use_cache=False)
+    assert isinstance(info.value.inner_exception, LatentCacheError)
+    assert list(model_latent_attention(model)) == []
+
+
+def test_kv_unmatched_warn_leaves_those_blocks_dense_and_says_why(caplog):
     model = tiny_model("gpt2")
     ids = token_batches(1)[0]
     with torch.no_grad():
-        dense = model(ids).logits
-        out = torch.compile(model, backend="lowrank", options=_config())(ids).logits
+        dense = model(ids, use_cache=False).logits
+        out = torch.compile(model, backend="lowrank", options=_config(kv_unmatched="warn"))(ids, use_cache=False).logits
     assert torch.equal(out, dense)
-    assert "no attention block was recognised" in caplog.text and "transformer.h.0.attn" in caplog.text
+    assert "cannot be restructured" in caplog.text and "transformer.h.0.attn" in caplog.text
     assert list(model_latent_attention(model)) == []
+
+
+def test_attention_kernel_the_matcher_does_not_know_is_named():
+    """flex attention (or any attention op other than SDPA / eager softmax) is not silently weight-factored."""
+    model = tiny_rope_model("llama", attn_implementation="flex_attention")
+    with torch.no_grad(), pytest.raises(Exception, match=r"layers\.0\.self_attn: its attention is computed by an op "
+                                                         r"the matcher does not know .*attn_implementation='sdpa'"):
+        torch.compile(model, backend="lowrank", options=_config(kv_ratio=0.5))(token_batches(1)[0], use_cache=False)
 
 
 # --------------------------------------------------------------------------- restructure
@@ -286,14 +302,11 @@ def test_kv_sensitivity_allocation_meets_the_budget_and_follows_kl():
     assert allocate_kv_sensitivity(projections, 0.5, 8) == {"a": 48, "b": 16}  # the sensitive one keeps more
 
 
-def test_dense_kv_cache_graph_is_left_dense_with_the_fix_named(caplog):
+def test_dense_kv_cache_graph_is_an_error_with_the_fix_named():
     model = tiny_rope_model("llama")
     ids = token_batches(1, seq=12)[0]
-    with torch.no_grad():
-        dense = model(ids).logits
-        out = torch.compile(model, backend="lowrank", options=_config(kv_ratio=0.5))(ids).logits  # use_cache=True
-    assert torch.equal(out, dense)
-    assert "dense KV cache (use_cache=True without lrcompile.LatentKVCache)" in caplog.text
+    with torch.no_grad(), pytest.raises(Exception, match=r"dense KV cache \(use_cache=True without lrcompile.LatentKVCache\)"):
+        torch.compile(model, backend="lowrank", options=_config(kv_ratio=0.5))(ids)  # use_cache=True
     assert list(model_latent_attention(model)) == []
 
 
