@@ -41,16 +41,19 @@ from lrcompile.passes.latent_kv import (
     block_weights,
     build_latent_attention,
     check_group_size,
+    eager_output_weight,
     group_decompositions,
+    low_rank_product,
     restructure_attention,
 )
 from lrcompile.runtime.compressed_layers import record_latent, record_layer, recorded_latent, recorded_layer
+from lrcompile.runtime.released_weights import DenseRebuild, mark_released
 
 from .config import LowRankConfig
 from .errors import CalibrationError, LatentCacheError, LowRankError, NoCompressibleLinearError
 from .pass_manager import Pass, PassManager
 from .report import CompressionReport, build_report
-from .types import CompressionPlan, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
+from .types import CompressionPlan, CompressedLayer, LatentAttention, LayerPlan, LayerStatus, WeightLayout
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ class GraphCompression:
     kv_fisher: dict[str, float] = field(default_factory=dict)
     kv_sensitivity: dict[str, dict[float, float]] = field(default_factory=dict)
     latent: list[LatentAttention] = field(default_factory=list)
-    latent_views: list[LinearNode] = field(default_factory=list)
+    restructured: list[tuple[AttentionBlock, LatentAttention]] = field(default_factory=list)
     report: CompressionReport | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -345,14 +348,50 @@ def _restructure_attention(c: GraphCompression) -> None:
             c.layers[view] = recorded_layer(c.weight(view))
         pairs.append((block, layer))
         c.latent.append(layer)
-        c.latent_views.extend(views)
+    c.restructured = pairs
     restructure_attention(c.gm, pairs)
 
 
+def _eager_rebuilds(c: GraphCompression) -> list[tuple[torch.Tensor, DenseRebuild]]:
+    """How each weight about to be released is rebuilt for an eager call of the model (see runtime.released_weights)."""
+    rebuilds = []
+    for view, layer in c.layers.items():
+        if layer.status is LayerStatus.FACTORED and view.layout is not WeightLayout.MODULE:
+            down, up = layer.down, layer.up
+            transpose = view.layout is WeightLayout.ADDMM
+            rebuilds.append((c.weight(view), DenseRebuild(lambda d=down, u=up, t=transpose: (u @ d).T if t else u @ d)))
+    values = placeholder_values(c.gm, c.example_inputs)
+    for block, layer in c.restructured:
+        weights = block_weights(c.gm, block, values)
+        rebuilds.append((weights["k"], DenseRebuild(lambda lay=layer: low_rank_product(lay.k_up, lay.k_down))))
+        if layer.v_up is None:  # loaded from a folder that does not keep V's up-projection
+            def refuse(name: str = layer.name) -> torch.Tensor:
+                raise LatentCacheError(f"{name} was loaded without V's up-projection and cannot run eagerly: "
+                                       "call the model through its lowrank-compiled forward")
+            rebuilds += [(weights["v"], DenseRebuild(refuse)), (weights["o"], DenseRebuild(refuse))]
+            continue
+        rebuilds.append((weights["v"], DenseRebuild(lambda lay=layer: low_rank_product(lay.v_up, lay.v_down))))
+        o_weight = eager_output_weight(layer)
+        shift = torch.zeros(o_weight.shape[0], dtype=torch.float64, device=o_weight.device)
+        if layer.o_bias is not None:  # the folded bias: b_o + W_o b_v (Palu Eq. 6); eager adds b_o and W b_v itself
+            shift += layer.o_bias.double() - (0 if weights["o_bias"] is None else weights["o_bias"].double())
+        if weights["v_bias"] is not None:
+            repeat = layer.num_heads // layer.num_kv_heads
+            per_head = weights["v_bias"].double().reshape(layer.num_kv_heads, -1).repeat_interleave(repeat, 0)
+            shift -= o_weight.double() @ per_head.reshape(-1)
+        has_shift = bool(shift.abs().max() > 0)
+        rebuilds.append((weights["o"], DenseRebuild(lambda w=o_weight: w, shift.to(o_weight.dtype) if has_shift else None)))
+    return rebuilds
+
+
 def _release_dense(c: GraphCompression) -> None:
-    factored = [v for v, layer in c.layers.items() if layer.status is LayerStatus.FACTORED] + c.latent_views
+    factored = [v for v, layer in c.layers.items() if layer.status is LayerStatus.FACTORED]
+    factored += [view for block, _ in c.restructured for view in (block.k_linear, block.v_linear, block.o_linear)]
     if c.config.release_dense and factored:
+        rebuilds = _eager_rebuilds(c)
         _, c.kept_inputs = release_dense_weights(c.gm, factored, c.example_inputs)
+        for weight, rebuild in rebuilds:
+            mark_released(weight, rebuild)
     if c.latent or any(layer.status is LayerStatus.FACTORED for layer in c.layers.values()):
         c.instance_input = _instance_input(c)
 

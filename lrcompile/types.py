@@ -213,6 +213,7 @@ class LatentAttention:
     k_up: torch.Tensor | None = None  # [groups, group_size * head_dim, k_rank]
     k_bias: torch.Tensor | None = None  # [kv_heads * head_dim]
     v_down: torch.Tensor | None = None  # [groups * v_rank, hidden]
+    v_up: torch.Tensor | None = None  # [groups, group_size * head_dim, v_rank]; folded into o_weight, kept for eager calls
     o_weight: torch.Tensor | None = None  # [out, heads * v_rank]
     o_bias: torch.Tensor | None = None  # [out]
     dense_bytes: int = 0  # k, v and o weights before

@@ -139,9 +139,30 @@ def build_latent_attention(
         name=block.name, method=method, group_size=group_size, num_heads=block.num_heads,
         num_kv_heads=block.num_kv_heads, head_dim=block.head_dim, k_rank=k_rank, v_rank=v_rank,
         dtype=weights["k"].dtype, k_down=k_down, k_up=k_up, k_bias=None if k_bias is None else k_bias.detach().clone(),
-        v_down=v_down, o_weight=o_weight, o_bias=o_bias, dense_bytes=dense_bytes, k_truncation_loss=k_loss,
+        v_down=v_down, v_up=v_up, o_weight=o_weight, o_bias=o_bias, dense_bytes=dense_bytes, k_truncation_loss=k_loss,
         v_truncation_loss=v_loss,
     )
+
+
+def low_rank_product(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The dense ``[groups * width, hidden]`` projection of group factors ``up [groups, width, r]``, ``down [groups * r, hidden]``."""
+    groups, _, rank = up.shape
+    return torch.cat([up[g] @ down[g * rank : (g + 1) * rank] for g in range(groups)])
+
+
+def eager_output_weight(layer: LatentAttention) -> torch.Tensor:
+    """An output projection ``[out, heads * D]`` that, applied to attention over the low-rank V
+    ``U^v D^v x``, equals the folded ``o_weight`` applied to attention over the V latent.
+
+    Per query head ``W_h = o_weight_h pinv(U^v_{j(h)})``: since ``o_weight_h = W_o,h U^v_j``,
+    ``W_h U^v_j = W_o,h U^v_j pinv(U^v_j) U^v_j = o_weight_h``. Computed in float64.
+    """
+    up = layer.v_up.double().reshape(layer.num_kv_heads, layer.head_dim, layer.v_rank)
+    n_rep = layer.num_heads // layer.num_kv_heads
+    pinvs = torch.linalg.pinv(up)  # [kv_heads, v_rank, D]
+    o = layer.o_weight.double()
+    blocks = [o[:, h * layer.v_rank : (h + 1) * layer.v_rank] @ pinvs[h // n_rep] for h in range(layer.num_heads)]
+    return torch.cat(blocks, dim=1).to(layer.o_weight.dtype)
 
 
 def _frozen_attr(gm: fx.GraphModule, block: str, part: str, tensor: torch.Tensor | None, graph: fx.Graph) -> fx.Node | None:

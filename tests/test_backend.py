@@ -339,3 +339,18 @@ def test_model_generate_on_a_lowrank_compiled_forward():
         logits = model(out, use_cache=False).logits
     assert lrcompile.model_report(model).param_ratio <= 0.5
     assert torch.equal(logits[0, 5:-1].argmax(-1), out[0, 6:])  # cached decode agrees with a full recompute
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_eager_call_after_compression_rebuilds_released_weights(family):
+    """A fallback to eager (recompile limit, torch.compiler.disable, a call after reset) runs the factors, not freed storage."""
+    model = tiny_model(family)
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        compiled = first_output(_compile(model, calibration=token_batches(2), param_ratio=0.5, allocation="uniform")(input_ids=ids))
+        torch._dynamo.reset()
+        eager = first_output(model(input_ids=ids))
+        disabled = first_output(torch.compiler.disable(model)(input_ids=ids))
+    assert (eager - compiled).abs().max().item() <= 1e-4 and torch.equal(eager, disabled)
+    released = [p for _, p in model.named_parameters() if p.untyped_storage().nbytes() == 0]
+    assert released, "the dense weights stay released after the eager call"

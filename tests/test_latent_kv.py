@@ -360,3 +360,22 @@ def test_scaled_rope_variants_are_exact_at_full_rank(rope):
     assert (out - dense).abs().max() < 1e-5
     if rope["rope_type"] == "yarn":
         assert model.model.rotary_emb.attention_scaling != 1.0  # the scaling reaches the op from the graph
+
+
+@pytest.mark.parametrize(("family", "group"), [("llama", 1), ("qwen2", "all"), ("qwen2", 1)])
+def test_eager_call_after_kv_restructure_matches_the_compiled_latent_attention(family, group):
+    """Eager calls rebuild K, V and an output projection from the latent factors (V bias included)."""
+    model = tiny_rope_model(family)
+    if family == "qwen2":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.v_proj.bias.normal_()
+    ids = token_batches(1, seq=12)[0]
+    options = _config(kv_ratio=0.5, kv_group_size=group, method="asvd", calibration=token_batches(2, seq=12))
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="lowrank", options=options)(ids, use_cache=False).logits
+        torch._dynamo.reset()
+        eager = model(ids, use_cache=False).logits
+        cached = model(ids, use_cache=True).logits  # eager with transformers' dense cache
+    assert (eager - compiled).abs().max().item() <= 1e-4
+    assert (cached - compiled).abs().max().item() <= 1e-4
