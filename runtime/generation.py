@@ -12,29 +12,10 @@ from torch import nn
 from lrcompile.config import LowRankConfig
 from lrcompile.errors import LatentCacheError, LowRankConfigError
 
-from .compressed_layers import model_latent_attention
+from .compiled_forward import compile_forward, compress_on_first_call, has_latent_attention
 from .latent_cache import LatentKVCache
 
 log = logging.getLogger(__name__)
-
-
-def _as_kwargs(batch: Any) -> dict[str, Any]:
-    if isinstance(batch, Mapping):
-        return dict(batch)
-    if isinstance(batch, (tuple, list)):
-        return {"input_ids": batch[0]}
-    return {"input_ids": batch}
-
-
-def _has_latent_attention(model: nn.Module) -> bool:
-    return next(model_latent_attention(model), None) is not None
-
-
-def compile_forward(model: nn.Module, config: LowRankConfig) -> None:
-    """``model.forward = torch.compile(model.forward, backend="lowrank")``, once: ``model.generate``
-    then runs compiled prefill and decode graphs (a compiled *module*'s ``generate`` would run eagerly)."""
-    if not hasattr(model.forward, "_torchdynamo_orig_callable"):
-        model.forward = torch.compile(model.forward, backend="lowrank", options=config)
 
 
 def generate(
@@ -57,16 +38,13 @@ def generate(
     arguments go to ``model.generate`` (``do_sample``, ``temperature``, ...).
     """
     config = LowRankConfig.from_options(options)
-    compressed = _has_latent_attention(model)
+    compressed = has_latent_attention(model)
     if not compressed and config.kv_ratio is None:
         raise LowRankConfigError("generate needs option 'kv_ratio' to restructure attention for a latent KV cache")
     compile_forward(model, config)
     if not compressed:
-        log.info("compressing %s on its first compiled call (kv_ratio %s)", type(model).__name__, config.kv_ratio)
-        first = config.calibration[0] if config.calibration else {"input_ids": input_ids, "attention_mask": attention_mask}
-        with torch.no_grad():
-            model(**_as_kwargs(first), use_cache=False)
-        if not _has_latent_attention(model):
+        compress_on_first_call(model, config, {"input_ids": input_ids, "attention_mask": attention_mask})
+        if not has_latent_attention(model):
             raise LatentCacheError(f"{type(model).__name__}: no attention block was restructured (see the report)")
     needed = input_ids.shape[1] + max_new_tokens
     if cache is None:

@@ -1,0 +1,64 @@
+"""A causal LM's forward compiled with the ``lowrank`` backend: compile it once, find its options, compress it.
+
+``model.generate`` calls ``model.forward``, so generation compiles the forward
+(a compiled *module*'s ``generate`` would run eagerly). The model is compressed
+by the forward's first compiled call; a :class:`~lrcompile.runtime.LatentKVCache`
+needs the latent ranks before that call, so it triggers the compression itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrcompile.config import LowRankConfig
+
+from .compressed_layers import model_latent_attention
+
+log = logging.getLogger(__name__)
+
+
+def compile_forward(model: nn.Module, config: LowRankConfig) -> None:
+    """``model.forward = torch.compile(model.forward, backend="lowrank")``, unless it is compiled already."""
+    if not hasattr(model.forward, "_torchdynamo_orig_callable"):
+        model.forward = torch.compile(model.forward, backend="lowrank", options=config)
+
+
+def compiled_options(model: nn.Module) -> LowRankConfig | None:
+    """The options ``model.forward`` was compiled with under ``backend="lowrank"``, or None.
+
+    torch.compile keeps them on the compiled function's Dynamo context, read
+    here through its (private) backend chain; tests pin the torch versions it was checked on.
+    """
+    for cell in getattr(model.forward, "__closure__", None) or ():
+        backend = getattr(getattr(cell.cell_contents, "callback", None), "_torchdynamo_orig_backend", None)
+        while backend is not None:
+            if getattr(backend, "compiler_name", None) == "lowrank":
+                return LowRankConfig.from_options(getattr(backend, "kwargs", {}).get("options"))
+            backend = getattr(backend, "_torchdynamo_orig_backend", None)
+    return None
+
+
+def has_latent_attention(model: nn.Module) -> bool:
+    return next(model_latent_attention(model), None) is not None
+
+
+def _as_kwargs(batch: Any) -> dict[str, Any]:
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return {"input_ids": batch[0]}
+    return {"input_ids": batch}
+
+
+def compress_on_first_call(model: nn.Module, config: LowRankConfig, fallback_batch: Any = None) -> None:
+    """Run the compiled forward once (``use_cache=False``) on the first calibration batch, or on
+    ``fallback_batch`` when the options give none, so that the backend compresses the model."""
+    first = config.calibration[0] if config.calibration else fallback_batch
+    log.info("compressing %s on its first compiled call (kv_ratio %s)", type(model).__name__, config.kv_ratio)
+    with torch.no_grad():
+        model(**_as_kwargs(first), use_cache=False)
