@@ -6,7 +6,9 @@
   cache. The attention-restructure pass replaces it; it never runs.
 * ``lowrank::write_latent_cache`` writes a chunk's latents and key positions
   into the buffers at the layer's fill level and advances it. It is declared as
-  mutating them, so the buffers are updated in place by compiled graphs.
+  mutating them, so the buffers are updated in place by compiled graphs. Its
+  fake implementation checks the chunk's batch against the cache's, so a
+  mis-sized cache fails when the graph is compiled, before anything is written.
 """
 
 from __future__ import annotations
@@ -42,11 +44,21 @@ def check_capacity(length: int, new: int, capacity: int) -> None:
         )
 
 
+def check_rows(cache_rows: int, new_rows: int) -> None:
+    if new_rows != cache_rows:
+        raise LatentCacheError(
+            f"latent KV cache built for batch {int(cache_rows)}, called with batch {int(new_rows)}; generate runs num_beams (or "
+            "num_return_sequences) rows per prompt: build the LatentKVCache with batch_size = prompts * "
+            "max(num_beams, num_return_sequences)"
+        )
+
+
 @torch.library.custom_op("lowrank::write_latent_cache", mutates_args=("k_cache", "v_cache", "pos_cache", "length"))
 def write_latent_cache(
     k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor, length: Tensor, k_new: Tensor, v_new: Tensor, positions: Tensor
 ) -> None:
     """``cache[:, length:length+T] = new``; ``length += T``. Buffers ``[B, S_max, R]``, positions ``[B, S_max]``."""
+    check_rows(k_cache.shape[0], k_new.shape[0])
     start, new = int(length), k_new.shape[1]
     check_capacity(start, new, k_cache.shape[1])
     k_cache[:, start : start + new] = k_new
@@ -57,4 +69,4 @@ def write_latent_cache(
 
 @write_latent_cache.register_fake
 def _(k_cache, v_cache, pos_cache, length, k_new, v_new, positions):
-    return None
+    check_rows(k_cache.shape[0], k_new.shape[0])

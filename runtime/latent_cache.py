@@ -16,8 +16,20 @@ restructure replaces it with ``lowrank::write_latent_cache`` and
 ``lowrank::latent_attention`` over the buffers. The masks transformers builds
 are sized for ``max_cache_len`` slots, as for its ``StaticCache``.
 
-Outside compilation it behaves as a dense static cache (allocated on first use),
-so eager code on the same cache object stays correct.
+Only compiled graphs can write latents (``update`` receives K after RoPE, not
+the hidden states they come from), so an eager ``update`` raises
+:class:`LatentCacheError` and leaves the cache as it was: a cache never holds a
+fill level without the latents behind it. Nothing is raised while tracing
+(Dynamo would skip the whole frame); a cache of the wrong batch fails when the
+write op is compiled, see :mod:`lrcompile.kernels.latent_cache`.
+
+What ``generate`` does to a cache works on the latents as on dense K/V: beam
+search reorders the rows of every buffer, the shared positions included (in
+place, so compiled graphs keep mutating the same tensors);
+``batch_repeat_interleave`` / ``batch_select_indices`` repeat or select rows;
+``crop`` (assisted decoding) lowers the fill level, as for ``StaticCache``, and
+the next write overwrites the dropped slots. Offloading is refused: the buffers
+are inputs of the compiled graphs.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from lrcompile.errors import LatentCacheError
-from lrcompile.kernels.latent_cache import check_capacity, latent_cache_marker
+from lrcompile.kernels.latent_cache import latent_cache_marker
 from lrcompile.types import LatentAttention
 
 from .compressed_layers import recorded_latent
@@ -41,6 +53,7 @@ class LatentLayer(CacheLayerMixin):
     """One attention layer's latent buffers."""
 
     is_compileable = True
+    is_croppable = True
     is_sliding = False
 
     def __init__(self, layer: LatentAttention, batch_size: int, max_cache_len: int, positions: torch.Tensor):
@@ -57,23 +70,17 @@ class LatentLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        shape = (self.batch_size, key_states.shape[1], self.max_cache_len)
-        self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
-        self.values = value_states.new_zeros(*shape, value_states.shape[-1])
+        """Nothing to do: the buffers are allocated by ``__init__``, and no dense K/V is ever held."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            return latent_cache_marker(key_states, value_states, self.k_latent, self.v_latent, self.positions, self.length)
-        if key_states.shape[0] != self.batch_size:
-            raise LatentCacheError(f"latent KV cache built for batch {self.batch_size}, called with batch {key_states.shape[0]}")
-        if self.keys is None:
-            self.lazy_initialization(key_states, value_states)
-        start, new = int(self.length), key_states.shape[-2]
-        check_capacity(start, new, self.max_cache_len)
-        self.keys[:, :, start : start + new] = key_states
-        self.values[:, :, start : start + new] = value_states
-        self.length += new
-        return self.keys, self.values
+        if not torch.compiler.is_compiling():
+            raise LatentCacheError(
+                f"{self.spec.name} ran eagerly with a LatentKVCache, which holds latents only compiled graphs can "
+                "write; call the model through its forward compiled with backend='lowrank' (lrcompile.generate does; "
+                "Dynamo also runs a forward eagerly once torch._dynamo.config.recompile_limit is reached), or give "
+                "eager calls a transformers DynamicCache"
+            )
+        return latent_cache_marker(key_states, value_states, self.k_latent, self.v_latent, self.positions, self.length)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.max_cache_len, 0
@@ -87,10 +94,42 @@ class LatentLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length.zero_()
         self.positions.zero_()
-        self.keys = self.values = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens: the next write overwrites their slots."""
+        if tokens_to_remove > 0:
+            raise LatentCacheError(
+                f"crop({tokens_to_remove}): pass minus the number of tokens to remove, as for transformers' StaticCache"
+            )
+        if tokens_to_remove == 0:
+            return
+        if -tokens_to_remove > int(self.length):
+            raise LatentCacheError(
+                f"crop({tokens_to_remove}) on {self.spec.name}, which holds {int(self.length)} tokens; remove at most that"
+            )
+        self.length.add_(tokens_to_remove)
+
+    def take_rows(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """Row ``i`` of each latent buffer becomes old row ``rows[i]``; ``positions`` is the cache's, already taken."""
+        self.k_latent, self.v_latent = take_rows(self.k_latent, rows), take_rows(self.v_latent, rows)
+        self.positions = positions
+        self.batch_size = rows.numel()
+
+    def offload(self):
+        raise LatentCacheError(
+            f"{self.spec.name}: a LatentKVCache cannot be offloaded, its buffers are inputs of the compiled graphs on "
+            f"{self.positions.device}; build it with a smaller batch_size or max_cache_len to hold less"
+        )
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         return self.k_latent, self.v_latent, self.positions, self.length
+
+
+def take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``tensor[rows]`` along the batch dim; in place when the batch size is kept (beam reordering), so the
+    buffers compiled graphs mutate stay the same tensors."""
+    taken = tensor.index_select(0, rows)
+    return tensor.copy_(taken) if taken.shape[0] == tensor.shape[0] else taken
 
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -130,6 +169,26 @@ class LatentKVCache(Cache):
         self.max_cache_len = max_cache_len
         log.info("latent KV cache: %d layers, batch %d, %d slots, %d bytes (a dense cache: %d)", len(layers),
                  batch_size, max_cache_len, self.latent_bytes, self.dense_bytes())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes old row ``beam_idx[i]`` in every layer and in the shared positions."""
+        self._take_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._take_rows(self._rows().repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._take_rows(self._rows()[indices])
+
+    def _rows(self) -> torch.Tensor:
+        return torch.arange(self.batch_size, device=self.layers[0].positions.device)
+
+    def _take_rows(self, rows: torch.Tensor) -> None:
+        positions = self.layers[0].positions
+        rows = rows.to(positions.device)
+        positions = take_rows(positions, rows)
+        for layer in self.layers:
+            layer.take_rows(rows, positions)
 
     @property
     def latent_bytes(self) -> int:

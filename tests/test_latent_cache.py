@@ -1,0 +1,130 @@
+"""LatentKVCache under what transformers' generate does to a cache: beam search, several sequences per prompt,
+batch repeat/select, assisted decoding (crop), and eager calls; compared with a dense cache of the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import left_padded_prompts, tiny_rope_model, token_batches
+from transformers import DynamicCache
+
+import lrcompile
+from lrcompile import LatentKVCache
+from lrcompile.errors import LatentCacheError
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compressed(**options) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A tiny Llama and its twin (same weights) compressed at kv_ratio 1.0, exact up to round-off."""
+    dense, model = tiny_rope_model("llama"), tiny_rope_model("llama")
+    config = lrcompile.LowRankConfig(**{**dict(param_ratio=1.0, kv_ratio=1.0, kv_allocation="uniform", method="svd",
+                                               compiler="aot_eager"), **options})
+    ids, mask = left_padded_prompts([4])
+    lrcompile.generate(model, ids, mask, options=config, max_new_tokens=1)
+    return dense, model
+
+
+def test_beam_search_reorders_the_latents_in_place_and_matches_the_dense_cache(monkeypatch):
+    dense, model = _compressed()
+    ids, mask = left_padded_prompts([7, 4])
+    kw = dict(max_new_tokens=8, min_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False,
+              output_scores=True, return_dict_in_generate=True)
+    expected = dense.generate(ids, attention_mask=mask, **kw)
+    cache = LatentKVCache(model, batch_size=2 * 3, max_cache_len=7 + 8)
+    buffers = [(layer.k_latent, layer.v_latent) for layer in cache.layers]
+    orders = []
+    reorder = LatentKVCache.reorder_cache
+    monkeypatch.setattr(LatentKVCache, "reorder_cache", lambda self, idx: (orders.append(idx.clone()), reorder(self, idx)))
+    out = lrcompile.generate(model, ids, mask, cache=cache, **kw)
+    assert any(not torch.equal(order, torch.arange(6)) for order in orders)  # beams did swap rows
+    assert torch.equal(out.sequences, expected.sequences)
+    assert torch.allclose(out.sequences_scores, expected.sequences_scores, atol=1e-5)
+    assert all(layer.k_latent is k and layer.v_latent is v for layer, (k, v) in zip(cache.layers, buffers))
+
+
+def test_several_sequences_per_prompt_need_a_cache_row_each():
+    dense, model = _compressed()
+    ids, mask = left_padded_prompts([5, 3])
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=20, num_return_sequences=3)
+    with pytest.raises(Exception, match=r"latent KV cache built for batch 2, called with batch 6; generate runs "
+                                        r"num_beams .* batch_size = prompts \* max\(num_beams, num_return_sequences\)"
+                       ) as excinfo:
+        model.generate(ids, attention_mask=mask, past_key_values=LatentKVCache(model, 2, 5 + 6), **kw)
+    assert isinstance(excinfo.value.inner_exception, LatentCacheError)  # raised compiling the write, before it runs
+    torch.manual_seed(0)
+    expected = dense.generate(ids, attention_mask=mask, **kw)
+    torch.manual_seed(0)
+    out = model.generate(ids, attention_mask=mask, past_key_values=LatentKVCache(model, 2 * 3, 5 + 6), **kw)
+    assert torch.equal(out, expected)
+
+
+def test_batch_repeat_and_select_match_a_dense_cache():
+    dense, model = _compressed()
+    latent, dynamic = LatentKVCache(model, batch_size=2, max_cache_len=10), DynamicCache()
+    prompt = token_batches(1, batch=2, seq=6)[0]
+    with torch.no_grad():
+        model(prompt, past_key_values=latent)
+        dense(prompt, past_key_values=dynamic)
+        for cache in (latent, dynamic):
+            cache.batch_repeat_interleave(2)  # rows 0, 0, 1, 1
+        step = torch.tensor([[5], [6], [7], [8]])
+        assert latent.batch_size == 4 and all(int(layer.length) == 6 for layer in latent.layers)
+        got, want = model(step, past_key_values=latent).logits, dense(step, past_key_values=dynamic).logits
+        assert (got - want).abs().max() < 1e-5
+        for cache in (latent, dynamic):
+            cache.batch_select_indices(torch.tensor([3, 0]))  # rows 1 (then 8) and 0 (then 5)
+        step = torch.tensor([[9], [10]])
+        got, want = model(step, past_key_values=latent).logits, dense(step, past_key_values=dynamic).logits
+    assert (got - want).abs().max() < 1e-5
+    assert latent.batch_size == 2 and all(layer.positions is latent.layers[0].positions for layer in latent.layers)
+    assert latent.layers[0].positions[:, :8].tolist() == [list(range(8))] * 2
+
+
+def test_assisted_decoding_crops_the_latent_cache_and_matches_the_dense_cache(monkeypatch):
+    dense, model = _compressed()
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])  # repeats, so prompt lookup proposes candidates
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3)
+    expected = dense.generate(ids, **kw)
+    crops = []
+    crop = LatentKVCache.crop
+    monkeypatch.setattr(LatentKVCache, "crop", lambda self, n: (crops.append(n), crop(self, n)))
+    out = model.generate(ids, past_key_values=LatentKVCache(model, 1, 10 + 12 + 3), **kw)
+    assert torch.equal(out, expected)
+    assert any(n < 0 for n in crops)  # rejected candidates were dropped from the cache
+
+
+def test_eager_calls_are_refused_and_leave_the_cache_untouched():
+    dense, model = _compressed(release_dense=False)  # dense weights kept, so an eager forward reaches the cache
+    ids, mask = left_padded_prompts([6, 3])
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    eager_use = (r"model.layers.0.self_attn ran eagerly with a LatentKVCache, which holds latents only compiled graphs "
+                 r"can write; call the model through its forward compiled with backend='lowrank'.* or give eager calls "
+                 r"a transformers DynamicCache")
+    cache = LatentKVCache(model, 2, 6 + 5)
+    with torch.compiler.set_stance("force_eager"), pytest.raises(LatentCacheError, match=eager_use):
+        model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+    assert [int(layer.length) for layer in cache.layers] == [0, 0]  # nothing counted that was not written
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)  # compiled, after the eager attempt
+    assert torch.equal(out, dense.generate(ids, attention_mask=mask, **kw))
+    latents = [layer.k_latent.clone() for layer in cache.layers]
+    with torch.compiler.set_stance("force_eager"), pytest.raises(LatentCacheError, match=eager_use):
+        model(out[:, -1:], past_key_values=cache)
+    assert [int(layer.length) for layer in cache.layers] == [6 + 5 - 1] * 2
+    assert all(torch.equal(layer.k_latent, k) for layer, k in zip(cache.layers, latents))
+
+
+def test_crop_and_offload_name_what_to_do():
+    _, model = _compressed()
+    cache = LatentKVCache(model, 1, 8)
+    with pytest.raises(LatentCacheError, match=r"crop\(2\): pass minus the number of tokens to remove"):
+        cache.crop(2)
+    with pytest.raises(LatentCacheError, match=r"crop\(-1\) on model.layers.0.self_attn, which holds 0 tokens"):
+        cache.crop(-1)
+    with pytest.raises(LatentCacheError, match="model.layers.0.self_attn: a LatentKVCache cannot be offloaded"):
+        cache.offload(0)
