@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lrcompile.config import LowRankConfig
+from lrcompile.errors import LowRankConfigError
 
 from .compressed_layers import model_latent_attention
 
@@ -59,6 +60,8 @@ def compress_on_first_call(model: nn.Module, config: LowRankConfig, fallback_bat
     """Run the compiled forward once (``use_cache=False``) on the first calibration batch, or on
     ``fallback_batch`` when the options give none, so that the backend compresses the model."""
     first = config.calibration[0] if config.calibration else fallback_batch
+    if first is None:
+        raise LowRankConfigError(f"compressing {type(model).__name__} needs option 'calibration' (model inputs)")
     log.info("compressing %s on its first compiled call (kv_ratio %s)", type(model).__name__, config.kv_ratio)
     with torch.no_grad():
         model(**_as_kwargs(first), use_cache=False)

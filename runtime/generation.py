@@ -47,8 +47,9 @@ def generate(
         if not has_latent_attention(model):
             raise LatentCacheError(f"{type(model).__name__}: no attention block was restructured (see the report)")
     needed = input_ids.shape[1] + max_new_tokens
-    if cache is None:
-        cache = LatentKVCache(model, input_ids.shape[0], needed)
+    if cache is None:  # generate runs max(num_beams, num_return_sequences) rows per prompt
+        rows = max(generate_kwargs.get("num_beams", 1) or 1, generate_kwargs.get("num_return_sequences", 1) or 1)
+        cache = LatentKVCache(model, input_ids.shape[0] * rows, needed)
     else:
         cache.reset()
     if needed > cache.max_cache_len:

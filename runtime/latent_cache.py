@@ -44,6 +44,7 @@ from lrcompile.errors import LatentCacheError
 from lrcompile.kernels.latent_cache import latent_cache_marker
 from lrcompile.types import LatentAttention
 
+from .compiled_forward import compiled_options, compress_on_first_call, has_latent_attention
 from .compressed_layers import recorded_latent
 
 log = logging.getLogger(__name__)
@@ -143,22 +144,29 @@ class LatentKVCache(Cache):
     """Latent K/V for every restructured attention layer of ``model``, for ``batch_size`` sequences of
     up to ``max_cache_len`` tokens (prompt, padding included, plus generated tokens).
 
-    The model must have been compressed with a ``kv_ratio`` in this process (or
-    loaded with :func:`lrcompile.load_compressed`): the ranks come from its record.
-    Reuse across requests: :meth:`reset`.
+    The ranks come from the model's latent-KV record: compressed with a ``kv_ratio``
+    in this process, or loaded with :func:`lrcompile.load_compressed`. A model whose
+    forward is compiled with ``backend="lowrank"`` and a ``kv_ratio`` but not yet
+    compressed is compressed here first (one compiled call on the first calibration
+    batch), so ``model.generate(..., past_key_values=LatentKVCache(model, ...))``
+    needs no other step. Reuse across requests: :meth:`reset`.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, max_cache_len: int):
         if batch_size < 1 or max_cache_len < 1:
             raise LatentCacheError(f"batch_size={batch_size} and max_cache_len={max_cache_len} must be positive")
+        config = None if has_latent_attention(model) else compiled_options(model)
+        if config is not None and config.kv_ratio is not None:
+            compress_on_first_call(model, config)
         layers = []
         positions = None
         for name, module in _attention_modules(model):
             spec = recorded_latent(module.k_proj.weight)
             if spec is None:
                 raise LatentCacheError(
-                    f"{name} has no latent-KV plan: compress the model with a kv_ratio (call the compiled model once, "
-                    "or lrcompile.generate does it) before building a LatentKVCache"
+                    f"{name} has no latent-KV plan: compile the model's forward with backend='lowrank' and a kv_ratio "
+                    "option (model.forward = torch.compile(model.forward, backend='lowrank', options=...)), or load "
+                    "a compressed folder, before building a LatentKVCache"
                 )
             if positions is None:
                 positions = torch.zeros(batch_size, max_cache_len, dtype=torch.long, device=module.k_proj.weight.device)

@@ -379,3 +379,29 @@ def test_eager_call_after_kv_restructure_matches_the_compiled_latent_attention(f
         cached = model(ids, use_cache=True).logits  # eager with transformers' dense cache
     assert (eager - compiled).abs().max().item() <= 1e-4
     assert (cached - compiled).abs().max().item() <= 1e-4
+
+
+def test_model_generate_with_a_latent_cache_needs_no_extra_step():
+    """Compile the forward, build the cache (it compresses the model), call transformers' generate."""
+    model = tiny_rope_model("llama")
+    reference = tiny_rope_model("llama")  # same seed, same weights
+    options = _config(kv_ratio=1.0, calibration=token_batches(2, seq=12))
+    model.forward = torch.compile(model.forward, backend="lowrank", options=options)
+    ids, mask = left_padded_prompts([5, 7])
+    with torch.no_grad():
+        cache = lrcompile.LatentKVCache(model, 2, 16)
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        dense = reference.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert len(list(model_latent_attention(model))) == 2
+    assert torch.equal(out, dense)
+
+
+def test_generate_sizes_its_cache_for_beams():
+    model = tiny_rope_model("llama")
+    reference = tiny_rope_model("llama")
+    ids, mask = left_padded_prompts([5, 7])
+    with torch.no_grad():
+        out = lrcompile.generate(model, ids, mask, options=_config(calibration=token_batches(2, seq=12)),
+                                 max_new_tokens=4, num_beams=2, do_sample=False)
+        dense = reference.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False)
+    assert torch.equal(out, dense)
