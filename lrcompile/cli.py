@@ -9,7 +9,10 @@ sample per line); ``report`` prints what ``compress`` or ``dump`` saved.
 by ``compress --kv-ratio``) and generates continuations of prompts.
 
 Bad input (a missing folder or file, a bad option, a corrupted save) ends with
-``error: ...`` on stderr and exit status 2, without a traceback.
+``error: ...`` on stderr and exit status 2, without a traceback. Every input
+(options, ``--out``, calibration text, the model's config and tokenizer) is
+checked before any weight loads: ``compress`` and ``dump`` take causal LMs and
+text encoders such as BERT, ``generate`` causal LMs, decided from config.json.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import dataclasses
 import inspect
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -62,6 +66,9 @@ class Compressed:
 # ---------------------------------------------------------------------------- inputs
 
 
+SUPPORTED_MODELS = "causal LMs (*ForCausalLM / *LMHeadModel) and text encoders such as BERT"
+
+
 def _is_causal_lm(config: Any) -> bool:
     """A decoder config whose saved architecture is a causal LM (``*ForCausalLM``, ``*LMHeadModel``)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -71,8 +78,55 @@ def _is_causal_lm(config: Any) -> bool:
     return causal_name and not config.is_encoder_decoder and type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
 
 
-def load_model_folder(folder: str | Path) -> tuple[torch.nn.Module, Any]:
-    """``(model, tokenizer)`` from a local Hugging Face folder; never reaches the network."""
+def _one_line(err: BaseException) -> str:
+    """A transformers error message on one line, for an ``error: ...`` line."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+@dataclass
+class ModelFolder:
+    """A Hugging Face model folder checked for what the CLI needs, before any weight loads."""
+
+    path: Path
+    config: Any  # transformers.PretrainedConfig
+    auto_class: Any  # AutoModelForCausalLM or AutoModel
+    tokenizer: Any
+
+    def check_kv_group_size(self, options: LowRankConfig) -> None:
+        """``kv_group_size`` against the config's KV heads, so a bad value fails before compression, not after."""
+        kv_heads = getattr(self.config, "num_key_value_heads", None) or getattr(self.config, "num_attention_heads", None)
+        if options.kv_ratio is None or options.kv_group_size == "all" or not kv_heads:
+            return
+        from lrcompile.passes.latent_kv import check_group_size  # registers the latent-attention ops
+
+        check_group_size(options.kv_group_size, kv_heads, f"the model in {str(self.path)!r}")
+
+    def load(self) -> torch.nn.Module:
+        model = self.auto_class.from_pretrained(self.path, local_files_only=True).eval()
+        log.info("loaded %s (%s) from %s", type(model).__name__, self.auto_class.__name__, self.path)
+        return model
+
+
+def _unsupported(config: Any, causal_lm_only: bool) -> str | None:
+    """Why a config's model is not one the CLI works on (None when it is); the model is not built."""
+    from transformers import MODEL_MAPPING
+
+    if _is_causal_lm(config):
+        return None
+    if causal_lm_only:
+        return "not a causal LM (*ForCausalLM / *LMHeadModel): generate needs a decoder that predicts the next token"
+    if config.is_encoder_decoder:
+        return "an encoder-decoder"
+    if type(config) not in MODEL_MAPPING:
+        return "which has no base model class in transformers"
+    model_class = MODEL_MAPPING[type(config)]
+    main_input = (model_class[0] if isinstance(model_class, (list, tuple)) else model_class).main_input_name
+    return None if main_input == "input_ids" else f"whose input is {main_input}, not token ids"
+
+
+def open_model_folder(folder: str | Path, command: str = "compress") -> ModelFolder:
+    """Read a local Hugging Face folder's config and tokenizer and check that ``command`` supports the model
+    (``generate``: causal LMs only); never reaches the network and loads no weight."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(folder)
@@ -80,17 +134,46 @@ def load_model_folder(folder: str | Path) -> tuple[torch.nn.Module, Any]:
         raise InputError(f"model folder {str(folder)!r} does not exist")
     if not (path / "config.json").is_file():
         raise InputError(f"model folder {str(folder)!r} has no config.json: expected a Hugging Face model folder")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    cls = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
-    model = cls.from_pretrained(path, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise InputError(f"model folder {str(folder)!r} has a config.json that transformers cannot read "
+                         f"({_one_line(err)}): expected one written by save_pretrained") from err
+    why = _unsupported(config, causal_lm_only=command == "generate")
+    if why is not None:
+        found = ", ".join(getattr(config, "architectures", None) or ()) or type(config).__name__
+        supported = "" if command == "generate" else f": {command} supports {SUPPORTED_MODELS}"
+        raise InputError(f"model folder {str(folder)!r} holds {found} (model_type {config.model_type!r}), {why}{supported}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise InputError(f"model folder {str(folder)!r} has no usable tokenizer: {_one_line(err)}; save the model's "
+                         "tokenizer in it (tokenizer.save_pretrained(folder))") from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise InputError(f"the tokenizer in {str(folder)!r} has neither a pad nor an eos token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token: padding with eos %r", tokenizer.eos_token)
-    log.info("loaded %s (%s) from %s", type(model).__name__, cls.__name__, path)
-    return model, tokenizer
+    auto_class = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
+    return ModelFolder(path, config, auto_class, tokenizer)
+
+
+def load_model_folder(folder: str | Path) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` from a local Hugging Face folder; never reaches the network."""
+    opened = open_model_folder(folder)
+    return opened.load(), opened.tokenizer
+
+
+def check_output_folder(out: str) -> None:
+    """Fail before any work when ``--out`` cannot become a folder: an existing file, or under one, or not writable."""
+    path = Path(out)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing == path and not path.is_dir():
+        raise InputError(f"--out {out!r} is an existing file: give a folder (created if missing)")
+    if not existing.is_dir():
+        raise InputError(f"--out {out!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out!r}: no permission to write in {str(existing)!r}")
 
 
 def calibration_texts(path: str | Path, batch_size: int, max_batches: int) -> list[str]:
@@ -129,6 +212,7 @@ def _config(args: argparse.Namespace, dump_dir: Path | None) -> LowRankConfig:
         param_ratio=args.param_ratio,
         method=args.method,
         allocation=args.allocation,
+        rank_multiple=args.rank_multiple,
         compiler=args.compiler,
         sensitivity_batches=args.sensitivity_batches,
         kv_ratio=args.kv_ratio,
@@ -162,10 +246,14 @@ def model_batches(
 
 
 def _compress_folder(args: argparse.Namespace, dump_dir: Path | None) -> Compressed:
+    """Every input is checked (options, --out, calibration text, model config and tokenizer) before weights load."""
     config = _config(args, dump_dir)
+    check_output_folder(args.out)
     texts = calibration_texts(args.calib, args.batch_size, args.max_batches)
-    model, tokenizer = load_model_folder(args.model_dir)
-    return compress(model, model_batches(model, tokenizer, texts, args.batch_size, args.seq_len), config)
+    folder = open_model_folder(args.model_dir, args.command)
+    folder.check_kv_group_size(config)
+    model = folder.load()
+    return compress(model, model_batches(model, folder.tokenizer, texts, args.batch_size, args.seq_len), config)
 
 
 def _print_report(result: Compressed) -> None:
@@ -240,13 +328,9 @@ def _generation_model(args: argparse.Namespace, config: LowRankConfig) -> tuple[
         raise InputError("give either --calib (compress now) or --load (a saved compressed model), not both")
     if args.calib is not None:
         texts = calibration_texts(args.calib, args.batch_size, args.max_batches)
-    model, tokenizer = load_model_folder(args.model_dir)
-    if not _is_causal_lm(model.config):
-        architectures = ", ".join(getattr(model.config, "architectures", None) or ()) or type(model).__name__
-        raise InputError(
-            f"model folder {args.model_dir!r} holds {architectures}, not a causal LM (*ForCausalLM / *LMHeadModel): "
-            "generate needs a decoder that predicts the next token"
-        )
+    folder = open_model_folder(args.model_dir, "generate")
+    folder.check_kv_group_size(config)
+    model, tokenizer = folder.load(), folder.tokenizer
     if args.load is None:
         batches = model_batches(model, tokenizer, texts, args.batch_size, args.seq_len)
         return model, tokenizer, dataclasses.replace(config, calibration=batches)
@@ -262,9 +346,9 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InputError("--temperature and --top-k apply only with --sample")
     if args.temperature is not None and args.temperature <= 0:
         raise InputError(f"--temperature {args.temperature}: expected a positive number")
+    config = _config(args, dump_dir=None)
     from .runtime.generation import generate  # loads the latent-attention kernels: only for this command
 
-    config = _config(args, dump_dir=None)
     model, tokenizer, config = _generation_model(args, config)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # load_model_folder already pads with eos; a tokenizer passed in may not
@@ -305,6 +389,7 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     config = _config(args, out / "graphs")
+    check_output_folder(args.out)
     model, tokenizer = load_model_folder(minilm_path())
     calibration = model_batches(
         model, tokenizer, stdlib_sentences("calibration", args.calib_sentences), args.batch_size, args.seq_len
@@ -342,18 +427,18 @@ def run_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- parser
 
 
-def _positive(text: str) -> int:
+def _positive(text: str, expected: str = "a positive integer") -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
 
 def _group_size(text: str) -> int | str:
-    return "all" if text == "all" else _positive(text)
+    return "all" if text == "all" else _positive(text, "a positive integer or 'all'")
 
 
 def _compression_options(
@@ -366,6 +451,9 @@ def _compression_options(
     parser.add_argument("--allocation", choices=ALLOCATION_METHODS, default=allocation,
                         help="rank allocation across layers (default: %(default)s)")
     parser.add_argument("--compiler", choices=COMPILERS, default="eager", help=COMPILER_HELP)
+    parser.add_argument("--rank-multiple", type=_positive, default=LowRankConfig.rank_multiple,
+                        help="ranks are multiples of this, at least one multiple (default: %(default)s); smaller "
+                        "values reach low --param-ratio targets on small layers")
     parser.add_argument("--sensitivity-batches", type=_positive, default=sensitivity_batches,
                         help="calibration batches per sensitivity trial (allocation 'sensitivity'; default: %(default)s)")
     parser.add_argument("--kv-ratio", type=float, default=kv_ratio,

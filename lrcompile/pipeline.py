@@ -276,7 +276,7 @@ def _allocate_ranks(c: GraphCompression) -> None:
     else:
         spectra = {v.meta.name: _decompose(c, v).s for v in targets}
         layers = allocate_closed_form(metas, spectra, cfg.param_ratio, cfg.rank_multiple)
-    c.plan = build_plan(cfg.method, cfg.allocation, cfg.param_ratio, layers)
+    c.plan = build_plan(cfg.method, cfg.allocation, cfg.param_ratio, layers, cfg.rank_multiple)
 
 
 def _factorize(c: GraphCompression) -> None:

@@ -30,6 +30,7 @@ from lrcompile.types import CompressionPlan, LayerPlan, LinearMeta
 log = logging.getLogger(__name__)
 
 DENSE_REASON = "factoring would not save parameters"
+RATIO_TOLERANCE = 0.1  # relative gap between achieved and target param_ratio beyond which the plan warns
 
 
 def align_rank(rank: float, multiple: int, meta: LinearMeta) -> int:
@@ -64,10 +65,7 @@ def _search(
             hi = mid
         else:
             lo = mid + 1
-    plans = plan_at(thresholds[lo])
-    if sum(p.params_after for p in plans) > budget:
-        log.warning("budget of %.0f parameters cannot be met with these candidates; closest plan used", budget)
-    return plans
+    return plan_at(thresholds[lo])  # over budget when no candidate meets it (build_plan warns when far off)
 
 
 def allocate_uniform(metas: Sequence[LinearMeta], param_ratio: float, multiple: int) -> list[LayerPlan]:
@@ -141,15 +139,26 @@ def _energy_share(singular_values: torch.Tensor) -> torch.Tensor:
     return energy / energy.sum().clamp_min(1e-300)
 
 
-def build_plan(method: str, allocation: str, param_ratio: float, layers: list[LayerPlan]) -> CompressionPlan:
+def build_plan(method: str, allocation: str, param_ratio: float, layers: list[LayerPlan], rank_multiple: int) -> CompressionPlan:
+    """The plan of ``layers`` (ranks aligned to ``rank_multiple``); warns when its parameter ratio misses
+    ``param_ratio`` by more than ``RATIO_TOLERANCE`` (relative), as rank alignment does on small layers."""
     plan = CompressionPlan(method, allocation, param_ratio, tuple(layers))
+    factored = sum(layer.rank is not None for layer in layers)
+    achieved = plan.achieved_ratio
     log.info(
         "plan (%s, %s): %d of %d linears factored, parameters %.3f of dense (target %.3f)",
-        method,
-        allocation,
-        sum(layer.rank is not None for layer in layers),
-        len(layers),
-        plan.achieved_ratio,
-        param_ratio,
+        method, allocation, factored, len(layers), achieved, param_ratio,
     )
+    if layers and abs(achieved - param_ratio) > RATIO_TOLERANCE * param_ratio:
+        cause = (
+            f"a factored linear keeps at least rank_multiple={rank_multiple} ranks, and one whose factors would not "
+            "save parameters stays dense" if achieved > param_ratio
+            else f"ranks are rounded down to multiples of rank_multiple={rank_multiple}"
+        )
+        log.warning(
+            "plan (%s, %s): achieved parameter ratio %.3f is far from the target param_ratio %g (%d linears, %d "
+            "factored): %s%s",
+            method, allocation, achieved, param_ratio, len(layers), factored, cause,
+            "; a smaller rank_multiple gets closer" if rank_multiple > 1 else "",
+        )
     return plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -57,5 +58,7 @@ def generate(
             f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceed the cache's capacity of "
             f"{cache.max_cache_len}; build the LatentKVCache with max_cache_len >= {needed}"
         )
-    return model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache,
-                          max_new_tokens=max_new_tokens, **generate_kwargs)
+    # transformers 5.24 renamed the forward's past_key_values to cache (the old name warns): use the model's name
+    cache_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                          **{cache_name: cache}, **generate_kwargs)

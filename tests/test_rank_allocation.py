@@ -269,9 +269,33 @@ def test_monotone_sensitivity_values():
     assert monotone_sensitivity({0.2: 5.0, 0.8: 1.0}) == {0.2: 5.0, 0.8: 1.0}
 
 
+@pytest.mark.parametrize(
+    ("target", "achieved", "cause"),
+    [(0.05, "0.250", "a factored linear keeps at least rank_multiple=8 ranks, and one whose factors would not save "
+                     "parameters stays dense"),  # rank 1.6 -> 8, the floor
+     (0.7, "0.500", "ranks are rounded down to multiples of rank_multiple=8")],  # rank 22.4 -> 16
+)
+def test_build_plan_warns_when_the_ratio_is_far_from_the_target(caplog, target, achieved, cause):
+    metas = [_meta("a", 64, 64), _meta("b", 64, 64)]
+    with caplog.at_level("WARNING", logger="lrcompile.passes.rank_allocation"):
+        plan = build_plan("asvd", "uniform", target, allocate_uniform(metas, target, 8), 8)
+    assert f"{plan.achieved_ratio:.3f}" == achieved
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"plan (asvd, uniform): achieved parameter ratio {achieved} is far from the target param_ratio {target} "
+        f"(2 linears, 2 factored): {cause}; a smaller rank_multiple gets closer"
+    ]
+
+
+def test_build_plan_is_quiet_near_the_target(caplog):
+    metas = [_meta("a", 64, 64), _meta("b", 64, 64)]
+    with caplog.at_level("WARNING", logger="lrcompile.passes.rank_allocation"):
+        build_plan("asvd", "uniform", 0.5, allocate_uniform(metas, 0.5, 8), 8)  # exactly rank 16: ratio 0.5
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_build_plan_totals():
     metas = [_meta("a", 256, 256), _meta("b", 8, 8)]
-    plan = build_plan("asvd", "uniform", 0.5, allocate_uniform(metas, 0.5, 8))
+    plan = build_plan("asvd", "uniform", 0.5, allocate_uniform(metas, 0.5, 8), 8)
     assert plan.dense_params == 256 * 256 + 64
     assert plan.params_after == 64 * 512 + 64
     assert plan.achieved_ratio == pytest.approx((64 * 512 + 64) / (256 * 256 + 64))
