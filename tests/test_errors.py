@@ -112,5 +112,6 @@ def test_graph_without_linear_is_left_as_it_is_with_a_warning(caplog):
 
 def test_every_linear_excluded_names_them():
     options = lrcompile.LowRankConfig(calibration=token_batches(1), exclude=["*"], compiler="eager")
-    with pytest.raises(Exception, match=r"model.layers.0.self_attn.q_proj: excluded by pattern.*exclude=\['\*'\]"):
+    with pytest.raises(Exception, match=r"model.layers.0.self_attn.q_proj: excluded by pattern.*exclude=\['\*'\]") as excinfo:
         _run(tiny_model("llama"), options)
+    assert isinstance(_inner(excinfo), NoCompressibleLinearError)
