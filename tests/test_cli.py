@@ -141,8 +141,8 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["compress", "{tmp}/no_model", "--calib", "{calib}", "--out", "{tmp}/o"], r"model folder '.*/no_model' does not exist"),
-        (["compress", "{tmp}", "--calib", "{calib}", "--out", "{tmp}/o"], r"model folder '.*' has no config\.json"),
+        (["compress", "{tmp}/no_model", "--calib", "{calib}", "--out", "{tmp}/o"], r"model '.*/no_model' is neither a folder, a \.gguf file nor an installed model package"),
+        (["compress", "{tmp}", "--calib", "{calib}", "--out", "{tmp}/o"], r"model '.*' has no config\.json"),
         (["compress", "{model}", "--calib", "{tmp}/none.txt", "--out", "{tmp}/o"], r"calibration file '.*/none\.txt' does not exist"),
         (["compress", "{model}", "--calib", "{calib}", "--out", "{tmp}/o", "--batch-size", "50"],
          r"calibration file '.*' has 8 non-empty lines; --batch-size 50 needs at least 50"),
@@ -153,27 +153,27 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
         (["generate", "{model}", "--calib", "{calib}", "--prompt", "hi", "--kv-ratio", "0"],
          r"option 'kv_ratio'=0\.0 is outside \(0, 1\]"),
         (["generate", "{bert}", "--calib", "{calib}", "--prompt", "hi"],
-         r"model folder '.*tiny_bert.*' holds BertModel \(model_type 'bert'\), not a causal LM"),
+         r"model '.*tiny_bert.*' holds BertModel \(model_type 'bert'\), not a causal LM"),
         (["generate", "{model}", "--prompt", "hi"], r"generate needs --calib TEXT_FILE .* or --load DIR"),
         (["generate", "{model}", "--load", "{tmp}", "--prompt", "hi"], r".*/plan\.json: missing"),
         (["report", "{tmp}/missing"], r"folder '.*/missing' does not exist"),
         (["report", "{tmp}"], r"folder '.*' holds neither report\.md nor plan\.json"),
         # checked before any weight loads (the weightless folders have none)
         (["compress", "{no_tokenizer}", "--calib", "{calib}", "--out", "{tmp}/o"],
-         r"model folder '.*no_tokenizer.*' has no usable tokenizer: .*; save the model's tokenizer in it"),
+         r"model '.*no_tokenizer.*' has no usable tokenizer: .*; save the model's tokenizer in it"),
         (["compress", "{vit}", "--calib", "{calib}", "--out", "{tmp}/o"],
-         r"model folder '.*vit.*' holds ViTModel \(model_type 'vit'\), whose input is pixel_values, not token ids: "
+         r"model '.*vit.*' holds ViTModel \(model_type 'vit'\), whose input is pixel_values, not token ids: "
          r"compress supports causal LMs \(\*ForCausalLM / \*LMHeadModel\) and text encoders such as BERT"),
         (["dump", "{resnet}", "--calib", "{calib}", "--out", "{tmp}/o"],
-         r"model folder '.*resnet.*' holds ResNetModel \(model_type 'resnet'\), whose input is pixel_values"),
+         r"model '.*resnet.*' holds ResNetModel \(model_type 'resnet'\), whose input is pixel_values"),
         (["compress", "{t5}", "--calib", "{calib}", "--out", "{tmp}/o"],
-         r"model folder '.*t5.*' holds T5ForConditionalGeneration \(model_type 't5'\), an encoder-decoder: "
+         r"model '.*t5.*' holds T5ForConditionalGeneration \(model_type 't5'\), an encoder-decoder: "
          r"compress supports causal LMs"),
         (["generate", "{t5}", "--calib", "{calib}", "--prompt", "hi"],
-         r"model folder '.*t5.*' holds T5ForConditionalGeneration \(model_type 't5'\), not a causal LM"),
+         r"model '.*t5.*' holds T5ForConditionalGeneration \(model_type 't5'\), not a causal LM"),
         (["compress", "{no_model_type}", "--calib", "{calib}", "--out", "{tmp}/o"],
-         r"model folder '.*no_model_type.*' has a config\.json that transformers cannot read \(Unrecognized model .*"
-         r"model_type.*\): expected one written by save_pretrained"),
+         r"model '.*no_model_type.*' has a config that transformers cannot read \(Unrecognized model .*"
+         r"model_type.*\): expected a config.json written by save_pretrained"),
         (["compress", "{weightless}", "--calib", "{calib}", "--out", "{calib}"],
          r"--out '.*calib\.txt' is an existing file: give a folder"),
         (["dump", "{weightless}", "--calib", "{calib}", "--out", "{calib}/sub"],
