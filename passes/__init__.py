@@ -11,13 +11,14 @@ from .decomposition import LinearDecomposition, decompose
 from .factorize_linears import factorize_linear, factorize_linears, release_dense_weights
 from .find_linears import LinearNode, dense_weight, find_linears, linear_view
 from .rank_allocation import allocate_by_sensitivity, allocate_closed_form, allocate_uniform, build_plan, rank_for_ratio
-from .sensitivity import measure_sensitivity, output_kl, sensitivity_output
+from .sensitivity import OutputReference, measure_sensitivity, sensitivity_output
 
 __all__ = [
     "ActivationObserver",
     "CalibrationRunner",
     "LinearDecomposition",
     "LinearNode",
+    "OutputReference",
     "allocate_by_sensitivity",
     "allocate_closed_form",
     "allocate_uniform",
@@ -32,7 +33,6 @@ __all__ = [
     "insert_observers",
     "linear_view",
     "measure_sensitivity",
-    "output_kl",
     "rank_for_ratio",
     "sensitivity_output",
     "release_dense_weights",

@@ -294,3 +294,36 @@ def test_demo_small(tmp_path, capsys):
     for name in ("report.md", "report.json", "plan.json", "factors.safetensors"):
         assert (out / name).is_file(), name
     assert list((out / "graphs").glob("graph_*/*_after.py"))
+
+
+def test_every_command_runs_with_one_documented_thread_count(monkeypatch, capsys):
+    import lrcompile.cli as cli
+
+    argvs = {
+        "demo": ["demo"],
+        "compress": ["compress", "model", "--calib", "calib.txt", "--out", "out"],
+        "dump": ["dump", "model", "--calib", "calib.txt", "--out", "out"],
+        "generate": ["generate", "model", "--calib", "calib.txt", "--prompt", "Hello"],
+        "report": ["report", "out"],
+    }
+    seen = {}
+    for command in argvs:
+        monkeypatch.setattr(cli, f"run_{command}", lambda args, c=command: seen.setdefault(c, []).append(
+            torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # not the CLI's default, whatever torch's own default is on this machine
+    try:
+        for argv in argvs.values():
+            assert main(argv) == 0
+            assert torch.get_num_threads() == 3  # restored: main() may run inside a longer process
+        assert len({threads for (threads,) in seen.values()}) == 1, seen
+        assert seen["compress"] == [cli.DEFAULT_THREADS]
+        for command, argv in argvs.items():
+            if command == "report":
+                continue
+            assert main([*argv, "--threads", "2"]) == 0 and seen[command][-1] == 2
+            with pytest.raises(SystemExit):
+                main([command, "--help"])
+            assert f"same default for every command (default: {cli.DEFAULT_THREADS})" in " ".join(capsys.readouterr().out.split())
+    finally:
+        torch.set_num_threads(before)
