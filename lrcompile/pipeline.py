@@ -138,7 +138,10 @@ def _find_linears(c: GraphCompression) -> None:
     if not c.linears:  # a graph-break fragment (embeddings, mask building) or a model without linears
         log.warning("a captured graph has no linear layer: nothing to compress in it")
     elif not any(v.meta.compressible for v in c.linears):
-        found = "; ".join(f"{v.meta.name}: {v.meta.skip_reason}" for v in c.linears) or "none"
+        shown = 6
+        found = "; ".join(f"{v.meta.name}: {v.meta.skip_reason}" for v in c.linears[:shown])
+        if len(c.linears) > shown:
+            found += f"; and {len(c.linears) - shown} more"
         raise NoCompressibleLinearError(
             f"the captured graph has no compressible linear layer (linears found: {found}); "
             f"include={list(c.config.include)}, exclude={list(c.config.exclude)}"

