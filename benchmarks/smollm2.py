@@ -81,7 +81,10 @@ def _greedy(model: Any, batch: dict[str, torch.Tensor], kv: bool) -> torch.Tenso
         else:
             out = model.generate(**batch, max_new_tokens=ANSWER_TOKENS, do_sample=False)
     new = out[:, batch["input_ids"].shape[1]:]
-    return torch.nn.functional.pad(new, (0, ANSWER_TOKENS - new.shape[1]), value=-1)  # -1: after an early stop
+    new = torch.nn.functional.pad(new, (0, ANSWER_TOKENS - new.shape[1]), value=-1)
+    eos = model.generation_config.eos_token_id
+    ended = torch.isin(new, torch.tensor(eos if isinstance(eos, list) else [eos])).cumsum(-1) > 0
+    return new.masked_fill(ended, -1)  # -1 from the end of the answer on (generate pads finished rows)
 
 
 def run_row(opened: Any, row: dict[str, Any], calibration: list, heldout: list, chat: dict, dense_tokens: torch.Tensor) -> dict:

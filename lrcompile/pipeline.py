@@ -175,7 +175,8 @@ def _find_attention(c: GraphCompression) -> None:
         raise LatentCacheError(
             "attention restructured for a latent KV cache is called in a form it cannot run: "
             + "; ".join(f"{name} ({reasons.get(name, 'not recognised')})" for name in restructured)
-            + ". Pass past_key_values=lrcompile.LatentKVCache(model, batch_size, max_cache_len), or call with use_cache=False."
+            + ". Give generate a lrcompile.LatentKVCache(model, batch_size, max_cache_len) as its cache, or call with "
+            "use_cache=False."
         )
     if c.config.kv_ratio is not None and c.unmatched_attention:
         message = (f"kv_ratio={c.config.kv_ratio}: {len(c.unmatched_attention)} attention block(s) cannot be "
