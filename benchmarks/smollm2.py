@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- dense perplexity **{dense_ppl:.3f}**; dense answer to \"{CHAT_PROMPTS[0]}\": {payload['dense_answer']!r}",
         "- greedy agreement: share of the first "
         f"{ANSWER_TOKENS} greedy tokens equal to dense, over the {len(CHAT_PROMPTS)} chat prompts of `lrcompile demo`",
-        "- peak RSS: the whole process during compression (the dense model loaded once more per row)",
+        "- peak RSS: the whole process during compression; rows share one process, so a row's figure also holds "
+        "what earlier rows left (the first row is the cleanest measure)",
         "",
         table(["method", "allocation", "param ratio", "achieved", "kv_ratio", "group", "kv alloc", "ppl", "ppl / dense",
                "greedy agree", "compress s", "peak RSS MiB", "answer to prompt 1"], lines, "llrrrllrrrrrl"),
