@@ -384,7 +384,9 @@ def _eager_rebuilds(c: GraphCompression) -> list[tuple[torch.Tensor, DenseRebuil
             per_head = weights["v_bias"].double().reshape(layer.num_kv_heads, -1).repeat_interleave(repeat, 0)
             shift -= o_weight.double() @ per_head.reshape(-1)
         has_shift = bool(shift.abs().max() > 0)
-        rebuilds.append((weights["o"], DenseRebuild(lambda w=o_weight: w, shift.to(o_weight.dtype) if has_shift else None)))
+        # rebuilt per eager call: keeping it would hold a dense-sized o_proj weight for every block
+        rebuilds.append((weights["o"], DenseRebuild(lambda lay=layer: eager_output_weight(lay),
+                                                    shift.to(o_weight.dtype) if has_shift else None)))
     return rebuilds
 
 
