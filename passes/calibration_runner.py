@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -163,28 +163,23 @@ class CalibrationRunner:
         self.roles = [_role(n) for n in self.placeholders]
         self.user = [n for n, r in zip(self.placeholders, self.roles) if r == _ROLE_USER]
         self.inputs = {node: _top_input(node, order) for order, node in enumerate(self.user)}
+        self.top_inputs = list(dict.fromkeys(self.inputs.values()))
+        self.positional = sorted((i for i in self.top_inputs if i.position is not None), key=lambda i: i.position)
+        named = [i for i in self.top_inputs if i.name == "input_ids"]
+        # the input a lone tensor batch stands for: input_ids, else the first positional input
+        self.primary = (named or self.positional or self.top_inputs or [None])[0]
 
     def _user_label(self, node: fx.Node) -> str:
         grapharg = node.meta.get("grapharg")
         return grapharg.source.name if grapharg is not None else str(node.target)
 
-    def _primary(self) -> _Input | None:
-        """The input a lone tensor batch stands for: ``input_ids``, else the first positional input."""
-        inputs = list(dict.fromkeys(self.inputs.values()))
-        named = [i for i in inputs if i.name == "input_ids"]
-        positional = sorted((i for i in inputs if i.position is not None), key=lambda i: i.position)
-        return (named or positional or inputs or [None])[0]
-
     def _given(self, batch: Any, index: int) -> dict[_Input, Any]:
         """The batch's values keyed by the top-level inputs they fill."""
-        inputs = list(dict.fromkeys(self.inputs.values()))
         if isinstance(batch, Mapping):
-            return {i: batch[i.name] for i in inputs if i.name in batch}
+            return {i: batch[i.name] for i in self.top_inputs if i.name in batch}
         if isinstance(batch, torch.Tensor):
             batch = (batch,)
-        positional = sorted((i for i in inputs if i.position is not None), key=lambda i: i.position)
-        if not positional and self._primary() is not None:
-            positional = [self._primary()]
+        positional = self.positional or ([self.primary] if self.primary is not None else [])
         if len(batch) > len(positional):
             raise CalibrationError(
                 f"calibration batch {index} gives {len(batch)} positional inputs, the captured graph takes "
@@ -195,9 +190,8 @@ class CalibrationRunner:
     def _complete(self, given: dict[_Input, Any]) -> dict[str, Any]:
         """Source name -> value for every top-level input: given, derived, or the captured call's."""
         by_name = {i.name: v for i, v in given.items() if i.name is not None}
-        primary = self._primary()
-        if "input_ids" not in by_name and primary in given:
-            by_name["input_ids"] = given[primary]
+        if "input_ids" not in by_name and self.primary in given:
+            by_name["input_ids"] = given[self.primary]
         env = {i.source: v for i, v in given.items()}
         for node, top in self.inputs.items():
             if top.source in env:
@@ -216,7 +210,7 @@ class CalibrationRunner:
         of another shape are re-cut into windows of that shape, their 2-D inputs
         (ids, mask, token types) alike, so every calibration token is still used.
         """
-        primary = self._primary()
+        primary = self.primary
         node = next((n for n, i in self.inputs.items() if i == primary and self._user_label(n) == i.source), None)
         expected = None if node is None else node.meta.get("example_value", node.meta.get("val"))
         if not isinstance(expected, torch.Tensor) or expected.dim() != 2 or any(
