@@ -135,6 +135,31 @@ def _(query, k_latent, v_latent, key_positions, k_up, k_bias, inv_freq, rope_sca
     return query.new_empty(batch, length, q_heads * v_rank)
 
 
+def _setup_context(ctx, inputs, output) -> None:
+    query, k_latent, v_latent, key_positions, k_up, k_bias, inv_freq, rope_scale, mask, scale, is_causal = inputs
+    ctx.save_for_backward(query, k_latent, v_latent, key_positions, k_up, k_bias, inv_freq, mask)
+    ctx.rope_scale, ctx.scale, ctx.is_causal = rope_scale, scale, is_causal
+
+
+def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    """Gradients of the reference (``torch.func.vjp``) for query, latents, ``k_up`` and ``k_bias``: the op is
+    differentiable like the attention it replaces, so a model that requires grad compiles (and can be tuned)."""
+    query, k_latent, v_latent, key_positions, k_up, k_bias, inv_freq, mask = ctx.saved_tensors
+
+    def attend(q: Tensor, kl: Tensor, vl: Tensor, ku: Tensor, *kb: Tensor) -> Tensor:
+        return latent_attention_reference(q, kl, vl, key_positions, ku, kb[0] if kb else None, inv_freq, ctx.rope_scale,
+                                          mask, ctx.scale, ctx.is_causal)
+
+    primals = (query, k_latent, v_latent, k_up) + ((k_bias,) if k_bias is not None else ())
+    _, vjp = torch.func.vjp(attend, *primals)
+    grads = vjp(grad)
+    return (grads[0], grads[1], grads[2], None, grads[3], grads[4] if k_bias is not None else None,
+            None, None, None, None, None)
+
+
+latent_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
 def register_cpu_decomposition() -> None:
     """Let Inductor compile the op on CPU from the reference's aten ops instead of calling it opaquely."""
     from torch._inductor.decomposition import register_decomposition

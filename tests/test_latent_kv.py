@@ -70,6 +70,34 @@ def test_fake_latent_attention_gives_the_output_shape():
     assert out.shape == (2, 3, 8 * 4)
 
 
+@pytest.mark.parametrize("k_bias", [False, True])
+def test_latent_attention_gradients_match_finite_differences(k_bias):
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    query = torch.randn(1, 4, 3, 8, **f64, requires_grad=True)
+    k_latent = torch.randn(1, 3, 2 * 4, **f64, requires_grad=True)
+    v_latent = torch.randn(1, 3, 2 * 3, **f64, requires_grad=True)
+    k_up = torch.randn(2, 8, 4, **f64, requires_grad=True)
+    bias = torch.randn(16, **f64, requires_grad=True) if k_bias else None
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2, **f64) / 8)
+
+    def attend(q, kl, vl, ku, *kb):
+        return torch.ops.lowrank.latent_attention(q, kl, vl, torch.arange(3)[None], ku, kb[0] if kb else None, inv_freq,
+                                                  1.0, None, 0.35, True)
+
+    assert torch.autograd.gradcheck(attend, (query, k_latent, v_latent, k_up) + ((bias,) if k_bias else ()))
+
+
+def test_latent_kv_compiles_with_grad_enabled():
+    """A model whose parameters require grad, called outside no_grad: aot_autograd traces the op's backward."""
+    model = tiny_rope_model("llama")
+    calibration = token_batches(2, seq=8)
+    compiled = torch.compile(model, backend="lowrank", options=_config(kv_ratio=0.5, compiler="aot_eager"))
+    out = compiled(calibration[0], use_cache=False).logits
+    out.float().logsumexp(-1).sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
 # --------------------------------------------------------------------------- recognition
 
 
