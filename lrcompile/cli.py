@@ -550,8 +550,8 @@ def _group_size(text: str) -> int | str:
 
 def _compression_options(
     parser: argparse.ArgumentParser, *, param_ratio: float | None, allocation: str | None, sensitivity_batches: int,
-    kv_ratio: float | None = None, method: str | None = "asvd", compiler: str | None = "eager",
-    kv_group_size: int | str | None = 1, kv_allocation: str | None = "fisher",
+    kv_ratio: float | None = None, method: str | None = LowRankConfig.method, compiler: str | None = "eager",
+    kv_group_size: int | str | None = LowRankConfig.kv_group_size, kv_allocation: str | None = LowRankConfig.kv_allocation,
 ) -> None:
     """The compression options of a command; ``None`` defaults are filled in by the command (the demo, per model)."""
     parser.add_argument("--param-ratio", type=float, default=param_ratio,
@@ -591,7 +591,8 @@ def _folder_command(sub: Any, name: str, help_: str, out_help: str) -> argparse.
     parser.add_argument("--calib", required=True, metavar="TEXT_FILE", help="calibration text, one sample per line")
     parser.add_argument("--out", required=True, metavar="DIR", help=out_help)
     _calibration_options(parser)
-    _compression_options(parser, param_ratio=0.85, allocation="sensitivity", sensitivity_batches=4)
+    _compression_options(parser, param_ratio=LowRankConfig.param_ratio, allocation=LowRankConfig.allocation,
+                         sensitivity_batches=4)
     return parser
 
 
@@ -614,7 +615,8 @@ def _generate_command(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=_positive, default=None, help="sample from the k most likely tokens (with --sample)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed set before generating (default: %(default)s)")
     _calibration_options(parser)
-    _compression_options(parser, param_ratio=0.85, allocation="sensitivity", sensitivity_batches=4, kv_ratio=0.5)
+    _compression_options(parser, param_ratio=LowRankConfig.param_ratio, allocation=LowRankConfig.allocation,
+                         sensitivity_batches=4, kv_ratio=0.5)
     return parser
 
 

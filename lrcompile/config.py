@@ -72,6 +72,12 @@ class LowRankConfig:
     method: ``svd`` (plain), ``asvd`` (activation-scaled, ASVD) or ``whiten`` (SVD-LLM).
     allocation: ``uniform``, ``sensitivity`` (ASVD's KL search) or ``closed_form``
         (truncation loss from the spectra, exact for ``whiten``).
+
+    The defaults follow docs/results: ``whiten`` beats ``asvd`` and ``svd`` on
+    every model measured (on SmolLM2, whose activations have outliers, ``asvd``
+    is unusable); ``closed_form`` matches ``sensitivity`` on the trained
+    fixture at a 27-41x lower cost and beats ``uniform`` on SmolLM2; ``uniform``
+    K/V ranks match or beat Fisher ranks on the fixture and SmolLM2.
     include / exclude: glob patterns over module paths choosing the linears to compress.
     kv_ratio: latent K/V values cached per token over dense K+V values (Palu); None
         leaves attention as it is. At 1.0 the restructure is exact (full rank).
@@ -90,9 +96,9 @@ class LowRankConfig:
 
     calibration: tuple[Any, ...] | None = field(default=None, repr=False)
     param_ratio: float = 0.85
-    method: str = "asvd"
+    method: str = "whiten"
     alpha: float = 0.5
-    allocation: str = "sensitivity"
+    allocation: str = "closed_form"
     rank_multiple: int = 8
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
@@ -100,7 +106,7 @@ class LowRankConfig:
     sensitivity_batches: int = 4
     kv_ratio: float | None = None
     kv_group_size: int | str = 1
-    kv_allocation: str = "fisher"
+    kv_allocation: str = "uniform"
     kv_unmatched: str = "error"
     release_dense: bool = True
     dump_dir: str | None = None

@@ -109,7 +109,7 @@ def test_compress_then_report_then_load(model_dir, calib_file, tmp_path, capsys)
     assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--param-ratio", "0.8",
                  "--allocation", "closed_form", *SMALL]) == 0
     printed = capsys.readouterr().out
-    assert "| model.layers.0.self_attn.q_proj | 32 x 32 | asvd |" in printed
+    assert "| model.layers.0.self_attn.q_proj | 32 x 32 | whiten |" in printed
     assert f"to {out}" in printed and "weight bytes (measured, all parameters)" in printed
     for name in ("plan.json", "factors.safetensors", "report.md", "report.json"):
         assert (out / name).is_file(), name
@@ -268,7 +268,7 @@ def test_unreachable_param_ratio_is_a_warning(model_dir, calib_file, tmp_path, c
                      "--param-ratio", "0.05", "--allocation", "closed_form", "--rank-multiple", multiple, *SMALL]) == 0
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "param_ratio" in r.getMessage()]
     assert warned == [
-        f"plan (asvd, closed_form): achieved parameter ratio {achieved} is far from the target param_ratio 0.05 "
+        f"plan (whiten, closed_form): achieved parameter ratio {achieved} is far from the target param_ratio 0.05 "
         f"(14 linears, 14 factored): a factored linear keeps at least rank_multiple={multiple} ranks, and one whose "
         "factors would not save parameters stays dense; a smaller rank_multiple gets closer"
     ], caplog.text

@@ -122,7 +122,8 @@ def test_valid_values_are_normalised():
 
 def test_defaults():
     cfg = LowRankConfig(calibration=_calib())
-    assert (cfg.param_ratio, cfg.method, cfg.allocation, cfg.compiler) == (0.85, "asvd", "sensitivity", "inductor")
+    assert (cfg.param_ratio, cfg.method, cfg.allocation, cfg.compiler) == (0.85, "whiten", "closed_form", "inductor")
+    assert (cfg.kv_ratio, cfg.kv_group_size, cfg.kv_allocation) == (None, 1, "uniform")
     assert cfg.rank_multiple == 8 and cfg.alpha == 0.5 and cfg.release_dense is True
     assert "lm_head" in cfg.exclude
     assert cfg.dump_dir is None
@@ -217,7 +218,7 @@ def test_from_options_accepts_dict_and_config():
 def test_to_json_leaves_out_calibration():
     data = LowRankConfig(calibration=_calib(), param_ratio=0.7).to_json()
     assert "calibration" not in data
-    assert data["param_ratio"] == 0.7 and data["method"] == "asvd"
+    assert data["param_ratio"] == 0.7 and data["method"] == "whiten"
 
 
 def test_dump_env_sets_dump_dir(monkeypatch, tmp_path):
