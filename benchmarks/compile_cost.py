@@ -1,7 +1,8 @@
 """Compile cost: wall time of each phase of ``backend="lowrank"``, and its growth with model size.
 
 For each fixture (``tiny``, ``small``, ``medium``: 0.3M, 3.9M, 27M parameters)
-three configurations are compiled, each in its own subprocess with an empty
+three configurations, and for SmolLM2-135M-Instruct (``smollm2``, the real
+model of ``lrcompile demo``) the dense one and ``lrcompile demo``'s default, are compiled, each in its own subprocess with an empty
 Inductor cache folder (``TORCHINDUCTOR_CACHE_DIR``), so every compile is cold
 and none reuses another's kernels; a trivial ``torch.compile`` runs first in each
 subprocess so one-time process start-up (Inductor imports, compiler checks,
@@ -11,9 +12,10 @@ worker pool, ~15 s cold here) is not charged to the model:
 * ``closed_form``: ``backend="lowrank"``, ``whiten`` / ``closed_form`` @ 0.8, ``compiler="inductor"``;
 * ``sensitivity``: ``backend="lowrank"``, ``whiten`` / ``sensitivity`` @ 0.8 (ASVD's KL search,
   9 ratios per layer on 1 batch), ``compiler="eager"``: the allocation does not change
-  the rewritten graph's size, so Inductor's time is measured once (``closed_form`` row).
+  the rewritten graph's size, so Inductor's time is measured once (``closed_form`` row);
+* ``demo`` (SmolLM2 only): the options of ``lrcompile demo`` (weights and latent KV), ``compiler="inductor"``.
 
-The first call is a plain forward of ``input_ids [4, 128]`` (calibration: 4
+The first call is a plain forward (``use_cache=False``) of ``input_ids [4, 128]`` (calibration: 4
 batches of that shape). Phases:
 
 * per-pass wall times returned by ``lrcompile.pipeline.compress_graph``
@@ -26,7 +28,7 @@ batches of that shape). Phases:
 
 Run from the repository root::
 
-    python -m benchmarks.compile_cost            # ~6 min
+    python -m benchmarks.compile_cost            # ~15 min
     python -m benchmarks.compile_cost --quick    # tiny fixture, no sensitivity
 
 Writes ``docs/results/compile_cost.{json,md,png}``.
@@ -62,9 +64,38 @@ from benchmarks.common import (
     write_markdown,
 )
 
-CONFIGS = ("dense", "closed_form", "sensitivity")
-PASSES = ("find_linears", "apply_recorded", "activation_stats", "sensitivity", "allocate_ranks", "factorize_linears",
-          "release_dense")
+CONFIGS = ("dense", "closed_form", "sensitivity", "demo")
+SMOLLM2 = "smollm2"  # the real pretrained model of ``lrcompile demo``, next to the trained fixtures
+
+
+def _model(name: str, seq_len: int, calib_batches: int, batch: int) -> tuple[Any, list, dict[str, Any]]:
+    """``(fresh float32 model, calibration batches, size facts)`` of a fixture or of SmolLM2."""
+    if name == SMOLLM2:
+        from lrcompile.cli import SMOLLM2_PACKAGE, open_model_folder
+        from lrcompile.text_data import packed_token_batches, stdlib_sentences
+
+        opened = open_model_folder(SMOLLM2_PACKAGE, "generate")
+        batches = packed_token_batches(opened.tokenizer, stdlib_sentences("calibration", 1500), batch, seq_len, calib_batches)
+        model = opened.load()
+        facts = {"num_params": sum(p.numel() for p in model.parameters()), "layers": opened.config.num_hidden_layers,
+                 "hidden": opened.config.hidden_size}
+        return model, [b["input_ids"] for b in batches], facts
+    from benchmarks.fixtures import calibration_chunks, load_fixture
+
+    fixture = load_fixture(name)
+    facts = {"num_params": fixture.num_params, "layers": fixture.recipe.layers, "hidden": fixture.recipe.hidden}
+    return fixture.load_model(), calibration_chunks(fixture, seq_len, calib_batches, batch), facts
+
+
+def _options(config: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The lowrank options of a configuration row (``demo``: ``lrcompile demo``'s defaults, compiled by Inductor)."""
+    if config == "demo":
+        from lrcompile.cli import DEMO_DEFAULTS
+
+        demo = {k: v for k, v in DEMO_DEFAULTS["smollm2"].items() if k != "seq_len"}
+        return {**demo, "compiler": "inductor"}
+    return {"param_ratio": args.param_ratio, "method": args.method, "allocation": config,
+            "compiler": "inductor" if config == "closed_form" else "eager", "sensitivity_batches": 1}
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,52 +103,47 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     import lrcompile
     import lrcompile.backend  # noqa: F401
-    from benchmarks.fixtures import calibration_chunks, load_fixture
+    from lrcompile.pipeline import PASSES
 
     start = time.perf_counter()
     if args.child != "sensitivity":  # the only row without Inductor needs no warm-up
         torch.compile(lambda x: torch.sin(x) + 1, backend="inductor")(torch.randn(8))  # process start-up, not the model
     warmup_s = time.perf_counter() - start
     torch._dynamo.reset()
-    fixture = load_fixture(args.fixture)
-    calibration = calibration_chunks(fixture, args.seq_len, args.calib_batches, args.batch)
-    model = fixture.load_model()
+    model, calibration, facts = _model(args.fixture, args.seq_len, args.calib_batches, args.batch)
+    options = {} if args.child == "dense" else _options(args.child, args)
     recorder = CompileRecorder()
     if args.child == "dense":
         compiled = torch.compile(model, backend=recorder.dense_backend(), dynamic=False)
     else:
-        config = lrcompile.LowRankConfig(
-            calibration=calibration, param_ratio=args.param_ratio, method=args.method, allocation=args.child,
-            compiler="inductor" if args.child == "closed_form" else "eager", sensitivity_batches=1,
-        )
+        config = lrcompile.LowRankConfig(calibration=calibration, **options)
         compiled = torch.compile(model, backend="lowrank", options=config, dynamic=False)
     x = calibration[0]
     with recorder.active(), torch.no_grad():
         start = time.perf_counter()
-        compiled(input_ids=x)
+        compiled(input_ids=x, use_cache=False)  # a latent-KV model runs a dense cache only through LatentKVCache
         first_s = time.perf_counter() - start
         runs = []
         for _ in range(3):
             start = time.perf_counter()
-            compiled(input_ids=x)
+            compiled(input_ids=x, use_cache=False)
             runs.append(time.perf_counter() - start)
     totals = recorder.totals()
     run_s = median(runs)
     out = {
         "fixture": args.fixture,
         "config": args.child,
-        "num_params": fixture.num_params,
-        "layers": fixture.recipe.layers,
-        "hidden": fixture.recipe.hidden,
+        **facts,
+        "options": options,
         "graphs": len(recorder.graphs),
         "process_warmup_s": warmup_s,
         "first_call_s": first_s,
         "steady_call_s": run_s,
         "backend_compress_s": totals["compress_s"],
         "downstream_s": totals["downstream_s"],
-        "passes_s": {p: totals.get(f"pass_{p}_s", 0.0) for p in PASSES},
+        "passes_s": {p.name: totals.get(f"pass_{p.name}_s", 0.0) for p in PASSES},
         "dynamo_capture_s": first_s - totals["compress_s"] - totals["downstream_s"] - run_s,
-        "compiler": "inductor" if args.child in ("dense", "closed_form") else "eager",
+        "compiler": options.get("compiler", "inductor"),
     }
     if args.child != "dense":
         out["report"] = lrcompile.model_report(model).totals()
@@ -127,29 +153,28 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t_total = time.perf_counter()
     results = []
-    for fixture in args.fixtures:
-        for config in args.configs:
-            with tempfile.TemporaryDirectory(prefix="lrcompile-inductor-cache-") as cache_dir, \
-                    tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-                result_path = f.name
-                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": str(args.threads),
-                       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-                cmd = [sys.executable, "-m", "benchmarks.compile_cost", "--child", config, "--fixture", fixture,
-                       "--result", result_path, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-                       "--calib-batches", str(args.calib_batches), "--param-ratio", str(args.param_ratio),
-                       "--method", args.method, "--threads", str(args.threads)]
-                start = time.perf_counter()
-                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-                    raise SystemExit(f"compile_cost: {config} on {fixture} failed (exit {proc.returncode})")
-                result = json.loads(Path(result_path).read_text())
-                Path(result_path).unlink(missing_ok=True)
-            result["process_wall_s"] = time.perf_counter() - start
-            results.append(result)
-            print(f"compile_cost {fixture:6s} {config:11s}: first call {result['first_call_s']:6.1f} s "
-                  f"(capture {result['dynamo_capture_s']:.1f}, backend {result['backend_compress_s']:.1f}, "
-                  f"downstream {result['downstream_s']:.1f}), process {result['process_wall_s']:.0f} s", flush=True)
+    for fixture, config in rows(args.fixtures, args.configs):
+        with tempfile.TemporaryDirectory(prefix="lrcompile-inductor-cache-") as cache_dir, \
+                tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            result_path = f.name
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": str(args.threads),
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+            cmd = [sys.executable, "-m", "benchmarks.compile_cost", "--child", config, "--fixture", fixture,
+                   "--result", result_path, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+                   "--calib-batches", str(args.calib_batches), "--param-ratio", str(args.param_ratio),
+                   "--method", args.method, "--threads", str(args.threads)]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+                raise SystemExit(f"compile_cost: {config} on {fixture} failed (exit {proc.returncode})")
+            result = json.loads(Path(result_path).read_text())
+            Path(result_path).unlink(missing_ok=True)
+        result["process_wall_s"] = time.perf_counter() - start
+        results.append(result)
+        print(f"compile_cost {fixture:6s} {config:11s}: first call {result['first_call_s']:6.1f} s "
+              f"(capture {result['dynamo_capture_s']:.1f}, backend {result['backend_compress_s']:.1f}, "
+              f"downstream {result['downstream_s']:.1f}), process {result['process_wall_s']:.0f} s", flush=True)
     return {
         "machine": machine_info(),
         "command": command_line("benchmarks.compile_cost", args.argv),
@@ -168,15 +193,23 @@ def _find(results: list[dict], fixture: str, config: str) -> dict | None:
 
 PHASES = (("dynamo_capture_s", "Dynamo capture"), ("activation_stats", "statistics (calibration)"),
           ("sensitivity", "sensitivity (KL search)"), ("allocate_ranks", "allocation"),
-          ("factorize_linears", "factoring (SVD + rewrite)"), ("other_passes", "other passes"),
-          ("downstream_s", "Inductor"))
+          ("factorize_linears", "factoring (SVD + rewrite)"), ("latent_kv", "latent KV (K/V factoring + rewrite)"),
+          ("other_passes", "other passes"), ("downstream_s", "Inductor"))
+LATENT_KV_PASSES = ("find_attention", "kv_fisher", "kv_sensitivity", "restructure_attention")
+
+
+def rows(fixtures: list[str], configs: list[str]) -> list[tuple[str, str]]:
+    """(model, config) pairs: ``demo`` runs on SmolLM2 only, ``closed_form`` / ``sensitivity`` on the fixtures only."""
+    return [(f, c) for f in fixtures for c in configs if c == "dense" or (c == "demo") == (f == SMOLLM2)]
 
 
 def phases(r: dict[str, Any]) -> dict[str, float]:
     p = r["passes_s"]
     named = ("activation_stats", "sensitivity", "allocate_ranks", "factorize_linears")
     return {"dynamo_capture_s": max(0.0, r["dynamo_capture_s"]), **{k: p.get(k, 0.0) for k in named},
-            "other_passes": sum(v for k, v in p.items() if k not in named), "downstream_s": r["downstream_s"]}
+            "latent_kv": sum(p.get(k, 0.0) for k in LATENT_KV_PASSES),
+            "other_passes": sum(v for k, v in p.items() if k not in named and k not in LATENT_KV_PASSES),
+            "downstream_s": r["downstream_s"]}
 
 
 def plot_cost(payload: dict[str, Any], path: Path) -> bool:
@@ -187,7 +220,8 @@ def plot_cost(payload: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     ax = axes[0]
     labels, bottoms, x = [], {}, 0
-    colors = dict(zip([k for k, _ in PHASES], ["tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:olive", "tab:green"]))
+    colors = dict(zip([k for k, _ in PHASES], ["tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:cyan", "tab:olive",
+                                                  "tab:green"]))
     positions = []
     for fixture in fixtures:
         for config in configs:
@@ -289,7 +323,8 @@ def write_cost_markdown(payload: dict[str, Any], path: Path, plot: bool) -> None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_cost", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fixtures", nargs="+", default=["tiny", "small", "medium"])
+    parser.add_argument("--fixtures", nargs="+", default=["tiny", "small", "medium", SMOLLM2],
+                        help=f"trained fixtures and/or {SMOLLM2} (the demo's real model)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
