@@ -8,7 +8,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -254,3 +256,19 @@ class CompileRecorder:
             for k, v in g["timings"].items():
                 out[f"pass_{k}_s"] = out.get(f"pass_{k}_s", 0.0) + v
         return out
+
+
+def run_child(module: str, child_args: Sequence[str], env: dict[str, str], what: str) -> dict[str, Any]:
+    """Run ``python -m module *child_args --result FILE`` (one measurement in a fresh process) and return the
+    JSON it wrote there; a failed child exits the benchmark naming ``what``, with the child's output tails."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_path = Path(f.name)
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, *child_args, "--result", str(result_path)], cwd=ROOT,
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+            raise SystemExit(f"{module}: {what} failed (exit {proc.returncode})")
+        return json.loads(result_path.read_text())
+    finally:
+        result_path.unlink(missing_ok=True)

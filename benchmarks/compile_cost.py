@@ -39,8 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +55,7 @@ from benchmarks.common import (
     median,
     pyplot,
     resolve_out,
+    run_child,
     save_figure,
     set_threads,
     table,
@@ -154,22 +153,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_total = time.perf_counter()
     results = []
     for fixture, config in rows(args.fixtures, args.configs):
-        with tempfile.TemporaryDirectory(prefix="lrcompile-inductor-cache-") as cache_dir, \
-                tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            result_path = f.name
+        with tempfile.TemporaryDirectory(prefix="lrcompile-inductor-cache-") as cache_dir:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": str(args.threads),
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-            cmd = [sys.executable, "-m", "benchmarks.compile_cost", "--child", config, "--fixture", fixture,
-                   "--result", result_path, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-                   "--calib-batches", str(args.calib_batches), "--param-ratio", str(args.param_ratio),
-                   "--method", args.method, "--threads", str(args.threads)]
             start = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-                raise SystemExit(f"compile_cost: {config} on {fixture} failed (exit {proc.returncode})")
-            result = json.loads(Path(result_path).read_text())
-            Path(result_path).unlink(missing_ok=True)
+            result = run_child("benchmarks.compile_cost", [
+                "--child", config, "--fixture", fixture, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+                "--calib-batches", str(args.calib_batches), "--param-ratio", str(args.param_ratio),
+                "--method", args.method, "--threads", str(args.threads)], env, f"{config} on {fixture}")
         result["process_wall_s"] = time.perf_counter() - start
         results.append(result)
         print(f"compile_cost {fixture:6s} {config:11s}: first call {result['first_call_s']:6.1f} s "

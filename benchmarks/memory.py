@@ -47,8 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +61,7 @@ from benchmarks.common import (
     machine_info,
     pyplot,
     resolve_out,
+    run_child,
     save_figure,
     set_threads,
     table,
@@ -186,21 +185,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for fixture in args.fixtures:
         with tempfile.TemporaryDirectory(prefix="lrcompile-memory-") as plan_dir:
             for config in CONFIGS:
-                with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-                    result_path = f.name
-                cmd = [sys.executable, "-m", "benchmarks.memory", "--child", config, "--fixture", fixture,
-                       "--plan-dir", plan_dir, "--result", result_path, "--batch", str(args.batch),
-                       "--seq-len", str(args.seq_len), "--calib-batches", str(args.calib_batches),
-                       "--param-ratio", str(args.param_ratio), "--method", args.method, "--allocation", args.allocation,
-                       "--kv-ratio", str(args.kv_ratio),
-                       "--threads", str(args.threads)]
                 start = time.perf_counter()
-                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-                    raise SystemExit(f"memory: configuration {config} on {fixture} failed (exit {proc.returncode})")
-                result = json.loads(Path(result_path).read_text())
-                Path(result_path).unlink(missing_ok=True)
+                result = run_child("benchmarks.memory", [
+                    "--child", config, "--fixture", fixture, "--plan-dir", plan_dir, "--batch", str(args.batch),
+                    "--seq-len", str(args.seq_len), "--calib-batches", str(args.calib_batches),
+                    "--param-ratio", str(args.param_ratio), "--method", args.method, "--allocation", args.allocation,
+                    "--kv-ratio", str(args.kv_ratio), "--threads", str(args.threads)], env,
+                    f"configuration {config} on {fixture}")
                 result["wall_s"] = time.perf_counter() - start
                 results.append(result)
                 print(f"memory {fixture:6s} {config:15s}: weights {result['weight_bytes'] / MiB:8.2f} MiB, "
