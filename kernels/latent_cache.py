@@ -9,6 +9,14 @@
   mutating them, so the buffers are updated in place by compiled graphs. Its
   fake implementation checks the chunk's batch against the cache's, so a
   mis-sized cache fails when the graph is compiled, before anything is written.
+
+The write never reads the fill level on the host: the slots are ``length +
+arange(T)`` on the buffers' device and the capacity check is
+``torch._assert_async``, so a decode step needs no device-to-host copy and can
+be captured in a CUDA graph. On CPU the check raises at once (reported as
+:class:`LatentCacheError`); on CUDA it is a device-side assertion, which stops
+the process at the next synchronisation. ``lrcompile.generate`` checks the
+prompt and new-token counts against the capacity on the host before it starts.
 """
 
 from __future__ import annotations
@@ -36,12 +44,11 @@ def _(key, value, k_cache, v_cache, pos_cache, length):
     return key.new_empty(shape), value.new_empty((*shape[:3], value.shape[3]))
 
 
-def check_capacity(length: int, new: int, capacity: int) -> None:
-    if length + new > capacity:
-        raise LatentCacheError(
-            f"latent KV cache overflow: {length} cached + {new} new tokens exceed its capacity of {capacity} "
-            "tokens; create the cache with a larger max_cache_len"
-        )
+def _overflow(length: int, new: int, capacity: int) -> LatentCacheError:
+    return LatentCacheError(
+        f"latent KV cache overflow: {length} cached + {new} new tokens exceed its capacity of {capacity} "
+        "tokens; create the cache with a larger max_cache_len"
+    )
 
 
 def check_rows(cache_rows: int, new_rows: int) -> None:
@@ -59,11 +66,15 @@ def write_latent_cache(
 ) -> None:
     """``cache[:, length:length+T] = new``; ``length += T``. Buffers ``[B, S_max, R]``, positions ``[B, S_max]``."""
     check_rows(k_cache.shape[0], k_new.shape[0])
-    start, new = int(length), k_new.shape[1]
-    check_capacity(start, new, k_cache.shape[1])
-    k_cache[:, start : start + new] = k_new
-    v_cache[:, start : start + new] = v_new
-    pos_cache[:, start : start + new] = positions
+    new, capacity = k_new.shape[1], k_cache.shape[1]
+    try:  # CPU raises here; CUDA asserts on the device, without waiting for it
+        torch._assert_async(length + new <= capacity, "latent KV cache overflow: create it with a larger max_cache_len")
+    except RuntimeError as error:
+        raise _overflow(int(length), new, capacity) from error
+    slots = length + torch.arange(new, device=length.device)
+    k_cache.index_copy_(1, slots, k_new.to(k_cache.dtype))
+    v_cache.index_copy_(1, slots, v_new.to(v_cache.dtype))
+    pos_cache.index_copy_(1, slots, positions.to(pos_cache.dtype).expand(pos_cache.shape[0], new))
     length.add_(new)
 
 

@@ -3,6 +3,10 @@ batch repeat/select, assisted decoding (crop), and eager calls; compared with a 
 
 from __future__ import annotations
 
+import functools
+import inspect
+import traceback
+
 import pytest
 import torch
 from tiny_models import left_padded_prompts, tiny_rope_model, token_batches
@@ -128,3 +132,45 @@ def test_crop_and_offload_name_what_to_do():
         cache.crop(-1)
     with pytest.raises(LatentCacheError, match="model.layers.0.self_attn: a LatentKVCache cannot be offloaded"):
         cache.offload(0)
+
+
+HOST_READS = ("item", "tolist", "__int__", "__index__", "__bool__", "__float__")
+
+
+def test_a_decode_step_reads_no_tensor_value_on_the_host(monkeypatch):
+    """A decode step (one token through the compiled forward: latent cache write + attention) never copies a tensor
+    value to the host: on CUDA each such read is a synchronisation, and it breaks CUDA-graph capture. Every
+    Python-level read (``int(t)``, ``t.item()``, ``bool(t)``, ...) made while a warm forward runs one token is
+    recorded."""
+    _, model = _compressed()
+    ids, mask = left_padded_prompts([5, 3])
+    cache = LatentKVCache(model, 2, 5 + 4)
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    kw = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, **{name: cache})
+    expected = model.generate(ids, **kw)  # compiles the prefill and decode graphs
+    reads, decoding = [], []
+    for method in HOST_READS:
+        original = getattr(torch.Tensor, method)
+
+        def record(self, *args, _method=method, _original=original):
+            if decoding:
+                reads.append((_method, traceback.format_stack(limit=2)[0]))
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, method, record)
+    compiled_forward = model.forward
+
+    @functools.wraps(compiled_forward)  # generate passes the arguments the forward's signature names
+    def forward(*args, **kwargs):
+        decoding.extend([True] if kwargs["input_ids"].shape[1] == 1 else [])
+        try:
+            return compiled_forward(*args, **kwargs)
+        finally:
+            decoding.clear()
+
+    monkeypatch.setattr(model, "forward", forward)
+    cache.reset()
+    out = model.generate(ids, **kw)
+    monkeypatch.undo()
+    assert torch.equal(out, expected) and [int(layer.length) for layer in cache.layers] == [5 + 4 - 1] * 2
+    assert reads == [], f"host reads of tensor values during a decode step: {reads}"
