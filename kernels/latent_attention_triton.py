@@ -19,12 +19,25 @@ the partial softmax states in a second kernel (FlashDecoding, Dao et al.
 2023): a single token's attention has too few rows to fill the GPU otherwise.
 Prefill tiles the query rows and, when causal, stops at the block's last query.
 
+The value latent is tiled: a program accumulates ``BLOCK_RV`` (at most
+``MAX_VALUE_BLOCK``) of its ``r_v`` columns, a grid axis covers the rest, so the
+fp32 accumulator per thread stays bounded whatever the rank (``kv_group_size``
+"all" on Llama-3-8B at kv_ratio 0.5 has ``r_v`` 512). The tiles of one (rows,
+key range) recompute the key reconstruction and scores, so a rank of more than
+one tile trades that work for registers; the softmax statistics are the same
+in every tile and written once.
+
 Head halves, ranks and the GQA row block are padded to powers of two (at least
 16, ``tl.dot``'s minimum) and masked, so any head dim, rank and group size
 works. Dots use ``input_precision="ieee"``, which only matters for float32
 operands (exact float32 instead of TF32; float16/bfloat16 use tensor cores
 either way). Block sizes are autotuned on CUDA and fixed (small) under
-``TRITON_INTERPRET=1``. Fully masked query rows give zeros, like PyTorch's SDPA.
+``TRITON_INTERPRET=1``. The tuning key holds every block size, the GQA factor,
+the mask kind, the causal and bias flags and a key-length bucket (next power of
+two, capped; see :func:`key_length_bucket`), so a configuration tuned for short
+caches or one mask regime is not reused for another. (Inductor tunes these
+kernels once per compiled graph instead, ignoring the key.) Fully masked query
+rows give zeros, like PyTorch's SDPA.
 """
 
 from __future__ import annotations
@@ -43,12 +56,14 @@ LOG2E = math.log2(math.e)
 MIN_DOT = 16  # tl.dot needs every dimension >= 16
 MAX_RANK_BLOCK = 64  # latent columns per reconstruction step
 INTERPRETED = triton.knobs.runtime.interpret
+MAX_VALUE_BLOCK = 16 if INTERPRETED else 128  # value-latent columns per program (small in tests: several tiles)
+MAX_KEYS_BUCKET = 1 << 16  # longer caches share the last tuning bucket
 
 MERGE_BLOCK = 4 if INTERPRETED else 16  # decode splits merged per step (small in tests: several steps)
 if INTERPRETED:
     _DECODE_CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=1)]
     _PREFILL_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]
-else:  # all compile for sm_90; at head dim 128 none spills registers at rank 64, all but BLOCK_M=128 at rank 256
+else:  # all compile for sm_90; with value tiles of 128 columns none spills at head dim 128 and ranks 512
     _DECODE_CONFIGS = [
         triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
         for n, w, s in ((16, 4, 2), (32, 4, 2), (16, 8, 2), (32, 8, 2), (64, 8, 2), (16, 8, 3), (32, 8, 3), (64, 8, 3))
@@ -58,7 +73,8 @@ else:  # all compile for sm_90; at head dim 128 none spills registers at rank 64
         for m, n, w, s in ((16, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 8, 2), (64, 32, 8, 2),
                            (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2))
     ]
-_TUNE_KEY = ["BLOCK_HALF", "BLOCK_R", "BLOCK_RV", "n_rep", "MASK_KIND"]
+# keys_bucket is an argument only the autotuner reads (Triton keys name kernel arguments)
+_TUNE_KEY = ["BLOCK_HALF", "BLOCK_R", "BLOCK_RV", "n_rep", "MASK_KIND", "IS_CAUSAL", "HAS_BIAS", "keys_bucket"]
 
 
 @triton.jit
@@ -96,11 +112,11 @@ def _rope_keys(kz_ptr, stride_kzs, stride_kzr, ku_ptr, stride_kud, stride_kur, b
 @triton.jit
 def _attend(q1, q2, acc, m_i, l_i, rows_t, rows_valid, mask_rows, start, end,
             kz_ptr, stride_kzs, stride_kzr, vz_ptr, stride_vzs, stride_vzr, ku_ptr, stride_kud, stride_kur,
-            bias_ptr, freq_ptr, pos_ptr, stride_ps, mask_ptr, stride_ms, k_rank, v_rank, qk_scale, rope_scale,
+            bias_ptr, freq_ptr, pos_ptr, stride_ps, mask_ptr, stride_ms, k_rank, v_rank, offs_c, qk_scale, rope_scale,
             HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr,
-            BLOCK_RV: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Online-softmax state ``(acc, m, l)`` of the query rows after keys ``[start, end)`` (scores in log2 units)."""
-    offs_c = tl.arange(0, BLOCK_RV)
+            HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Online-softmax state ``(acc, m, l)`` of the query rows after keys ``[start, end)`` (scores in log2 units);
+    ``acc`` holds the value-latent columns ``offs_c``."""
     c_valid = offs_c < v_rank
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -152,15 +168,17 @@ def _latent_decode_split_kernel(
     bias_ptr, freq_ptr,
     mask_ptr, stride_mb, stride_mh, stride_ms,
     part_acc_ptr, part_m_ptr, part_l_ptr,
-    num_keys, split_len, num_splits, kv_heads, group_size, n_rep, k_rank, v_rank, qk_scale, rope_scale,
+    num_keys, split_len, num_splits, kv_heads, group_size, n_rep, k_rank, v_rank, qk_scale, rope_scale, keys_bucket,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RV: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One query token: program ``(b * Hk + j, split)`` attends the ``n_rep`` heads of KV head ``j`` over one
-    split of the keys and writes the unnormalised partial state (FlashDecoding's first pass)."""
+    """One query token: program ``(b * Hk + j, split, v)`` attends the ``n_rep`` heads of KV head ``j`` over one
+    split of the keys and writes the unnormalised partial state of value tile ``v`` (FlashDecoding's first pass)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    v_tile = tl.program_id(2)
+    offs_c = v_tile * BLOCK_RV + tl.arange(0, BLOCK_RV)
     b = (pid // kv_heads).to(tl.int64)
     j = pid % kv_heads
     g = j // group_size
@@ -178,13 +196,14 @@ def _latent_decode_split_kernel(
         vz_ptr + b * stride_vzb + g * v_rank * stride_vzr, stride_vzs, stride_vzr,
         ku_ptr + g.to(tl.int64) * stride_kug + (j % group_size) * (2 * HALF) * stride_kud, stride_kud, stride_kur,
         bias_ptr + j * (2 * HALF), freq_ptr, pos_ptr + b * stride_pb, stride_ps, mask_ptr, stride_ms,
-        k_rank, v_rank, qk_scale, rope_scale,
-        HALF, BLOCK_N, BLOCK_HALF, BLOCK_R, BLOCK_RV, HAS_BIAS, MASK_KIND, IS_CAUSAL,
+        k_rank, v_rank, offs_c, qk_scale, rope_scale,
+        HALF, BLOCK_N, BLOCK_HALF, BLOCK_R, HAS_BIAS, MASK_KIND, IS_CAUSAL,
     )
     parts = (b * (kv_heads * n_rep) + heads) * num_splits + split
-    tl.store(part_m_ptr + parts, m_i, mask=rows_valid)
-    tl.store(part_l_ptr + parts, l_i, mask=rows_valid)
-    offs_c = tl.arange(0, BLOCK_RV)
+    # every value tile has the same softmax statistics: the first writes them (a vector mask, as the interpreter needs)
+    first_tile = rows_valid & (tl.zeros([BLOCK_H], dtype=tl.int32) + v_tile == 0)
+    tl.store(part_m_ptr + parts, m_i, mask=first_tile)
+    tl.store(part_l_ptr + parts, l_i, mask=first_tile)
     tl.store(part_acc_ptr + parts[:, None] * v_rank + offs_c[None, :], acc,
              mask=rows_valid[:, None] & (offs_c < v_rank)[None, :])
 
@@ -192,10 +211,10 @@ def _latent_decode_split_kernel(
 @triton.jit
 def _latent_decode_merge_kernel(part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, stride_ob, num_splits, q_heads, v_rank,
                                 BLOCK_S: tl.constexpr, BLOCK_RV: tl.constexpr):
-    """Program ``b * Hq + h`` rescales the splits' partial states to their common maximum and normalises
-    (FlashDecoding's reduction)."""
+    """Program ``(b * Hq + h, v)`` rescales the splits' partial states of value tile ``v`` to their common maximum
+    and normalises (FlashDecoding's reduction)."""
     row = tl.program_id(0).to(tl.int64)
-    offs_c = tl.arange(0, BLOCK_RV)
+    offs_c = tl.program_id(1) * BLOCK_RV + tl.arange(0, BLOCK_RV)
     c_valid = offs_c < v_rank
     m_run = tl.full([1], float("-inf"), tl.float32)
     l_run = tl.zeros([1], dtype=tl.float32)
@@ -232,14 +251,16 @@ def _latent_prefill_kernel(
     bias_ptr, freq_ptr,
     mask_ptr, stride_mb, stride_mh, stride_mt, stride_ms,
     out_ptr, stride_ob, stride_ot,
-    num_queries, num_keys, kv_heads, group_size, n_rep, k_rank, v_rank, qk_scale, rope_scale,
+    num_queries, num_keys, kv_heads, group_size, n_rep, k_rank, v_rank, qk_scale, rope_scale, keys_bucket,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RV: tl.constexpr,
     HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program ``(m, b * Hk + j)`` attends rows ``m * BLOCK_M ...`` of KV head ``j``'s (query token, head) pairs."""
+    """Program ``(m, b * Hk + j, v)`` attends rows ``m * BLOCK_M ...`` of KV head ``j``'s (query token, head) pairs
+    and writes their value tile ``v``."""
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
+    offs_c = tl.program_id(2) * BLOCK_RV + tl.arange(0, BLOCK_RV)
     b = (pid // kv_heads).to(tl.int64)
     j = pid % kv_heads
     g = j // group_size
@@ -262,11 +283,10 @@ def _latent_prefill_kernel(
         vz_ptr + b * stride_vzb + g * v_rank * stride_vzr, stride_vzs, stride_vzr,
         ku_ptr + g.to(tl.int64) * stride_kug + (j % group_size) * (2 * HALF) * stride_kud, stride_kud, stride_kur,
         bias_ptr + j * (2 * HALF), freq_ptr, pos_ptr + b * stride_pb, stride_ps, mask_ptr, stride_ms,
-        k_rank, v_rank, qk_scale, rope_scale,
-        HALF, BLOCK_N, BLOCK_HALF, BLOCK_R, BLOCK_RV, HAS_BIAS, MASK_KIND, IS_CAUSAL,
+        k_rank, v_rank, offs_c, qk_scale, rope_scale,
+        HALF, BLOCK_N, BLOCK_HALF, BLOCK_R, HAS_BIAS, MASK_KIND, IS_CAUSAL,
     )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    offs_c = tl.arange(0, BLOCK_RV)
     out_ptrs = out_ptr + b * stride_ob + t64[:, None] * stride_ot + heads[:, None] * v_rank + offs_c[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=rows_valid[:, None] & (offs_c < v_rank)[None, :])
 
@@ -274,6 +294,19 @@ def _latent_prefill_kernel(
 def _block(n: int) -> int:
     """A ``tl.dot``-able block covering ``n`` (a power of two, at least 16)."""
     return max(MIN_DOT, triton.next_power_of_2(n))
+
+
+def key_length_bucket(num_keys):
+    """The tuning bucket of a key length: its next power of two, from 16 up to ``MAX_KEYS_BUCKET``.
+
+    Written as a sum of ``min(1, n // (step + 1))`` terms (floor divisions and minima only), so a symbolic length
+    traced for ``torch.compile`` adds no guard: the bucket is an expression of it, evaluated per call.
+    """
+    bucket, step = MIN_DOT, MIN_DOT
+    while step < MAX_KEYS_BUCKET:
+        bucket += step * torch.sym_min(1, num_keys // (step + 1))
+        step *= 2
+    return bucket
 
 
 def _broadcast_strides(t: Tensor, dims: int) -> list[int]:
@@ -326,6 +359,8 @@ def latent_attention_triton(
     mask_kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
     mask_strides = [0, 0, 0, 0] if mask is None else _broadcast_strides(mask, 4)
     pos_strides = _broadcast_strides(key_positions, 2)
+    block_rv = min(MAX_VALUE_BLOCK, _block(v_rank))
+    v_tiles = triton.cdiv(v_rank, block_rv)
     shared = dict(
         kz_ptr=k_latent, stride_kzb=k_latent.stride(0), stride_kzs=k_latent.stride(1), stride_kzr=k_latent.stride(2),
         vz_ptr=v_latent, stride_vzb=v_latent.stride(0), stride_vzs=v_latent.stride(1), stride_vzr=v_latent.stride(2),
@@ -336,8 +371,9 @@ def latent_attention_triton(
         stride_ms=mask_strides[3],
         kv_heads=kv_heads, group_size=kv_heads // groups, n_rep=n_rep, k_rank=k_rank, v_rank=v_rank,
         qk_scale=scale * LOG2E, rope_scale=rope_scale,
+        keys_bucket=key_length_bucket(num_keys),
         HALF=head_dim // 2, BLOCK_HALF=_block(head_dim // 2), BLOCK_R=min(MAX_RANK_BLOCK, _block(k_rank)),
-        BLOCK_RV=_block(v_rank), HAS_BIAS=k_bias is not None, MASK_KIND=mask_kind,
+        BLOCK_RV=block_rv, HAS_BIAS=k_bias is not None, MASK_KIND=mask_kind,
         IS_CAUSAL=bool(is_causal) and mask is None,
     )
     if length == 1:
@@ -346,19 +382,19 @@ def latent_attention_triton(
         part_m = torch.empty(batch * q_heads * num_splits, device=query.device, dtype=torch.float32)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(batch * q_heads * num_splits * v_rank, device=query.device, dtype=torch.float32)
-        wrap_triton(_latent_decode_split_kernel)[(batch * kv_heads, num_splits)](
+        wrap_triton(_latent_decode_split_kernel)[(batch * kv_heads, num_splits, v_tiles)](
             q_ptr=query, stride_qb=query.stride(0), stride_qh=query.stride(1), stride_qd=query.stride(3),
             part_acc_ptr=part_acc, part_m_ptr=part_m, part_l_ptr=part_l,
             num_keys=num_keys, split_len=split_len, num_splits=num_splits, BLOCK_H=_block(n_rep), **shared,
         )
-        wrap_triton(_latent_decode_merge_kernel)[(batch * q_heads,)](
+        wrap_triton(_latent_decode_merge_kernel)[(batch * q_heads, v_tiles)](
             part_acc, part_m, part_l, out, out.stride(0), num_splits, q_heads, v_rank,
-            BLOCK_S=MERGE_BLOCK, BLOCK_RV=_block(v_rank),
+            BLOCK_S=MERGE_BLOCK, BLOCK_RV=block_rv,
         )
         return out
 
     def grid(meta):
-        return (triton.cdiv(length * n_rep, meta["BLOCK_M"]), batch * kv_heads)
+        return (triton.cdiv(length * n_rep, meta["BLOCK_M"]), batch * kv_heads, v_tiles)
 
     wrap_triton(_latent_prefill_kernel)[grid](
         q_ptr=query, stride_qb=query.stride(0), stride_qh=query.stride(1), stride_qt=query.stride(2),

@@ -134,6 +134,10 @@ CASES = [
     Case("prefill_fp16_rank20_nobias_full", 17, 33, k_rank=20, v_rank=12, bias=False, dtype=torch.float16),
     Case("prefill_fp32_additive_strided", 9, 26, mask="additive", strided=True, rope_scale=1.2),
     Case("prefill_fp32_rank80_gqa3", 7, 18, q_heads=6, kv_heads=2, k_rank=80, v_rank=16, batch=1, mask="causal"),
+    # value ranks of several interpreter tiles (MAX_VALUE_BLOCK 16), the last one partial
+    Case("decode_fp32_gsall_vrank50", 1, 40, q_heads=4, kv_heads=2, group_size=2, v_rank=50, mask="pad"),
+    Case("prefill_fp16_gsall_vrank72_causal", 9, 9, q_heads=4, kv_heads=2, group_size=2, v_rank=72, batch=1,
+         dtype=torch.float16, mask="causal"),
 ]
 
 
@@ -225,43 +229,102 @@ def sm90_driver():
     triton.runtime.driver._active = None  # back to lazy detection (no reset_active: there is no default driver)
 
 
-@needs_cpu_compile
-@pytest.mark.parametrize("dtype, mask_kind, causal", [(torch.bfloat16, 1, False), (torch.float16, 2, True)],
-                         ids=["bf16_bool_mask", "fp16_additive_mask_causal"])
-def test_kernels_compile_to_ptx_for_sm90(dtype, mask_kind, causal, sm90_driver):
-    """The Triton compiler (not the permissive interpreter) accepts the kernels for a real GPU target."""
+def _recorded_launches(args: tuple, monkeypatch) -> list[tuple]:
+    """``(kernel, grid, args, kwargs)`` of each launch ``latent_attention_triton(*args)`` makes, recorded, not run."""
     from lrcompile.kernels import latent_attention_triton as kt
 
-    q = torch.empty(1, 8, 1, 128, dtype=dtype)
-    latent = torch.empty(1, 64, 128, dtype=dtype)
-    k_up = torch.empty(1, 256, 128, dtype=dtype)
-    positions = torch.zeros(1, 64, dtype=torch.int64)
-    mask = torch.empty(1, 1, 64, 64, dtype=torch.bool if mask_kind == 1 else dtype)
-    inv_freq = torch.empty(64)
-    partial = torch.empty(8 * 4 * 128)
-    shared = dict(kz_ptr=latent, stride_kzb=8192, stride_kzs=128, stride_kzr=1, vz_ptr=latent, stride_vzb=8192,
-                  stride_vzs=128, stride_vzr=1, pos_ptr=positions, stride_pb=0, stride_ps=1, ku_ptr=k_up,
-                  stride_kug=32768, stride_kud=128, stride_kur=1, bias_ptr=k_up, freq_ptr=inv_freq,
-                  mask_ptr=mask, stride_mb=0, stride_mh=0, stride_ms=1, kv_heads=2, group_size=2, n_rep=4,
-                  k_rank=128, v_rank=64, qk_scale=0.1, rope_scale=1.0, HALF=64, BLOCK_HALF=64, BLOCK_R=64,
-                  BLOCK_RV=64, HAS_BIAS=True, MASK_KIND=mask_kind, IS_CAUSAL=causal)
+    launches = []
 
-    def compiled(kernel, config, **kwargs):
-        return kernel.fn.warmup(**kwargs, **config.kwargs, num_warps=config.num_warps,
-                                num_stages=config.num_stages, grid=(1,))
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-    attention = [
-        compiled(kt._latent_decode_split_kernel, kt._DECODE_CONFIGS[0], q_ptr=q, stride_qb=1024, stride_qh=128,
-                 stride_qd=1, part_acc_ptr=partial, part_m_ptr=partial, part_l_ptr=partial, num_keys=64, split_len=64,
-                 num_splits=1, BLOCK_H=16, **shared),
-        compiled(kt._latent_prefill_kernel, kt._PREFILL_CONFIGS[-1], q_ptr=q, stride_qb=1024, stride_qh=128,
-                 stride_qt=128, stride_qd=1, stride_mt=64, out_ptr=q, stride_ob=1024, stride_ot=1024, num_queries=64,
-                 num_keys=64, **shared),
-    ]
-    merge = kt._latent_decode_merge_kernel.warmup(partial, partial, partial, q, 1024, 4, 8, 64, BLOCK_S=16,
-                                                  BLOCK_RV=64, grid=(1,))
-    assert all(".target sm_90" in k.asm["ptx"] for k in [*attention, merge])
-    assert all("mma" in k.asm["ptx"] for k in attention)  # tensor cores for reconstruction, scores and values
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((self.kernel, grid, a, kw))
+
+    monkeypatch.setattr(kt, "wrap_triton", Recorder)
+    kt.latent_attention_triton(*args)
+    return launches
+
+
+def _stack_bytes(compiled) -> int:
+    """The per-thread stack frame of a compiled kernel (register spills land there), from cuobjdump."""
+    import re
+    import tempfile
+
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+    assert re.search(r"LOCAL:0\b", usage), usage
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+LLAMA3_8B_GROUP_ALL = dict(head_dim=128, q_heads=32, kv_heads=8, group_size=8, batch=1, k_rank=512, v_rank=512,
+                           dtype=torch.bfloat16, mask="pad")  # kv_ratio 0.5, kv_group_size "all"
+SM90_CASES = [
+    Case("small_bf16_bool_mask", 1, 64, head_dim=128, q_heads=8, kv_heads=2, group_size=2, k_rank=128, v_rank=64,
+         batch=1, dtype=torch.bfloat16, mask="pad"),
+    Case("small_fp16_additive_mask", 1, 64, head_dim=128, q_heads=8, kv_heads=2, group_size=2, k_rank=128, v_rank=64,
+         batch=1, dtype=torch.float16, mask="additive"),
+    Case("llama3_8b_group_all", 1, 64, **LLAMA3_8B_GROUP_ALL),
+]
+
+
+@needs_cpu_compile
+@pytest.mark.parametrize("case", SM90_CASES, ids=lambda c: c.name)
+def test_kernels_compile_for_sm90_with_bounded_value_tiles(case, sm90_driver, monkeypatch):
+    """The Triton compiler (not the permissive interpreter) accepts the launches the op makes, decode and prefill,
+    at the configurations with the largest tiles, for a real GPU target (PTX, then a cubin when ptxas is bundled).
+    The value latent is tiled (at most MAX_VALUE_BLOCK columns a program), so even ``kv_group_size="all"`` on a
+    Llama-3-8B-like shape (value rank 512) keeps the accumulator in registers: no stack frame beyond the 32 bytes
+    the attention kernels always have (with the whole rank in one tile, the largest prefill configuration spills
+    into a 2 KB frame a thread)."""
+    from lrcompile.kernels import latent_attention_triton as kt
+
+    decode = make_inputs(case)
+    prefill = make_inputs(dataclasses.replace(case, length=16, mask="causal" if case.mask == "pad" else case.mask))
+    launches = _recorded_launches(decode, monkeypatch) + _recorded_launches(prefill, monkeypatch)
+    names = [getattr(kernel, "fn", kernel).__name__ for kernel, *_ in launches]
+    assert names == ["_latent_decode_split_kernel", "_latent_decode_merge_kernel", "_latent_prefill_kernel"]
+    v_tiles = -(-case.v_rank // min(kt.MAX_VALUE_BLOCK, case.v_rank))
+    assert [launches[0][1][2], launches[1][1][1], launches[2][1]({"BLOCK_M": 16})[2]] == [v_tiles] * 3
+    compiled = []
+    for kernel, _, args, kwargs in launches:
+        assert kwargs["BLOCK_RV"] <= kt.MAX_VALUE_BLOCK
+        if hasattr(kernel, "configs"):  # autotuned: the configuration with the largest tiles
+            config = kernel.configs[-1]
+            compiled.append(kernel.fn.warmup(*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                                             num_stages=config.num_stages, grid=(1,)))
+        else:
+            compiled.append(kernel.warmup(*args, **kwargs, grid=(1,)))
+    assert all(".target sm_90" in k.asm["ptx"] for k in compiled)
+    assert "mma" in compiled[0].asm["ptx"] and "mma" in compiled[2].asm["ptx"]  # tensor cores in attention
+    if all("cubin" in k.asm for k in compiled):
+        assert max(_stack_bytes(k) for k in compiled) <= 32
+
+
+def test_tuning_key_separates_length_buckets_masks_causal_and_bias(monkeypatch):
+    """Triton's autotuner caches a configuration per key: launches in another regime (a cache 100x longer, a causal
+    prefill, keys with a bias) must not share one."""
+    from lrcompile.kernels import latent_attention_triton as kt
+
+    assert [kt.key_length_bucket(n) for n in (1, 16, 17, 33, 1000, 1024, 1025, 65536, 10**6)] == [
+        16, 16, 32, 64, 1024, 1024, 2048, 65536, 65536]
+
+    def tuning_keys(case):
+        return [tuple(kwargs[name] for name in kernel.keys) for kernel, _, _, kwargs in
+                _recorded_launches(make_inputs(case), monkeypatch) if hasattr(kernel, "keys")]
+
+    decode = Case("decode", 1, 40)
+    for other in (dataclasses.replace(decode, keys=4000), dataclasses.replace(decode, bias=False)):
+        assert tuning_keys(other) != tuning_keys(decode)
+    prefill = Case("prefill", 12, 12)
+    assert tuning_keys(dataclasses.replace(prefill, mask="causal")) != tuning_keys(prefill)
+    assert tuning_keys(dataclasses.replace(decode, keys=41)) == tuning_keys(decode)
 
 
 def _traced_graph(case: Case, monkeypatch) -> torch.fx.GraphModule:
