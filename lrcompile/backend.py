@@ -40,8 +40,8 @@ def _check_instance(compression: GraphCompression, compiled: Callable[..., Any])
     return run
 
 
-def compile_downstream(compression: GraphCompression, compiler: str) -> Callable[..., Any]:
-    """Compile the rewritten graph with ``compiler``.
+def compile_downstream(compression: GraphCompression, config: LowRankConfig) -> Callable[..., Any]:
+    """Compile the rewritten graph with ``config.compiler`` (Inductor with ``config.inductor_config()``).
 
     Released dense weights were erased from the graph's placeholders; Dynamo
     builds its call from the placeholders left after the backend returns, so
@@ -50,11 +50,11 @@ def compile_downstream(compression: GraphCompression, compiler: str) -> Callable
     gm = compression.gm
     kept = compression.kept_inputs
     inputs = compression.example_inputs if kept is None else [compression.example_inputs[i] for i in kept]
-    if compiler == "inductor":
+    if config.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return _check_instance(compression, compile_fx(gm, inputs))
-    if compiler == "aot_eager":
+        return _check_instance(compression, compile_fx(gm, inputs, config_patches=config.inductor_config()))
+    if config.compiler == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 
         return _check_instance(compression, lookup_backend("aot_eager")(gm, inputs))
@@ -72,4 +72,4 @@ def lowrank_backend(
     # in x in per layer) that layers left dense would otherwise keep on their nodes.
     for view in compression.linears:
         view.meta.stats = None
-    return compile_downstream(compression, config.compiler)
+    return compile_downstream(compression, config)

@@ -16,7 +16,7 @@ from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 DUMP_ENV = "LRCOMPILE_DUMP"
-_NOT_DECIDING = frozenset({"release_dense", "dump_dir", "compiler"})
+_NOT_DECIDING = frozenset({"release_dense", "dump_dir", "compiler", "compiler_mode", "compiler_options"})
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out", "*pooler.dense")
 
 
@@ -64,6 +64,32 @@ def _calibration(value: Any) -> tuple[Any, ...] | None:
     return batches
 
 
+def _inductor_config(mode: Any, options: Any) -> dict[str, Any]:
+    """Inductor config patches of torch.compile's ``mode`` plus ``options``, validated as torch.compile does."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor import list_mode_options
+
+    modes = list_mode_options()
+    if mode is not None and mode not in modes:
+        raise LowRankConfigError(f"option 'compiler_mode'={mode!r} is not one of {', '.join(map(repr, modes))}")
+    if options is not None and (not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options)):
+        raise LowRankConfigError(f"option 'compiler_options'={options!r}: expected a dict of Inductor config names")
+    patches = dict(modes.get(mode, {}))
+    known = inductor_config.get_config_copy()
+    for key, value in (options or {}).items():
+        name = key.replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise LowRankConfigError(f"option 'compiler_options': {key!r} is not an Inductor config{hint} "
+                                     "(see torch._inductor.list_options())")
+        kind = inductor_config.get_type(name)
+        if isinstance(kind, type) and not isinstance(value, kind):
+            raise LowRankConfigError(f"option 'compiler_options': {key!r}={value!r} should be a {kind.__name__}")
+        patches[name] = value
+    return patches
+
+
 @dataclass(frozen=True, eq=False)
 class LowRankConfig:
     """Options of ``torch.compile(model, backend="lowrank", options=...)``.
@@ -88,6 +114,10 @@ class LowRankConfig:
     kv_unmatched: with a ``kv_ratio``, an attention block that cannot be restructured
         (no RoPE, another attention kernel, a dense KV cache in the graph) is an
         error naming it and why (``"error"``) or a warning, the block left dense (``"warn"``).
+    compiler: the downstream compiler of the rewritten graph: ``inductor``, ``aot_eager`` or ``eager``.
+    compiler_mode / compiler_options: with ``inductor``, torch.compile's ``mode`` (``"reduce-overhead"``:
+        CUDA graphs, ``"max-autotune"``, ...) and ``options`` (Inductor config names and values), handed to
+        Inductor as its config patches.
 
     Equality is identity (``eq=False``): Dynamo reuses a graph captured for one
     model instance for another of the same class when their backends' options
@@ -111,6 +141,8 @@ class LowRankConfig:
     release_dense: bool = True
     dump_dir: str | None = None
     compiler: str = "inductor"
+    compiler_mode: str | None = None
+    compiler_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -119,6 +151,14 @@ class LowRankConfig:
         _choice("method", self.method, FACTOR_METHODS)
         _choice("allocation", self.allocation, ALLOCATION_METHODS)
         _choice("compiler", self.compiler, COMPILERS)
+        if (self.compiler_mode is not None or self.compiler_options) and self.compiler != "inductor":
+            raise LowRankConfigError(
+                f"options 'compiler_mode'={self.compiler_mode!r} and 'compiler_options' configure Inductor, but "
+                f"compiler={self.compiler!r}: set compiler='inductor' or drop them"
+            )
+        if self.compiler_mode is not None or self.compiler_options is not None:
+            _inductor_config(self.compiler_mode, self.compiler_options)
+            set_(self, "compiler_options", None if self.compiler_options is None else dict(self.compiler_options))
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 2:
             raise LowRankConfigError(f"option 'alpha'={self.alpha!r}: expected a number in [0, 2] (ASVD uses 0.5)")
         if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
@@ -172,6 +212,12 @@ class LowRankConfig:
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise LowRankConfigError(f"unknown option {key!r}{hint} (allowed: {', '.join(known)})")
         return cls(**options)
+
+    def inductor_config(self) -> dict[str, Any]:
+        """The config patches Inductor compiles the rewritten graph with (mode's settings, then the options)."""
+        if self.compiler_mode is None and not self.compiler_options:
+            return {}
+        return _inductor_config(self.compiler_mode, self.compiler_options)
 
     def deciding_options(self) -> dict[str, Any]:
         """The options that decide what a compression produces (not how it is compiled or dumped);

@@ -274,9 +274,9 @@ def test_compiled_graph_keeps_no_activation_statistics():
 
     real_downstream = backend.compile_downstream
 
-    def spy(compression, compiler):
+    def spy(compression, config):
         kept.append(compression.gm)
-        return real_downstream(compression, compiler)
+        return real_downstream(compression, config)
 
     backend.compile_downstream = spy
     try:
@@ -354,3 +354,22 @@ def test_eager_call_after_compression_rebuilds_released_weights(family):
     assert (eager - compiled).abs().max().item() <= 1e-4 and torch.equal(eager, disabled)
     released = [p for _, p in model.named_parameters() if p.untyped_storage().nbytes() == 0]
     assert released, "the dense weights stay released after the eager call"
+
+
+def test_compiler_mode_and_options_reach_inductor(monkeypatch):
+    """``compiler_mode`` / ``compiler_options`` arrive as Inductor's config patches, as torch.compile's own would."""
+    import torch._inductor.compile_fx as inductor
+
+    received = []
+
+    def compile_fx(gm, inputs, config_patches=None):
+        received.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", compile_fx)
+    model = tiny_model("llama")
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        _compile(model, calibration=token_batches(1), param_ratio=1.0, compiler="inductor",
+                 compiler_mode="reduce-overhead", compiler_options={"max_autotune": True})(input_ids=ids)
+    assert received == [{"triton.cudagraphs": True, "max_autotune": True}]

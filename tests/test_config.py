@@ -231,3 +231,30 @@ def test_dump_env_sets_dump_dir(monkeypatch, tmp_path):
 def test_empty_dump_env_is_ignored(monkeypatch):
     monkeypatch.setenv(DUMP_ENV, "")
     assert LowRankConfig(calibration=_calib()).dump_dir is None
+
+
+# --------------------------------------------------------------------------- downstream compiler options
+
+
+def test_compiler_mode_and_options_become_inductor_config_patches():
+    cfg = LowRankConfig.from_options(_opts(compiler_mode="reduce-overhead",
+                                           compiler_options={"max-autotune": True, "triton.cudagraphs": False}))
+    assert cfg.inductor_config() == {"triton.cudagraphs": False, "max_autotune": True}  # options win over the mode
+    assert LowRankConfig.from_options(_opts(compiler_mode="max-autotune")).inductor_config()["triton.cudagraphs"]
+    assert LowRankConfig.from_options(_opts()).inductor_config() == {}
+    assert "compiler_mode" not in cfg.deciding_options() and "compiler_options" not in cfg.deciding_options()
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"compiler_mode": "fast"}, r"option 'compiler_mode'='fast' is not one of 'default', .*'reduce-overhead'"),
+    ({"compiler_options": {"max_autotun": True}},
+     r"option 'compiler_options': 'max_autotun' is not an Inductor config; did you mean 'max_autotune'\?"),
+    ({"compiler_options": {"max_autotune": "yes"}}, r"'max_autotune'='yes' should be a bool"),
+    ({"compiler_options": ["max_autotune"]}, r"option 'compiler_options'=\['max_autotune'\]: expected a dict"),
+    ({"compiler": "aot_eager", "compiler_mode": "reduce-overhead"},
+     r"configure Inductor, but compiler='aot_eager': set compiler='inductor' or drop them"),
+])
+def test_bad_compiler_mode_or_options_name_what_to_fix(options, expected):
+    import re
+
+    assert re.search(expected, _error(_opts(**options)))
