@@ -69,6 +69,7 @@ class LatentLayer(CacheLayerMixin):
         self.positions = positions
         self.length = torch.zeros((), dtype=torch.long, device=device)
         self.is_initialized = True
+        mark_static(self.buffers())
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: the buffers are allocated by ``__init__``, and no dense K/V is ever held."""
@@ -115,6 +116,7 @@ class LatentLayer(CacheLayerMixin):
         self.k_latent, self.v_latent = take_rows(self.k_latent, rows), take_rows(self.v_latent, rows)
         self.positions = positions
         self.batch_size = rows.numel()
+        mark_static(self.buffers())
 
     def offload(self):
         raise LatentCacheError(
@@ -124,6 +126,13 @@ class LatentLayer(CacheLayerMixin):
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         return self.k_latent, self.v_latent, self.positions, self.length
+
+
+def mark_static(buffers: tuple[torch.Tensor, ...]) -> None:
+    """Mark buffers the compiled graphs mutate as static inputs (as transformers' ``StaticCache`` does): CUDA-graph
+    trees (``compiler_mode="reduce-overhead"``) skip a graph that mutates any other input."""
+    for tensor in buffers:
+        torch._dynamo.mark_static_address(tensor)
 
 
 def take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

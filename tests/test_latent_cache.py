@@ -174,3 +174,23 @@ def test_a_decode_step_reads_no_tensor_value_on_the_host(monkeypatch):
     monkeypatch.undo()
     assert torch.equal(out, expected) and [int(layer.length) for layer in cache.layers] == [5 + 4 - 1] * 2
     assert reads == [], f"host reads of tensor values during a decode step: {reads}"
+
+
+def test_the_cache_buffers_are_static_inputs_of_the_compiled_graphs(monkeypatch):
+    """CUDA-graph trees (``compiler_mode="reduce-overhead"``) skip a graph that mutates an input AOTAutograd does
+    not know as static; the buffers the write op mutates must be marked, including after a batch change."""
+    import lrcompile.backend as backend
+
+    _, model = _compressed()
+    graphs = []
+    real_downstream = backend.compile_downstream
+    monkeypatch.setattr(backend, "compile_downstream", lambda c, config: graphs.append(c.gm) or real_downstream(c, config))
+    ids, mask = left_padded_prompts([5, 3])
+    cache = LatentKVCache(model, 4, 5 + 2)
+    cache.batch_select_indices(torch.tensor([0, 2]))  # new buffers of 2 rows
+    lrcompile.generate(model, ids, mask, cache=cache, max_new_tokens=2)
+    writes = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.lowrank.write_latent_cache.default]
+    assert writes
+    for node in writes:
+        buffers = node.args[:4]  # k_cache, v_cache, pos_cache, length: graph inputs the op mutates
+        assert all(b.op == "placeholder" and b.meta["tensor_dict"].get("_dynamo_static_input_type") for b in buffers)
