@@ -108,7 +108,8 @@ class LowRankConfig:
     kv_ratio: latent K/V values cached per token over dense K+V values (Palu); None
         leaves attention as it is. At 1.0 the restructure is exact (full rank).
     kv_group_size: KV heads sharing one latent (1 = per head, ``"all"`` = joint).
-    kv_allocation: ``uniform``, ``fisher`` (ranks proportional to the Fisher
+    kv_allocation: ``uniform``, ``closed_form`` (truncation loss from the K/V spectra,
+        as for weights: no forward pass), ``fisher`` (ranks proportional to the Fisher
         information of the K/V weights on calibration, Palu Sec. 3.3) or
         ``sensitivity`` (output-KL search per K/V projection, as for weights).
     kv_unmatched: with a ``kv_ratio``, an attention block that cannot be restructured

@@ -35,8 +35,15 @@ from lrcompile.passes.calibration_runner import is_state_input
 from lrcompile.passes.decomposition import LinearDecomposition
 from lrcompile.passes.find_linears import placeholder_values, weight_tensor
 from lrcompile.passes.kv_fisher import measure_kv_fisher
-from lrcompile.passes.kv_rank_allocation import KVProjection, allocate_kv_fisher, allocate_kv_sensitivity, allocate_kv_uniform
+from lrcompile.passes.kv_rank_allocation import (
+    KVProjection,
+    allocate_kv_closed_form,
+    allocate_kv_fisher,
+    allocate_kv_sensitivity,
+    allocate_kv_uniform,
+)
 from lrcompile.passes.kv_sensitivity import measure_kv_sensitivity
+from lrcompile.passes.rank_allocation import energy_share
 from lrcompile.passes.latent_kv import (
     block_weights,
     build_latent_attention,
@@ -314,9 +321,16 @@ def _kv_ranks(c: GraphCompression) -> dict[str, int]:
     for block in c.new_blocks():
         group = _kv_group_size(c, block)
         for view in (block.k_linear, block.v_linear):
+            energy: tuple[float, ...] = ()
+            if cfg.kv_allocation == "closed_form" and cfg.kv_needs_calibration:
+                groups = group_decompositions(c.weight(view), block.num_kv_heads // group, cfg.method,
+                                              block.k_linear.meta.stats, cfg.alpha, view.meta.name)
+                energy = tuple(torch.stack([energy_share(d.s) for d in groups]).mean(0).tolist())
             projections.append(KVProjection(view.meta.name, block.num_kv_heads // group, group * block.head_dim,
                                             c.kv_fisher.get(view.meta.name, 0.0),
-                                            c.kv_sensitivity.get(view.meta.name, {})))
+                                            c.kv_sensitivity.get(view.meta.name, {}), energy))
+    if cfg.kv_allocation == "closed_form" and any(p.energy for p in projections):
+        return allocate_kv_closed_form(projections, cfg.kv_ratio, cfg.rank_multiple)
     if cfg.kv_allocation == "fisher" and c.kv_fisher:
         return allocate_kv_fisher(projections, cfg.kv_ratio, cfg.rank_multiple)
     if cfg.kv_allocation == "sensitivity" and c.kv_sensitivity:

@@ -21,7 +21,7 @@ FactorMethod = Literal["svd", "asvd", "whiten"]
 AllocationMethod = Literal["uniform", "sensitivity", "closed_form"]
 FACTOR_METHODS: tuple[str, ...] = ("svd", "asvd", "whiten")
 ALLOCATION_METHODS: tuple[str, ...] = ("uniform", "sensitivity", "closed_form")
-KV_ALLOCATION_METHODS: tuple[str, ...] = ("uniform", "fisher", "sensitivity")
+KV_ALLOCATION_METHODS: tuple[str, ...] = ("uniform", "closed_form", "fisher", "sensitivity")
 
 
 class WeightLayout(enum.Enum):

@@ -8,6 +8,15 @@ over all restructured blocks. Ranks are per group and rounded to
 * ``sensitivity``: ASVD's search (arXiv 2312.05821, Sec. 3.3) on K/V: each
   projection's output KL at candidate ratios; a binary search over a KL
   threshold finds the smallest latent per projection that meets the budget.
+* ``closed_form``: the weights' closed form (SVD-LLM, arXiv 2403.07378) on
+  K/V: with whitening, dropping singular value ``i`` of a group costs ``s_i^2``
+  of its output error; each value's share of its projection's energy (mean
+  over the projection's groups) is its loss, one latent value per group its
+  price. Keeping values in order of loss per price (fractional knapsack) meets
+  the budget with no forward pass, and hands rank to whichever of K or V
+  loses more energy at equal width (on SmolLM2, V by ~10x). Measured on
+  SmolLM2 at kv_ratio 0.5 (docs/results/smollm2.md): better than uniform with
+  joint latents (group "all"), worse with per-head latents (K keeps 8-16 of 64).
 * ``fisher``: Palu's allocation (arXiv 2407.21118, Sec. 3.3): each K or V
   projection gets a share of the total budget proportional to its Fisher
   information ``sum (dL/dW)^2`` on calibration data, capped at its dense width
@@ -34,6 +43,7 @@ class KVProjection:
     width: int  # group_size * head_dim
     fisher: float = 0.0
     sensitivity: Mapping[float, float] = field(default_factory=dict)  # kept ratio -> output KL
+    energy: tuple[float, ...] = ()  # share of the (whitened) energy per singular value, mean over groups, descending
 
 
 def round_rank(value: float, width: int, multiple: int) -> int:
@@ -81,6 +91,40 @@ def allocate_kv_fisher(projections: Sequence[KVProjection], kv_ratio: float, mul
         if ranks[p.name] + multiple <= p.width and used + p.groups * multiple <= budget + 1e-9:
             ranks[p.name] += multiple
     log.info("fisher KV ranks: %s", ", ".join(f"{k}={v}" for k, v in ranks.items()))
+    return ranks
+
+
+def allocate_kv_closed_form(projections: Sequence[KVProjection], kv_ratio: float, multiple: int) -> dict[str, int]:
+    """Per-group ranks from ``energy`` (see the module docstring): the most energy per latent value kept, K and V
+    of every block competing for one budget; ranks rounded down to multiples (at least one), and whole multiples
+    the rounding freed go to the projections whose next multiple keeps the most energy."""
+    if kv_ratio >= 1.0:
+        return allocate_kv_uniform(projections, kv_ratio, multiple)
+    budget = kv_ratio * sum(p.groups * p.width for p in projections)
+    # at equal energy, value i of every projection before value i + 1 of any: ties split evenly
+    items = sorted(((share / p.groups, -i, p.name) for p in projections for i, share in enumerate(p.energy)),
+                   reverse=True)
+    kept: dict[str, int] = dict.fromkeys((p.name for p in projections), 0)
+    by_name = {p.name: p for p in projections}
+    used = 0
+    for _, _, name in items:
+        if used + by_name[name].groups > budget + 1e-9:
+            break
+        kept[name] += 1
+        used += by_name[name].groups
+    ranks = {p.name: max(min(multiple, p.width), kept[p.name] // multiple * multiple) for p in projections}
+
+    def gain(p: KVProjection) -> float:
+        return sum(p.energy[ranks[p.name]: ranks[p.name] + multiple]) / p.groups
+
+    while True:
+        room = budget - sum(p.groups * ranks[p.name] for p in projections)
+        open_ = [p for p in projections if ranks[p.name] + multiple <= p.width and p.groups * multiple <= room + 1e-9]
+        if not open_:
+            break
+        best = max(open_, key=gain)
+        ranks[best.name] += multiple
+    log.info("closed-form KV ranks: %s", ", ".join(f"{k}={v}" for k, v in ranks.items()))
     return ranks
 
 

@@ -114,7 +114,7 @@ def allocate_closed_form(
     A layer's rank is its count in the prefix (aligned), so tied values split.
     """
     budget = param_ratio * sum(m.dense_params for m in metas)
-    share = {m.name: _energy_share(spectra[m.name]) for m in metas}
+    share = {m.name: energy_share(spectra[m.name]) for m in metas}
     items = sorted(
         ((float(v) / (m.out_features + m.in_features), m.name) for m in metas for v in share[m.name]), key=lambda t: -t[0]
     )
@@ -134,7 +134,8 @@ def allocate_closed_form(
     return _search(metas, range(len(order) + 1), plan_at, budget)
 
 
-def _energy_share(singular_values: torch.Tensor) -> torch.Tensor:
+def energy_share(singular_values: torch.Tensor) -> torch.Tensor:
+    """``s_i^2 / sum_j s_j^2`` in float64: each singular value's share of the (scaled) weight's energy."""
     energy = singular_values.double().square()
     return energy / energy.sum().clamp_min(1e-300)
 

@@ -12,7 +12,12 @@ from lrcompile.errors import LatentCacheError, LowRankConfigError
 from lrcompile.kernels.latent_attention import latent_attention_reference, rope_cos_sin, rotate_half
 from lrcompile.passes import find_linears
 from lrcompile.passes.attention_blocks import find_attention_blocks
-from lrcompile.passes.kv_rank_allocation import KVProjection, allocate_kv_fisher, allocate_kv_uniform
+from lrcompile.passes.kv_rank_allocation import (
+    KVProjection,
+    allocate_kv_closed_form,
+    allocate_kv_fisher,
+    allocate_kv_uniform,
+)
 from lrcompile.passes.latent_kv import factor_kv_groups, fold_value_up
 from lrcompile.runtime.compressed_layers import model_latent_attention
 
@@ -192,6 +197,34 @@ def test_kv_ratio_half_halves_the_latent_and_fisher_changes_the_split():
     assert all(layer.groups == 1 for layer in joint)
     assert [(layer.k_rank, layer.v_rank) for layer in joint] != [(16, 16), (16, 16)]  # uniform's split
     assert sum(layer.latent_width for layer in joint) == sum(layer.dense_width for layer in joint) // 2
+
+
+def test_closed_form_kv_allocation_keeps_energy_within_budget():
+    steep = tuple(0.9 * 0.1 ** i for i in range(32))  # nearly all energy in the first values: cheap to truncate
+    flat = (1 / 32,) * 32  # every value matters
+    projections = [KVProjection("k", 2, 32, energy=steep), KVProjection("v", 2, 32, energy=flat)]
+    ranks = allocate_kv_closed_form(projections, 0.5, 8)
+    assert ranks == {"k": 8, "v": 24}  # the budget (0.5 of 128 values) goes where dropping costs most energy
+    assert sum(2 * r for r in ranks.values()) <= 0.5 * 128
+    assert allocate_kv_closed_form(projections, 1.0, 8) == {"k": 32, "v": 32}
+    even = allocate_kv_closed_form([KVProjection("a", 1, 64, energy=flat * 2), KVProjection("b", 1, 64, energy=flat * 2)],
+                                   0.25, 8)
+    assert even == {"a": 16, "b": 16}
+
+
+def test_closed_form_kv_allocation_through_the_backend():
+    model = tiny_rope_model("llama")
+    k_proj = model.model.layers[0].self_attn.k_proj
+    with torch.no_grad():  # layer 0's K of rank 4: its spectrum ends early, so its latent can be narrow
+        k_proj.weight.copy_(k_proj.weight[:, :4] @ torch.randn(4, k_proj.in_features))
+    calibration = token_batches(4, seq=12)
+    torch.compile(model, backend="lowrank", options=_config(kv_ratio=0.5, kv_allocation="closed_form", method="whiten",
+                                                            kv_group_size="all", calibration=calibration))(
+        calibration[0], use_cache=False)
+    blocks = lrcompile.model_report(model).attention
+    assert len(blocks) == 2
+    assert sum(b.latent_width for b in blocks) <= sum(b.dense_width for b in blocks) // 2
+    assert blocks[0].k_rank == 8 and blocks[0].k_truncation_loss < 1e-9  # rank 4 rounded up to one multiple: exact
 
 
 def test_fisher_allocation_follows_fisher_and_caps_at_width():
