@@ -1,4 +1,5 @@
-"""The ``lowrank`` Dynamo backend: compress the captured graph, then hand it to a downstream compiler.
+"""The ``lowrank`` Dynamo backend: compress the captured graph, put the outcome on the model, then hand
+the graph to a downstream compiler.
 
 Registered under the ``torch_dynamo_backends`` entry point, so
 ``torch.compile(model, backend="lowrank", options={...})`` works after install.
@@ -6,6 +7,7 @@ Registered under the ``torch_dynamo_backends`` entry point, so
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Callable, Mapping
@@ -16,25 +18,47 @@ from torch import fx
 
 from .config import LowRankConfig
 from .errors import LowRankError
-from .pipeline import GraphCompression, compress_graph
+from .pipeline import GraphCompression, compress_graph, install
 
 log = logging.getLogger(__name__)
 
 
-def _check_instance(compression: GraphCompression, compiled: Callable[..., Any]) -> Callable[..., Any]:
-    """Refuse to run the factors of one model instance on another (see ``_instance_input``)."""
-    if compression.instance_input is None:
-        return compiled
-    position, source, tensor = compression.instance_input
-    expected = weakref.ref(tensor)
+def _frame_locals() -> Mapping[str, Any]:
+    """The locals of the frame Dynamo is compiling, where the graph's ``L[...]`` sources (the model's
+    modules) are found. Dynamo's private API, checked on torch 2.11-2.13; used nowhere else."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return InstructionTranslator.current_tx().f_locals
+    except Exception as err:  # noqa: BLE001  (any change of that API)
+        raise LowRankError(
+            f"the lowrank backend cannot read the compiled frame's locals from Dynamo ({type(err).__name__}: {err}); "
+            f"this torch ({torch.__version__}) is outside the versions lrcompile supports (see pyproject.toml)"
+        ) from err
+
+
+def _on_call(compression: GraphCompression, compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """The compiled graph as Dynamo calls it: the first call installs the new modules on the model,
+    and a graph that reads new factors refuses another model instance's inputs.
+
+    The modules are swapped in at the first call, not during compilation: Dynamo builds the
+    frame's guards and loads the graph's inputs from the model as it was captured. The swap
+    changes the model, so the next call recompiles and finds the compressed modules.
+    """
+    check = compression.instance_input
+    expected = None if check is None else weakref.ref(check[2])
+    # holds the new modules, not the compression (whose example inputs are the dense weights)
+    pending = [functools.partial(install, compression.replacements, compression.records)]
 
     def run(*args: Any) -> Any:
-        if args[position] is not expected():
+        if check is not None and args[check[0]] is not expected():
             raise LowRankError(
-                f"this lowrank-compiled graph holds the factors of another model instance (its input {source} is a "
+                f"this lowrank-compiled graph holds the factors of another model instance (its input {check[1]} is a "
                 "different tensor): Dynamo reuses a graph across instances of one class when their backends compare "
                 "equal. Compile each model with its own LowRankConfig object, or call torch._dynamo.reset() first."
             )
+        while pending:
+            pending.pop()()
         return compiled(*args)  # Dynamo calls a backend's result unboxed
 
     return run
@@ -43,9 +67,9 @@ def _check_instance(compression: GraphCompression, compiled: Callable[..., Any])
 def compile_downstream(compression: GraphCompression, config: LowRankConfig) -> Callable[..., Any]:
     """Compile the rewritten graph with ``config.compiler`` (Inductor with ``config.inductor_config()``).
 
-    Released dense weights were erased from the graph's placeholders; Dynamo
-    builds its call from the placeholders left after the backend returns, so
-    the compiled function never receives (or reads) those weights.
+    Dense weights of replaced layers were erased from the graph's placeholders;
+    Dynamo builds its call from the placeholders left after the backend returns,
+    so the compiled function never receives (or reads) those weights.
     """
     gm = compression.gm
     kept = compression.kept_inputs
@@ -53,12 +77,12 @@ def compile_downstream(compression: GraphCompression, config: LowRankConfig) -> 
     if config.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return _check_instance(compression, compile_fx(gm, inputs, config_patches=config.inductor_config()))
+        return _on_call(compression, compile_fx(gm, inputs, config_patches=config.inductor_config()))
     if config.compiler == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 
-        return _check_instance(compression, lookup_backend("aot_eager")(gm, inputs))
-    return _check_instance(compression, gm.forward)
+        return _on_call(compression, lookup_backend("aot_eager")(gm, inputs))
+    return _on_call(compression, gm.forward)
 
 
 def lowrank_backend(
@@ -67,7 +91,7 @@ def lowrank_backend(
     """Dynamo backend entry: ``options`` is torch.compile's options dict or a :class:`LowRankConfig`."""
     config = LowRankConfig.from_options(options)
     with torch.no_grad():
-        compression = compress_graph(gm, example_inputs, config)
+        compression = compress_graph(gm, example_inputs, config, _frame_locals())
     # The compiled graph lives as long as the model: drop the float64 statistics (X^T X is
     # in x in per layer) that layers left dense would otherwise keep on their nodes.
     for view in compression.linears:

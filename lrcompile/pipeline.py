@@ -1,4 +1,10 @@
-"""The compression pipeline on one captured graph: find, reuse, observe, plan, factor, release."""
+"""The compression pipeline on one captured graph: find, reuse, observe, plan, factor, release.
+
+The outcome goes on the model: the passes build the modules that replace its
+linears (:mod:`lrcompile.modules`) and the rewritten graph reads their factors;
+:func:`install` puts them in place. A later graph of the same
+model finds those modules and reuses them without calibration.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from lrcompile.passes import (
     CalibrationRunner,
@@ -33,7 +39,7 @@ from lrcompile.passes import (
 from lrcompile.passes.attention_blocks import AttentionBlock, UnmatchedAttention, find_attention_blocks
 from lrcompile.passes.calibration_runner import is_state_input
 from lrcompile.passes.decomposition import LinearDecomposition
-from lrcompile.passes.find_linears import placeholder_values, weight_tensor
+from lrcompile.passes.find_linears import ModuleSlot, placeholder_values, weight_owner, weight_tensor
 from lrcompile.passes.kv_fisher import measure_kv_fisher
 from lrcompile.passes.kv_rank_allocation import (
     KVProjection,
@@ -48,19 +54,16 @@ from lrcompile.passes.latent_kv import (
     block_weights,
     build_latent_attention,
     check_group_size,
-    eager_output_weight,
     group_decompositions,
-    low_rank_product,
     restructure_attention,
 )
-from lrcompile.runtime.compressed_layers import record_latent, record_layer, recorded_latent, recorded_layer
-from lrcompile.runtime.released_weights import DenseRebuild, mark_released
 
 from .config import LowRankConfig
 from .errors import CalibrationError, LatentCacheError, LowRankError, NoCompressibleLinearError
+from .modules import RECORD, GroupedLowRankProjection, LowRankLinear, factor_bytes, module_record
 from .pass_manager import Pass, PassManager
 from .report import CompressionReport, build_report
-from .types import CompressionPlan, CompressedLayer, LatentAttention, LayerPlan, LayerStatus, WeightLayout
+from .types import CompressionPlan, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +72,15 @@ _graph_ids = itertools.count()
 
 @dataclass
 class GraphCompression:
-    """Everything the passes learned and changed on one graph."""
+    """Everything the passes learned and changed on one graph, and the modules to put on the model."""
 
     gm: fx.GraphModule
     example_inputs: list[Any]
     config: LowRankConfig
+    frame_locals: Mapping[str, Any] | None = None  # the captured frame's locals: where the model's modules are found
     linears: list[LinearNode] = field(default_factory=list)
+    owners: dict[LinearNode, ModuleSlot] = field(default_factory=dict)
+    latent_projections: set[LinearNode] = field(default_factory=set)  # down linears of grouped K/V on the model
     recorded: dict[LinearNode, CompressedLayer] = field(default_factory=dict)
     plan: CompressionPlan | None = None
     layers: dict[LinearNode, CompressedLayer] = field(default_factory=dict)
@@ -87,7 +93,8 @@ class GraphCompression:
     kv_fisher: dict[str, float] = field(default_factory=dict)
     kv_sensitivity: dict[str, dict[float, float]] = field(default_factory=dict)
     latent: list[LatentAttention] = field(default_factory=list)
-    restructured: list[tuple[AttentionBlock, LatentAttention]] = field(default_factory=list)
+    replacements: list[tuple[ModuleSlot, nn.Module]] = field(default_factory=list)  # new modules for the model
+    records: list[tuple[nn.Module, CompressedLayer]] = field(default_factory=list)  # records for linears kept dense
     report: CompressionReport | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -104,12 +111,23 @@ class GraphCompression:
         return weight_tensor(self.gm, view, placeholder_values(self.gm, self.example_inputs))
 
 
-def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None, weight: torch.Tensor) -> bool:
+
+def install(replacements: list[tuple[ModuleSlot, nn.Module]], records: list[tuple[nn.Module, CompressedLayer]]) -> None:
+    """Put a graph's outcome on the model: swap in the new modules (the dense weights go with the old
+    ones) and give the linears kept dense their records."""
+    for slot, module in replacements:
+        slot.replace(module)
+    for module, record in records:
+        setattr(module, RECORD, record)
+    log.info("installed %d compressed modules on the model", len(replacements))
+
+
+def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None, dense_held: bool) -> bool:
     """Whether a recorded outcome holds under this compile's options.
 
     Recorded under other options: compress again while the dense weight is
-    still held, else there is nothing to compress from. A loaded plan
-    (``options`` None) is used as saved.
+    still held (a layer planned dense), else there is nothing to compress from.
+    A loaded model (``options`` None) is used as saved.
     """
     wanted = c.config.deciding_options()
     if options is None or options == wanted:
@@ -117,34 +135,44 @@ def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None,
     changed = sorted(key for key in wanted if options.get(key) != wanted[key])
     before = ", ".join(f"{key}={options.get(key)!r}" for key in changed)
     after = ", ".join(f"{key}={wanted[key]!r}" for key in changed)
-    if weight.untyped_storage().nbytes() > 0:
+    if dense_held:
         log.warning("%s was compressed with %s; compressing it again with %s", name, before, after)
         return False
     raise LowRankError(
-        f"{name} was compressed with {before} and its dense weights were released; this compile asks for {after} "
-        "(other options equal). Load a fresh copy of the model (from_pretrained) to compress it with new options, "
-        "or compile with the options it was compressed with."
+        f"{name} was compressed with {before} and its dense weights were replaced by factors; this compile asks "
+        f"for {after} (other options equal). Load a fresh copy of the model (from_pretrained) to compress it with "
+        "new options, or compile with the options it was compressed with."
     )
 
 
 def _find_linears(c: GraphCompression) -> None:
+    """Find the linears and their modules; those the model holds compressed already are reused as they are."""
     c.linears = find_linears(c.gm, c.example_inputs, c.config.include, c.config.exclude)
+    compressed = False
     for view in c.linears:
+        slot = weight_owner(c.gm, view, c.frame_locals)
+        module = None if slot is None else slot.module
+        record = module_record(module)
+        if isinstance(module, (LowRankLinear, GroupedLowRankProjection)):
+            _reusable(c, view.meta.name, record.options, dense_held=False)
+            view.meta.compressible, view.meta.skip_reason = False, f"compressed already ({type(module).__name__})"
+            if isinstance(module, LowRankLinear):
+                c.recorded[view] = record
+            else:
+                c.latent_projections.add(view)
+            compressed = True
+            continue
         if not view.meta.compressible:
             continue
-        weight = c.weight(view)
-        layer = recorded_layer(weight)
-        if layer is not None and not _reusable(c, view.meta.name, layer.options, weight):
-            layer = None
-        if layer is not None:
-            c.recorded[view] = layer
-        elif weight.untyped_storage().nbytes() == 0:
-            raise CalibrationError(
-                f"layer {view.meta.name!r}: its dense weight was released but no factors are recorded for it"
-            )
+        if slot is None:
+            view.meta.compressible, view.meta.skip_reason = False, "its weight is not a parameter of a model module"
+            continue
+        c.owners[view] = slot
+        if record is not None and _reusable(c, view.meta.name, record.options, dense_held=True):
+            c.recorded[view] = record
     if not c.linears:  # a graph-break fragment (embeddings, mask building) or a model without linears
         log.warning("a captured graph has no linear layer: nothing to compress in it")
-    elif not any(v.meta.compressible for v in c.linears):
+    elif not compressed and not any(v.meta.compressible for v in c.linears):
         shown = 6
         found = "; ".join(f"{v.meta.name}: {v.meta.skip_reason}" for v in c.linears[:shown])
         if len(c.linears) > shown:
@@ -156,35 +184,29 @@ def _find_linears(c: GraphCompression) -> None:
 
 
 def _find_attention(c: GraphCompression) -> None:
-    """Recognise attention blocks; those to restructure take their K/V/output projections out of weight factoring."""
+    """Recognise attention blocks; those to restructure take their K/V/output projections out of weight factoring.
+
+    A block whose K and V are grouped projections was restructured earlier: its record comes from them.
+    """
     blocks, c.unmatched_attention = find_attention_blocks(c.gm, c.linears)
     for block in blocks:
-        k_weight = c.weight(block.k_linear)
-        layer = recorded_latent(k_weight)
-        if layer is not None and not _reusable(c, block.name, layer.options, k_weight):
-            layer = None
-        if layer is None and c.config.kv_ratio is None:
+        if block.restructured:
+            c.blocks.append((block, module_record(weight_owner(c.gm, block.k_linear.latent, c.frame_locals).module)))
+            continue
+        if c.config.kv_ratio is None:
             if block.marker is not None:
                 raise LatentCacheError(
                     f"{block.name} writes a latent KV cache, but the model has no latent-KV plan: compress it with "
                     "a kv_ratio option first"
                 )
             continue
-        c.blocks.append((block, layer))
+        if any(view not in c.owners for view in (block.k_linear, block.v_linear)):
+            c.unmatched_attention.append(UnmatchedAttention(block.name, "its K/V weights are not module parameters"))
+            continue
+        c.blocks.append((block, None))
     stray = [u for u in c.unmatched_attention if u.cache_marker]
     if stray:
         raise LatentCacheError(f"latent KV cache used by attention that was not restructured: {stray[0].name} ({stray[0].reason})")
-    reasons = {u.name: u.reason for u in c.unmatched_attention}
-    matched = {view for block, _ in c.blocks for view in (block.k_linear, block.v_linear, block.o_linear)}
-    restructured = sorted({layer.plan.reason.removeprefix("latent attention ") for view, layer in c.recorded.items()
-                           if layer.status is LayerStatus.LATENT and view not in matched})
-    if restructured:  # their dense K/V/O weights are gone: this graph cannot run them
-        raise LatentCacheError(
-            "attention restructured for a latent KV cache is called in a form it cannot run: "
-            + "; ".join(f"{name} ({reasons.get(name, 'not recognised')})" for name in restructured)
-            + ". Give generate a lrcompile.LatentKVCache(model, batch_size, max_cache_len) as its cache, or call with "
-            "use_cache=False."
-        )
     if c.config.kv_ratio is not None and c.unmatched_attention:
         message = (f"kv_ratio={c.config.kv_ratio}: {len(c.unmatched_attention)} attention block(s) cannot be "
                    "restructured for a latent KV cache and would stay dense: "
@@ -192,14 +214,6 @@ def _find_attention(c: GraphCompression) -> None:
         if c.config.kv_unmatched == "error":
             raise LatentCacheError(message + " (option kv_unmatched='warn' compresses the rest and leaves these dense)")
         log.warning("%s", message)
-
-
-def _apply_recorded(c: GraphCompression) -> None:
-    """Rewrite layers compressed earlier (a recompile, another graph, a loaded plan) without recalibrating."""
-    factored = {v: layer for v, layer in c.recorded.items() if layer.status is LayerStatus.FACTORED}
-    if factored:
-        factorize_linears(c.gm, factored)
-        log.info("reused %d recorded factored layers", len(factored))
 
 
 def _activation_stats(c: GraphCompression) -> None:
@@ -291,26 +305,30 @@ def _allocate_ranks(c: GraphCompression) -> None:
 
 
 def _factorize(c: GraphCompression) -> None:
+    """Factor each planned layer into a new ``LowRankLinear`` and rewrite the graph to read its factors."""
     targets = c.to_compress()
     factored = {}
     for view, layer_plan in zip(targets, c.plan.layers):
         weight = c.weight(view)
+        slot = c.owners[view]
         layer = CompressedLayer(layer_plan, c.config.method, LayerStatus.DENSE, weight.dtype,
                                 dense_bytes=weight.untyped_storage().nbytes(), options=c.config.deciding_options())
-        if layer_plan.rank is not None:
+        if layer_plan.rank is None:
+            c.records.append((slot.module, layer))
+        else:
             decomposition = _decompose(c, view)
             down, up = decomposition.factors(layer_plan.rank, view.meta.weight_dtype)
             layer.plan = replace(layer_plan, truncation_loss=decomposition.truncation_loss(layer_plan.rank))
-            layer.down, layer.up, layer.status = down.to(weight.device), up.to(weight.device), LayerStatus.FACTORED
-            factored[view] = layer
+            layer.status = LayerStatus.FACTORED
+            module = LowRankLinear.from_factors(down.to(weight.device), up.to(weight.device), slot.module.bias, layer)
+            c.replacements.append((slot, module))
+            factored[view] = module
         c.layers[view] = layer
-        record_layer(weight, layer)
     for view in c.linears:
-        if not view.meta.compressible:
+        if not view.meta.compressible and view not in c.recorded and view not in c.latent_projections:
             meta = view.meta
             skipped = LayerPlan(meta.name, meta.out_features, meta.in_features, None, meta.skip_reason)
             c.layers[view] = CompressedLayer(skipped, "", LayerStatus.SKIPPED, meta.weight_dtype)
-            record_layer(c.weight(view), c.layers[view])
     c.layers.update(c.recorded)
     factorize_linears(c.gm, factored)
 
@@ -339,89 +357,55 @@ def _kv_ranks(c: GraphCompression) -> dict[str, int]:
 
 
 def _restructure_attention(c: GraphCompression) -> None:
-    """Factor new blocks' K/V per head group, record them, and rewrite every block to latent attention."""
+    """Factor new blocks' K/V per head group into ``GroupedLowRankProjection`` modules, and rewrite every
+    block (new or read back from the model) to latent attention."""
     if not c.blocks:
         return
     ranks = _kv_ranks(c) if c.new_blocks() else {}
     values = placeholder_values(c.gm, c.example_inputs)
     method = c.config.method if c.config.kv_needs_calibration else "svd"  # kv_ratio 1 is exact with any method
-    pairs = []
+    rewrites = []
     for block, layer in c.blocks:
-        views = (block.k_linear, block.v_linear, block.o_linear)
+        modules = None
         if layer is None:
             weights = block_weights(c.gm, block, values)
-            layer = build_latent_attention(block, weights, _kv_group_size(c, block), ranks[block.k_linear.meta.name],
-                                           ranks[block.v_linear.meta.name], method, block.k_linear.meta.stats,
-                                           c.config.alpha)
+            k_slot, v_slot = c.owners[block.k_linear], c.owners[block.v_linear]
+            weights.update(k_bias=k_slot.module.bias, v_bias=v_slot.module.bias)  # kept as the model's parameters
+            layer, *modules = build_latent_attention(block, weights, _kv_group_size(c, block),
+                                                     ranks[block.k_linear.meta.name], ranks[block.v_linear.meta.name],
+                                                     method, block.k_linear.meta.stats, c.config.alpha)
             layer.options = c.config.deciding_options()
-            record_latent(weights["k"], layer)
-            for view in views:
-                meta = view.meta
-                plan = LayerPlan(meta.name, meta.out_features, meta.in_features, None, f"latent attention {block.name}")
-                weight = c.weight(view)
-                record_layer(weight, CompressedLayer(plan, method, LayerStatus.LATENT, weight.dtype,
-                                                     dense_bytes=weight.untyped_storage().nbytes(),
-                                                     options=layer.options))
-        for view in views:
-            c.layers[view] = recorded_layer(c.weight(view))
-        pairs.append((block, layer))
+            c.replacements += [(k_slot, modules[0]), (v_slot, modules[1])]
+            o = block.o_linear.meta
+            plan = LayerPlan(o.name, o.out_features, o.in_features, None, f"output projection of latent attention {block.name}")
+            o_weight = c.weight(block.o_linear)
+            o_record = CompressedLayer(plan, method, LayerStatus.LATENT, o_weight.dtype,
+                                       dense_bytes=o_weight.untyped_storage().nbytes(), options=layer.options)
+            c.records.append((c.owners[block.o_linear].module, o_record))
+            c.layers[block.o_linear] = o_record
+        elif block.o_linear in c.recorded:
+            c.layers[block.o_linear] = c.recorded[block.o_linear]
+        rewrites.append((block, layer, modules))
         c.latent.append(layer)
-    c.restructured = pairs
-    restructure_attention(c.gm, pairs)
-
-
-def _eager_rebuilds(c: GraphCompression) -> list[tuple[torch.Tensor, DenseRebuild]]:
-    """How each weight about to be released is rebuilt for an eager call of the model (see runtime.released_weights)."""
-    rebuilds = []
-    for view, layer in c.layers.items():
-        if layer.status is LayerStatus.FACTORED and view.layout is not WeightLayout.MODULE:
-            down, up = layer.down, layer.up
-            transpose = view.layout is WeightLayout.ADDMM
-            rebuilds.append((c.weight(view), DenseRebuild(lambda d=down, u=up, t=transpose: (u @ d).T if t else u @ d)))
-    values = placeholder_values(c.gm, c.example_inputs)
-    for block, layer in c.restructured:
-        weights = block_weights(c.gm, block, values)
-        rebuilds.append((weights["k"], DenseRebuild(lambda lay=layer: low_rank_product(lay.k_up, lay.k_down))))
-        if layer.v_up is None:  # loaded from a folder that does not keep V's up-projection
-            def refuse(name: str = layer.name) -> torch.Tensor:
-                raise LatentCacheError(f"{name} was loaded without V's up-projection and cannot run eagerly: "
-                                       "call the model through its lowrank-compiled forward")
-            rebuilds += [(weights["v"], DenseRebuild(refuse)), (weights["o"], DenseRebuild(refuse))]
-            continue
-        rebuilds.append((weights["v"], DenseRebuild(lambda lay=layer: low_rank_product(lay.v_up, lay.v_down))))
-        o_weight = eager_output_weight(layer)
-        shift = torch.zeros(o_weight.shape[0], dtype=torch.float64, device=o_weight.device)
-        if layer.o_bias is not None:  # the folded bias: b_o + W_o b_v (Palu Eq. 6); eager adds b_o and W b_v itself
-            shift += layer.o_bias.double() - (0 if weights["o_bias"] is None else weights["o_bias"].double())
-        if weights["v_bias"] is not None:
-            repeat = layer.num_heads // layer.num_kv_heads
-            per_head = weights["v_bias"].double().reshape(layer.num_kv_heads, -1).repeat_interleave(repeat, 0)
-            shift -= o_weight.double() @ per_head.reshape(-1)
-        has_shift = bool(shift.abs().max() > 0)
-        # rebuilt per eager call: keeping it would hold a dense-sized o_proj weight for every block
-        rebuilds.append((weights["o"], DenseRebuild(lambda lay=layer: eager_output_weight(lay),
-                                                    shift.to(o_weight.dtype) if has_shift else None)))
-    return rebuilds
+    restructure_attention(c.gm, rewrites)
 
 
 def _release_dense(c: GraphCompression) -> None:
-    factored = [v for v, layer in c.layers.items() if layer.status is LayerStatus.FACTORED]
-    factored += [view for block, _ in c.restructured for view in (block.k_linear, block.v_linear, block.o_linear)]
-    if c.config.release_dense and factored:
-        rebuilds = _eager_rebuilds(c)
-        _, c.kept_inputs = release_dense_weights(c.gm, factored, c.example_inputs)
-        for weight, rebuild in rebuilds:
-            mark_released(weight, rebuild)
-    if c.latent or any(layer.status is LayerStatus.FACTORED for layer in c.layers.values()):
+    """Drop the dense weights of replaced layers from the graph (the model drops them with their modules)."""
+    replaced = [v for v, layer in c.layers.items() if layer.status is LayerStatus.FACTORED and v not in c.recorded]
+    replaced += [view for block, _ in c.blocks if not block.restructured for view in (block.k_linear, block.v_linear)]
+    if replaced:
+        _, c.kept_inputs = release_dense_weights(c.gm, replaced, c.example_inputs)
         c.instance_input = _instance_input(c)
 
 
 def _instance_input(c: GraphCompression) -> tuple[int, str, torch.Tensor] | None:
-    """A model-state input that identifies the model instance the factors belong to.
+    """A model-state input that identifies the model instance whose new factors this graph reads.
 
     Dynamo reuses a graph for another instance of the same class when the
-    backends compare equal (same options object, or equal option dicts); that
-    graph would then run with the first instance's factors.
+    backends compare equal (same options object, or equal option dicts); the
+    graph that compressed a model would then run that model's factors. Graphs
+    of a model compressed already read the factors as inputs and need no check.
     """
     kept = c.kept_inputs if c.kept_inputs is not None else range(len(c.example_inputs))
     placeholders = [n for n in c.gm.graph.nodes if n.op == "placeholder"]
@@ -434,8 +418,7 @@ def _instance_input(c: GraphCompression) -> tuple[int, str, torch.Tensor] | None
 PASSES: tuple[Pass[GraphCompression], ...] = (
     Pass("find_linears", _find_linears, provides=frozenset({"linears"})),
     Pass("find_attention", _find_attention, frozenset({"linears"}), frozenset({"attention"})),
-    Pass("apply_recorded", _apply_recorded, frozenset({"linears", "attention"}), frozenset({"recorded"})),
-    Pass("activation_stats", _activation_stats, frozenset({"recorded"}), frozenset({"stats"})),
+    Pass("activation_stats", _activation_stats, frozenset({"linears", "attention"}), frozenset({"stats"})),
     Pass("kv_fisher", _kv_fisher, frozenset({"stats"}), frozenset({"fisher"})),
     Pass("kv_sensitivity", _kv_sensitivity, frozenset({"stats"}), frozenset({"kv_sensitivity"})),
     Pass("sensitivity", _sensitivity, frozenset({"stats"}), frozenset({"sensitivity"})),
@@ -447,24 +430,52 @@ PASSES: tuple[Pass[GraphCompression], ...] = (
 )
 
 
-def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config: LowRankConfig) -> GraphCompression:
-    """Run every pass on ``gm``; the result holds the rewritten graph, the plan and the report."""
+def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config: LowRankConfig,
+                   frame_locals: Mapping[str, Any] | None = None) -> GraphCompression:
+    """Run every pass on ``gm``; the result holds the rewritten graph, the plan, the report and the modules
+    to install on the model. ``frame_locals``: the locals of the frame Dynamo captured (``L[...]`` sources)."""
     graph_id = next(_graph_ids)
     dump_dir = Path(config.dump_dir) / f"graph_{graph_id:03d}" if config.dump_dir else None
-    compression = GraphCompression(gm, list(example_inputs or []), config)
+    compression = GraphCompression(gm, list(example_inputs or []), config, frame_locals)
     manager = PassManager(PASSES, dump_dir)
     manager.run(compression, lambda c: c.gm)
     compression.timings = manager.timings
-    compression.report = build_report(
-        [compression.layers[v] for v in compression.linears if v in compression.layers], config.to_json(), manager.timings,
-        compression.latent, [(u.name, u.reason) for u in compression.unmatched_attention],
-    )
+    compression.report = build_report(_layer_bytes(compression), config.to_json(), manager.timings,
+                                      _block_bytes(compression),
+                                      [(u.name, u.reason) for u in compression.unmatched_attention])
     compression.report.log()
     if dump_dir is not None:
         if compression.plan is not None:
             (dump_dir / "plan.json").write_text(json.dumps(plan_to_json(compression.plan), indent=2))
         compression.report.save(dump_dir)
     return compression
+
+
+def _layer_bytes(c: GraphCompression) -> list[tuple[CompressedLayer, int]]:
+    """Each layer's record once, with the bytes of the factors holding it (new or on the model)."""
+    modules = {id(module.lowrank_record): module for _, module in c.replacements}
+    for view in c.recorded:
+        module = weight_owner(c.gm, view, c.frame_locals).module
+        modules.setdefault(id(module.lowrank_record), module)
+    found, seen = [], set()
+    for view in c.linears:
+        layer = c.layers.get(view)
+        if layer is not None and id(layer) not in seen:
+            seen.add(id(layer))
+            found.append((layer, factor_bytes(modules[id(layer)]) if layer.status is LayerStatus.FACTORED else 0))
+    return found
+
+
+def _block_bytes(c: GraphCompression) -> list[tuple[LatentAttention, int]]:
+    """Each restructured block's record with the bytes of its K and V group factors."""
+    found = []
+    for block, layer in zip((block for block, _ in c.blocks), c.latent):
+        if block.restructured:
+            projections = [weight_owner(c.gm, view.latent, c.frame_locals).module for view in (block.k_linear, block.v_linear)]
+        else:
+            projections = [m for _, m in c.replacements if m.lowrank_record is layer]
+        found.append((layer, sum(factor_bytes(m) for m in projections)))
+    return found
 
 
 def plan_to_json(plan: CompressionPlan) -> dict[str, Any]:

@@ -40,8 +40,8 @@ class AttentionReport:
     latent_width: int  # cached values per token
     dense_width: int  # 2 * kv_heads * head_dim
     itemsize: int
-    weight_bytes_before: int  # dense K, V and output projections
-    weight_bytes_after: int  # latent projections, K up-projection, folded output projection
+    weight_bytes_before: int  # dense K and V projections
+    weight_bytes_after: int  # their group factors (the output projection stays as it was)
     k_truncation_loss: float | None
     v_truncation_loss: float | None
 
@@ -226,7 +226,8 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def layer_report(layer: CompressedLayer) -> LayerReport:
+def layer_report(layer: CompressedLayer, factor_bytes: int = 0) -> LayerReport:
+    """``factor_bytes``: the bytes of the factors holding a factored layer (its module's parameters)."""
     plan = layer.plan
     return LayerReport(
         name=plan.name,
@@ -240,43 +241,47 @@ def layer_report(layer: CompressedLayer) -> LayerReport:
         sensitivity=plan.sensitivity,
         truncation_loss=plan.truncation_loss,
         dense_bytes=layer.dense_bytes,
-        factor_bytes=layer.factor_bytes,
+        factor_bytes=factor_bytes,
         reason=plan.reason,
     )
 
 
-def attention_report(layer: LatentAttention) -> AttentionReport:
+def attention_report(layer: LatentAttention, factor_bytes: int) -> AttentionReport:
+    """``factor_bytes``: the bytes of the block's K and V group factors."""
     return AttentionReport(
         name=layer.name, method=layer.method, group_size=layer.group_size, groups=layer.groups, k_rank=layer.k_rank,
         v_rank=layer.v_rank, latent_width=layer.latent_width, dense_width=layer.dense_width,
         itemsize=layer.itemsize, weight_bytes_before=layer.dense_bytes,
-        weight_bytes_after=layer.factor_bytes, k_truncation_loss=layer.k_truncation_loss,
+        weight_bytes_after=factor_bytes, k_truncation_loss=layer.k_truncation_loss,
         v_truncation_loss=layer.v_truncation_loss,
     )
 
 
 def build_report(
-    layers: Iterable[CompressedLayer],
+    layers: Iterable[tuple[CompressedLayer, int]],
     config: Mapping[str, Any] | None = None,
     timings: Mapping[str, float] | None = None,
-    attention: Iterable[LatentAttention] = (),
+    attention: Iterable[tuple[LatentAttention, int]] = (),
     attention_left_dense: Iterable[tuple[str, str]] = (),
 ) -> CompressionReport:
-    return CompressionReport([layer_report(layer) for layer in layers], dict(config or {}), dict(timings or {}),
-                             [attention_report(a) for a in attention], list(attention_left_dense))
+    """``layers`` and ``attention``: each record with the bytes of the factors that hold it."""
+    return CompressionReport([layer_report(*pair) for pair in layers], dict(config or {}), dict(timings or {}),
+                             [attention_report(*pair) for pair in attention], list(attention_left_dense))
 
 
 def model_report(model: nn.Module, cache: Any = None) -> CompressionReport:
-    """The report of every layer of ``model`` compressed so far (across all its graphs); with a
+    """The report of every layer of ``model`` compressed so far, read from its modules; with a
     :class:`~lrcompile.LatentKVCache`, also the KV-cache bytes it actually allocated."""
-    from lrcompile.runtime.compressed_layers import model_latent_attention, model_layers
+    from lrcompile.modules import GroupedLowRankProjection, compressed_modules, factor_bytes
 
-    seen, layers = set(), []
-    for _, layer in model_layers(model):
-        if id(layer) not in seen:
-            seen.add(id(layer))
-            layers.append(layer)
-    report = build_report(layers, attention=[layer for _, layer in model_latent_attention(model)])
+    layers, blocks = [], {}
+    for _, module in compressed_modules(model):
+        record = module.lowrank_record
+        if isinstance(module, GroupedLowRankProjection):
+            blocks[id(record)] = (record, blocks.get(id(record), (record, 0))[1] + factor_bytes(module))
+        else:
+            layers.append((record, factor_bytes(module) if record.status is LayerStatus.FACTORED else 0))
+    report = build_report(layers, attention=list(blocks.values()))
     if cache is not None:
         report.kv_bytes_measured = (cache.latent_bytes, cache.dense_bytes())
     return report

@@ -164,29 +164,23 @@ class LayerStatus(enum.Enum):
 
 @dataclass
 class CompressedLayer:
-    """The outcome for one linear: ``y = up (down x) + bias`` when factored.
+    """The outcome for one linear, held by the module it describes (``lrcompile.modules``).
 
-    ``down`` is B ``[rank, in]``, ``up`` is A ``[out, rank]``; both None unless factored.
+    Factored: a ``LowRankLinear`` holds it with its factors ``down`` B ``[rank, in]``
+    and ``up`` A ``[out, rank]``. Planned dense, or the output projection of latent
+    attention: the ``nn.Linear`` itself holds it, so a later compile does not calibrate it again.
     """
 
     plan: LayerPlan
     method: str
     status: LayerStatus
     dtype: torch.dtype
-    down: torch.Tensor | None = None
-    up: torch.Tensor | None = None
     dense_bytes: int = 0  # bytes of the dense weight before compression
     options: Mapping[str, Any] | None = None  # the options that decided it (LowRankConfig.deciding_options); None: loaded
 
     @property
     def name(self) -> str:
         return self.plan.name
-
-    @property
-    def factor_bytes(self) -> int:
-        if self.down is None:
-            return 0
-        return self.down.untyped_storage().nbytes() + self.up.untyped_storage().nbytes()
 
 
 @dataclass
@@ -196,8 +190,9 @@ class LatentAttention:
     K and V projections are factored per group of ``group_size`` KV heads
     (group-head low-rank decomposition, Palu Sec. 3.2): ``K_g = U^k_g (D^k_g x)``.
     Only the latents ``D^k x`` (``groups * k_rank`` values) and ``D^v x``
-    (``groups * v_rank``) are cached. V's up-projection is folded into the
-    output projection: ``o_weight[:, h] = W_o[:, h] U^v_{j(h)}`` (Palu Eq. 6).
+    (``groups * v_rank``) are cached. The factors live on the block's K and V
+    projections (``GroupedLowRankProjection``), which both hold this record; the
+    output projection stays the model's own linear.
     """
 
     name: str  # e.g. "model.layers.0.self_attn"
@@ -209,14 +204,7 @@ class LatentAttention:
     k_rank: int  # per group
     v_rank: int  # per group
     dtype: torch.dtype
-    k_down: torch.Tensor | None = None  # [groups * k_rank, hidden]
-    k_up: torch.Tensor | None = None  # [groups, group_size * head_dim, k_rank]
-    k_bias: torch.Tensor | None = None  # [kv_heads * head_dim]
-    v_down: torch.Tensor | None = None  # [groups * v_rank, hidden]
-    v_up: torch.Tensor | None = None  # [groups, group_size * head_dim, v_rank]; folded into o_weight, kept for eager calls
-    o_weight: torch.Tensor | None = None  # [out, heads * v_rank]
-    o_bias: torch.Tensor | None = None  # [out]
-    dense_bytes: int = 0  # k, v and o weights before
+    dense_bytes: int = 0  # k and v weights before
     k_truncation_loss: float | None = None
     v_truncation_loss: float | None = None
     options: Mapping[str, Any] | None = None  # as on CompressedLayer
@@ -239,8 +227,3 @@ class LatentAttention:
     def dense_width(self) -> int:
         """Values per token of the dense K and V cache: ``2 * kv_heads * head_dim``."""
         return 2 * self.num_kv_heads * self.head_dim
-
-    @property
-    def factor_bytes(self) -> int:
-        tensors = (self.k_down, self.k_up, self.k_bias, self.v_down, self.o_weight, self.o_bias)
-        return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from lrcompile.kernels.grouped_projection import grouped_up_projection  # noqa: F401  (registers the op)
 from lrcompile.kernels.latent_cache import latent_cache_marker  # noqa: F401  (registers the op)
+from lrcompile.types import LinearMeta
 
 from .find_linears import LinearNode
 
@@ -36,6 +38,7 @@ SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_
                 torch.ops.aten.scaled_dot_product_attention.default)
 SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.Tensor.softmax)
 MARKER = torch.ops.lowrank.latent_cache_marker.default
+GROUPED_UP = torch.ops.lowrank.grouped_up_projection.default
 DENSE_CACHE = ("K/V go to a dense KV cache (use_cache=True without lrcompile.LatentKVCache): compress with "
                "use_cache=False first, or generate with lrcompile.generate / a LatentKVCache")
 _VIEW_METHODS = ("view", "reshape")
@@ -45,13 +48,39 @@ class NoMatch(Exception):
     """The structure around an attention op is not the one this pass knows."""
 
 
+@dataclass(frozen=True)
+class GroupedProjectionNode:
+    """A K or V projection already restructured (``GroupedLowRankProjection``):
+    ``grouped_up_projection(linear(x, down), up, bias)``; ``latent`` is the down linear."""
+
+    node: fx.Node
+    latent: LinearNode
+    up: fx.Node
+    bias: fx.Node | None
+
+    @property
+    def input(self) -> fx.Node:
+        return self.latent.input
+
+    @property
+    def meta(self) -> LinearMeta:
+        return self.latent.meta
+
+
+Projection = LinearNode | GroupedProjectionNode
+
+
 @dataclass
 class AttentionBlock:
-    """One recognised attention block; nodes belong to the graph it was found in."""
+    """One recognised attention block; nodes belong to the graph it was found in.
+
+    K and V are dense linears (a block to restructure) or both grouped
+    projections (a block restructured earlier, read back from the model).
+    """
 
     name: str  # module path, e.g. "model.layers.0.self_attn"
-    k_linear: LinearNode
-    v_linear: LinearNode
+    k_linear: Projection
+    v_linear: Projection
     o_linear: LinearNode
     query: fx.Node  # RoPE'd query [B, Hq, T, D] as fed to attention
     attention: fx.Node  # SDPA node, or the value matmul of eager attention
@@ -67,6 +96,10 @@ class AttentionBlock:
     head_dim: int
     marker: fx.Node | None = None  # the latent cache's marker, when the graph writes a cache
     cache_slots: object = None  # attention reads only the first n cache slots (int or SymInt node), else all
+
+    @property
+    def restructured(self) -> bool:
+        return isinstance(self.k_linear, GroupedProjectionNode)
 
 
 @dataclass(frozen=True)
@@ -109,7 +142,7 @@ def _mul_operands(node: fx.Node) -> tuple[object, object]:
     return node.args[0], node.args[1]
 
 
-def _head_split(node: fx.Node, linears: dict[fx.Node, LinearNode]) -> LinearNode:
+def _head_split(node: fx.Node, linears: dict[fx.Node, Projection]) -> Projection:
     """``linear(x).view(B, T, -1, D).transpose(1, 2)`` -> the linear."""
     if not (_is_method(node, "transpose") and sorted(node.args[1:3]) == [1, 2]):
         raise NoMatch(f"{node.name} is not the head transpose of a projection")
@@ -317,7 +350,7 @@ def _attention_modules(linears: list[LinearNode]) -> set[str]:
     return found
 
 
-def match_attention(node: fx.Node, linears: dict[fx.Node, LinearNode]) -> AttentionBlock:
+def match_attention(node: fx.Node, linears: dict[fx.Node, Projection]) -> AttentionBlock:
     """The :class:`AttentionBlock` around attention op ``node``; raises :class:`NoMatch` with the reason."""
     parts = _sdpa_parts(node) if _is_fn(node, *SDPA_TARGETS) else _eager_parts(node)
     q_arg, k_arg, v_arg, mask, is_causal, scale = parts
@@ -330,6 +363,8 @@ def match_attention(node: fx.Node, linears: dict[fx.Node, LinearNode]) -> Attent
         raise NoMatch("q and k are rotated with different tables")
     k_linear, v_linear = _head_split(k_heads, linears), _head_split(v_heads, linears)
     _head_split(q_heads, linears)
+    if isinstance(k_linear, GroupedProjectionNode) != isinstance(v_linear, GroupedProjectionNode):
+        raise NoMatch("one of K and V is restructured for a latent cache and the other is not")
     if k_linear.input is not v_linear.input:
         raise NoMatch("k and v projections read different inputs")
     inv_freq, positions, rope_scale = _rotary_source(cos, sin)
@@ -342,7 +377,8 @@ def match_attention(node: fx.Node, linears: dict[fx.Node, LinearNode]) -> Attent
     merged, o_linear = _merged_heads(node, linears)
     if scale is None:
         scale = head_dim**-0.5
-    for view in (k_linear, v_linear, o_linear):
+    dense = (o_linear,) if isinstance(k_linear, GroupedProjectionNode) else (k_linear, v_linear, o_linear)
+    for view in dense:
         if not view.meta.compressible:
             raise NoMatch(f"{view.meta.name} may not be compressed: {view.meta.skip_reason}")
     return AttentionBlock(
@@ -372,7 +408,11 @@ def find_attention_blocks(
     gm: fx.GraphModule, linears: list[LinearNode]
 ) -> tuple[list[AttentionBlock], list[UnmatchedAttention]]:
     """Every recognised attention block of ``gm``, and every attention op left alone with its reason."""
-    by_node = {view.node: view for view in linears if view.layout.name == "LINEAR"}
+    by_node: dict[fx.Node, Projection] = {view.node: view for view in linears if view.layout.name == "LINEAR"}
+    for node in gm.graph.nodes:
+        if _is_fn(node, GROUPED_UP) and node.args[0] in by_node:
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            by_node[node] = GroupedProjectionNode(node, by_node[node.args[0]], node.args[1], bias)
     blocks, unmatched = [], []
     for node in _attention_ops(gm):
         try:

@@ -1,10 +1,11 @@
 """Rewrite pass: replace a linear by two thin ones, ``y = A (B x) + b``.
 
-The factors become parameters of the GraphModule (``get_attr``); the bias and
-its node are kept. ``addmm`` (Conv1D) and ``call_module`` linears are rewritten
-to the same two-linear form. :func:`release_dense_weights` then frees the dense
-storage (as FSDP frees parameter storage: the tensor keeps its size, guards
-still hold) and removes the now unused weight placeholders.
+The factors are the parameters of the layer's :class:`~lrcompile.modules.LowRankLinear`
+(the module that replaces it on the model); the rewritten graph reads those very
+tensors as parameters of the GraphModule (``get_attr``). The bias and its node
+are kept. ``addmm`` (Conv1D) and ``call_module`` linears are rewritten to the
+same two-linear form. :func:`release_dense_weights` then removes the now unused
+dense weights from the graph, so the downstream compiler never receives them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch._dynamo.source import ConstantSource
 
-from lrcompile.types import CompressedLayer, WeightLayout
+from lrcompile.modules import LowRankLinear
+from lrcompile.types import WeightLayout
 
 from .find_linears import LinearNode, placeholder_values, weight_tensor
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 def add_frozen_parameter(gm: fx.GraphModule, layer: str, part: str, tensor: torch.Tensor) -> str:
     """Register ``tensor`` on ``gm`` as a frozen parameter named after ``layer`` and ``part``; return its name.
 
+    A parameter is registered as itself (the graph and the module holding it share it).
     In a Dynamo graph the parameter also gets a source, which aot_autograd
     requires of every parameter of a graph Dynamo captured.
     """
@@ -37,27 +40,26 @@ def add_frozen_parameter(gm: fx.GraphModule, layer: str, part: str, tensor: torc
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
-    gm.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+    gm.register_parameter(name, tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False))
     sources = getattr(gm, "_param_name_to_source", None)
     if sources is not None:
         sources[name] = ConstantSource(f"lowrank_factor_{name}")
     return name
 
 
-def factorize_linear(gm: fx.GraphModule, view: LinearNode, factors: CompressedLayer) -> None:
-    """Replace ``view.node`` by ``linear(linear(x, B), A, bias)``."""
+def factorize_linear(gm: fx.GraphModule, view: LinearNode, module: LowRankLinear) -> None:
+    """Replace ``view.node`` by ``linear(linear(x, B), A, bias)`` reading ``module``'s factors."""
     graph = gm.graph
     node = view.node
-    down_name = add_frozen_parameter(gm, factors.plan.name, "down", factors.down)
-    up_name = add_frozen_parameter(gm, factors.plan.name, "up", factors.up)
+    name = view.meta.name
+    down_name = add_frozen_parameter(gm, name, "down", module.down)
+    up_name = add_frozen_parameter(gm, name, "up", module.up)
     target = torch.ops.aten.linear.default if node.target in (torch.ops.aten.linear.default, torch.ops.aten.addmm.default) else F.linear
     with graph.inserting_before(node):
         bias: Any = view.bias
         if view.layout is WeightLayout.MODULE:
-            module_bias = gm.get_submodule(node.target).bias
-            if module_bias is not None:
-                bias_name = add_frozen_parameter(gm, factors.plan.name, "bias", module_bias.detach())
-                bias = graph.get_attr(bias_name)
+            if module.bias is not None:
+                bias = graph.get_attr(add_frozen_parameter(gm, name, "bias", module.bias))
         down = graph.get_attr(down_name)
         up = graph.get_attr(up_name)
         latent = graph.call_function(target, (view.input, down))
@@ -67,35 +69,30 @@ def factorize_linear(gm: fx.GraphModule, view: LinearNode, factors: CompressedLa
     graph.erase_node(node)
 
 
-def factorize_linears(gm: fx.GraphModule, factors: Mapping[LinearNode, CompressedLayer]) -> None:
-    for view, fw in factors.items():
-        factorize_linear(gm, view, fw)
+def factorize_linears(gm: fx.GraphModule, modules: Mapping[LinearNode, LowRankLinear]) -> None:
+    for view, module in modules.items():
+        factorize_linear(gm, view, module)
     gm.graph.lint()
     gm.recompile()
-    log.info("factored %d linears", len(factors))
+    log.info("factored %d linears", len(modules))
 
 
 def release_dense_weights(
     gm: fx.GraphModule, views: Sequence[LinearNode], example_inputs: list[Any] | None
 ) -> tuple[int, list[int]]:
-    """Free the dense weights of factored layers; return (bytes freed, kept placeholder indices).
+    """Remove the dense weights of rewritten layers from ``gm``; return (their bytes, kept placeholder indices).
 
-    A weight placeholder left without users is removed from the graph; callers
-    pass only the kept inputs (see :func:`drop_inputs`). Only weights used by
-    nothing else are freed.
+    A weight placeholder left without users is erased; Dynamo builds the call of
+    the compiled graph from the placeholders left, so the downstream compiler
+    never receives those weights. They are freed when the model drops the
+    modules holding them (the backend replaces those by their compressed form).
     """
     values = placeholder_values(gm, example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    freed = 0
+    released = 0
     removed = set()
     for view in views:
-        weight = weight_tensor(gm, view, values)
-        freed += weight.untyped_storage().nbytes()
-        if not weight.untyped_storage().resizable():
-            # from_pretrained maps safetensors storage, which cannot be resized: move the tensor
-            # (same object, size and strides, so Dynamo's guards hold) onto ordinary storage first.
-            weight.data = torch.empty_like(weight)
-        weight.untyped_storage().resize_(0)
+        released += weight_tensor(gm, view, values).untyped_storage().nbytes()
         if view.weight is not None and view.weight.op == "placeholder" and not view.weight.users:
             removed.add(placeholders.index(view.weight))
             gm.graph.erase_node(view.weight)
@@ -104,5 +101,5 @@ def release_dense_weights(
     for name in {str(v.node.target) for v in views if v.layout is WeightLayout.MODULE}:
         gm.delete_submodule(name)
     gm.recompile()
-    log.info("released %.2f MiB of dense weights", freed / 2**20)
-    return freed, [i for i in range(len(placeholders)) if i not in removed]
+    log.info("dropped %.2f MiB of dense weights from the graph", released / 2**20)
+    return released, [i for i in range(len(placeholders)) if i not in removed]

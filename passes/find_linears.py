@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
 ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
 _MODULE_PATH = re.compile(r"_modules\['([^']*)'\]")
+_PARAMETER_SOURCE = re.compile(r"^L\['([^']+)'\]((?:\[\d+\])*)((?:\._modules\['[^']+'\])+)\._parameters\['[^']+'\]$")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,47 @@ def linear_view(gm: fx.GraphModule, node: fx.Node) -> LinearNode | None:
     elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
         return LinearNode(node, WeightLayout.MODULE, node.args[0], None, None)
     return None
+
+
+@dataclass(frozen=True)
+class ModuleSlot:
+    """Where a layer's module sits in the model: ``getattr(parent, name)``."""
+
+    parent: nn.Module
+    name: str
+
+    @property
+    def module(self) -> nn.Module:
+        return getattr(self.parent, self.name)
+
+    def replace(self, module: nn.Module) -> None:
+        setattr(self.parent, self.name, module)
+
+
+def _slot(root: Any, path: list[str]) -> ModuleSlot | None:
+    parent = root
+    for part in path[:-1]:
+        parent = getattr(parent, part, None)
+    return ModuleSlot(parent, path[-1]) if isinstance(parent, nn.Module) and hasattr(parent, path[-1]) else None
+
+
+def weight_owner(gm: fx.GraphModule, view: LinearNode, frame_locals: Mapping[str, Any] | None) -> ModuleSlot | None:
+    """The module holding the layer's weight: in ``gm`` (``symbolic_trace``, ``torch.export``), or named by the
+    Dynamo source of its placeholder (``L['self']._modules['model']...``, ``L['args'][0]._modules[...]`` under a
+    decorator) among the captured frame's locals."""
+    if view.layout is WeightLayout.MODULE:
+        return _slot(gm, str(view.node.target).split("."))
+    if view.weight.op == "get_attr":
+        path = str(view.weight.target).split(".")
+        return _slot(gm, path[:-1]) if len(path) > 1 else None
+    grapharg = view.weight.meta.get("grapharg")
+    match = _PARAMETER_SOURCE.match(grapharg.source.name) if grapharg is not None else None
+    if match is None or frame_locals is None or match.group(1) not in frame_locals:
+        return None
+    root = frame_locals[match.group(1)]
+    for index in re.findall(r"\d+", match.group(2)):
+        root = root[int(index)]
+    return _slot(root, _MODULE_PATH.findall(match.group(3)))
 
 
 def placeholder_values(gm: fx.GraphModule, example_inputs: list[Any] | None) -> dict[fx.Node, Any]:

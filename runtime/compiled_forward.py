@@ -17,8 +17,7 @@ from torch import nn
 
 from lrcompile.config import LowRankConfig
 from lrcompile.errors import LowRankConfigError
-
-from .compressed_layers import model_latent_attention
+from lrcompile.modules import model_latent_attention
 
 log = logging.getLogger(__name__)
 

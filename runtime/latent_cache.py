@@ -42,10 +42,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from lrcompile.errors import LatentCacheError
 from lrcompile.kernels.latent_cache import latent_cache_marker
+from lrcompile.modules import GroupedLowRankProjection
 from lrcompile.types import LatentAttention
 
 from .compiled_forward import compiled_options, compress_on_first_call, has_latent_attention
-from .compressed_layers import recorded_latent
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,9 @@ def take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """HF attention modules in layer order: those with a ``k_proj`` linear and a ``layer_idx``."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "k_proj", None), nn.Linear)
-             and hasattr(m, "layer_idx")]
+    """HF attention modules in layer order: those with a ``k_proj`` (linear or restructured) and a ``layer_idx``."""
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(getattr(m, "k_proj", None), (nn.Linear, GroupedLowRankProjection)) and hasattr(m, "layer_idx")]
     return sorted(found, key=lambda item: item[1].layer_idx)
 
 
@@ -154,7 +154,7 @@ class LatentKVCache(Cache):
     up to ``max_cache_len`` tokens (prompt, padding included, plus generated tokens).
 
     The ranks come from the model's latent-KV record: compressed with a ``kv_ratio``
-    in this process, or loaded with :func:`lrcompile.load_compressed`. A model whose
+    in this process, or loaded with ``from_pretrained`` (its ``GroupedLowRankProjection`` modules). A model whose
     forward is compiled with ``backend="lowrank"`` and a ``kv_ratio`` but not yet
     compressed is compressed here first (one compiled call on the first calibration
     batch), so ``model.generate(..., past_key_values=LatentKVCache(model, ...))``
@@ -170,7 +170,7 @@ class LatentKVCache(Cache):
         layers = []
         positions = None
         for name, module in _attention_modules(model):
-            spec = recorded_latent(module.k_proj.weight)
+            spec = module.k_proj.lowrank_record if isinstance(module.k_proj, GroupedLowRankProjection) else None
             if spec is None:
                 raise LatentCacheError(
                     f"{name} has no latent-KV plan: compile the model's forward with backend='lowrank' and a kv_ratio "
@@ -178,7 +178,7 @@ class LatentKVCache(Cache):
                     "a compressed folder, before building a LatentKVCache"
                 )
             if positions is None:
-                positions = torch.zeros(batch_size, max_cache_len, dtype=torch.long, device=module.k_proj.weight.device)
+                positions = torch.zeros(batch_size, max_cache_len, dtype=torch.long, device=module.k_proj.down.device)
             layers.append(LatentLayer(spec, batch_size, max_cache_len, positions))
         if not layers:
             raise LatentCacheError(f"{type(model).__name__} has no attention module with a k_proj linear and a layer_idx")

@@ -1,0 +1,129 @@
+"""The compressed model's own modules: where the outcome of compression lives.
+
+The backend replaces each factored ``nn.Linear`` (or HF ``Conv1D``) by a
+:class:`LowRankLinear` and the K/V projections of attention restructured for a
+latent KV cache by :class:`GroupedLowRankProjection`. Both are ordinary
+modules: their factors are parameters (``state_dict``, ``.to()``,
+``save_pretrained``), their forward is plain PyTorch (eager calls,
+``torch.export``), and each holds the typed record of its outcome as
+``lowrank_record``. A linear that was planned dense, or the output projection
+of a restructured block, stays the model's ``nn.Linear`` with a record of its
+own, so a later compile of the model reads every decision from the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrcompile.kernels.grouped_projection import grouped_up_projection
+from lrcompile.types import CompressedLayer, LatentAttention
+
+RECORD = "lowrank_record"  # attribute of a module holding its CompressedLayer or LatentAttention
+
+
+class LowRankLinear(nn.Module):
+    """``y = up (down x) + bias``: a linear factored at rank ``r`` (two thin matmuls)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, record: CompressedLayer,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.up = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.lowrank_record = record
+
+    @classmethod
+    def from_factors(cls, down: torch.Tensor, up: torch.Tensor, bias: nn.Parameter | None,
+                     record: CompressedLayer) -> LowRankLinear:
+        """Wrap ``down [r, in]`` and ``up [out, r]``; ``bias`` is the replaced module's own parameter (kept, not copied)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features, module.rank = down.shape[1], up.shape[0], down.shape[0]
+        module.down = nn.Parameter(down, requires_grad=False)
+        module.up = nn.Parameter(up, requires_grad=False)
+        module.bias = bias
+        module.lowrank_record = record
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down), self.up, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class GroupedLowRankProjection(nn.Module):
+    """A K or V projection factored per group of KV heads (Palu Sec. 3.2): latents ``down x``
+    (``[..., G * r]``, what a latent cache stores), projected up per group by ``up [G, w, r]``.
+
+    Its forward rebuilds the dense K or V exactly from the factors, so the model's own
+    attention runs unchanged in eager calls; compiled graphs attend over the latents instead.
+    """
+
+    def __init__(self, in_features: int, groups: int, width: int, rank: int, bias: bool, record: LatentAttention,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.groups, self.width, self.rank = in_features, groups, width, rank
+        self.down = nn.Parameter(torch.empty(groups * rank, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.up = nn.Parameter(torch.empty(groups, width, rank, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(groups * width, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.lowrank_record = record
+
+    @classmethod
+    def from_factors(cls, down: torch.Tensor, up: torch.Tensor, bias: nn.Parameter | None,
+                     record: LatentAttention) -> GroupedLowRankProjection:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.groups, module.width, module.rank = up.shape
+        module.in_features = down.shape[1]
+        module.down = nn.Parameter(down, requires_grad=False)
+        module.up = nn.Parameter(up, requires_grad=False)
+        module.bias = bias
+        module.lowrank_record = record
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return grouped_up_projection(F.linear(x, self.down), self.up, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, groups={self.groups}, width={self.width}, rank={self.rank}"
+
+
+def module_record(module: nn.Module) -> CompressedLayer | LatentAttention | None:
+    return getattr(module, RECORD, None)
+
+
+def compressed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(path, module)`` of every module of ``model`` holding a compression record, in module order."""
+    for name, module in model.named_modules():
+        if module_record(module) is not None:
+            yield name, module
+
+
+def model_latent_attention(model: nn.Module) -> Iterator[tuple[str, LatentAttention]]:
+    """``(block path, record)`` of every attention block restructured for a latent KV cache, in module order."""
+    seen = set()
+    for _, module in compressed_modules(model):
+        record = module.lowrank_record
+        if isinstance(module, GroupedLowRankProjection) and id(record) not in seen:
+            seen.add(id(record))
+            yield record.name, record
+
+
+def factor_bytes(module: LowRankLinear | GroupedLowRankProjection) -> int:
+    """Bytes of the module's factors (``down`` and ``up``; a bias is the replaced module's own)."""
+    return module.down.untyped_storage().nbytes() + module.up.untyped_storage().nbytes()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes allocated for the model's parameters (each storage once): factors plus what stays dense."""
+    storages = {}
+    for param in model.parameters():
+        storage = param.untyped_storage()
+        storages[storage.data_ptr() or id(storage)] = storage.nbytes()
+    return sum(storages.values())
