@@ -2,8 +2,9 @@
 
 ``torch.compile(model, backend="lowrank", options={...})`` compresses every
 linear of the captured graph; the pass-level API (``lrcompile.passes``) works
-on any ``fx.GraphModule``. Importing this package loads only the config and
-the shared types; the backend and the passes load on first use.
+on any ``fx.GraphModule``. Importing this package loads the config, the
+shared types and the transformers integration (``from_pretrained`` of a
+compressed folder); the backend and the passes load on first use.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .errors import (
     NoCompressibleLinearError,
     SavedPlanError,
 )
+from .hf_quantizer import LowRankQuantizationConfig
 from .types import CompressedLayer, CompressionPlan, LayerPlan, LayerStatus
 
 _LAZY = {
@@ -43,6 +45,7 @@ __all__ = [
     "LayerPlan",
     "LatentCacheError",
     "LayerStatus",
+    "LowRankQuantizationConfig",
     "LowRankConfig",
     "LowRankConfigError",
     "LowRankError",

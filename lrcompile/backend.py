@@ -48,7 +48,8 @@ def _on_call(compression: GraphCompression, compiled: Callable[..., Any]) -> Cal
     check = compression.instance_input
     expected = None if check is None else weakref.ref(check[2])
     # holds the new modules, not the compression (whose example inputs are the dense weights)
-    pending = [functools.partial(install, compression.replacements, compression.records)]
+    models = list({id(slot.root): slot.root for slot in compression.owners.values()}.values())
+    pending = [functools.partial(install, compression.replacements, compression.records, models)]
 
     def run(*args: Any) -> Any:
         if check is not None and args[check[0]] is not expected():

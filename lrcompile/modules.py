@@ -58,40 +58,50 @@ class LowRankLinear(nn.Module):
 
 
 class GroupedLowRankProjection(nn.Module):
-    """A K or V projection factored per group of KV heads (Palu Sec. 3.2): latents ``down x``
+    """A K or V projection (``role``) factored per group of KV heads (Palu Sec. 3.2): latents ``down x``
     (``[..., G * r]``, what a latent cache stores), projected up per group by ``up [G, w, r]``.
 
     Its forward rebuilds the dense K or V exactly from the factors, so the model's own
     attention runs unchanged in eager calls; compiled graphs attend over the latents instead.
+    ``lowrank_record`` is the block's :class:`LatentAttention`, shared with the other projection.
     """
 
-    def __init__(self, in_features: int, groups: int, width: int, rank: int, bias: bool, record: LatentAttention,
+    def __init__(self, in_features: int, record: LatentAttention, role: str, bias: bool,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
-        self.in_features, self.groups, self.width, self.rank = in_features, groups, width, rank
-        self.down = nn.Parameter(torch.empty(groups * rank, in_features, dtype=dtype, device=device), requires_grad=False)
-        self.up = nn.Parameter(torch.empty(groups, width, rank, dtype=dtype, device=device), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(groups * width, dtype=dtype, device=device), requires_grad=False) if bias else None
+        rank = record.k_rank if role == "k" else record.v_rank
+        self.in_features, self.role = in_features, role
+        width = record.group_size * record.head_dim
+        self.down = nn.Parameter(torch.empty(record.groups * rank, in_features, dtype=dtype, device=device),
+                                 requires_grad=False)
+        self.up = nn.Parameter(torch.empty(record.groups, width, rank, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(record.groups * width, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
         self.lowrank_record = record
 
     @classmethod
-    def from_factors(cls, down: torch.Tensor, up: torch.Tensor, bias: nn.Parameter | None,
-                     record: LatentAttention) -> GroupedLowRankProjection:
+    def from_factors(cls, down: torch.Tensor, up: torch.Tensor, bias: nn.Parameter | None, record: LatentAttention,
+                     role: str) -> GroupedLowRankProjection:
+        """Wrap ``down [G * r, in]`` and ``up [G, w, r]``; ``bias`` is the replaced module's own parameter."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module.groups, module.width, module.rank = up.shape
-        module.in_features = down.shape[1]
+        module.in_features, module.role = down.shape[1], role
         module.down = nn.Parameter(down, requires_grad=False)
         module.up = nn.Parameter(up, requires_grad=False)
         module.bias = bias
         module.lowrank_record = record
         return module
 
+    @property
+    def rank(self) -> int:
+        return self.up.shape[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return grouped_up_projection(F.linear(x, self.down), self.up, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, groups={self.groups}, width={self.width}, rank={self.rank}"
+        groups, width, rank = self.up.shape
+        return f"role={self.role}, in_features={self.in_features}, groups={groups}, width={width}, rank={rank}"
 
 
 def module_record(module: nn.Module) -> CompressedLayer | LatentAttention | None:

@@ -60,6 +60,7 @@ from lrcompile.passes.latent_kv import (
 
 from .config import LowRankConfig
 from .errors import CalibrationError, LatentCacheError, LowRankError, NoCompressibleLinearError
+from .hf_quantizer import describe_on_config
 from .modules import RECORD, GroupedLowRankProjection, LowRankLinear, factor_bytes, module_record
 from .pass_manager import Pass, PassManager
 from .report import CompressionReport, build_report
@@ -112,13 +113,16 @@ class GraphCompression:
 
 
 
-def install(replacements: list[tuple[ModuleSlot, nn.Module]], records: list[tuple[nn.Module, CompressedLayer]]) -> None:
+def install(replacements: list[tuple[ModuleSlot, nn.Module]], records: list[tuple[nn.Module, CompressedLayer]],
+            models: list[nn.Module]) -> None:
     """Put a graph's outcome on the model: swap in the new modules (the dense weights go with the old
-    ones) and give the linears kept dense their records."""
+    ones), give the linears kept dense their records, and describe them on the model's config."""
     for slot, module in replacements:
         slot.replace(module)
     for module, record in records:
         setattr(module, RECORD, record)
+    for model in models:
+        describe_on_config(model)
     log.info("installed %d compressed modules on the model", len(replacements))
 
 

@@ -64,8 +64,9 @@ def linear_view(gm: fx.GraphModule, node: fx.Node) -> LinearNode | None:
 
 @dataclass(frozen=True)
 class ModuleSlot:
-    """Where a layer's module sits in the model: ``getattr(parent, name)``."""
+    """Where a layer's module sits in the model (``root``): ``getattr(parent, name)``."""
 
+    root: nn.Module
     parent: nn.Module
     name: str
 
@@ -81,7 +82,7 @@ def _slot(root: Any, path: list[str]) -> ModuleSlot | None:
     parent = root
     for part in path[:-1]:
         parent = getattr(parent, part, None)
-    return ModuleSlot(parent, path[-1]) if isinstance(parent, nn.Module) and hasattr(parent, path[-1]) else None
+    return ModuleSlot(root, parent, path[-1]) if isinstance(parent, nn.Module) and hasattr(parent, path[-1]) else None
 
 
 def weight_owner(gm: fx.GraphModule, view: LinearNode, frame_locals: Mapping[str, Any] | None) -> ModuleSlot | None:

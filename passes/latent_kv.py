@@ -115,8 +115,8 @@ def build_latent_attention(
         dtype=weights["k"].dtype, dense_bytes=sum(weights[k].untyped_storage().nbytes() for k in ("k", "v")),
         k_truncation_loss=k_loss, v_truncation_loss=v_loss,
     )
-    k_module = GroupedLowRankProjection.from_factors(k_down, k_up, weights["k_bias"], record)
-    v_module = GroupedLowRankProjection.from_factors(v_down, v_up, weights["v_bias"], record)
+    k_module = GroupedLowRankProjection.from_factors(k_down, k_up, weights["k_bias"], record, "k")
+    v_module = GroupedLowRankProjection.from_factors(v_down, v_up, weights["v_bias"], record, "v")
     return record, k_module, v_module
 
 

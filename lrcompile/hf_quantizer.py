@@ -1,0 +1,176 @@
+"""transformers integration: a compressed model saves with ``save_pretrained`` and loads with ``from_pretrained``.
+
+Like transformers' quantizers (AQLM, BitNet), a compressed model's folder is
+an ordinary checkpoint: ``model.safetensors`` holds the state dict of the
+compressed modules (factors ``down``/``up`` and what stays dense), and
+``config.json`` a ``quantization_config`` with ``quant_method: "lowrank"``
+describing each compressed module (:class:`LowRankQuantizationConfig`). The
+backend keeps that description on ``model.config`` whenever it installs
+modules. Importing :mod:`lrcompile` registers the config and
+:class:`LowRankHfQuantizer`, so ``AutoModelForCausalLM.from_pretrained(dir)``
+replaces the described linears by their compressed modules on the meta device,
+before any weight is allocated: the dense weights never exist and nothing is calibrated.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import SavedPlanError
+from .types import CompressedLayer, LatentAttention, LayerPlan, LayerStatus
+
+log = logging.getLogger(__name__)
+
+METHOD = "lowrank"
+VERSION = 1
+_LATENT_KEYS = ("method", "group_size", "num_heads", "num_kv_heads", "head_dim", "k_rank", "v_rank", "dense_bytes",
+                "k_truncation_loss", "v_truncation_loss")
+
+
+class LowRankQuantizationConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a compressed model: ``linears`` maps each linear's module path to its
+    outcome (``status`` factored / dense / latent_kv, ``rank``, shape, ``bias``, method, scores),
+    ``attention`` each restructured block to its latent-KV record and its ``k_proj`` / ``v_proj`` paths."""
+
+    def __init__(self, linears: dict[str, dict[str, Any]] | None = None,
+                 attention: dict[str, dict[str, Any]] | None = None, version: int = VERSION, **kwargs: Any):
+        self.quant_method = METHOD
+        self.version = version
+        self.linears = dict(linears or {})
+        self.attention = dict(attention or {})
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> LowRankQuantizationConfig:
+        """The description of every compressed module of ``model``."""
+        from .modules import GroupedLowRankProjection, compressed_modules
+
+        linears: dict[str, dict[str, Any]] = {}
+        attention: dict[str, dict[str, Any]] = {}
+        for path, module in compressed_modules(model):
+            record = module.lowrank_record
+            if isinstance(module, GroupedLowRankProjection):
+                entry = attention.setdefault(record.name, {key: getattr(record, key) for key in _LATENT_KEYS})
+                entry[f"{module.role}_proj"] = path
+                entry[f"{module.role}_bias"] = module.bias is not None
+                entry["in_features"] = module.in_features
+                continue
+            plan = record.plan
+            linears[path] = {
+                "status": record.status.value, "method": record.method, "rank": plan.rank,
+                "out_features": plan.out_features, "in_features": plan.in_features,
+                "bias": getattr(module, "bias", None) is not None, "reason": plan.reason,
+                "sensitivity": plan.sensitivity, "truncation_loss": plan.truncation_loss,
+                "dense_bytes": record.dense_bytes,
+            }
+        return cls(linears, attention)
+
+
+def describe_on_config(model: nn.Module) -> None:
+    """Keep ``model.config.quantization_config`` describing the model's compressed modules (for ``save_pretrained``)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        config.quantization_config = LowRankQuantizationConfig.of_model(model)
+
+
+def _slot(model: nn.Module, path: str, what: str) -> tuple[nn.Module, str, nn.Module]:
+    parent_path, _, name = path.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path)
+        module = getattr(parent, name)
+    except AttributeError:
+        raise SavedPlanError(
+            f"quantization_config names {what} {path!r}, which {type(model).__name__} does not have: was the folder "
+            "saved from another architecture?"
+        ) from None
+    return parent, name, module
+
+
+def _linear_dims(module: nn.Module, path: str, entry: dict[str, Any]) -> None:
+    shape = (entry["out_features"], entry["in_features"])
+    weight = getattr(module, "weight", None)
+    dims = None if weight is None else tuple(weight.shape) if isinstance(module, nn.Linear) else tuple(weight.shape[::-1])
+    if dims != shape:
+        raise SavedPlanError(f"quantization_config: {path!r} is {list(shape)} (out, in), the model's module "
+                             f"{type(module).__name__} holds {None if dims is None else list(dims)}")
+
+
+def build_compressed_modules(model: nn.Module, config: LowRankQuantizationConfig) -> None:
+    """Replace the linears ``config`` describes by empty compressed modules (same dtype and device,
+    the meta device under ``from_pretrained``) and attach the records of those kept dense."""
+    from .modules import RECORD, GroupedLowRankProjection, LowRankLinear
+
+    if config.version != VERSION:
+        raise SavedPlanError(f"quantization_config version {config.version} is not readable by this lrcompile "
+                             f"(it reads version {VERSION})")
+    for path, entry in config.linears.items():
+        parent, name, module = _slot(model, path, "the linear")
+        _linear_dims(module, path, entry)
+        status = LayerStatus(entry["status"])
+        plan = LayerPlan(path, entry["out_features"], entry["in_features"], entry["rank"], entry["reason"],
+                         entry["sensitivity"], entry["truncation_loss"])
+        record = CompressedLayer(plan, entry["method"], status, module.weight.dtype, entry["dense_bytes"])
+        if status is LayerStatus.FACTORED:
+            setattr(parent, name, LowRankLinear(plan.in_features, plan.out_features, plan.rank, entry["bias"], record,
+                                                module.weight.dtype, module.weight.device))
+        else:
+            setattr(module, RECORD, record)
+    for block, entry in config.attention.items():
+        k_parent, k_name, k_dense = _slot(model, entry["k_proj"], "the K projection")
+        v_parent, v_name, v_dense = _slot(model, entry["v_proj"], "the V projection")
+        dtype, device = k_dense.weight.dtype, k_dense.weight.device
+        record = LatentAttention(name=block, dtype=dtype, **{key: entry[key] for key in _LATENT_KEYS})
+        for parent, name, role in ((k_parent, k_name, "k"), (v_parent, v_name, "v")):
+            setattr(parent, name, GroupedLowRankProjection(entry["in_features"], record, role, entry[f"{role}_bias"],
+                                                           dtype, device))
+    log.info("built %d factored linears and %d latent attention blocks from the quantization_config",
+             sum(e["status"] == LayerStatus.FACTORED.value for e in config.linears.values()), len(config.attention))
+
+
+def refresh_dtypes(model: nn.Module) -> None:
+    """Records name the dtype of the tensors their module holds (the loaded one, e.g. ``from_pretrained(dtype=...)``)."""
+    from .modules import GroupedLowRankProjection, LowRankLinear, compressed_modules
+
+    for _, module in compressed_modules(model):
+        tensor = module.down if isinstance(module, (LowRankLinear, GroupedLowRankProjection)) else module.weight
+        module.lowrank_record.dtype = tensor.dtype
+
+
+class LowRankHfQuantizer(HfQuantizer):
+    """Loads a folder saved from a compressed model: builds the compressed modules before the weights load."""
+
+    requires_calibration = True  # only pre-compressed folders: compression itself is the lowrank backend's job
+    quantization_config: LowRankQuantizationConfig
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        build_compressed_modules(model, self.quantization_config)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        refresh_dtypes(model)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Register the ``lowrank`` quantization method with transformers (once per process)."""
+    if METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantization_config(METHOD)(LowRankQuantizationConfig)
+        register_quantizer(METHOD)(LowRankHfQuantizer)
+
+
+register()
