@@ -1,32 +1,37 @@
-"""Save and load compressed models: ``plan.json`` plus ``factors.safetensors``, so calibration runs once.
+"""Folders written by earlier lrcompile versions (``plan.json`` + ``factors.safetensors``): read them into a model.
 
-:func:`save_compressed` writes the recorded outcome of every compressed layer
-of a model (see :mod:`lrcompile.runtime.compressed_layers`). :func:`load_compressed`
-validates a saved folder against a fresh model of the same architecture and
-records the outcomes for that model's own weights; the next
-``torch.compile(model, backend="lowrank", ...)`` then reuses them and needs
-no calibration data. A folder that is missing, corrupted or does not match the
-model raises :class:`~lrcompile.errors.SavedPlanError` naming the file and
-what is wrong, and records nothing.
+A compressed model now saves with ``save_pretrained`` (see
+:mod:`lrcompile.hf_quantizer`); this module only reads the former format, so
+that folders compressed before keep working. :func:`load_compressed`
+validates a folder against a freshly built dense model of the same
+architecture and swaps that model's linears for their compressed modules
+(:mod:`lrcompile.modules`), exactly as the backend would have left them; the
+model then runs eagerly, compiles without calibration and saves with
+``save_pretrained``. A folder that is missing, corrupted or does not match
+the model raises :class:`~lrcompile.errors.SavedPlanError` naming the file
+and what is wrong, and changes nothing.
 
 ``plan.json`` holds ``format`` and ``version``, ``totals`` and one entry per
 layer (name, parameter, status, method, rank, out/in features, weight_shape,
 reason, sensitivity, truncation_loss, dtype, dense_bytes);
 ``factors.safetensors`` holds ``<layer name>.down`` and ``<layer name>.up`` for
-every factored layer. Factors are stored in the linear sense (``down [rank, in]``, ``up [out, rank]``)
+every factored layer, in the linear sense (``down [rank, in]``, ``up [out, rank]``)
 whatever the weight's layout; ``weight_shape`` keeps the weight as the model
 stores it (``[in, out]`` for HF ``Conv1D``), which the load checks.
 
-Version 2 adds the attention blocks restructured for a latent KV cache
-(:class:`~lrcompile.types.LatentAttention`): ``plan.json`` gets an
+Version 2 adds attention blocks restructured for a latent KV cache: an
 ``attention`` list (name, k_parameter, method, group_size, num_heads,
 num_kv_heads, head_dim, k_rank, v_rank, dtype, dense_bytes,
-k/v_truncation_loss, has_k_bias, has_o_bias) and ``factors.safetensors``
+k/v_truncation_loss, has_k_bias, has_o_bias) and the tensors
 ``<block>.k_down``, ``.k_up``, ``.k_bias``, ``.v_down``, ``.o_weight``,
-``.o_bias`` (biases only where the plan has them). The block's K/V/output
-projections are layers of status ``latent_kv``; ``k_parameter`` names the K
-projection's weight, which keys the record. Version 1 folders (no attention
-list) still load.
+``.o_bias``. That format folded V's up-projection into the output weight
+(``o_weight[:, h] = W_o[:, h] U^v_{j(h)}``, Palu Eq. 6) and did not keep
+``U^v``; the model now keeps ``o_proj`` dense and ``U^v`` on its V projection,
+so the load recovers each KV head's ``U^v_j`` from the fresh model's ``W_o``
+by least squares over the query heads that read it (exact when ``W_o``'s
+per-head columns are independent, as for any trained model), and refuses the
+folder when the fit is not exact (an ``o_proj`` other than the one the folder was
+compressed from).
 """
 
 from __future__ import annotations
@@ -40,19 +45,19 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from lrcompile.errors import LowRankError, SavedPlanError
+from lrcompile.errors import SavedPlanError
+from lrcompile.hf_quantizer import describe_on_config
+from lrcompile.modules import RECORD, GroupedLowRankProjection, LowRankLinear
 from lrcompile.types import FACTOR_METHODS, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
-
-from .compressed_layers import model_latent_attention, model_layers, record_latent, record_layer
 
 log = logging.getLogger(__name__)
 
 FORMAT = "lrcompile.compressed"
-VERSION = 2
 READABLE_VERSIONS = (1, 2)
+V_UP_TOLERANCE = 1e-4  # relative residual of the least-squares recovery of V's up-projection
 PLAN_FILE = "plan.json"
 FACTORS_FILE = "factors.safetensors"
 
@@ -83,24 +88,6 @@ class SavedLayer:
     def name(self) -> str:
         return self.plan.name
 
-    def to_json(self) -> dict[str, Any]:
-        p = self.plan
-        return {
-            "name": p.name,
-            "parameter": self.parameter,
-            "status": self.status.value,
-            "method": self.method,
-            "rank": p.rank,
-            "out_features": p.out_features,
-            "in_features": p.in_features,
-            "weight_shape": list(self.weight_shape),
-            "reason": p.reason,
-            "sensitivity": p.sensitivity,
-            "truncation_loss": p.truncation_loss,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "dense_bytes": self.dense_bytes,
-        }
-
 
 @dataclass(frozen=True)
 class SavedAttention:
@@ -127,14 +114,6 @@ class SavedAttention:
     def groups(self) -> int:
         return self.num_kv_heads // self.group_size
 
-    @classmethod
-    def of(cls, k_parameter: str, layer: LatentAttention, hidden: int) -> SavedAttention:
-        return cls(
-            layer.name, k_parameter, layer.method, layer.group_size, layer.num_heads, layer.num_kv_heads, layer.head_dim,
-            layer.k_rank, layer.v_rank, layer.dtype, layer.dense_bytes, layer.k_truncation_loss, layer.v_truncation_loss,
-            layer.k_bias is not None, layer.o_bias is not None, hidden,
-        )
-
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of every tensor this block stores (biases only where it has them)."""
         shapes = {
@@ -151,25 +130,6 @@ class SavedAttention:
             del shapes["o_bias"]
         return shapes
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "k_parameter": self.k_parameter,
-            "method": self.method,
-            "group_size": self.group_size,
-            "num_heads": self.num_heads,
-            "num_kv_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "k_rank": self.k_rank,
-            "v_rank": self.v_rank,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "dense_bytes": self.dense_bytes,
-            "k_truncation_loss": self.k_truncation_loss,
-            "v_truncation_loss": self.v_truncation_loss,
-            "has_k_bias": self.has_k_bias,
-            "has_o_bias": self.has_o_bias,
-        }
-
 
 @dataclass(frozen=True)
 class SavedPlan:
@@ -179,7 +139,7 @@ class SavedPlan:
     layers: tuple[SavedLayer, ...]
     totals: Mapping[str, Any]
     attention: tuple[SavedAttention, ...] = ()
-    version: int = VERSION
+    version: int = 2
 
     @property
     def plan_path(self) -> Path:
@@ -219,79 +179,6 @@ def _totals(layers: tuple[SavedLayer, ...], attention: tuple[SavedAttention, ...
         "params_after": after,
         "param_ratio": round(after / max(before, 1), 4),
     }
-
-
-def save_compressed(model: nn.Module, folder: str | Path) -> SavedPlan:
-    """Write the compressed layers recorded for ``model`` into ``folder`` (created if needed).
-
-    ``model`` must have been compiled with ``backend="lowrank"`` and called once.
-    """
-    folder = Path(folder)
-    entries: list[SavedLayer] = []
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    names: set[str] = set()
-    for parameter, layer in model_layers(model):
-        if id(layer) in seen:  # a tied weight appears under several parameter names
-            continue
-        if layer.name in names:
-            raise LowRankError(f"cannot save {type(model).__name__}: two recorded layers are named {layer.name!r}")
-        seen.add(id(layer))
-        names.add(layer.name)
-        weight = model.get_parameter(parameter)
-        entries.append(
-            SavedLayer(parameter, layer.plan, layer.status, layer.method, layer.dtype, tuple(weight.shape), layer.dense_bytes)
-        )
-        if layer.status is LayerStatus.FACTORED:
-            tensors[f"{layer.name}.down"] = layer.down.detach().cpu().contiguous()
-            tensors[f"{layer.name}.up"] = layer.up.detach().cpu().contiguous()
-    if not entries:
-        raise LowRankError(
-            f"{type(model).__name__} has no compressed layers to save: compile it with backend='lowrank' "
-            "and call the compiled model once first"
-        )
-    attention = _saved_attention(model, entries, tensors)
-    saved = SavedPlan(folder, tuple(entries), _totals(tuple(entries), attention), attention)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(saved.factors_path), metadata={"format": FORMAT, "version": str(VERSION)})
-    document = {
-        "format": FORMAT,
-        "version": VERSION,
-        "totals": saved.totals,
-        "layers": [s.to_json() for s in entries],
-        "attention": [a.to_json() for a in attention],
-    }
-    saved.plan_path.write_text(json.dumps(document, indent=2))
-    log.info("saved %d layers (%d factored) and %d latent attention blocks to %s", len(entries), saved.totals["factored"],
-             len(attention), folder)
-    return saved
-
-
-def _saved_attention(
-    model: nn.Module, entries: list[SavedLayer], tensors: dict[str, torch.Tensor]
-) -> tuple[SavedAttention, ...]:
-    """The model's latent-attention records as plan entries; their tensors go into ``tensors``."""
-    latent_layers = {s.parameter: s for s in entries if s.status is LayerStatus.LATENT}
-    found: list[SavedAttention] = []
-    seen: set[int] = set()
-    for k_parameter, layer in model_latent_attention(model):
-        if id(layer) in seen:
-            continue
-        if any(a.name == layer.name for a in found):
-            raise LowRankError(f"cannot save {type(model).__name__}: two latent attention blocks are named {layer.name!r}")
-        k_layer = latent_layers.get(k_parameter)
-        if k_layer is None:  # record_latent and the LATENT layer records are made together
-            raise LowRankError(
-                f"cannot save {type(model).__name__}: attention block {layer.name!r} has a latent-KV record but its K "
-                f"projection {k_parameter!r} is not recorded as a {LayerStatus.LATENT.value} layer"
-            )
-        seen.add(id(layer))
-        found.append(SavedAttention.of(k_parameter, layer, k_layer.plan.in_features))
-        for part in _ATTENTION_TENSORS:
-            tensor = getattr(layer, part)
-            if tensor is not None:
-                tensors[f"{layer.name}.{part}"] = tensor.detach().cpu().contiguous()
-    return tuple(found)
 
 
 def _field(path: Path, where: str, entry: Mapping[str, Any], key: str, *kinds: type) -> Any:
@@ -360,10 +247,11 @@ def read_plan(folder: str | Path) -> SavedPlan:
     """Read and validate ``folder/plan.json`` (the factors are checked by :func:`load_compressed`)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SavedPlanError(f"{folder}: no such folder (expected a folder written by save_compressed)")
+        raise SavedPlanError(f"{folder}: no such folder (expected a folder written by an earlier lrcompile compress)")
     path = folder / PLAN_FILE
     if not path.is_file():
-        raise SavedPlanError(f"{path}: missing (a folder written by save_compressed holds {PLAN_FILE} and {FACTORS_FILE})")
+        raise SavedPlanError(f"{path}: missing (a folder written by an earlier lrcompile compress holds {PLAN_FILE} and "
+                             f"{FACTORS_FILE}; folders saved with save_pretrained load with from_pretrained)")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -541,13 +429,27 @@ def read_factors(saved: SavedPlan) -> dict[str, tuple[torch.Tensor, torch.Tensor
     return _read_tensors(saved)[0]
 
 
-def _match_weight(saved: SavedPlan, s: SavedLayer, parameters: Mapping[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
-    weight = parameters.get(s.parameter)
-    if weight is None:
+def _module(saved: SavedPlan, model: nn.Module, parameter: str, what: str) -> tuple[nn.Module, str, nn.Module]:
+    """``(parent, name, module)`` of the module holding ``parameter`` (``<module path>.weight``)."""
+    path = parameter.rpartition(".")[0]
+    parent_path, _, name = path.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path)
+        module = getattr(parent, name)
+    except AttributeError:
+        module = None
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
+        kind = "" if module is None else f" ({type(module).__name__}, compressed already?)"
         raise SavedPlanError(
-            f"{saved.plan_path}: layer {s.name!r} (parameter {s.parameter!r}) is not in the model "
-            f"({type(model).__name__}); was the folder saved from another architecture?"
+            f"{saved.plan_path}: {what} (parameter {parameter!r}) is not in the model ({type(model).__name__}){kind}; "
+            "load into a freshly built model of the architecture the folder was saved from"
         )
+    return parent, name, module
+
+
+def _match_weight(saved: SavedPlan, s: SavedLayer, model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    parent, name, module = _module(saved, model, s.parameter, f"layer {s.name!r}")
+    weight = module.weight
     if tuple(weight.shape) != s.weight_shape:
         raise SavedPlanError(
             f"{saved.plan_path}: layer {s.name!r}: the model's weight {s.parameter!r} has shape {list(weight.shape)}, "
@@ -558,55 +460,85 @@ def _match_weight(saved: SavedPlan, s: SavedLayer, parameters: Mapping[str, torc
             f"{saved.plan_path}: layer {s.name!r}: the model's weight is {weight.dtype}, the plan says {s.dtype}; "
             "load the model in the dtype it was compressed in"
         )
-    if weight.untyped_storage().nbytes() == 0:
-        raise SavedPlanError(
-            f"{saved.plan_path}: layer {s.name!r}: the model's weight {s.parameter!r} holds no data (its dense "
-            "storage was released by an earlier compression); load into a freshly built model"
-        )
-    return weight
+    return parent, name, module
+
+
+def recover_value_up(saved: SavedPlan, a: SavedAttention, o_dense: torch.Tensor, o_folded: torch.Tensor) -> torch.Tensor:
+    """``U^v`` ``[groups, group_size * D, r]`` from ``o_folded[:, h] = W_o[:, h] U^v_{j(h)}`` (Palu Eq. 6).
+
+    For KV head ``j``, stacking the query heads ``h`` that read it gives ``A U^v_j = B`` with
+    ``A = [W_o[:, h]]_h`` (``[n_rep * out, D]``) and ``B = [o_folded[:, h]]_h``: solved by least
+    squares in float64, refused unless the fit is exact to ``V_UP_TOLERANCE``.
+    """
+    n_rep = a.num_heads // a.num_kv_heads
+    w_o, folded = o_dense.detach().double(), o_folded.double()
+    ups = []
+    for j in range(a.num_kv_heads):
+        heads = range(j * n_rep, (j + 1) * n_rep)
+        lhs = torch.cat([w_o[:, h * a.head_dim : (h + 1) * a.head_dim] for h in heads])
+        rhs = torch.cat([folded[:, h * a.v_rank : (h + 1) * a.v_rank] for h in heads])
+        up = torch.linalg.lstsq(lhs, rhs).solution
+        residual = float(torch.linalg.norm(lhs @ up - rhs) / torch.linalg.norm(rhs).clamp_min(1e-30))
+        if residual > V_UP_TOLERANCE:
+            raise SavedPlanError(
+                f"{saved.factors_path}: block {a.name!r}: V's up-projection cannot be recovered from this model's "
+                f"o_proj (relative residual {residual:.2e} for KV head {j}): the folder was compressed from other "
+                "weights; load it into the dense model it was compressed from"
+            )
+        ups.append(up)
+    return torch.stack(ups).reshape(a.groups, a.group_size * a.head_dim, a.v_rank).to(o_folded.dtype)
 
 
 def load_compressed(model: nn.Module, folder: str | Path) -> LoadSummary:
-    """Validate ``folder`` against ``model`` and record its layers' outcomes for the model's weights.
+    """Validate ``folder`` (written by an earlier lrcompile) against the dense ``model`` and swap in its
+    compressed modules: factored linears, and K/V projections of latent attention blocks.
 
-    Compile ``model`` with ``backend="lowrank"`` afterwards: layers with a
-    loaded outcome are rewritten without calibration, and attention blocks
-    with a loaded latent-KV restructure are rewritten without a ``kv_ratio``
-    option (``lrcompile.generate`` needs none either). Dense weights are
-    released by that compile, not here. Nothing is recorded unless the whole
-    folder matches.
+    The model then needs no calibration and no ``kv_ratio`` (``lrcompile.generate`` reads the latent
+    ranks from it) and saves with ``save_pretrained``. Nothing changes unless the whole folder matches.
     """
     saved = read_plan(folder)
     factors, attention_tensors = _read_tensors(saved)
-    parameters = dict(model.named_parameters(remove_duplicate=False))
-    records: list[tuple[torch.Tensor, CompressedLayer]] = []
-    weights: dict[str, torch.Tensor] = {}
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    records: list[tuple[nn.Module, CompressedLayer]] = []
+    slots = {}
     for s in saved.layers:
-        weight = weights[s.parameter] = _match_weight(saved, s, parameters, model)
+        parent, name, module = slots[s.parameter] = _match_weight(saved, s, model)
         layer = CompressedLayer(s.plan, s.method, s.status, s.dtype, dense_bytes=s.dense_bytes)
         if s.status is LayerStatus.FACTORED:
-            down, up = factors[s.name]
-            layer.down, layer.up = down.to(weight.device), up.to(weight.device)
-        records.append((weight, layer))
-    latent: list[tuple[torch.Tensor, LatentAttention]] = []
+            down, up = (t.to(module.weight.device) for t in factors[s.name])
+            swaps.append((parent, name, LowRankLinear.from_factors(down, up, module.bias, layer)))
+        elif s.status is LayerStatus.DENSE:
+            records.append((module, layer))
+    by_parameter = {s.parameter: s for s in saved.layers}
     for a in saved.attention:
-        k_weight = weights[a.k_parameter]  # a latent-KV layer's weight, matched above (shape [kv_heads * head_dim, hidden])
-        tensors = {part: t.to(k_weight.device) for part, t in attention_tensors[a.name].items()}
-        latent.append((k_weight, LatentAttention(
+        k_parent, k_name, k_dense = slots[a.k_parameter]
+        block = a.k_parameter.rpartition(".k_proj.")[0]
+        v_parent, v_name, v_dense = slots.get(f"{block}.v_proj.weight") or _module(saved, model, f"{block}.v_proj.weight",
+                                                                                  f"the V projection of {a.name!r}")
+        o_parameter = f"{block}.o_proj.weight"
+        _, _, o_dense = slots.get(o_parameter) or _module(saved, model, o_parameter, f"the output projection of {a.name!r}")
+        if o_parameter in by_parameter:  # it stays the model's dense linear, with its record
+            o = by_parameter[o_parameter]
+            records.append((o_dense, CompressedLayer(o.plan, o.method, o.status, o.dtype, dense_bytes=o.dense_bytes)))
+        tensors = {part: t.to(k_dense.weight.device) for part, t in attention_tensors[a.name].items()}
+        record = LatentAttention(
             name=a.name, method=a.method, group_size=a.group_size, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
-            head_dim=a.head_dim, k_rank=a.k_rank, v_rank=a.v_rank, dtype=a.dtype, k_down=tensors["k_down"],
-            k_up=tensors["k_up"], k_bias=tensors.get("k_bias"), v_down=tensors["v_down"], o_weight=tensors["o_weight"],
-            o_bias=tensors.get("o_bias"), dense_bytes=a.dense_bytes, k_truncation_loss=a.k_truncation_loss,
-            v_truncation_loss=a.v_truncation_loss,
-        )))
-    # Nothing is released here: like factored layers, the dense K/V/output weights are freed by the
-    # backend when it rewrites the graph (and a weight already released is refused above).
-    for weight, layer in records:
-        record_layer(weight, layer)
-    for k_weight, block in latent:
-        record_latent(k_weight, block)
+            head_dim=a.head_dim, k_rank=a.k_rank, v_rank=a.v_rank, dtype=a.dtype,
+            dense_bytes=k_dense.weight.untyped_storage().nbytes() + v_dense.weight.untyped_storage().nbytes(),
+            k_truncation_loss=a.k_truncation_loss, v_truncation_loss=a.v_truncation_loss,
+        )
+        v_up = recover_value_up(saved, a, o_dense.weight, tensors["o_weight"])
+        swaps.append((k_parent, k_name, GroupedLowRankProjection.from_factors(tensors["k_down"], tensors["k_up"],
+                                                                             k_dense.bias, record, "k")))
+        swaps.append((v_parent, v_name, GroupedLowRankProjection.from_factors(tensors["v_down"], v_up, v_dense.bias,
+                                                                             record, "v")))
+    for parent, name, module in swaps:
+        setattr(parent, name, module)
+    for module, layer in records:
+        setattr(module, RECORD, layer)
+    describe_on_config(model)
     totals = saved.totals
-    summary = LoadSummary(saved.folder, len(records), totals["factored"], totals["dense"], totals["skipped"],
+    summary = LoadSummary(saved.folder, len(saved.layers), totals["factored"], totals["dense"], totals["skipped"],
                           totals["latent"], totals["attention"])
     log.info("loaded %d layers (%d factored, %d latent-KV projections of %d attention blocks) from %s", summary.layers,
              summary.factored, summary.latent, summary.attention, saved.folder)
