@@ -19,7 +19,7 @@ from torch import nn
 from .config import LowRankConfig
 from .evaluation import perplexity
 from .runtime.compiled_forward import compile_forward, compress_on_first_call
-from .runtime.compressed_layers import weight_bytes
+from .modules import weight_bytes
 from .text_data import packed_token_batches, stdlib_sentences
 
 log = logging.getLogger(__name__)

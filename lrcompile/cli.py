@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import sys
@@ -39,10 +40,10 @@ import torch
 
 from .config import COMPILERS, DEFAULT_EXCLUDE, LowRankConfig
 from .errors import LowRankError
+from .modules import model_latent_attention, weight_bytes
 from .report import model_report
-from .runtime.compressed_layers import weight_bytes
 from .sentence_embeddings import embed, minilm_path
-from .runtime.saved_model import PLAN_FILE, load_compressed, read_factors, read_plan, save_compressed
+from .runtime.saved_model import PLAN_FILE, load_compressed, read_factors, read_plan
 from .text_data import read_text_lines, stdlib_sentences, token_batches
 from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
 
@@ -73,6 +74,7 @@ class Compressed:
     compiled: Any
     bytes_before: int
     seconds: float
+    tokenizer: Any = None
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -308,7 +310,16 @@ def _compress_folder(args: argparse.Namespace, dump_dir: Path | None) -> Compres
     folder = open_model_folder(args.model_dir, args.command)
     folder.check_kv_group_size(config)
     model = folder.load()
-    return compress(model, model_batches(model, folder.tokenizer, texts, args.batch_size, args.seq_len), config)
+    result = compress(model, model_batches(model, folder.tokenizer, texts, args.batch_size, args.seq_len), config)
+    return dataclasses.replace(result, tokenizer=folder.tokenizer)
+
+
+def save_model_folder(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
+    """``save_pretrained`` of the compressed model (factors + ``quantization_config``) and its tokenizer:
+    a folder ``from_pretrained`` loads compressed, with lrcompile imported."""
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
 
 
 def _print_report(result: Compressed) -> None:
@@ -327,9 +338,11 @@ def run_compress(args: argparse.Namespace) -> int:
     result = _compress_folder(args, dump_dir=None)
     _print_report(result)
     out = Path(args.out)
-    saved = save_compressed(result.model, out)
+    save_model_folder(result.model, result.tokenizer, out)
     model_report(result.model).save(out)
-    print(f"saved {len(saved.layers)} layers ({saved.totals['factored']} factored) to {out}")
+    t = model_report(result.model).totals()
+    print(f"saved the compressed model ({t['factored']} of {t['linears']} linears factored) with save_pretrained "
+          f"to {out}; load it with from_pretrained after import lrcompile")
     return 0
 
 
@@ -352,6 +365,8 @@ def run_report(args: argparse.Namespace) -> int:
         raise InputError(
             f"folder {args.dir!r} holds neither report.md nor {PLAN_FILE}: not written by 'lrcompile compress' or 'dump'"
         )
+    config_json = folder / "config.json"
+    described = json.loads(config_json.read_text(encoding="utf-8")).get("quantization_config") if config_json.is_file() else None
     if report_md.is_file():
         print(report_md.read_text(encoding="utf-8"))
     if plan_json.is_file():
@@ -364,6 +379,11 @@ def run_report(args: argparse.Namespace) -> int:
             f"(ratio {t['param_ratio']}); {2 * len(factors)} factor tensors checked"
             + (f", and the tensors of {len(saved.attention)} latent attention blocks" if saved.attention else "")
         )
+    if isinstance(described, dict) and described.get("quant_method") == "lowrank":
+        linears = described.get("linears", {})
+        factored = sum(entry.get("status") == "factored" for entry in linears.values())
+        print(f"saved model {config_json}: quantization_config 'lowrank' describes {len(linears)} linears ({factored} "
+              f"factored) and {len(described.get('attention', {}))} latent attention blocks")
     return 0
 
 
@@ -389,8 +409,12 @@ def _generation_model(args: argparse.Namespace, config: LowRankConfig) -> tuple[
     if args.load is None:
         batches = model_batches(model, tokenizer, texts, args.batch_size, args.seq_len)
         return model, tokenizer, dataclasses.replace(config, calibration=batches)
-    summary = load_compressed(model, args.load)
-    if summary.attention == 0:
+    if (Path(args.load) / PLAN_FILE).is_file():  # a folder of an earlier lrcompile: swapped into MODEL_DIR's model
+        load_compressed(model, args.load)
+    else:
+        saved = open_model_folder(args.load, "generate")
+        model, tokenizer = saved.load(), saved.tokenizer
+    if next(model_latent_attention(model), None) is None:
         raise InputError(f"{args.load!r} holds no attention restructured for a latent KV cache: save it with "
                          "'lrcompile compress --kv-ratio R'")
     return model, tokenizer, config
@@ -513,7 +537,7 @@ def _run_minilm_demo(args: argparse.Namespace) -> int:
     report = model_report(model)
     print(report.to_markdown())
     report.save(out)
-    save_compressed(model, out)
+    save_model_folder(model, tokenizer, out)
     after = weight_bytes(model)
     t = report.totals()
     print(
@@ -525,7 +549,8 @@ def _run_minilm_demo(args: argparse.Namespace) -> int:
         f"sentences: {cosine.mean().item():.4f} (min {cosine.min().item():.4f})\n"
         f"weight bytes (measured, all parameters): {result.bytes_before:,} -> {after:,} "
         f"({after / max(result.bytes_before, 1):.3f})\n"
-        f"wrote report.md, report.json, plan.json, factors.safetensors and graph dumps ({out / 'graphs'}) to {out}\n"
+        f"wrote report.md, report.json, the compressed model (save_pretrained) and graph dumps ({out / 'graphs'}) to "
+        f"{out}\n"
         f"total wall time: {time.perf_counter() - start:.1f} s"
     )
     return 0
@@ -606,7 +631,8 @@ def _generate_command(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face causal-LM folder (config, weights, tokenizer)")
     parser.add_argument("--calib", metavar="TEXT_FILE", help="calibration text, one sample per line (or give --load)")
     parser.add_argument("--load", metavar="DIR",
-                        help="folder saved by 'lrcompile compress --kv-ratio ...' for this model: no calibration")
+                        help="folder saved by 'lrcompile compress --kv-ratio ...' (loaded with from_pretrained; a folder "
+                        "of an earlier lrcompile is read into MODEL_DIR's model): no calibration")
     parser.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                         help="a prompt to continue; repeat for a batch of prompts")
     parser.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens generated per prompt (default: %(default)s)")
