@@ -16,7 +16,7 @@ from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 DUMP_ENV = "LRCOMPILE_DUMP"
-_NOT_DECIDING = frozenset({"release_dense", "dump_dir", "compiler", "compiler_mode", "compiler_options"})
+_NOT_DECIDING = frozenset({"dump_dir", "compiler", "compiler_mode", "compiler_options"})
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out", "*pooler.dense")
 
 
@@ -139,7 +139,6 @@ class LowRankConfig:
     kv_group_size: int | str = 1
     kv_allocation: str = "uniform"
     kv_unmatched: str = "error"
-    release_dense: bool = True
     dump_dir: str | None = None
     compiler: str = "inductor"
     compiler_mode: str | None = None

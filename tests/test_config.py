@@ -124,7 +124,7 @@ def test_defaults():
     cfg = LowRankConfig(calibration=_calib())
     assert (cfg.param_ratio, cfg.method, cfg.allocation, cfg.compiler) == (0.85, "whiten", "closed_form", "inductor")
     assert (cfg.kv_ratio, cfg.kv_group_size, cfg.kv_allocation) == (None, 1, "uniform")
-    assert cfg.rank_multiple == 8 and cfg.alpha == 0.5 and cfg.release_dense is True
+    assert cfg.rank_multiple == 8 and cfg.alpha == 0.5
     assert "lm_head" in cfg.exclude
     assert cfg.dump_dir is None
 

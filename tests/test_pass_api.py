@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -25,8 +26,9 @@ from lrcompile.passes import (
     release_dense_weights,
 )
 from lrcompile.passes.find_linears import placeholder_values
-from lrcompile.pipeline import compress_graph
-from lrcompile.types import CompressedLayer, LayerPlan, LayerStatus
+from lrcompile.modules import LowRankLinear
+from lrcompile.pipeline import compress_graph, install
+from lrcompile.types import CompressedLayer, LayerPlan, LayerStatus, WeightLayout
 
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
 
@@ -82,7 +84,9 @@ def _factor(gm, views, ranks, method, example_inputs=None):
         d = decompose(dense_weight(gm, view, values), method, meta.stats, 0.5, meta.name)
         down, up = d.factors(rank, meta.weight_dtype)
         plan = LayerPlan(meta.name, meta.out_features, meta.in_features, rank, truncation_loss=d.truncation_loss(rank))
-        layers[view] = CompressedLayer(plan, method, LayerStatus.FACTORED, meta.weight_dtype, down, up)
+        record = CompressedLayer(plan, method, LayerStatus.FACTORED, meta.weight_dtype)
+        bias = gm.get_submodule(str(view.node.target)).bias if view.layout is WeightLayout.MODULE else None
+        layers[view] = LowRankLinear.from_factors(down, up, bias, record)
     factorize_linears(gm, layers)
     return layers
 
@@ -135,7 +139,9 @@ def test_reduced_rank_rewrites_graph_and_changes_outputs(kind):
 
 
 @pytest.mark.parametrize("kind", ["symbolic_trace", "export"])
-def test_release_dense_weights_frees_storage(kind):
+def test_release_dense_weights_drops_them_from_the_graph(kind):
+    """The graph stops reading the dense weights; the tensors themselves are the model's (left as they are:
+    the backend frees them by replacing their modules)."""
     model = _model()
     batches = _batches()
     x = torch.randn(4, 32)
@@ -144,18 +150,19 @@ def test_release_dense_weights_frees_storage(kind):
     dense = [dense_weight(gm, v, {}) for v in views]
     expected_bytes = sum(w.untyped_storage().nbytes() for w in dense)
     assert expected_bytes == (64 * 32 + 24 * 64) * 4
-    _factor(gm, views, {"fc1": 16, "fc2": 8}, "asvd")
+    layers = _factor(gm, views, {"fc1": 16, "fc2": 8}, "asvd")
     with torch.no_grad():
         before = gm(x)
-    freed, kept = release_dense_weights(gm, views, None)
-    assert freed == expected_bytes
-    assert all(w.untyped_storage().nbytes() == 0 for w in dense)
-    assert model.fc1.weight.untyped_storage().nbytes() == 0 and model.fc2.weight.untyped_storage().nbytes() == 0
-    assert model.fc1.weight.shape == (64, 32)  # size kept, as FSDP does: guards still hold
+    released, kept = release_dense_weights(gm, views, None)
+    assert released == expected_bytes
+    assert all(w.untyped_storage().nbytes() > 0 for w in dense)  # no storage tricks
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert kept == list(range(len(placeholders)))  # no weight placeholders in these graphs
     assert not any(n.op == "get_attr" and n.target in ("fc1.weight", "fc2.weight") for n in gm.graph.nodes)
     assert not any(n.op == "call_module" and n.target in ("fc1", "fc2") for n in gm.graph.nodes)
+    factors = {id(p) for module in layers.values() for p in (module.down, module.up)}
+    read = {id(functools.reduce(getattr, str(n.target).split("."), gm)) for n in gm.graph.nodes if n.op == "get_attr"}
+    assert factors <= read  # the graph reads the modules' own factor tensors, not copies
     with torch.no_grad():
         torch.testing.assert_close(gm(x), before, rtol=0, atol=0)
 
@@ -186,7 +193,7 @@ def test_compress_graph_full_ratio_leaves_graph_exact():
     c = compress_graph(gm, [x], _config(param_ratio=1.0, allocation="uniform", method="asvd"))
     assert [layer.rank for layer in c.plan.layers] == [None, None]
     assert all(layer.status is LayerStatus.DENSE for layer in c.layers.values())
-    assert model.fc1.weight.untyped_storage().nbytes() > 0  # nothing factored: nothing released
+    assert not c.replacements and [record.name for _, record in c.records] == ["fc1", "fc2"]  # kept, with records
     with torch.no_grad():
         torch.testing.assert_close(c.gm(x), ref, rtol=0, atol=0)
 
@@ -202,15 +209,19 @@ def test_compress_graph_reduced_ratio(method, allocation, tmp_path):
     assert c.plan.method == method and c.plan.allocation == allocation
     assert c.plan.params_after <= 0.5 * c.plan.dense_params
     assert all(layer.status is LayerStatus.FACTORED for layer in c.layers.values())
-    for layer in c.layers.values():
-        assert layer.down.shape == (layer.plan.rank, layer.plan.in_features)
-        assert layer.up.shape == (layer.plan.out_features, layer.plan.rank)
+    assert [slot.name for slot, _ in c.replacements] == ["fc1", "fc2"]
+    for _, module in c.replacements:
+        layer = module.lowrank_record
+        assert module.down.shape == (layer.plan.rank, layer.plan.in_features)
+        assert module.up.shape == (layer.plan.out_features, layer.plan.rank)
         assert 0.0 < layer.plan.truncation_loss < 1.0
     assert len(_linear_nodes(gm)) == 4
-    # dense storage released (release_dense=True by default)
-    assert model.fc1.weight.untyped_storage().nbytes() == 0
     with torch.no_grad():
         out = c.gm(x)
+    install(c.replacements, c.records, [gm])  # the traced module now holds the compressed modules
+    assert isinstance(gm.fc1, LowRankLinear) and not hasattr(gm.fc1, "weight")
+    with torch.no_grad():
+        torch.testing.assert_close(c.gm(x), out, rtol=0, atol=0)
     assert (out - ref).abs().max() > 1e-3
     assert (out - ref).norm() / ref.norm() < 1.0
     dumped = sorted(p.name for p in tmp_path.iterdir())
