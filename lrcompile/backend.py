@@ -23,20 +23,6 @@ from .pipeline import GraphCompression, compress_graph, install
 log = logging.getLogger(__name__)
 
 
-def _frame_locals() -> Mapping[str, Any]:
-    """The locals of the frame Dynamo is compiling, where the graph's ``L[...]`` sources (the model's
-    modules) are found. Dynamo's private API, checked on torch 2.11-2.13; used nowhere else."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        return InstructionTranslator.current_tx().f_locals
-    except Exception as err:  # noqa: BLE001  (any change of that API)
-        raise LowRankError(
-            f"the lowrank backend cannot read the compiled frame's locals from Dynamo ({type(err).__name__}: {err}); "
-            f"this torch ({torch.__version__}) is outside the versions lrcompile supports (see pyproject.toml)"
-        ) from err
-
-
 def _on_call(compression: GraphCompression, compiled: Callable[..., Any]) -> Callable[..., Any]:
     """The compiled graph as Dynamo calls it: the first call installs the new modules on the model,
     and a graph that reads new factors refuses another model instance's inputs.
@@ -92,7 +78,7 @@ def lowrank_backend(
     """Dynamo backend entry: ``options`` is torch.compile's options dict or a :class:`LowRankConfig`."""
     config = LowRankConfig.from_options(options)
     with torch.no_grad():
-        compression = compress_graph(gm, example_inputs, config, _frame_locals())
+        compression = compress_graph(gm, example_inputs, config)
     # The compiled graph lives as long as the model: drop the float64 statistics (X^T X is
     # in x in per layer) that layers left dense would otherwise keep on their nodes.
     for view in compression.linears:

@@ -39,7 +39,7 @@ from lrcompile.passes import (
 from lrcompile.passes.attention_blocks import AttentionBlock, UnmatchedAttention, find_attention_blocks
 from lrcompile.passes.calibration_runner import is_state_input
 from lrcompile.passes.decomposition import LinearDecomposition
-from lrcompile.passes.find_linears import ModuleSlot, placeholder_values, weight_owner, weight_tensor
+from lrcompile.passes.find_linears import ModuleSlot, dynamo_frame_locals, placeholder_values, weight_owner, weight_tensor
 from lrcompile.passes.kv_fisher import measure_kv_fisher
 from lrcompile.passes.kv_rank_allocation import (
     KVProjection,
@@ -434,13 +434,13 @@ PASSES: tuple[Pass[GraphCompression], ...] = (
 )
 
 
-def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config: LowRankConfig,
-                   frame_locals: Mapping[str, Any] | None = None) -> GraphCompression:
+def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config: LowRankConfig) -> GraphCompression:
     """Run every pass on ``gm``; the result holds the rewritten graph, the plan, the report and the modules
-    to install on the model. ``frame_locals``: the locals of the frame Dynamo captured (``L[...]`` sources)."""
+    to install on the model (:func:`install`). Called from a Dynamo backend, the model's modules are found
+    in the captured frame; for other graphs (``symbolic_trace``, ``torch.export``) in ``gm`` itself."""
     graph_id = next(_graph_ids)
     dump_dir = Path(config.dump_dir) / f"graph_{graph_id:03d}" if config.dump_dir else None
-    compression = GraphCompression(gm, list(example_inputs or []), config, frame_locals)
+    compression = GraphCompression(gm, list(example_inputs or []), config, dynamo_frame_locals(gm))
     manager = PassManager(PASSES, dump_dir)
     manager.run(compression, lambda c: c.gm)
     compression.timings = manager.timings

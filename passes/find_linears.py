@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lrcompile.errors import LowRankError
 from lrcompile.types import META_KEY, LinearMeta, WeightLayout
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,23 @@ def _slot(root: Any, path: list[str]) -> ModuleSlot | None:
     for part in path[:-1]:
         parent = getattr(parent, part, None)
     return ModuleSlot(root, parent, path[-1]) if isinstance(parent, nn.Module) and hasattr(parent, path[-1]) else None
+
+
+def dynamo_frame_locals(gm: fx.GraphModule) -> Mapping[str, Any] | None:
+    """The locals of the frame Dynamo is compiling into ``gm`` (where its ``L[...]`` sources live), or None
+    for a graph Dynamo did not capture. Dynamo's private API, checked on torch 2.11-2.13; used nowhere else."""
+    if not any("grapharg" in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
+        return None
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return InstructionTranslator.current_tx().f_locals
+    except Exception as err:  # noqa: BLE001  (any change of that API)
+        raise LowRankError(
+            f"cannot read the compiled frame's locals from Dynamo ({type(err).__name__}: {err}), which name the "
+            f"model's modules; this torch ({torch.__version__}) is outside the versions lrcompile supports "
+            "(pyproject.toml), or the graph is compressed outside a Dynamo backend call"
+        ) from err
 
 
 def weight_owner(gm: fx.GraphModule, view: LinearNode, frame_locals: Mapping[str, Any] | None) -> ModuleSlot | None:

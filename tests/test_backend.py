@@ -9,9 +9,13 @@ from tiny_models import FAMILIES, first_output, tiny_model, token_batches
 import lrcompile
 from lrcompile.passes import decompose, dense_weight, factorize_linears, find_linears
 from lrcompile.passes.find_linears import placeholder_values
+from lrcompile.modules import LowRankLinear
 from lrcompile.pipeline import compress_graph
-from lrcompile.runtime.compressed_layers import model_layers
 from lrcompile.types import CompressedLayer, LayerPlan, LayerStatus
+
+
+def _factored_modules(model):
+    return [m for m in model.modules() if isinstance(m, LowRankLinear)]
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +67,8 @@ def test_full_rank_factoring_is_exact_on_dynamo_graphs(family, method):
             rank = min(meta.out_features, meta.in_features)
             down, up = decompose(dense_weight(gm, view, values), method, meta.stats).factors(rank, meta.weight_dtype)
             plan = LayerPlan(meta.name, meta.out_features, meta.in_features, rank)
-            factors[view] = CompressedLayer(plan, method, LayerStatus.FACTORED, meta.weight_dtype, down, up)
+            record = CompressedLayer(plan, method, LayerStatus.FACTORED, meta.weight_dtype)
+            factors[view] = LowRankLinear.from_factors(down, up, None, record)  # the graph keeps its bias node
         factorize_linears(gm, factors)
         assert factors
         return gm.forward
@@ -76,7 +81,7 @@ def test_full_rank_factoring_is_exact_on_dynamo_graphs(family, method):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_ratio_08_holds_factors_and_frees_dense_storage(family):
+def test_ratio_08_replaces_factored_linears_by_their_factors(family):
     model = tiny_model(family)
     bytes_before = lrcompile.weight_bytes(model)
     ids = token_batches(1, seed=7)[0]
@@ -93,24 +98,22 @@ def test_ratio_08_holds_factors_and_frees_dense_storage(family):
     added = sum(layer.factor_bytes for layer in factored)
     assert lrcompile.weight_bytes(model) == bytes_before - freed + added
     assert totals["weight_bytes_after"] <= 0.8 * totals["weight_bytes_before"]
-    for _, layer in model_layers(model):
-        if layer.status is LayerStatus.FACTORED:
-            assert layer.down.dtype == torch.float32
-    dense_params = {name: p for name, p in model.named_parameters()}
-    freed_names = [n for n, p in dense_params.items() if p.untyped_storage().nbytes() == 0]
-    assert len(freed_names) == totals["factored"]
+    modules = _factored_modules(model)
+    assert len(modules) == totals["factored"] and all(m.down.dtype == torch.float32 for m in modules)
+    state = model.state_dict()  # the factors, and no dense weight of a factored layer
+    for layer in factored:
+        assert f"{layer.name}.down" in state and f"{layer.name}.up" in state and f"{layer.name}.weight" not in state
 
 
-def test_from_pretrained_weights_are_released(tmp_path):
-    """from_pretrained maps safetensors storage, which cannot be resized in place."""
+def test_from_pretrained_model_is_compressed_in_place(tmp_path):
+    """from_pretrained maps safetensors storage (not resizable): the module swap does not care."""
     tiny_model("bert").save_pretrained(tmp_path)
     model = type(tiny_model("bert")).from_pretrained(tmp_path).eval()
-    assert not model.encoder.layer[0].intermediate.dense.weight.untyped_storage().resizable()
     ids = token_batches(1)[0]
     with torch.no_grad():
         dense = first_output(model(input_ids=ids))
         out = first_output(_compile(model, param_ratio=0.5, method="svd", allocation="uniform")(input_ids=ids))
-    assert model.encoder.layer[0].intermediate.dense.weight.untyped_storage().nbytes() == 0
+    assert isinstance(model.encoder.layer[0].intermediate.dense, LowRankLinear)
     assert out.shape == dense.shape and torch.isfinite(out).all()
 
 
@@ -136,8 +139,8 @@ def test_low_precision_model_keeps_its_dtype(dtype):
         out = first_output(_compile(model, calibration=token_batches(2), param_ratio=0.8, method="whiten",
                                     allocation="closed_form")(input_ids=token_batches(1)[0]))
     assert out.dtype == dtype and torch.isfinite(out).all()
-    factored = [layer for _, layer in model_layers(model) if layer.status is LayerStatus.FACTORED]
-    assert factored and all(layer.down.dtype == dtype and layer.up.dtype == dtype for layer in factored)
+    factored = _factored_modules(model)
+    assert factored and all(m.down.dtype == dtype and m.up.dtype == dtype for m in factored)
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "sensitivity", "closed_form"])
@@ -185,7 +188,7 @@ def test_recompile_reuses_recorded_factors_without_recalibrating():
     with torch.no_grad():
         compiled(input_ids=token_batches(1, seq=16)[0])
         ranks = {layer.name: layer.rank for layer in lrcompile.model_report(model).layers}
-        # a new static shape recompiles; the dense weights are already released
+        # a new static shape recompiles; the model holds the factored modules, read back without calibration
         out = first_output(compiled(input_ids=token_batches(1, seq=12, seed=5)[0]))
     assert out.shape[:2] == (2, 12) and torch.isfinite(out).all()
     assert {layer.name: layer.rank for layer in lrcompile.model_report(model).layers} == ranks
@@ -248,9 +251,10 @@ def test_two_instances_of_one_class_get_their_own_factors():
     with torch.no_grad():
         _compile(a, **options)(input_ids=ids)
         out_b = first_output(_compile(b, **options)(input_ids=ids))
-    # b was compressed from its own weights: its records exist and its dense storage is released
+    # b was compressed from its own weights: it holds its own factored modules
     assert lrcompile.model_report(b).totals()["factored"] > 0
-    assert b.model.layers[0].mlp.up_proj.weight.untyped_storage().nbytes() == 0
+    assert isinstance(b.model.layers[0].mlp.up_proj, LowRankLinear)
+    assert b.model.layers[0].mlp.up_proj.down is not a.model.layers[0].mlp.up_proj.down
     assert torch.isfinite(out_b).all()
 
 
@@ -342,18 +346,34 @@ def test_model_generate_on_a_lowrank_compiled_forward():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_eager_call_after_compression_rebuilds_released_weights(family):
-    """A fallback to eager (recompile limit, torch.compiler.disable, a call after reset) runs the factors, not freed storage."""
+def test_eager_call_after_compression_runs_the_factors(family):
+    """A compressed model is an ordinary model: an eager call (after reset, torch.compiler.disable, Dynamo's
+    fallback at the recompile limit) runs the factored modules and agrees with the compiled graph."""
     model = tiny_model(family)
     ids = token_batches(1, seed=7)[0]
+    compiled_model = _compile(model, calibration=token_batches(2), param_ratio=0.5, allocation="uniform")
     with torch.no_grad():
-        compiled = first_output(_compile(model, calibration=token_batches(2), param_ratio=0.5, allocation="uniform")(input_ids=ids))
+        compiled = first_output(compiled_model(input_ids=ids))
+        again = first_output(compiled_model(input_ids=ids))  # the recompiled graph over the new modules
         torch._dynamo.reset()
         eager = first_output(model(input_ids=ids))
         disabled = first_output(torch.compiler.disable(model)(input_ids=ids))
     assert (eager - compiled).abs().max().item() <= 1e-4 and torch.equal(eager, disabled)
-    released = [p for _, p in model.named_parameters() if p.untyped_storage().nbytes() == 0]
-    assert released, "the dense weights stay released after the eager call"
+    assert (again - compiled).abs().max().item() <= 1e-4
+    assert _factored_modules(model) and not any(name.endswith(".weight") and "mlp" in name and "c_proj" not in name
+                                               and "c_fc" not in name for name in model.state_dict())
+
+
+def test_recompile_limit_falls_back_to_eager_factors(monkeypatch):
+    """Past Dynamo's recompile limit the forward runs eagerly: slower, never an error."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    model = tiny_model("llama")
+    compiled = _compile(model, calibration=token_batches(2), param_ratio=0.5, allocation="uniform")
+    with torch.no_grad():
+        for seq in (16, 9, 10, 11, 12):  # each static shape recompiles; the last ones run eagerly
+            ids = token_batches(1, seq=seq, seed=seq)[0]
+            torch.testing.assert_close(first_output(compiled(input_ids=ids)), first_output(model(input_ids=ids)),
+                                       rtol=0, atol=1e-4)
 
 
 def test_compiler_mode_and_options_reach_inductor(monkeypatch):
