@@ -9,7 +9,9 @@ from tiny_models import ROPE_FAMILIES, left_padded_prompts, tiny_model, tiny_rop
 
 import lrcompile
 from lrcompile.errors import LatentCacheError, LowRankConfigError
+from lrcompile.kernels.grouped_projection import grouped_up_projection
 from lrcompile.kernels.latent_attention import latent_attention_reference, rope_cos_sin, rotate_half
+from lrcompile.modules import GroupedLowRankProjection, LowRankLinear, model_latent_attention
 from lrcompile.passes import find_linears
 from lrcompile.passes.attention_blocks import find_attention_blocks
 from lrcompile.passes.kv_rank_allocation import (
@@ -18,8 +20,7 @@ from lrcompile.passes.kv_rank_allocation import (
     allocate_kv_fisher,
     allocate_kv_uniform,
 )
-from lrcompile.passes.latent_kv import factor_kv_groups, fold_value_up
-from lrcompile.runtime.compressed_layers import model_latent_attention
+from lrcompile.passes.latent_kv import factor_kv_groups
 
 
 @pytest.fixture(autouse=True)
@@ -59,9 +60,9 @@ def test_latent_attention_at_full_rank_is_dense_gqa_attention():
     rep = q_heads // kv_heads
     dense = F.scaled_dot_product_attention(query, keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1),
                                            attn_mask=mask, scale=0.3)
-    o_weight = torch.eye(q_heads * head_dim)
-    folded, _ = fold_value_up(o_weight, None, v_up, None, q_heads, head_dim)
-    assert torch.allclose(out @ folded.T, dense.transpose(1, 2).reshape(batch, length, -1), atol=1e-4)
+    per_head = v_up.reshape(kv_heads, head_dim, -1).repeat_interleave(rep, 0)  # U^v_{j(h)} for each query head
+    merged = grouped_up_projection(out, per_head, None)
+    assert torch.allclose(merged, dense.transpose(1, 2).reshape(batch, length, -1), atol=1e-4)
 
 
 def test_fake_latent_attention_gives_the_output_shape():
@@ -178,7 +179,9 @@ def test_kv_ratio_one_is_exact_without_cache(family):
     assert (out - dense).abs().max() < 1e-5
     latent = dict(model_latent_attention(model))
     assert len(latent) == 2 and all(layer.latent_width == layer.dense_width for layer in latent.values())
-    assert model.model.layers[0].self_attn.k_proj.weight.untyped_storage().nbytes() == 0  # dense K released
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention.k_proj, GroupedLowRankProjection) and isinstance(attention.v_proj, GroupedLowRankProjection)
+    assert isinstance(attention.o_proj, torch.nn.Linear)  # stays the model's own output projection
 
 
 def test_kv_ratio_half_halves_the_latent_and_fisher_changes_the_split():
@@ -289,8 +292,7 @@ def test_sampling_and_weight_compression_together():
                              max_new_tokens=16, do_sample=True, top_k=20)
     assert out.shape == (2, 5 + 16)
     assert lrcompile.weight_bytes(model) < dense_bytes
-    factored = [name for name, layer in lrcompile.runtime.compressed_layers.model_layers(model)
-                if layer.status.value == "factored"]
+    factored = [name for name, module in model.named_modules() if isinstance(module, LowRankLinear)]
     assert any("mlp" in name for name in factored) and not any("k_proj" in name for name in factored)
 
 
@@ -425,7 +427,7 @@ def test_scaled_rope_variants_are_exact_at_full_rank(rope):
 
 @pytest.mark.parametrize(("family", "group"), [("llama", 1), ("qwen2", "all"), ("qwen2", 1)])
 def test_eager_call_after_kv_restructure_matches_the_compiled_latent_attention(family, group):
-    """Eager calls rebuild K, V and an output projection from the latent factors (V bias included)."""
+    """Eager calls rebuild K and V from the latent factors (V bias included) and run the model's own attention."""
     model = tiny_rope_model(family)
     if family == "qwen2":
         with torch.no_grad():
