@@ -104,7 +104,7 @@ def test_assisted_decoding_crops_the_latent_cache_and_matches_the_dense_cache(mo
 
 
 def test_eager_calls_are_refused_and_leave_the_cache_untouched():
-    dense, model = _compressed(release_dense=False)  # dense weights kept, so an eager forward reaches the cache
+    dense, model = _compressed()  # an ordinary model: an eager forward reaches the cache
     ids, mask = left_padded_prompts([6, 3])
     kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
     eager_use = (r"model.layers.0.self_attn ran eagerly with a LatentKVCache, which holds latents only compiled graphs "
