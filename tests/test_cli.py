@@ -111,23 +111,22 @@ def test_compress_then_report_then_load(model_dir, calib_file, tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "| model.layers.0.self_attn.q_proj | 32 x 32 | whiten |" in printed
     assert f"to {out}" in printed and "weight bytes (measured, all parameters)" in printed
-    for name in ("plan.json", "factors.safetensors", "report.md", "report.json"):
+    for name in ("model.safetensors", "config.json", "tokenizer_config.json", "report.md", "report.json"):
         assert (out / name).is_file(), name
 
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| model.layers.1.mlp.down_proj | 32 x 64 |" in printed
-    assert re.search(r"saved plan .*plan\.json: 15 linears \(\d+ factored", printed)
+    factored = int(re.search(r"quantization_config 'lowrank' describes 14 linears \((\d+) factored\)", printed).group(1))
+    assert factored > 0
 
-    # the saved folder loads into a fresh copy of the model and compiles without calibration
-    model, tokenizer = load_model_folder(model_dir)
-    summary = lrcompile.load_compressed(model, out)
-    assert summary.factored > 0
+    # the saved folder is a model folder: from_pretrained builds it compressed; it compiles without calibration
+    model, tokenizer = load_model_folder(out)
+    assert lrcompile.model_report(model).totals()["factored"] == factored
     batch = model_batches(model, tokenizer, stdlib_sentences("heldout", 4), 4, 16)[0]
     compiled = torch.compile(model, backend="lowrank", options=lrcompile.LowRankConfig(compiler="eager"))
     with torch.no_grad():
         assert torch.isfinite(compiled(**batch).logits).all()
-    assert lrcompile.model_report(model).totals()["factored"] == summary.factored
 
 
 def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
@@ -156,7 +155,8 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
         (["generate", "{bert}", "--calib", "{calib}", "--prompt", "hi"],
          r"model '.*tiny_bert.*' holds BertModel \(model_type 'bert'\), not a causal LM"),
         (["generate", "{model}", "--prompt", "hi"], r"generate needs --calib TEXT_FILE .* or --load DIR"),
-        (["generate", "{model}", "--load", "{tmp}", "--prompt", "hi"], r".*/plan\.json: missing"),
+        (["generate", "{model}", "--load", "{tmp}", "--prompt", "hi"],
+         r"model '.*' has no config\.json: expected a Hugging Face model folder"),
         (["report", "{tmp}/missing"], r"folder '.*/missing' does not exist"),
         (["report", "{tmp}"], r"folder '.*' holds neither report\.md nor plan\.json"),
         # checked before any weight loads (the weightless folders have none)
@@ -292,7 +292,7 @@ def test_demo_small(tmp_path, capsys):
     assert 0.0 < fidelity <= 1.0
     assert re.search(r"weight bytes \(measured, all parameters\): [\d,]+ -> [\d,]+", printed)
     assert "| encoder.layer.0.attention.self.query | 384 x 384 | asvd | " in printed
-    for name in ("report.md", "report.json", "plan.json", "factors.safetensors"):
+    for name in ("report.md", "report.json", "model.safetensors", "config.json"):
         assert (out / name).is_file(), name
     assert list((out / "graphs").glob("graph_*/*_after.py"))
 
