@@ -1,0 +1,147 @@
+"""The compressed model is an ordinary model: its modules hold the outcome, every way of running it agrees, and it
+saves with save_pretrained and loads with from_pretrained in a fresh process (issue 11's acceptance)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_models import left_padded_prompts, tiny_rope_model, token_batches
+
+import lrcompile
+from lrcompile.modules import GroupedLowRankProjection, LowRankLinear, model_latent_attention
+
+FAMILIES = ("llama", "qwen2")
+GENERATE = dict(max_new_tokens=8, do_sample=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compress(family: str) -> torch.nn.Module:
+    """A tiny decoder compressed at param_ratio 0.5 and kv_ratio 0.5 by its lowrank-compiled forward."""
+    model = tiny_rope_model(family)
+    if family == "qwen2":  # non-zero K/V biases, which the grouped projections keep
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.k_proj.bias.normal_()
+                layer.self_attn.v_proj.bias.normal_()
+    options = lrcompile.LowRankConfig(calibration=token_batches(4), param_ratio=0.5, kv_ratio=0.5, compiler="aot_eager",
+                                      allocation="uniform", kv_allocation="uniform")
+    model.forward = torch.compile(model.forward, backend="lowrank", options=options)
+    with torch.no_grad():
+        model(token_batches(1, seed=3)[0], use_cache=False)  # the first call compresses
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eager_compiled_and_exported_outputs_agree(family):
+    model = _compress(family)
+    ids = token_batches(1, seed=7)[0]
+    eager_forward = model.forward._torchdynamo_orig_callable
+    with torch.no_grad():
+        compiled = model(ids, use_cache=False).logits  # recompiled over the new modules: latent attention
+        eager = eager_forward(ids, use_cache=False).logits  # plain modules: two matmuls, K/V rebuilt densely
+        exported = torch.export.export(model, (ids,), {"use_cache": False}).module()(ids, use_cache=False).logits
+    torch.testing.assert_close(eager, compiled, rtol=0, atol=1e-4)
+    torch.testing.assert_close(exported, compiled, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_state_dict_holds_the_factors_and_no_dense_weight_of_a_compressed_layer(family):
+    model = _compress(family)
+    state = model.state_dict()
+    factored = [name for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    grouped = [name for name, m in model.named_modules() if isinstance(m, GroupedLowRankProjection)]
+    assert len(factored) == 8 and len(grouped) == 4  # q/gate/up/down and k/v per layer (lm_head is left dense)
+    for name in factored + grouped:
+        assert f"{name}.down" in state and f"{name}.up" in state and f"{name}.weight" not in state
+    assert [name for name, _ in model_latent_attention(model)] == [f"model.layers.{i}.self_attn" for i in range(2)]
+    assert isinstance(model.model.layers[0].self_attn.o_proj, torch.nn.Linear)  # stays dense, nothing duplicated
+    bytes_in_state = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in state.values()}.values())
+    assert lrcompile.weight_bytes(model) == bytes_in_state  # measured = factor bytes + what stays dense
+
+
+def test_generate_loop_stays_under_the_recompile_limit(monkeypatch):
+    """Compression, prefill and decode: three graphs for 8 tokens (none per token); the next request reuses them."""
+    import lrcompile.backend as backend
+
+    compiles = []
+    real = backend.compress_graph
+    monkeypatch.setattr(backend, "compress_graph", lambda *a: compiles.append(1) or real(*a))
+    model = tiny_rope_model("llama")
+    ids, mask = left_padded_prompts([6, 4])
+    options = lrcompile.LowRankConfig(calibration=token_batches(2), param_ratio=0.5, kv_ratio=0.5, compiler="aot_eager")
+    lrcompile.generate(model, ids, mask, options=options, **GENERATE)
+    after_first = len(compiles)
+    lrcompile.generate(model, ids.flip(0), mask.flip(0), options=options, **GENERATE)
+    assert after_first <= 3 and len(compiles) == after_first < torch._dynamo.config.recompile_limit
+
+
+_LOAD = textwrap.dedent("""
+    import json, sys
+    import torch
+    import lrcompile  # registers the 'lowrank' quantization method with transformers
+    from transformers import AutoModelForCausalLM
+    folder, ids, prompt, prompt_mask = sys.argv[1], *(torch.tensor(json.loads(a)) for a in sys.argv[2:5])
+
+    def status(key):  # kB lines of /proc/self/status
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+    AutoModelForCausalLM.from_pretrained(folder)  # a first load imports the modeling code; the second is measured
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS, so the peak below is the load's own
+    before = status("VmRSS:")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    peak = status("VmHWM:")
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    tokens = lrcompile.generate(model, prompt, prompt_mask, options=lrcompile.LowRankConfig(compiler="aot_eager"),
+                                max_new_tokens=8, do_sample=False)
+    torch.save(logits, folder + "/loaded_logits.pt")
+    print(json.dumps({"tokens": tokens.tolist(), "load_peak_rss_growth": peak - before,
+                      "weight_bytes": lrcompile.weight_bytes(model),
+                      "modules": sorted({type(m).__name__ for m in model.modules()})}))
+""")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_then_from_pretrained_in_a_fresh_process(family, tmp_path):
+    model = _compress(family)
+    ids = token_batches(1, seed=7)[0]
+    prompt, prompt_mask = left_padded_prompts([6, 4])
+    eager_forward = model.forward._torchdynamo_orig_callable
+    with torch.no_grad():
+        logits = eager_forward(ids, use_cache=False).logits
+    tokens = lrcompile.generate(model, prompt, prompt_mask, **GENERATE)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "lowrank" and len(config["attention"]) == 2
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        saved = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    assert "model.layers.0.self_attn.k_proj.down" in saved and "model.layers.0.self_attn.k_proj.weight" not in saved
+
+    run = subprocess.run([sys.executable, "-c", _LOAD, str(tmp_path), json.dumps(ids.tolist()),
+                          json.dumps(prompt.tolist()), json.dumps(prompt_mask.tolist())],
+                         capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {"LowRankLinear", "GroupedLowRankProjection"} <= set(loaded["modules"])
+    assert torch.equal(torch.load(tmp_path / "loaded_logits.pt"), logits)
+    assert loaded["tokens"] == tokens.tolist()
+    assert loaded["weight_bytes"] == lrcompile.weight_bytes(model)  # factor bytes + what stays dense, nothing more
+    folder_bytes = (tmp_path / "model.safetensors").stat().st_size
+    print(f"{family}: folder {folder_bytes:,} bytes, weights {loaded['weight_bytes']:,} bytes, peak RSS growth of "
+          f"from_pretrained {loaded['load_peak_rss_growth']:,} bytes")
+    # the load holds the folder's tensors once (built on the meta device, no dense weight), plus a small margin
+    assert loaded["load_peak_rss_growth"] <= folder_bytes + 2**20
