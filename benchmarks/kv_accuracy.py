@@ -45,7 +45,7 @@ GROUPS = ("1", "2", "all")
 def run_config(fixture, calibration, heldout, kv_ratio: float, allocation: str, group: str, method: str) -> dict[str, Any]:
     import lrcompile
     from benchmarks.fixtures import perplexity
-    from lrcompile.runtime.compressed_layers import model_latent_attention
+    from lrcompile.modules import model_latent_attention
 
     torch._dynamo.reset()
     model = fixture.load_model()

@@ -10,9 +10,9 @@ Each configuration runs in its own subprocess, so peaks never mix:
   ``closed_form`` at param ratio 0.8, downstream ``compiler="eager"`` so that
   Inductor's own compile-time memory does not blur the comparison), calibrated in
   the process on 4 batches of 8 x 128 train tokens; it then saves its plan;
-* ``lowrank_loaded``: a fresh model given that saved plan with
-  ``lrcompile.load_compressed`` and compiled the same way: no calibration, the
-  path a deployment would take;
+* ``lowrank_loaded``: that compressed model saved with ``save_pretrained`` and
+  loaded with ``from_pretrained`` (built compressed, no dense weight), compiled
+  the same way: no calibration, the path a deployment would take;
 * ``lowrank_kv``: like ``lowrank`` plus ``kv_ratio`` (latent KV cache, Palu);
   its prefill writes into an ``lrcompile.LatentKVCache`` of the same capacity.
 
@@ -22,8 +22,7 @@ of ``[B, L]`` held-out tokens runs with a fresh ``DynamicCache``
 (``use_cache=True``). Measured:
 
 * **weight bytes**: ``lrcompile.weight_bytes(model)``, the bytes of the storages
-  of the parameters plus the factors that replace them (released dense weights
-  count 0);
+  of the model's parameters (factors, plus what stays dense);
 * **KV-cache bytes**: the sum of the storages of the ``DynamicCache`` tensors after
   the prefill; for ``lowrank_kv`` the bytes the ``LatentKVCache`` allocated
   (latents, RoPE positions, fill levels) for as many tokens;
@@ -117,7 +116,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     out: dict[str, Any] = {"config": args.child, "fixture": args.fixture, "rss_baseline": _vmrss(),
                            "maxrss_baseline": _maxrss()}
-    model = fixture.load_model()
+    if args.child == "lowrank_loaded":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.plan_dir).eval()  # compressed from the start
+    else:
+        model = fixture.load_model()
     out["weight_bytes_loaded"] = lrcompile.weight_bytes(model)
     out["maxrss_after_load"] = _maxrss()
     start = time.perf_counter()
@@ -129,9 +133,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             forward = torch.compile(model, backend="eager", dynamic=False)
             forward(input_ids=calibration[0], past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
         else:
-            if args.child == "lowrank_loaded":
-                lrcompile.load_compressed(model, args.plan_dir)
-                out["weight_bytes_with_loaded_plan"] = lrcompile.weight_bytes(model)
             latent = args.child == "lowrank_kv"
             config = lrcompile.LowRankConfig(
                 calibration=calibration if args.child != "lowrank_loaded" else None, param_ratio=args.param_ratio,
@@ -145,7 +146,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 forward(input_ids=calibration[0], past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
             if args.child == "lowrank":
-                lrcompile.save_compressed(model, args.plan_dir)
+                model.save_pretrained(args.plan_dir)
         out["prepare_s"] = time.perf_counter() - start
         gc.collect()
         out["weight_bytes"] = lrcompile.weight_bytes(model)
@@ -283,12 +284,12 @@ def write_memory_markdown(payload: dict[str, Any], path: Path, plot: bool) -> No
     body = [
         f"- fixtures: {', '.join(s['fixtures'])} (float32); compressed = `LowRankConfig(param_ratio={s['param_ratio']}, "
         f"method='{s['method']}', allocation='{s['allocation']}', compiler='eager')`, calibrated on {s['calibration']}",
-        "- one subprocess per row; `lowrank_loaded` = a fresh model + `lrcompile.load_compressed(plan saved by the "
-        "`lowrank` row)`, no calibration",
+        "- one subprocess per row; `lowrank_loaded` = `from_pretrained` of the `lowrank` row's model saved with "
+        "`save_pretrained`, no calibration",
         f"- KV cache: `DynamicCache` after a prefill of {s['batch']} x {s['seq_len']} held-out tokens (per layer K and V "
         f"of shape {shape}); `lowrank_kv`: `LatentKVCache` of the same capacity, kv_ratio {s.get('kv_ratio')} "
         "(latents and a fill level per layer, plus one int64 RoPE position per token shared by all layers)",
-        "- weight bytes: `lrcompile.weight_bytes(model)` (parameter storages + factors; released dense weights count 0). "
+        "- weight bytes: `lrcompile.weight_bytes(model)` (parameter storages: factors + what stays dense). "
         "Peak = `ru_maxrss` at the end of the process; baseline = RSS after imports, before the model is loaded",
         "",
         "## Ratios to dense",

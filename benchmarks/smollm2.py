@@ -90,8 +90,8 @@ def _greedy(model: Any, batch: dict[str, torch.Tensor], kv: bool) -> torch.Tenso
 def run_row(opened: Any, row: dict[str, Any], calibration: list, heldout: list, chat: dict, dense_tokens: torch.Tensor) -> dict:
     import lrcompile
     from lrcompile.evaluation import perplexity
+    from lrcompile.modules import model_latent_attention, weight_bytes
     from lrcompile.runtime.compiled_forward import compile_forward, compress_on_first_call
-    from lrcompile.runtime.compressed_layers import model_latent_attention, weight_bytes
 
     torch._dynamo.reset()
     model = opened.load()
