@@ -72,10 +72,18 @@ class LowRankQuantizationConfig(QuantizationConfigMixin):
 
 
 def describe_on_config(model: nn.Module) -> None:
-    """Keep ``model.config.quantization_config`` describing the model's compressed modules (for ``save_pretrained``)."""
+    """Keep ``model.config.quantization_config`` describing the model's compressed modules (for ``save_pretrained``).
+
+    A model loaded through another quantizer whose weights are plain tensors once loaded (a GGUF file,
+    dequantized by transformers) is saved as what it now is, a lowrank-compressed model.
+    """
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        config.quantization_config = LowRankQuantizationConfig.of_model(model)
+    if config is None or not hasattr(config, "to_json_string"):
+        return
+    config.quantization_config = LowRankQuantizationConfig.of_model(model)
+    if getattr(model, "hf_quantizer", None) is not None and not isinstance(model.hf_quantizer, LowRankHfQuantizer):
+        model.hf_quantizer = LowRankHfQuantizer(config.quantization_config)
+        model.quantization_method = METHOD
 
 
 def _slot(model: nn.Module, path: str, what: str) -> tuple[nn.Module, str, nn.Module]:

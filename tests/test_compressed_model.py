@@ -145,3 +145,32 @@ def test_save_pretrained_then_from_pretrained_in_a_fresh_process(family, tmp_pat
           f"from_pretrained {loaded['load_peak_rss_growth']:,} bytes")
     # the load holds the folder's tensors once (built on the meta device, no dense weight), plus a small margin
     assert loaded["load_peak_rss_growth"] <= folder_bytes + 2**20
+
+
+def test_model_loaded_through_another_quantizer_saves_as_compressed(tmp_path):
+    """A GGUF model (SmolLM2) comes with transformers' GGUF quantizer, which cannot save; its weights are plain
+    tensors once loaded, so after compression it saves, and loads back, as a lowrank-compressed model."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.base import HfQuantizer
+
+    class NotSerializable(HfQuantizer):
+        def is_serializable(self):
+            return False
+
+        @property
+        def is_trainable(self):
+            return False
+
+    model = tiny_rope_model("llama")
+    model.hf_quantizer = NotSerializable(SimpleNamespace(quant_method="gguf"))
+    model.forward = torch.compile(model.forward, backend="lowrank", options=lrcompile.LowRankConfig(
+        calibration=token_batches(2), param_ratio=0.5, compiler="eager"))
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, use_cache=False).logits, logits, rtol=0, atol=1e-5)
