@@ -364,12 +364,11 @@ def test_eager_call_after_compression_runs_the_factors(family):
                                                and "c_fc" not in name for name in model.state_dict())
 
 
-def test_recompile_limit_falls_back_to_eager_factors(monkeypatch):
+def test_recompile_limit_falls_back_to_eager_factors():
     """Past Dynamo's recompile limit the forward runs eagerly: slower, never an error."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     model = tiny_model("llama")
     compiled = _compile(model, calibration=token_batches(2), param_ratio=0.5, allocation="uniform")
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2):
         for seq in (16, 9, 10, 11, 12):  # each static shape recompiles; the last ones run eagerly
             ids = token_batches(1, seq=seq, seed=seq)[0]
             torch.testing.assert_close(first_output(compiled(input_ids=ids)), first_output(model(input_ids=ids)),
