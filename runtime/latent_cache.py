@@ -57,15 +57,17 @@ class LatentLayer(CacheLayerMixin):
     is_croppable = True
     is_sliding = False
 
-    def __init__(self, layer: LatentAttention, batch_size: int, max_cache_len: int, positions: torch.Tensor):
+    def __init__(self, layer: LatentAttention, batch_size: int, max_cache_len: int, positions: torch.Tensor,
+                 dtype: torch.dtype):
+        """``dtype``: the latent projections' (the model's current dtype, which ``model.to`` may have changed)."""
         super().__init__()
         device = positions.device
         self.spec = layer
         self.max_cache_len = max_cache_len
         self.batch_size = batch_size
         groups = layer.groups
-        self.k_latent = torch.zeros(batch_size, max_cache_len, groups * layer.k_rank, dtype=layer.dtype, device=device)
-        self.v_latent = torch.zeros(batch_size, max_cache_len, groups * layer.v_rank, dtype=layer.dtype, device=device)
+        self.k_latent = torch.zeros(batch_size, max_cache_len, groups * layer.k_rank, dtype=dtype, device=device)
+        self.v_latent = torch.zeros(batch_size, max_cache_len, groups * layer.v_rank, dtype=dtype, device=device)
         self.positions = positions
         self.length = torch.zeros((), dtype=torch.long, device=device)
         self.is_initialized = True
@@ -179,7 +181,7 @@ class LatentKVCache(Cache):
                 )
             if positions is None:
                 positions = torch.zeros(batch_size, max_cache_len, dtype=torch.long, device=module.k_proj.down.device)
-            layers.append(LatentLayer(spec, batch_size, max_cache_len, positions))
+            layers.append(LatentLayer(spec, batch_size, max_cache_len, positions, module.k_proj.down.dtype))
         if not layers:
             raise LatentCacheError(f"{type(model).__name__} has no attention module with a k_proj linear and a layer_idx")
         super().__init__(layers=layers)
@@ -216,5 +218,5 @@ class LatentKVCache(Cache):
 
     def dense_bytes(self) -> int:
         """Bytes a dense cache of the same capacity would hold: ``2 * kv_heads * head_dim`` per token and layer."""
-        return sum(layer.batch_size * self.max_cache_len * layer.spec.dense_width * layer.spec.itemsize
+        return sum(layer.batch_size * self.max_cache_len * layer.spec.dense_width * layer.k_latent.element_size()
                    for layer in self.layers)
