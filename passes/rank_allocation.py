@@ -114,9 +114,10 @@ def allocate_closed_form(
     A layer's rank is its count in the prefix (aligned), so tied values split.
     """
     budget = param_ratio * sum(m.dense_params for m in metas)
-    share = {m.name: energy_share(spectra[m.name]) for m in metas}
+    share = {m.name: energy_share(spectra[m.name]).cpu() for m in metas}  # a host list: no sync per value
     items = sorted(
-        ((float(v) / (m.out_features + m.in_features), m.name) for m in metas for v in share[m.name]), key=lambda t: -t[0]
+        ((float(v) / (m.out_features + m.in_features), m.name) for m in metas for v in share[m.name].tolist()),
+        key=lambda t: -t[0]
     )
     order = [name for _, name in items]
 
