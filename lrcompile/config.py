@@ -15,6 +15,7 @@ from .errors import CalibrationError, LowRankConfigError
 from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
 
 COMPILERS = ("inductor", "aot_eager", "eager")
+CALIBRATION_ORDERS = ("independent", "sequential", "error_feedback")
 DUMP_ENV = "LRCOMPILE_DUMP"
 _NOT_DECIDING = frozenset({"dump_dir", "compiler", "compiler_mode", "compiler_options"})
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out", "*pooler.dense")
@@ -98,6 +99,13 @@ class LowRankConfig:
     method: ``svd`` (plain), ``asvd`` (activation-scaled, ASVD) or ``whiten`` (SVD-LLM).
     allocation: ``uniform``, ``sensitivity`` (ASVD's KL search) or ``closed_form``
         (truncation loss from the spectra, exact for ``whiten``).
+    calibration_order: ``independent`` (every linear factored from the dense model's
+        statistics), ``sequential`` (in graph order, each linear is whitened with the
+        statistics of its inputs in the model whose earlier layers are already
+        factored: SVD-LLM's sequential update, target ``W X^``) or ``error_feedback``
+        (the same order, and each linear is refit so that, fed those inputs, it best
+        reproduces the dense layer's output ``W X``; see ``passes.sequential_calibration``).
+        Both need ``method="whiten"``; ranks are planned first from the dense statistics.
 
     The defaults follow docs/results: ``whiten`` beats ``asvd`` and ``svd`` on
     every model measured (on SmolLM2, whose activations have outliers, ``asvd``
@@ -130,6 +138,7 @@ class LowRankConfig:
     method: str = "whiten"
     alpha: float = 0.5
     allocation: str = "closed_form"
+    calibration_order: str = "independent"
     rank_multiple: int = 8
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
@@ -150,6 +159,13 @@ class LowRankConfig:
         set_(self, "param_ratio", _ratio("param_ratio", self.param_ratio))
         _choice("method", self.method, FACTOR_METHODS)
         _choice("allocation", self.allocation, ALLOCATION_METHODS)
+        _choice("calibration_order", self.calibration_order, CALIBRATION_ORDERS)
+        if self.calibration_order != "independent" and self.method != "whiten":
+            raise LowRankConfigError(
+                f"option calibration_order={self.calibration_order!r} refits each layer by whitened least squares and "
+                f"needs method='whiten' (got method={self.method!r}); use calibration_order='independent' with "
+                f"{self.method!r}"
+            )
         _choice("compiler", self.compiler, COMPILERS)
         if (self.compiler_mode is not None or self.compiler_options) and self.compiler != "inductor":
             raise LowRankConfigError(

@@ -50,6 +50,7 @@ from lrcompile.passes.kv_rank_allocation import (
 )
 from lrcompile.passes.kv_sensitivity import measure_kv_sensitivity
 from lrcompile.passes.rank_allocation import energy_share
+from lrcompile.passes.sequential_calibration import sequential_steps
 from lrcompile.passes.latent_kv import (
     block_weights,
     build_latent_attention,
@@ -220,6 +221,15 @@ def _find_attention(c: GraphCompression) -> None:
         log.warning("%s", message)
 
 
+def _observes_weights(config: LowRankConfig) -> bool:
+    """Whether weight factoring reads statistics observed on the dense model for every layer at once.
+
+    Sequential calibration observes each input during its own step instead
+    (closed_form's spectra in a dense step-by-step pass), unless sensitivity
+    trials need every layer's statistics at once."""
+    return config.calibration_order == "independent" or config.allocation == "sensitivity"
+
+
 def _activation_stats(c: GraphCompression) -> None:
     targets = c.to_compress() if c.config.needs_calibration else []
     kv_targets = [b.k_linear for b in c.new_blocks()] if c.config.kv_needs_calibration else []
@@ -233,8 +243,8 @@ def _activation_stats(c: GraphCompression) -> None:
         )
     c.runner = CalibrationRunner(c.gm, c.example_inputs)
     c.batches = c.runner.fit(c.config.calibration)
-    targets = targets + kv_targets
-    if c.config.method == "svd":
+    targets = (targets if _observes_weights(c.config) else []) + kv_targets
+    if c.config.method == "svd" or not targets:
         return
     insert_observers(c.gm, targets, gram=c.config.method == "whiten")
     try:
@@ -303,16 +313,36 @@ def _allocate_ranks(c: GraphCompression) -> None:
     elif cfg.allocation == "sensitivity":
         layers = allocate_by_sensitivity(metas, cfg.param_ratio, cfg.rank_multiple)
     else:
-        spectra = {v.meta.name: _decompose(c, v).s for v in targets}
-        layers = allocate_closed_form(metas, spectra, cfg.param_ratio, cfg.rank_multiple)
+        layers = allocate_closed_form(metas, _spectra(c, targets), cfg.param_ratio, cfg.rank_multiple)
     c.plan = build_plan(cfg.method, cfg.allocation, cfg.param_ratio, layers, cfg.rank_multiple)
+
+
+def _spectra(c: GraphCompression, targets: list[LinearNode]) -> dict[str, torch.Tensor]:
+    """Singular values of each layer's scaled weight (closed_form allocation), from the dense model's statistics."""
+    if _observes_weights(c.config):
+        return {v.meta.name: _decompose(c, v).s for v in targets}
+    values = placeholder_values(c.gm, c.example_inputs)
+    return {view.meta.name: decompose(dense_weight(c.gm, view, values), c.config.method, step.stats, c.config.alpha,
+                                      view.meta.name).s
+            for step in sequential_steps(c.runner, c.batches, targets, compressed=False) for view in step.linears}
 
 
 def _factorize(c: GraphCompression) -> None:
     """Factor each planned layer into a new ``LowRankLinear`` and rewrite the graph to read its factors."""
     targets = c.to_compress()
+    plans = dict(zip(targets, c.plan.layers))
+    refit: dict[LinearNode, tuple[torch.Tensor, torch.Tensor, float]] = {}  # factors and loss from the sequential pass
+    if c.config.calibration_order != "independent" and any(p.rank is not None for p in plans.values()):
+        values = placeholder_values(c.gm, c.example_inputs)
+        planned = [view for view in targets if plans[view].rank is not None]
+        for step in sequential_steps(c.runner, c.batches, planned, cross=c.config.calibration_order == "error_feedback"):
+            for view in step.linears:
+                refit[view] = _factors(decompose(dense_weight(c.gm, view, values), c.config.method, step.stats,
+                                                 c.config.alpha, view.meta.name, cross=step.cross),
+                                       plans[view].rank, view, c.weight(view).device)
+                step.factors[view] = refit[view][:2]
     factored = {}
-    for view, layer_plan in zip(targets, c.plan.layers):
+    for view, layer_plan in plans.items():
         weight = c.weight(view)
         slot = c.owners[view]
         layer = CompressedLayer(layer_plan, c.config.method, LayerStatus.DENSE, weight.dtype,
@@ -320,9 +350,9 @@ def _factorize(c: GraphCompression) -> None:
         if layer_plan.rank is None:
             c.records.append((slot.module, layer))
         else:
-            decomposition = _decompose(c, view)
-            down, up = decomposition.factors(layer_plan.rank, view.meta.weight_dtype)
-            layer.plan = replace(layer_plan, truncation_loss=decomposition.truncation_loss(layer_plan.rank))
+            down, up, loss = refit.pop(view) if view in refit else _factors(_decompose(c, view), layer_plan.rank, view,
+                                                                            weight.device)
+            layer.plan = replace(layer_plan, truncation_loss=loss)
             layer.status = LayerStatus.FACTORED
             module = LowRankLinear.from_factors(down.to(weight.device), up.to(weight.device), slot.module.bias, layer)
             c.replacements.append((slot, module))
@@ -335,6 +365,13 @@ def _factorize(c: GraphCompression) -> None:
             c.layers[view] = CompressedLayer(skipped, "", LayerStatus.SKIPPED, meta.weight_dtype)
     c.layers.update(c.recorded)
     factorize_linears(c.gm, factored)
+
+
+def _factors(decomposition: LinearDecomposition, rank: int, view: LinearNode,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(down, up)`` at ``rank`` in the layer's dtype on ``device``, and the truncation loss."""
+    down, up = decomposition.factors(rank, view.meta.weight_dtype)
+    return down.to(device), up.to(device), decomposition.truncation_loss(rank)
 
 
 def _kv_ranks(c: GraphCompression) -> dict[str, int]:

@@ -54,12 +54,21 @@ class ActivationStats:
             torch.zeros(in_features, in_features, **f64) if gram else None,
         )
 
-    def update(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
-        """Add the rows of ``x`` (``[..., in]``); ``token_mask`` (one flag per row, e.g. a
+    @staticmethod
+    def rows_of(x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (``[..., in]``) as float64 CPU rows; ``token_mask`` (one flag per row, e.g. a
         flattened attention mask) drops padding rows."""
         rows = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
         if token_mask is not None and token_mask.numel() == rows.shape[0]:
             rows = rows[token_mask.reshape(-1).to(device="cpu", dtype=torch.bool)]
+        return rows
+
+    def update(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        """Add the rows of ``x`` (see :meth:`rows_of`)."""
+        self.add_rows(self.rows_of(x, token_mask))
+
+    def add_rows(self, rows: torch.Tensor) -> None:
+        """Add float64 rows ``[n, in]``."""
         self.abs_sum += rows.abs().sum(0)
         if rows.shape[0]:
             self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0))

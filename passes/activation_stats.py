@@ -43,17 +43,22 @@ class ActivationObserver(nn.Module):
 
 
 def insert_observers(gm: fx.GraphModule, linears: Iterable[LinearNode], gram: bool = True) -> None:
-    """Route the input of every compressible linear through an observer.
+    """Route the input of every compressible linear through an observer, one per distinct input node.
 
-    ``gram``: also accumulate X^T X (``in x in`` float64 per layer), which only
-    whitening needs; ASVD needs the per-channel statistics alone.
+    Linears reading the same tensor (q/k/v after one norm, gate/up) share one
+    observer and so one :class:`ActivationStats`: one Gram instead of three.
+    ``gram``: also accumulate X^T X (``in x in`` float64 per distinct input), which
+    only whitening needs; ASVD needs the per-channel statistics alone.
     """
-    for i, view in enumerate(v for v in linears if v.meta.compressible):
-        name = f"{OBSERVER_PREFIX}{i}"
-        gm.add_submodule(name, ActivationObserver(view.meta.in_features, view.meta.name, gram))
-        with gm.graph.inserting_before(view.node):
-            observed = gm.graph.call_module(name, (view.input,))
-        view.node.replace_input_with(view.input, observed)
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    observed: dict[fx.Node, fx.Node] = {}
+    for view in sorted((v for v in linears if v.meta.compressible), key=lambda v: position[v.node]):
+        if view.input not in observed:  # before the first linear reading it
+            name = f"{OBSERVER_PREFIX}{len(observed)}"
+            gm.add_submodule(name, ActivationObserver(view.meta.in_features, view.meta.name, gram))
+            with gm.graph.inserting_before(view.node):
+                observed[view.input] = gm.graph.call_module(name, (view.input,))
+        view.node.replace_input_with(view.input, observed[view.input])
     gm.recompile()
 
 
@@ -63,17 +68,20 @@ def collect_stats(gm: fx.GraphModule, linears: Iterable[LinearNode], validate: b
     With ``validate`` (the default) it raises :class:`CalibrationError` naming the first layer (in graph order) whose
     statistics hold NaN/Inf or that no calibration row reached.
     """
+    observers: set[fx.Node] = set()
     for view in linears:
         observer_node = next(
             (a for a in view.node.all_input_nodes if a.op == "call_module" and a.target.startswith(OBSERVER_PREFIX)), None
         )
         if observer_node is None:
             continue
-        observer = gm.get_submodule(observer_node.target)
-        view.meta.stats = observer.stats
+        view.meta.stats = gm.get_submodule(observer_node.target).stats  # shared by the linears reading this input
         view.node.replace_input_with(observer_node, observer_node.args[0])
-        gm.graph.erase_node(observer_node)
-        gm.delete_submodule(observer_node.target)
+        observers.add(observer_node)
+    for observer_node in observers:
+        if not observer_node.users:
+            gm.graph.erase_node(observer_node)
+            gm.delete_submodule(observer_node.target)
     gm.recompile()
     for view in linears if validate else ():
         stats = view.meta.stats

@@ -207,3 +207,29 @@ def test_padding_rows_are_left_out_of_the_statistics():
     assert stats.rows == 7
     torch.testing.assert_close(stats.mean_abs, real.abs().mean(0))
     torch.testing.assert_close(stats.gram, real.T @ real)
+
+
+class SharedInput(nn.Module):
+    """q and k read the same tensor (as after one norm in attention); o reads their sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.o = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.o(self.q(x) + self.k(x))
+
+
+def test_linears_reading_one_input_share_one_observer_and_one_statistics_object():
+    gm = fx.symbolic_trace(SharedInput().eval())
+    linears = find_linears(gm)
+    insert_observers(gm, linears)
+    assert len(_observer_nodes(gm)) == 2  # x, and q + k
+    batches = _batches()
+    calibrate(CalibrationRunner(gm), batches)
+    collect_stats(gm, linears)
+    q, k, o = (v.meta.stats for v in linears)
+    assert q is k and q is not o
+    rows = torch.cat([b.reshape(-1, 6) for b in batches]).double()
+    assert q.rows == rows.shape[0] and torch.allclose(q.gram, rows.T @ rows, atol=1e-4)
+    assert not _observer_nodes(gm) and not [m for m in gm.modules() if isinstance(m, ActivationObserver)]

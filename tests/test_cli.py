@@ -184,11 +184,16 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
          r"option 'kv_group_size'=3 does not divide the 2 KV heads of the model in '.*weightless.*'; use a divisor of 2"),
         (["generate", "{weightless}", "--calib", "{calib}", "--prompt", "hi", "--kv-group-size", "4"],
          r"option 'kv_group_size'=4 does not divide the 2 KV heads"),
+        (["compress", "{weightless}", "--calib", "{calib}", "--out", "{tmp}/o", "--method", "asvd",
+          "--calibration-order", "error_feedback"],
+         r"option calibration_order='error_feedback' refits each layer by whitened least squares and needs "
+         r"method='whiten' \(got method='asvd'\)"),
     ],
     ids=["no model folder", "no config", "no calib file", "too few lines", "bad ratio", "bad kv ratio",
          "generate: bad kv ratio", "generate: not a causal LM", "generate: no calib nor load", "generate: load no plan",
          "report: no folder", "report: empty", "no tokenizer", "vit", "dump: resnet", "t5", "generate: t5",
-         "no model_type", "out is a file", "dump: out under a file", "kv group size", "generate: kv group size"],
+         "no model_type", "out is a file", "dump: out under a file", "kv group size", "generate: kv group size",
+         "calibration order needs whiten"],
 )
 def test_bad_input_is_a_clear_error(model_dir, bert_dir, other_dirs, calib_file, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, calib=calib_file, model=model_dir, bert=bert_dir, **other_dirs) for a in argv]
