@@ -32,12 +32,19 @@ class WeightLayout(enum.Enum):
     MODULE = "module"  # call_module of an nn.Linear (symbolic_trace)
 
 
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 for statistics and SVDs, on the device that holds the tensors; float32 where it has no float64 (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 @dataclass
 class ActivationStats:
-    """Statistics of a linear layer's input rows, accumulated in float64.
+    """Statistics of a linear layer's input rows, accumulated in float64 on the activations' device.
 
     ``mean_abs`` feeds ASVD's scaling (arXiv 2312.05821, Eq. 3), ``gram`` is
-    X^T X for SVD-LLM's whitening (arXiv 2403.07378, Eq. 5).
+    X^T X for SVD-LLM's whitening (arXiv 2403.07378, Eq. 5). The tensors start
+    on the CPU and move to the device of the first rows added (float32 where the
+    device has no float64, see :func:`accumulation_dtype`).
     """
 
     abs_sum: torch.Tensor  # [in]
@@ -56,11 +63,11 @@ class ActivationStats:
 
     @staticmethod
     def rows_of(x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` (``[..., in]``) as float64 CPU rows; ``token_mask`` (one flag per row, e.g. a
-        flattened attention mask) drops padding rows."""
-        rows = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
+        """``x`` (``[..., in]``) as rows in its device's accumulation dtype; ``token_mask`` (one flag per row,
+        e.g. a flattened attention mask) drops padding rows."""
+        rows = x.detach().reshape(-1, x.shape[-1]).to(accumulation_dtype(x.device))
         if token_mask is not None and token_mask.numel() == rows.shape[0]:
-            rows = rows[token_mask.reshape(-1).to(device="cpu", dtype=torch.bool)]
+            rows = rows[token_mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
         return rows
 
     def update(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
@@ -68,7 +75,10 @@ class ActivationStats:
         self.add_rows(self.rows_of(x, token_mask))
 
     def add_rows(self, rows: torch.Tensor) -> None:
-        """Add float64 rows ``[n, in]``."""
+        """Add rows ``[n, in]`` (from :meth:`rows_of`)."""
+        if self.abs_sum.device != rows.device:
+            self.abs_sum, self.abs_max = self.abs_sum.to(rows), self.abs_max.to(rows)
+            self.gram = None if self.gram is None else self.gram.to(rows)
         self.abs_sum += rows.abs().sum(0)
         if rows.shape[0]:
             self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0))

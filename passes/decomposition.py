@@ -22,8 +22,9 @@ maps back, ``W ~ U_k diag(s_k) V_k^T T^-1``:
   solution ``W (B + l I)(C + l I)^-1`` (``l = ridge * mean(diag C)``, the minimiser of
   ``||X W^T - X^ Wh^T||^2 + l ||Wh - W||^2``), still truncated in ``C``'s metric.
 
-All arithmetic is float64 whatever the weight dtype; factors come back in the
-weight's dtype with ``sqrt(s)`` folded into each side.
+All arithmetic is float64 on the weight's device (float32 where it has none),
+whatever the weight dtype; factors come back there, in the weight's dtype, with
+``sqrt(s)`` folded into each side.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from lrcompile.errors import CalibrationError
-from lrcompile.types import ActivationStats
+from lrcompile.types import ActivationStats, accumulation_dtype
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def decompose(
 
     ``cross``: ``B = X^T X^`` (``[in, in]`` float64) of the dense inputs ``X`` with the inputs
     ``X^`` that ``stats`` describes; whitening then fits ``W X`` from ``X^``, with ``ridge`` (module docstring)."""
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    w = weight.detach().to(accumulation_dtype(weight.device))  # on the weight's device
     if method != "svd" and stats is None:
         raise CalibrationError(f"layer {layer!r}: method {method!r} needs activation statistics")
     if cross is not None and method != "whiten":
@@ -104,19 +105,20 @@ def decompose(
     if method == "svd":
         u, s, vt = torch.linalg.svd(w, full_matrices=False)
     elif method == "asvd":
-        scale = stats.mean_abs.pow(alpha)
+        scale = stats.mean_abs.to(w).pow(alpha)
         scale = scale.clamp_min(ASVD_MIN_SCALE * float(scale.max().clamp_min(1e-300)))
         u, s, vt = torch.linalg.svd(w * scale[None, :], full_matrices=False)
         vt = vt / scale[None, :]
     elif method == "whiten":
         if stats.gram is None:
             raise CalibrationError(f"layer {layer!r}: method 'whiten' needs the Gram matrix X^T X (observe with gram=True)")
-        chol = regularized_cholesky(stats.gram, layer)
+        gram = stats.gram.to(w)
+        chol = regularized_cholesky(gram, layer)
         if cross is None:
             target = w @ chol
         else:  # W* L with W* = W (B + l I)(C + l I)^-1; C symmetric
-            shift = ridge * float(stats.gram.diagonal().mean()) * torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
-            target = torch.linalg.solve(stats.gram.to(w.device) + shift, (w @ (cross.to(w.device) + shift)).T).T @ chol
+            shift = ridge * float(gram.diagonal().mean()) * torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+            target = torch.linalg.solve(gram + shift, (w @ (cross.to(w) + shift)).T).T @ chol
         u, s, vt = torch.linalg.svd(target, full_matrices=False)
         vt = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # vt @ L^-1
     else:

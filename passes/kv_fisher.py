@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lrcompile.errors import CalibrationError
+from lrcompile.types import accumulation_dtype
 
 from .calibration_runner import CalibrationRunner
 from .find_linears import LinearNode
@@ -69,7 +70,7 @@ def measure_kv_fisher(
                 grads = torch.autograd.grad(loss, list(weights), allow_unused=True)
             for view, grad in zip(projections, grads):
                 if grad is not None:
-                    fisher[view.meta.name] += float(grad.double().square().sum())
+                    fisher[view.meta.name] += float(grad.to(accumulation_dtype(grad.device)).square().sum())
     finally:
         for w in frozen:
             w.requires_grad_(False)

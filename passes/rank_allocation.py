@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from lrcompile.types import CompressionPlan, LayerPlan, LinearMeta
+from lrcompile.types import CompressionPlan, LayerPlan, LinearMeta, accumulation_dtype
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def allocate_closed_form(
 
 def energy_share(singular_values: torch.Tensor) -> torch.Tensor:
     """``s_i^2 / sum_j s_j^2`` in float64: each singular value's share of the (scaled) weight's energy."""
-    energy = singular_values.double().square()
+    energy = singular_values.to(accumulation_dtype(singular_values.device)).square()
     return energy / energy.sum().clamp_min(1e-300)
 
 

@@ -112,14 +112,14 @@ def sequential_steps(
     masks = [runner.token_mask(batch) for batch in batches]
     for node, views in readers.items():
         width = views[0].meta.in_features
-        step = FeedbackStep(node, views, ActivationStats.empty(width),
-                            torch.zeros(width, width, dtype=torch.float64) if cross else None)
+        step = FeedbackStep(node, views, ActivationStats.empty(width), None)
         with torch.no_grad():
             for b, mask in enumerate(masks):
                 x_hat = ActivationStats.rows_of((refit or dense)[b].run_until(node), mask)
                 step.stats.add_rows(x_hat)
-                if cross:
-                    step.cross += ActivationStats.rows_of(dense[b].run_until(node), mask).T @ x_hat
+                if cross:  # accumulated where the activations live
+                    product = ActivationStats.rows_of(dense[b].run_until(node), mask).T @ x_hat
+                    step.cross = product if step.cross is None else step.cross.add_(product)
         yield step
         factors.update((view.node, (view, down, up)) for view, (down, up) in step.factors.items())
     log.info("sequential calibration: %d steps over %d batches (%s)", len(readers), len(batches),

@@ -88,3 +88,12 @@ def test_statistics_and_factors_precision(dtype):
     assert (down.dtype, up.dtype, down.device) == (dtype, dtype, weight.device)
     exact = decomposition.reconstruct(8, torch.float64)
     assert torch.allclose(exact, weight.double(), atol=1e-9)
+
+
+def test_statistics_move_to_the_activations_device():
+    """Statistics start on the CPU and accumulate where the first activations live (here the meta device stands in
+    for a GPU: no CPU copy of the activations is made)."""
+    stats = ActivationStats.empty(16)
+    stats.update(torch.empty(3, 5, 16, dtype=torch.bfloat16, device="meta"))
+    assert {t.device.type for t in (stats.abs_sum, stats.abs_max, stats.gram)} == {"meta"}
+    assert stats.gram.dtype == torch.float64 and stats.rows == 15
