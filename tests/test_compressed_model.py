@@ -57,6 +57,20 @@ def test_eager_compiled_and_exported_outputs_agree(family):
     torch.testing.assert_close(exported, compiled, rtol=0, atol=1e-4)
 
 
+@pytest.mark.inductor
+def test_exported_compressed_model_runs_under_aot_inductor(tmp_path):
+    model = _compress("llama")
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        compiled = model(ids, use_cache=False).logits
+        model.forward = model.forward._torchdynamo_orig_callable
+        program = torch.export.export(model, (ids,), {"use_cache": False})
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    with torch.no_grad():
+        out = torch._inductor.aoti_load_package(package)(ids, use_cache=False)
+    torch.testing.assert_close(out.logits if hasattr(out, "logits") else out[0], compiled, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_state_dict_holds_the_factors_and_no_dense_weight_of_a_compressed_layer(family):
     model = _compress(family)
