@@ -62,7 +62,7 @@ def test_latent_cache_follows_the_models_dtype(dtype):
     cache = lrcompile.LatentKVCache(model, batch_size=2, max_cache_len=12)
     assert {layer.k_latent.dtype for layer in cache.layers} == {dtype}
     with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=4,
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=cache, max_new_tokens=4,
                              do_sample=False)
     assert out.shape == (2, 10)
 
