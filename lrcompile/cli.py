@@ -467,7 +467,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 DEMO_DEFAULTS = {  # per demo model: the configuration the measurements recommend (README, docs/results)
     "smollm2": {"param_ratio": 0.95, "method": "whiten", "allocation": "closed_form", "kv_ratio": 0.75,
-                "kv_group_size": "all", "kv_allocation": "uniform", "compiler": "aot_eager", "seq_len": 128},
+                "kv_group_size": "all", "kv_allocation": "closed_form", "compiler": "aot_eager", "seq_len": 128},
     "minilm": {"param_ratio": 0.8, "method": "asvd", "allocation": "sensitivity", "kv_ratio": None,
                "kv_group_size": 1, "kv_allocation": "fisher", "compiler": "eager", "seq_len": 64},
 }
