@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "compiler": "eager",
         "torch_threads": torch.get_num_threads(),
         "embedding": "attention-mask-weighted mean pooling of last_hidden_state, L2-normalised",
-        "defaults": {k: v for k, v in defaults.to_json().items() if k in ("alpha", "rank_multiple", "sensitivity_ratios", "exclude", "release_dense")},
+        "defaults": {k: v for k, v in defaults.to_json().items() if k in ("alpha", "rank_multiple", "sensitivity_ratios", "exclude")},
         "dense_eval_wall_s": dense_eval_s,
     }
     machine = machine_info()
