@@ -339,7 +339,7 @@ def _factorize(c: GraphCompression) -> None:
             for view in step.linears:
                 refit[view] = _factors(decompose(dense_weight(c.gm, view, values), c.config.method, step.stats,
                                                  c.config.alpha, view.meta.name, cross=step.cross),
-                                       plans[view].rank, view, c.weight(view).device)
+                                       plans[view].rank, view)
                 step.factors[view] = refit[view][:2]
     factored = {}
     for view, layer_plan in plans.items():
@@ -350,11 +350,10 @@ def _factorize(c: GraphCompression) -> None:
         if layer_plan.rank is None:
             c.records.append((slot.module, layer))
         else:
-            down, up, loss = refit.pop(view) if view in refit else _factors(_decompose(c, view), layer_plan.rank, view,
-                                                                            weight.device)
+            down, up, loss = refit.pop(view) if view in refit else _factors(_decompose(c, view), layer_plan.rank, view)
             layer.plan = replace(layer_plan, truncation_loss=loss)
             layer.status = LayerStatus.FACTORED
-            module = LowRankLinear.from_factors(down.to(weight.device), up.to(weight.device), slot.module.bias, layer)
+            module = LowRankLinear.from_factors(down, up, slot.module.bias, layer)
             c.replacements.append((slot, module))
             factored[view] = module
         c.layers[view] = layer
@@ -367,11 +366,11 @@ def _factorize(c: GraphCompression) -> None:
     factorize_linears(c.gm, factored)
 
 
-def _factors(decomposition: LinearDecomposition, rank: int, view: LinearNode,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(down, up)`` at ``rank`` in the layer's dtype on ``device``, and the truncation loss."""
+def _factors(decomposition: LinearDecomposition, rank: int, view: LinearNode) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(down, up)`` at ``rank`` in the layer's dtype (on the weight's device, where the SVD ran), and the
+    truncation loss."""
     down, up = decomposition.factors(rank, view.meta.weight_dtype)
-    return down.to(device), up.to(device), decomposition.truncation_loss(rank)
+    return down, up, decomposition.truncation_loss(rank)
 
 
 def _kv_ranks(c: GraphCompression) -> dict[str, int]:
@@ -409,9 +408,9 @@ def _restructure_attention(c: GraphCompression) -> None:
     for block, layer in c.blocks:
         modules = None
         if layer is None:
-            weights = block_weights(c.gm, block, values)
             k_slot, v_slot = c.owners[block.k_linear], c.owners[block.v_linear]
-            weights.update(k_bias=k_slot.module.bias, v_bias=v_slot.module.bias)  # kept as the model's parameters
+            # the biases are kept as the model's own parameters
+            weights = {**block_weights(c.gm, block, values), "k_bias": k_slot.module.bias, "v_bias": v_slot.module.bias}
             layer, *modules = build_latent_attention(block, weights, _kv_group_size(c, block),
                                                      ranks[block.k_linear.meta.name], ranks[block.v_linear.meta.name],
                                                      method, block.k_linear.meta.stats, c.config.alpha)

@@ -186,14 +186,6 @@ def restructure_attention(gm: fx.GraphModule, blocks: Sequence[tuple[AttentionBl
     log.info("restructured %d attention blocks for a latent KV cache", len(blocks))
 
 
-def block_weights(gm: fx.GraphModule, block: AttentionBlock, values: Mapping[fx.Node, Any]) -> dict[str, torch.Tensor | None]:
-    """Dense weights and biases of a block's K and V projections (the model's own parameters)."""
-    def bias(view):
-        if view.bias is None:
-            return None
-        return values[view.bias] if view.bias.op == "placeholder" else getattr(gm, str(view.bias.target))
-
-    return {
-        "k": weight_tensor(gm, block.k_linear, values), "v": weight_tensor(gm, block.v_linear, values),
-        "k_bias": bias(block.k_linear), "v_bias": bias(block.v_linear),
-    }
+def block_weights(gm: fx.GraphModule, block: AttentionBlock, values: Mapping[fx.Node, Any]) -> dict[str, torch.Tensor]:
+    """Dense weights of a block's K and V projections (the model's own parameters)."""
+    return {"k": weight_tensor(gm, block.k_linear, values), "v": weight_tensor(gm, block.v_linear, values)}
