@@ -29,6 +29,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -335,7 +336,36 @@ def _print_report(result: Compressed) -> None:
 # ---------------------------------------------------------------------------- commands
 
 
+def _compress_blocks(args: argparse.Namespace) -> int:
+    """``compress --max-memory``: block by block from the model's files to the output folder (resumable)."""
+    from .block_compression import BlockCompressor, skeleton_of
+    from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
+    from .weight_sources import open_weights
+
+    config = _config(args, dump_dir=None)
+    check_output_folder(args.out)
+    texts = calibration_texts(args.calib, args.batch_size, args.max_batches)
+    folder = open_model_folder(args.model_dir, "generate")
+    skeleton = skeleton_of(folder.config)
+    source = open_weights(folder.path, folder.gguf_file, skeleton)
+    batches = model_batches(skeleton, folder.tokenizer, texts, args.batch_size, args.seq_len)
+    result = BlockCompressor(skeleton, source, batches, config, args.out, folder.tokenizer, args.max_memory,
+                             args.device, source_name=str(folder.path / (folder.gguf_file or ""))).run()
+    build_compressed_modules(skeleton, LowRankQuantizationConfig.from_dict(
+        json.loads((Path(args.out) / "config.json").read_text())["quantization_config"]))
+    report = model_report(skeleton)
+    print(report.to_markdown())
+    report.save(args.out)
+    resumed = f", {result.blocks_resumed} blocks resumed from an earlier run" if result.blocks_resumed else ""
+    print(f"weight bytes: {result.bytes_before:,} -> {result.bytes_after:,} "
+          f"({result.bytes_after / max(result.bytes_before, 1):.3f}); compression took {result.timings['total']:.1f} s"
+          f"{resumed}\nwrote {args.out} block by block; load it with from_pretrained after import lrcompile")
+    return 0
+
+
 def run_compress(args: argparse.Namespace) -> int:
+    if args.max_memory is not None:
+        return _compress_blocks(args)
     result = _compress_folder(args, dump_dir=None)
     _print_report(result)
     out = Path(args.out)
@@ -570,6 +600,22 @@ def _positive(text: str, expected: str = "a positive integer") -> int:
     return value
 
 
+MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+                "GIB": 2**30, "TIB": 2**40}
+
+
+def _memory_size(text: str) -> int:
+    """``"180MB"``, ``"2GiB"``, ``"500000000"``: a positive number of bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in MEMORY_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 180MB or 20GB, got {text!r}")
+    value = float(match.group(1)) * MEMORY_UNITS[unit]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return int(value)
+
+
 def _group_size(text: str) -> int | str:
     return "all" if text == "all" else _positive(text, "a positive integer or 'all'")
 
@@ -682,8 +728,16 @@ def build_parser() -> argparse.ArgumentParser:
                          compiler=None, kv_group_size=None, kv_allocation=None)
     demo.set_defaults(run=run_demo)
 
-    _folder_command(sub, "compress", "compress a model folder and save it (plan.json, factors.safetensors, report)",
-                    "folder to save the compressed model and report in").set_defaults(run=run_compress)
+    compress = _folder_command(sub, "compress", "compress a model folder and save it (save_pretrained folder, report)",
+                               "folder to save the compressed model and report in")
+    compress.add_argument("--max-memory", type=_memory_size, default=None, metavar="SIZE",
+                          help="compress a causal LM block by block from its files (safetensors or GGUF), holding at "
+                          "most SIZE bytes of weights and statistics at once (e.g. 180MB, 20GB); writes the folder as "
+                          "it goes, and a killed run restarts at the next unfinished block (default: load the whole "
+                          "model)")
+    compress.add_argument("--device", default="cpu",
+                          help="with --max-memory: where each block is compressed (default: %(default)s)")
+    compress.set_defaults(run=run_compress)
     _folder_command(sub, "dump", "compress a model folder, writing only graph dumps (before/after each pass) and the report",
                     "folder for the graph dumps and report").set_defaults(run=run_dump)
     _generate_command(sub).set_defaults(run=run_generate)

