@@ -52,7 +52,7 @@ from benchmarks.common import (
 MB = 1e6
 SMOLLM2_F32 = "smollm2-f32"
 DEPTHS = (4, 8, 16, 30)
-SCALING_BUDGET = 60 * 10**6
+SCALING_BUDGET = 200 * 10**6
 OPTIONS = {"param_ratio": 0.9, "calibration_order": "error_feedback"}
 
 

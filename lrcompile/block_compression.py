@@ -290,10 +290,15 @@ class BlockCompressor:
         rest = sum(_meta_bytes(p) for name, p in self.skeleton.named_parameters()
                    if not name.startswith(self.prefix + "."))
         units = [("the non-block weights (embeddings, final norm, head)", rest)]
+        streams = 2 if self.config.calibration_order == "error_feedback" else 1
+        rows = sum(batch["input_ids"].numel() for batch in self.batches)
+        itemsize = next(self.skeleton.parameters()).element_size()
+        activations = 2 * streams * rows * self.skeleton.config.hidden_size * itemsize  # block inputs and outputs
         for index, block in enumerate(self.blocks):
             dense = sum(_meta_bytes(p) for p in block.parameters())
             widest = max((m.in_features for m in block.modules() if isinstance(m, nn.Linear)), default=0)
-            units.append((f"block {index}", 2 * dense + 3 * widest * widest * 8))  # dense + factors, C, B, SVD
+            # dense weights + factors; float64 [in, in]: C, B, and the SVD's Cholesky factor, ridge and workspace
+            units.append((f"block {index}", 2 * dense + 6 * widest * widest * 8 + activations))
         name, need = max(units, key=lambda unit: unit[1])
         if need > self.max_memory:
             raise LowRankConfigError(f"--max-memory {self.max_memory:,} bytes is below the {need:,} bytes that {name} "

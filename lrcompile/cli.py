@@ -351,9 +351,10 @@ def _compress_blocks(args: argparse.Namespace) -> int:
     batches = model_batches(skeleton, folder.tokenizer, texts, args.batch_size, args.seq_len)
     result = BlockCompressor(skeleton, source, batches, config, args.out, folder.tokenizer, args.max_memory,
                              args.device, source_name=str(folder.path / (folder.gguf_file or ""))).run()
-    build_compressed_modules(skeleton, LowRankQuantizationConfig.from_dict(
+    saved = skeleton_of(folder.config)  # the report reads the saved description, blocks resumed included
+    build_compressed_modules(saved, LowRankQuantizationConfig.from_dict(
         json.loads((Path(args.out) / "config.json").read_text())["quantization_config"]))
-    report = model_report(skeleton)
+    report = model_report(saved)
     print(report.to_markdown())
     report.save(args.out)
     resumed = f", {result.blocks_resumed} blocks resumed from an earlier run" if result.blocks_resumed else ""

@@ -112,7 +112,7 @@ def test_compress_block_by_block_under_max_memory(model_dir, calib_file, tmp_pat
 
     out = tmp_path / "blocks"
     options = ["--param-ratio", "0.8", "--calibration-order", "error_feedback"]
-    assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--max-memory", "2MB",
+    assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--max-memory", "12MB",
                  *options, *SMALL]) == 0
     printed = capsys.readouterr().out
     assert "| model.layers.0.self_attn.q_proj | 32 x 32 | whiten |" in printed and "block by block" in printed
@@ -123,7 +123,7 @@ def test_compress_block_by_block_under_max_memory(model_dir, calib_file, tmp_pat
     dense, _ = load_model_folder(model_dir)
     batches = model_batches(dense, tokenizer, stdlib_sentences("calibration", 8), 4, 16)[:2]
     compress_model_blocks(dense, batches, LowRankConfig(param_ratio=0.8, calibration_order="error_feedback"),
-                          tmp_path / "in_memory")
+                          tmp_path / "in_memory", tokenizer)
     in_memory, _ = load_model_folder(tmp_path / "in_memory")
     loaded, expected = model.state_dict(), in_memory.state_dict()
     assert loaded.keys() == expected.keys()
