@@ -39,20 +39,22 @@ makes the same plan and factors; rank 0 writes the model.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -162,10 +164,58 @@ def _atomic_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Write ``(name, tensor)`` pairs as a safetensors file, one tensor in memory at a time (the pairs may be
+    produced lazily), atomically (a ``.tmp`` file renamed into place); returns the bytes of tensor data.
+
+    ``safetensors.torch.save_file`` serialises the whole file in memory first, which would double the largest
+    unit a block-by-block run holds."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    data = path.with_name(path.name + ".data.tmp")
+    with open(data, "wb") as out:
+        for name, tensor in tensors:
+            raw = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+            out.write(memoryview(raw))
+            header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [offset, offset + raw.nbytes]}
+            offset += raw.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    with open(tmp, "wb") as out, open(data, "rb") as body:
+        out.write(len(encoded).to_bytes(8, "little") + encoded)
+        shutil.copyfileobj(body, out, 1 << 24)
+    data.unlink()
     os.replace(tmp, path)
+    return offset
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc's ``malloc_trim``) between blocks.
+
+    The float64 statistics and SVD buffers of a block are freed when it is done, but glibc keeps
+    freed chunks below its mmap threshold in the heap: measured on SmolLM2-width blocks, the
+    resident set grew by ~150 MB over four blocks without this, and stays flat with it."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (absent outside glibc)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _glibc()
 
 
 def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -257,7 +307,7 @@ class BlockCompressor:
         for kind in ("dense", "compressed"):
             for i, tensor in enumerate(getattr(streams, kind) or ()):
                 tensors[f"{kind}.{i}"] = tensor
-        _atomic_save(tensors, self._activation_file())
+        write_safetensors(self._activation_file(), tensors.items())
 
     def _load_streams(self, streams: _Streams) -> None:
         tensors = load_file(self._activation_file())
@@ -445,6 +495,7 @@ class BlockCompressor:
             with torch.no_grad():
                 plan_streams.dense = [_block_output(block, h, kw) for h, kw in zip(plan_streams.dense, streams.kwargs)]
             block.to_empty(device="meta")
+            release_freed_memory()
         self.timings["planning"] = time.perf_counter() - start
         return spectra
 
@@ -518,10 +569,11 @@ class BlockCompressor:
             self._compress_block(index, block, streams, plans)
             prefix = f"{self.prefix}.{index}."
             if self.rank == 0:
-                _atomic_save({prefix + k: v for k, v in block.state_dict().items()},
-                             self.out / BLOCKS_DIR / f"block_{index:05d}.safetensors")
+                write_safetensors(self.out / BLOCKS_DIR / f"block_{index:05d}.safetensors",
+                                  ((prefix + k, v) for k, v in block.state_dict().items()))
             self._save_streams(streams)
             self.blocks[index] = block.to_empty(device="meta")
+            release_freed_memory()
             progress.update(blocks_done=index + 1, entries=self.entries)
             self._save_progress(progress)
             log.info("block %d of %d compressed", index + 1, len(self.blocks))
@@ -532,14 +584,13 @@ class BlockCompressor:
 
     def _finish(self) -> tuple[int, int]:
         """Write the non-block weights, the index, the config and the tokenizer; drop the progress files."""
-        rest = self.source.read(self._rest_names())
         before = sum(_meta_bytes(p) for p in self.skeleton.parameters())
         weight_map = {}
         after = 0
         if self.rank == 0:
-            save_file({k: v.contiguous() for k, v in rest.items()}, self.out / REST_FILE)
-            weight_map.update({name: REST_FILE for name in rest})
-            after += sum(t.untyped_storage().nbytes() for t in rest.values())
+            rest = ((name, self.source.read([name])[name]) for name in self._rest_names())  # one at a time
+            after += write_safetensors(self.out / REST_FILE, rest)
+            weight_map.update({name: REST_FILE for name in self._rest_names()})
             for file in sorted((self.out / BLOCKS_DIR).glob("block_*.safetensors")):
                 from safetensors import safe_open
 
