@@ -170,3 +170,15 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
             assert torch.allclose(a.up @ a.down, b.up @ b.down, atol=1e-4), name
     ids = torch.randint(0, 128, (2, 16))
     assert torch.allclose(logits(one, ids), logits(two, ids), atol=1e-4)
+
+
+def test_write_safetensors_streams_a_file_safetensors_reads(tmp_path):
+    from lrcompile.block_compression import write_safetensors
+
+    tensors = {"a": torch.randn(3, 5), "b.bf16": torch.randn(7).bfloat16(), "c": torch.arange(6).reshape(2, 3),
+               "d": torch.randn(4, 4)[:, 1]}  # non-contiguous
+    size = write_safetensors(tmp_path / "x.safetensors", iter(tensors.items()))
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert size == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
