@@ -26,19 +26,17 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from benchmarks.common import (
+    PeakRSS,
     command_line,
     fmt,
     machine_info,
-    machine_line,
     pyplot,
     resolve_out,
     run_child,
@@ -54,26 +52,6 @@ SMOLLM2_F32 = "smollm2-f32"
 DEPTHS = (4, 8, 16, 30)
 SCALING_BUDGET = 200 * 10**6
 OPTIONS = {"param_ratio": 0.9, "calibration_order": "error_feedback"}
-
-
-class PeakRSS(threading.Thread):
-    """Samples this process's RSS every 10 ms; ``floor`` is set by :meth:`mark_floor`."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.process = psutil.Process()
-        self.peak = self.process.memory_info().rss
-        self.floor = 0
-        self.start()
-
-    def run(self) -> None:
-        while True:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.01)
-
-    def mark_floor(self) -> None:
-        self.floor = self.process.memory_info().rss
-        self.peak = self.floor
 
 
 def cache_dir() -> Path:
@@ -108,11 +86,19 @@ def smollm2_folder() -> Path:
 
 
 def calibration_file() -> Path:
+    """Calibration sentences joined into lines of about 150 words: the CLI's ``--seq-len 128`` batches are then
+    full of text, not padding (as the packed batches of benchmarks/smollm2.py)."""
     from lrcompile.text_data import stdlib_sentences
 
+    lines, line = [], []
+    for sentence in stdlib_sentences("calibration", 1500):
+        line.append(sentence)
+        if sum(len(s.split()) for s in line) >= 150:
+            lines.append(" ".join(line))
+            line = []
     path = cache_dir() / "calibration.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(stdlib_sentences("calibration", 1500)))
+    path.write_text("\n".join(lines))
     return path
 
 
@@ -121,44 +107,45 @@ def calibration_file() -> Path:
 
 def child_compress(args: argparse.Namespace) -> dict[str, Any]:
     """``lrcompile compress`` in this process, with the floor marked once the model's classes and tokenizer are in."""
-    rss = PeakRSS()
     from transformers import AutoTokenizer
 
     import lrcompile.cli as cli
     from lrcompile.block_compression import skeleton_of
 
-    AutoTokenizer.from_pretrained(args.model)
-    skeleton_of(cli.open_model_folder(args.model, "generate").config)  # imports the model's classes
-    rss.mark_floor()
-    start = time.perf_counter()
-    argv = ["compress", args.model, "--calib", args.calib, "--out", args.out, "--max-batches", "8",
-            "--param-ratio", str(args.param_ratio), "--calibration-order", args.order]
-    if args.max_memory:
-        argv += ["--max-memory", str(args.max_memory)]
-    code = cli.main(argv)
-    if code:
-        raise SystemExit(code)
+    with PeakRSS() as rss:
+        AutoTokenizer.from_pretrained(args.model)
+        skeleton_of(cli.open_model_folder(args.model, "generate").config)  # imports the model's classes
+        rss.mark_floor()
+        start = time.perf_counter()
+        argv = ["compress", args.model, "--calib", args.calib, "--out", args.out, "--max-batches", "8",
+                "--param-ratio", str(args.param_ratio), "--calibration-order", args.order]
+        if args.max_memory:
+            argv += ["--max-memory", str(args.max_memory)]
+        code = cli.main(argv)
+        if code:
+            raise SystemExit(code)
     return {"peak": rss.peak, "floor": rss.floor, "seconds": time.perf_counter() - start}
 
 
 def child_scaling(args: argparse.Namespace) -> dict[str, Any]:
     """Compress a random Llama folder of ``--depth`` blocks from safetensors under ``--max-memory``."""
-    rss = PeakRSS()
     from lrcompile.block_compression import BlockCompressor, skeleton_of
     from lrcompile.config import LowRankConfig
     from lrcompile.weight_sources import SafetensorsWeights
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(args.model)
-    skeleton = skeleton_of(config)
-    generator = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-               for ids in torch.randint(0, config.vocab_size, (8, 4, 128), generator=generator)]
-    rss.mark_floor()
-    start = time.perf_counter()
-    BlockCompressor(skeleton, SafetensorsWeights(args.model), batches, LowRankConfig(**OPTIONS), args.out,
-                    max_memory=args.max_memory).run()
-    return {"peak": rss.peak, "floor": rss.floor, "seconds": time.perf_counter() - start}
+    with PeakRSS() as rss:
+        config = AutoConfig.from_pretrained(args.model)
+        skeleton = skeleton_of(config)
+        generator = torch.Generator().manual_seed(0)
+        batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                   for ids in torch.randint(0, config.vocab_size, (8, 4, 128), generator=generator)]
+        rss.mark_floor()
+        start = time.perf_counter()
+        result = BlockCompressor(skeleton, SafetensorsWeights(args.model), batches, LowRankConfig(**OPTIONS),
+                                 args.out, max_memory=args.max_memory).run()
+    return {"peak": rss.peak, "floor": rss.floor, "seconds": time.perf_counter() - start,
+            "phases": result.timings}
 
 
 def child_perplexity(args: argparse.Namespace) -> dict[str, Any]:
@@ -307,20 +294,30 @@ def main(argv: list[str] | None = None) -> int:
         return run_child_main(argv)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.block_compression", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="scaling at 4 and 8 blocks only; no calibration orders")
+    parser.add_argument("--only", choices=("smollm2", "scaling", "orders"), action="append", default=None,
+                        help="measure only these tables (repeatable); the others are kept from the saved JSON")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     os.environ["LRCOMPILE_THREADS"] = str(args.threads)
+    set_threads(args.threads)
     out = resolve_out(args.out, args.quick)
     start = time.perf_counter()
+    parts = set(args.only or ("smollm2", "scaling", "orders"))
+    saved = json.loads((out / "block_compression.json").read_text()) if (out / "block_compression.json").is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        smollm2 = smollm2_rows(work)
-        scaling = scaling_rows(work, DEPTHS[:2] if args.quick else DEPTHS)
-        orders = [] if args.quick else order_rows(work, ("independent", "sequential", "error_feedback"))
+        smollm2 = smollm2_rows(work) if "smollm2" in parts else saved.get("smollm2", [])
+        scaling = scaling_rows(work, DEPTHS[:2] if args.quick else DEPTHS) if "scaling" in parts else \
+            saved.get("scaling", [])
+        orders = order_rows(work, ("independent", "sequential", "error_feedback")) \
+            if "orders" in parts and not args.quick else saved.get("orders", [])
     payload = {"machine": machine_info(), "command": command_line("benchmarks.block_compression", argv),
                "options": OPTIONS, "scaling_budget": SCALING_BUDGET, "smollm2": smollm2, "scaling": scaling,
                "orders": orders, "total_wall_s": time.perf_counter() - start}
+    if args.only:
+        payload["measured_now"] = sorted(parts)
+        payload["kept_from"] = saved.get("machine", {}).get("date")
     body = [
         "## SmolLM2-135M, " + ", ".join(f"{k}={v}" for k, v in OPTIONS.items()),
         table(["run", "budget MB", "floor MB", "peak MB", "peak - floor MB", "seconds", "perplexity"],
@@ -339,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(body))
     write_json(out / "block_compression.json", payload)
     write_markdown(out / "block_compression.md", "Block-by-block compression", payload,
-                   [machine_line(payload["machine"]), "", *body])
+                   body)
     plot(scaling, out / "block_compression.png")
     return 0
 

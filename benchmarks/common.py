@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -272,3 +273,29 @@ def run_child(module: str, child_args: Sequence[str], env: dict[str, str], what:
         return json.loads(result_path.read_text())
     finally:
         result_path.unlink(missing_ok=True)
+
+
+class PeakRSS:
+    """The process's peak resident memory from entry (or :meth:`mark_floor`) on, sampled every 10 ms by a thread."""
+
+    def __enter__(self) -> PeakRSS:
+        import psutil
+
+        self.process = psutil.Process()
+        self.mark_floor()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def mark_floor(self) -> None:
+        """Measure from here: ``floor`` is the resident memory now, ``peak`` restarts from it."""
+        self.floor = self.peak = self.process.memory_info().rss
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -22,17 +22,16 @@ import argparse
 import json
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import psutil
 import torch
 
 from benchmarks.common import (
+    PeakRSS,
     command_line,
     machine_info,
     pyplot,
@@ -53,26 +52,6 @@ BOTH_ROWS = [{"method": "whiten", "allocation": "closed_form", "param_ratio": 0.
 QUICK_ROWS = [WEIGHT_ROWS[7], KV_ROWS[6], BOTH_ROWS[0]]
 ANSWER_TOKENS = 16
 CALIBRATION_BATCHES = 8  # a row's "calibration_batches" (not a compile option) asks for another count
-
-
-class PeakRSS:
-    """The process's peak resident memory while the block runs, sampled every 20 ms."""
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = psutil.Process().memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        process = psutil.Process()
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, process.memory_info().rss)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class PassTimes(logging.Handler):

@@ -66,7 +66,7 @@ from .errors import CalibrationError, LowRankConfigError, LowRankError
 from .hf_quantizer import LowRankQuantizationConfig
 from .modules import RECORD, LowRankLinear
 from .types import ActivationStats, CompressionPlan, CompressedLayer, LayerPlan, LayerStatus, LinearMeta, WeightLayout
-from .weight_sources import WeightSource
+from .weight_sources import SAFETENSORS_DTYPES, WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +162,6 @@ def _atomic_json(path: Path, value: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value, indent=1))
     os.replace(tmp, path)
-
-
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                      torch.bool: "BOOL"}
 
 
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:

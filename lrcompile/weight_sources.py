@@ -56,33 +56,50 @@ def _found(table, name: str, where: str):
         raise WeightSourceError(f"{where} holds no tensor {name!r}") from None
 
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
 class SafetensorsWeights:
-    """The ``*.safetensors`` files of a Hugging Face folder (one file, or a ``model.safetensors.index.json``)."""
+    """The ``*.safetensors`` files of a Hugging Face folder (one file, or a ``model.safetensors.index.json``).
+
+    Each tensor is read with plain file reads straight into its own buffer: a memory-mapped read
+    would also count the file's pages in the process's memory while the file is open."""
 
     def __init__(self, folder: str | Path):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            self.files = dict(json.loads(index.read_text())["weight_map"])
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif (self.folder / "model.safetensors").is_file():
-            with safe_open(self.folder / "model.safetensors", framework="pt") as handle:
-                self.files = {name: "model.safetensors" for name in handle.keys()}
+            files = ["model.safetensors"]
         else:
             raise WeightSourceError(f"{str(self.folder)!r} holds neither model.safetensors nor "
                                     "model.safetensors.index.json")
+        self.entries: dict[str, tuple[str, int, dict]] = {}  # name -> (file, data start, header entry)
+        for file in files:
+            with open(self.folder / file, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+            header.pop("__metadata__", None)
+            self.entries.update({name: (file, 8 + size, entry) for name, entry in header.items()})
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(_found(self.files, name, str(self.folder)), []).append(name)
         tensors = {}
-        for file, wanted in by_file.items():
-            with safe_open(self.folder / file, framework="pt") as handle:  # unmapped again on exit
-                tensors.update({name: handle.get_tensor(name) for name in wanted})
+        for name in names:
+            file, start, entry = _found(self.entries, name, str(self.folder))
+            if entry["dtype"] not in _TORCH_DTYPES:
+                raise WeightSourceError(f"{str(self.folder / file)!r}: tensor {name!r} has dtype {entry['dtype']}, "
+                                        "which this reader does not handle")
+            tensor = torch.empty(entry["shape"], dtype=_TORCH_DTYPES[entry["dtype"]])
+            begin, end = entry["data_offsets"]
+            with open(self.folder / file, "rb") as handle:
+                handle.seek(start + begin)
+                if handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+                    raise WeightSourceError(f"{str(self.folder / file)!r} ends inside tensor {name!r}: truncated file")
+            tensors[name] = tensor
         return tensors
 
 
@@ -122,7 +139,8 @@ class GGUFWeights:
                 for start in range(0, data.shape[0], GGUF_ROWS):
                     weights[start:start + GGUF_ROWS] = dequantize(data[start:start + GGUF_ROWS], tensor.tensor_type)
             weights = self.processor.process(weights=weights, name=gguf_name).weights
-            out[name] = torch.from_numpy(np.ascontiguousarray(weights))
+            weights = np.ascontiguousarray(weights)
+            out[name] = torch.from_numpy(weights if weights.flags.writeable else weights.copy())  # not a file view
         self.reader.data._mmap.madvise(mmap.MADV_DONTNEED)  # the file's pages leave this process's memory
         return out
 
