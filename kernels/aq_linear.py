@@ -14,7 +14,11 @@ Storage (the model's state, see ``lrcompile.modules``):
 * ``codebooks [M, 2^B, g]`` and ``scales [out]`` in the model's dtype.
 
 This file holds the op's contract: the reference (dequantise, then a dense
-matmul) and the fake implementation.
+matmul), the fake implementation and the gradient. The fast paths are
+registered per device: CPU runs the C++ kernels of ``aq_linear_cpu`` (built on
+first use), CUDA the Triton kernels of ``aq_linear_triton`` (imported on first
+use, so Triton is needed only where a GPU is). Inductor keeps the op as an
+extern call, so compiled graphs reach the same kernels.
 """
 
 from __future__ import annotations
@@ -57,3 +61,54 @@ def _(x, codes, codebooks, scales, bias):
         raise ValueError(f"aq_linear: input {tuple(x.shape)}, codes {tuple(codes.shape)} and codebooks "
                          f"{tuple(codebooks.shape)} do not agree (in_features = groups * group_size)")
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+@aq_linear.register_kernel("cpu")
+def _(x, codes, codebooks, scales, bias):
+    if torch.float64 in (x.dtype, codebooks.dtype, scales.dtype):  # the C++ kernels compute in float32
+        return aq_linear_reference(x, codes, codebooks, scales, bias)
+    from .aq_linear_cpu import aq_linear_cpu
+
+    return aq_linear_cpu(x, codes, codebooks, scales, bias)
+
+
+@aq_linear.register_kernel("cuda")
+def _(x, codes, codebooks, scales, bias):
+    from .aq_linear_triton import aq_linear_triton
+
+    return aq_linear_triton(x, codes, codebooks, scales, bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, codes, codebooks, scales, bias = inputs
+    ctx.save_for_backward(x, codes, codebooks, scales)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    """Gradients of ``y = x (s * W0)^T + b`` with ``W0`` the unscaled sum of codewords (codes are discrete)::
+
+        dx = dy W,   ds[o] = sum_rows dy[:, o] (x W0^T)[:, o],   db = sum_rows dy,
+        dC[m, k] = sum over the groups (o, j) whose code m is k of s[o] dW[o, j],   dW = dy^T x
+    """
+    x, codes, codebooks, scales = ctx.saved_tensors
+    need_x, _, need_books, need_scales, need_bias = ctx.needs_input_grad
+    out_features, groups, books = codes.shape
+    unscaled = dequantize(codes, codebooks, torch.ones_like(scales))  # W0 [out, in]
+    rows, flat = grad.reshape(-1, out_features), x.reshape(-1, x.shape[-1])
+    grad_x = (grad @ (unscaled * scales[:, None]).to(grad.dtype)) if need_x else None
+    grad_scales = (rows * (flat @ unscaled.to(flat.dtype).T)).sum(0).to(scales.dtype) if need_scales else None
+    grad_books = None
+    if need_books:
+        size, group_size = codebooks.shape[1:]
+        scaled = ((rows.T @ flat).to(codebooks.dtype) * scales[:, None]).reshape(out_features * groups, group_size)
+        indices = code_indices(codes).reshape(-1, books) + torch.arange(books, device=codes.device) * size
+        grad_books = codebooks.new_zeros(books * size, group_size)
+        for m in range(books):
+            grad_books.index_add_(0, indices[:, m], scaled)
+        grad_books = grad_books.reshape(books, size, group_size)
+    grad_bias = rows.sum(0) if need_bias and ctx.has_bias else None
+    return grad_x, None, grad_books, grad_scales, grad_bias
+
+
+aq_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,131 @@
+"""Triton kernels of ``lowrank::aq_linear`` for CUDA: codebook gather fused with the matrix-vector product.
+
+Decode (at most :data:`MAX_MATVEC_ROWS` rows): each program owns ``BLOCK_O``
+output features of one row and walks the input groups ``BLOCK_J`` at a time;
+per codebook it loads the codes ``[BLOCK_O, BLOCK_J]``, gathers their
+codewords ``[BLOCK_O, BLOCK_J, g]`` (the codebooks stay in L1/L2: 2x8 at g = 8
+is 16 KB in float32), sums them, multiplies by the row's slice of ``x`` and
+reduces, accumulating in float32. The dense weight never exists; each weight
+costs ``M*B/g`` bits of memory traffic instead of 16 or 32 (AQLM Sec. 4.3).
+
+Prefill: a second kernel writes the dense weight (the AQLM sum of codewords
+times the scale) in ``x``'s dtype and a cuBLAS matmul follows, the weight's
+materialisation amortised over many rows.
+
+``int16`` codes hold the low 16 bits of the code (``& 0xFFFF`` in the kernel);
+``uint8`` codes load as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_MATVEC_ROWS = 16  # rows handled by the fused kernel; more dequantise and run one matmul
+INTERPRETED = triton.knobs.runtime.interpret
+BLOCK_O = 16 if INTERPRETED else 64  # output features a program (small under the interpreter: several programs)
+BLOCK_J = 8 if INTERPRETED else 32  # input groups a step
+
+
+@triton.jit
+def _codewords(codes_ptr, codebooks_ptr, offs_o, offs_j, offs_t, mask_oj, mask_t,
+               stride_co, stride_cj, stride_cm, stride_bm, stride_bk, stride_bt,
+               BOOKS: tl.constexpr, WIDE_CODES: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr,
+               BLOCK_G: tl.constexpr):
+    """``sum_m codebooks[m, codes[o, j, m], t]`` for a tile ``[BLOCK_O, BLOCK_J, BLOCK_G]`` (float32)."""
+    words = tl.zeros((BLOCK_O, BLOCK_J, BLOCK_G), dtype=tl.float32)
+    mask = mask_oj[:, :, None] & mask_t[None, None, :]
+    for m in tl.static_range(BOOKS):
+        code = tl.load(codes_ptr + offs_o[:, None] * stride_co + offs_j[None, :] * stride_cj + m * stride_cm,
+                       mask=mask_oj, other=0).to(tl.int32)
+        if WIDE_CODES:
+            code = code & 0xFFFF
+        word_ptr = codebooks_ptr + m * stride_bm + code[:, :, None] * stride_bk + offs_t[None, None, :] * stride_bt
+        words += tl.load(word_ptr, mask=mask, other=0.0).to(tl.float32)
+    return words
+
+
+@triton.jit
+def _aq_matvec_kernel(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, bias_ptr, y_ptr,
+                      out_features, groups, stride_xr, stride_xi, stride_yr, stride_yo,
+                      stride_co, stride_cj, stride_cm, stride_bm, stride_bk, stride_bt,
+                      G: tl.constexpr, BLOCK_G: tl.constexpr, BOOKS: tl.constexpr, WIDE_CODES: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
+    """``y[row, o] = scales[o] * <sum_m codewords, x[row]> + bias[o]`` for one row and ``BLOCK_O`` outputs."""
+    row = tl.program_id(1)
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_o = offs_o < out_features
+    offs_t = tl.arange(0, BLOCK_G)
+    mask_t = offs_t < G
+    acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    for j0 in range(0, groups, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < groups
+        words = _codewords(codes_ptr, codebooks_ptr, offs_o, offs_j, offs_t, mask_o[:, None] & mask_j[None, :],
+                           mask_t, stride_co, stride_cj, stride_cm, stride_bm, stride_bk, stride_bt, BOOKS, WIDE_CODES,
+                           BLOCK_O, BLOCK_J, BLOCK_G)
+        xs = tl.load(x_ptr + row * stride_xr + (offs_j[:, None] * G + offs_t[None, :]) * stride_xi,
+                     mask=mask_j[:, None] & mask_t[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(tl.sum(words * xs[None, :, :], axis=2), axis=1)
+    acc *= tl.load(scales_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_yr + offs_o * stride_yo, acc.to(y_ptr.dtype.element_ty), mask=mask_o)
+
+
+@triton.jit
+def _aq_dequantize_kernel(codes_ptr, codebooks_ptr, scales_ptr, w_ptr, out_features, groups,
+                          stride_wo, stride_wi, stride_co, stride_cj, stride_cm, stride_bm, stride_bk, stride_bt,
+                          G: tl.constexpr, BLOCK_G: tl.constexpr, BOOKS: tl.constexpr, WIDE_CODES: tl.constexpr,
+                          BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The dense weight tile ``[BLOCK_O, BLOCK_J * g]`` (codewords summed, times the row scale) in ``w``'s dtype."""
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_t = tl.arange(0, BLOCK_G)
+    mask_oj = (offs_o < out_features)[:, None] & (offs_j < groups)[None, :]
+    mask_t = offs_t < G
+    words = _codewords(codes_ptr, codebooks_ptr, offs_o, offs_j, offs_t, mask_oj, mask_t,
+                       stride_co, stride_cj, stride_cm, stride_bm, stride_bk, stride_bt, BOOKS, WIDE_CODES,
+                       BLOCK_O, BLOCK_J, BLOCK_G)
+    words *= tl.load(scales_ptr + offs_o, mask=offs_o < out_features, other=0.0).to(tl.float32)[:, None, None]
+    w_offsets = offs_o[:, None, None] * stride_wo + (offs_j[None, :, None] * G + offs_t[None, None, :]) * stride_wi
+    tl.store(w_ptr + w_offsets, words.to(w_ptr.dtype.element_ty), mask=mask_oj[:, :, None] & mask_t[None, None, :])
+
+
+def _code_strides(codes: Tensor, codebooks: Tensor) -> dict:
+    return dict(stride_co=codes.stride(0), stride_cj=codes.stride(1), stride_cm=codes.stride(2),
+                stride_bm=codebooks.stride(0), stride_bk=codebooks.stride(1), stride_bt=codebooks.stride(2))
+
+
+def _code_constants(codes: Tensor, codebooks: Tensor) -> dict:
+    g = codebooks.shape[2]
+    return dict(G=g, BLOCK_G=triton.next_power_of_2(g), BOOKS=codes.shape[2], WIDE_CODES=codes.dtype == torch.int16)
+
+
+def dequantize_triton(codes: Tensor, codebooks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """The dense weight ``[out, in]`` in ``dtype``, written by :func:`_aq_dequantize_kernel`."""
+    out_features, groups, _ = codes.shape
+    weight = torch.empty(out_features, groups * codebooks.shape[2], dtype=dtype, device=codes.device)
+    grid = (triton.cdiv(out_features, BLOCK_O), triton.cdiv(groups, BLOCK_J))
+    _aq_dequantize_kernel[grid](codes, codebooks, scales, weight, out_features, groups,
+                                weight.stride(0), weight.stride(1), **_code_strides(codes, codebooks),
+                                **_code_constants(codes, codebooks), BLOCK_O=BLOCK_O, BLOCK_J=BLOCK_J)
+    return weight
+
+
+def aq_linear_triton(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    """``lowrank::aq_linear`` through the Triton kernels (fused matrix-vector product for few rows)."""
+    out_features, groups, _ = codes.shape
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > MAX_MATVEC_ROWS:
+        return F.linear(x, dequantize_triton(codes, codebooks, scales, x.dtype), bias)
+    y = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(out_features, BLOCK_O), rows.shape[0])
+    _aq_matvec_kernel[grid](rows, codes, codebooks, scales, bias if bias is not None else scales, y,
+                            out_features, groups, rows.stride(0), rows.stride(1), y.stride(0), y.stride(1),
+                            **_code_strides(codes, codebooks), **_code_constants(codes, codebooks),
+                            HAS_BIAS=bias is not None, BLOCK_O=BLOCK_O, BLOCK_J=BLOCK_J)
+    return y.reshape(*x.shape[:-1], out_features)
