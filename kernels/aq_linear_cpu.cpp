@@ -2,12 +2,13 @@
 //
 // W[o, j*g:(j+1)*g] = scales[o] * sum_m codebooks[m, codes[o, j, m], :]   (AQLM, arXiv 2401.06118, Eq. 2)
 //
-// * lut_matvec: the lookup-table matrix-vector product (AQLM Sec. 4.3). Per input group j and codebook m,
-//   LUT[j, m, k, r] = <codebooks[m, k], x[r, j*g:(j+1)*g]> (2^B dot products a group), then
-//   y[r, o] = scales[o] * sum_{j,m} LUT[j, m, codes[o, j, m], r] + bias[o]: M table reads a group instead of
-//   g weights, the weights never exist.
-// * codebook_matvec: the codewords summed and dotted with x directly (g multiply-adds a group and row, no table).
-//   Cheaper when 2^B is large next to the output count (1x16: a table would be 2^16 entries per group).
+// * codebook matrix-vector product (decode, the op's choice): per output and group, the M codewords summed (one
+//   8-lane vector at g = 8) and multiplied into the rows' slice of x; g multiply-adds a group and row, the weights
+//   never exist and only the codes (M*B bits a group) stream from memory.
+// * lookup table (AQLM Sec. 4.3, one row): per group j and codebook m, LUT[j, m, k] = <codebooks[m, k], x_j>
+//   (2^B dot products a group), then y[o] = scales[o] * sum_{j,m} LUT[j, m, codes[o, j, m]] + bias[o]. Measured
+//   slower than the codebook product at every SmolLM2 shape (building the table costs as much as the sums it
+//   saves); kept selectable so benchmarks/aq_speed.py can show it.
 // * dequantize: the dense weight, for prefill (then one dense matmul for many rows).
 //
 // Every kernel accumulates in float32 and splits the output features over ATen's intra-op threads.
@@ -202,14 +203,13 @@ Operands prepare(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
 
 enum Kernel : int64_t { kChoose = 0, kTable = 1, kCodebook = 2, kDequantize = 3 };
 
-// The kernel for these operands (measured on SmolLM2's shapes, benchmarks/aq_speed.py): the table for one row when
-// 2^B is small next to the outputs that share it (2x8); the codebook product for a few rows, or whenever the table
-// would be large (1x16); dequantize + matmul for many rows (prefill) or shapes the vector kernels do not cover.
+// The kernel for these operands (measured on SmolLM2's shapes, benchmarks/aq_speed.py): the codebook product for
+// decode rows (it beats the table at every shape measured: at g = 8 a group's codeword sum is one vector and its
+// product with x one multiply-add, as cheap as the table's M reads, with no table to build); dequantize + matmul
+// for many rows (prefill) or shapes the vector kernels do not cover.
 Kernel choose(const Operands& p) {
   const bool vector_shape = p.g == 8 && p.size % 8 == 0 && (p.books == 1 || p.books == 2);
-  if (!vector_shape || p.rows > kMaxRows) return kDequantize;
-  if (p.rows == 1 && p.size * 2 <= p.out) return kTable;
-  return kCodebook;
+  return vector_shape && p.rows <= kMaxRows ? kCodebook : kDequantize;
 }
 
 template <typename code_t, int BOOKS>
@@ -248,7 +248,7 @@ at::Tensor aq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   Kernel k = kernel == kChoose ? choose(p) : static_cast<Kernel>(kernel);
   TORCH_CHECK(k >= kTable && k <= kDequantize, "aq_linear: unknown CPU kernel ", kernel);
   if (k == kDequantize) return dequantize_matmul(p, x, bias);
-  TORCH_CHECK(choose(p) != kDequantize, "aq_linear: the vector kernels need g = 8, M <= 2 and at most ", kMaxRows,
+  TORCH_CHECK(choose(p) == kCodebook, "aq_linear: the vector kernels need g = 8, M <= 2 and at most ", kMaxRows,
               " rows; got g = ", p.g, ", M = ", p.books, ", ", p.rows, " rows");
   TORCH_CHECK(k != kTable || p.rows == 1, "aq_linear: the table kernel takes one row, got ", p.rows);
   auto y = at::empty({p.rows, p.out}, p.x.options());
