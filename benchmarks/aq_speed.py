@@ -49,7 +49,7 @@ from benchmarks.common import (
     write_markdown,
 )
 from lrcompile.kernels import aq_linear as _op  # noqa: F401  (defines lowrank::aq_linear)
-from lrcompile.kernels.aq_linear_cpu import Kernel, aq_linear_cpu
+from lrcompile.kernels.aq_linear_cpu import MAX_MATVEC_ROWS, Kernel, aq_linear_cpu
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536)]  # (out, in): q/o projections, gate/up, down
 POOL = 30  # weight copies cycled through per variant (SmolLM2 has 30 decoder layers)
@@ -121,13 +121,15 @@ def op_microbench(rows_list: list[int], repeats: int) -> list[dict[str, Any]]:
                         "dense_inductor": [lambda w=w: compiled(x, w) for w in dense]}
             for config, codes in packed.items():
                 variants[f"{config}_op"] = [lambda p=p: torch.ops.lowrank.aq_linear(x, *p, None) for p in codes]
-                kernels = [Kernel.CODEBOOK, Kernel.DEQUANTIZE] + ([Kernel.TABLE] if rows == 1 and config == "2x8" else [])
+                kernels = [Kernel.DEQUANTIZE, *([Kernel.CODEBOOK] if rows <= MAX_MATVEC_ROWS else []),
+                           *([Kernel.TABLE] if rows == 1 and config == "2x8" else [])]
                 for kernel in kernels:
                     variants[f"{config}_{kernel.name.lower()}"] = [
                         lambda p=p, k=kernel: aq_linear_cpu(x, *p, None, k) for p in codes]
             with torch.inference_mode():
                 times = {name: _time_cycle(fns, repeats) for name, fns in variants.items()}
-            row = {"out": out_features, "in": in_features, "rows": rows, **{f"{k}_us": v * 1e6 for k, v in times.items()}}
+            row = {"out": out_features, "in": in_features, "rows": rows,
+                   **{f"{name}_us": seconds * 1e6 for name, seconds in times.items()}}
             row["speedup_2x8_vs_inductor"] = times["dense_inductor"] / times["2x8_op"]
             results.append(row)
             print(f"{out_features}x{in_features} rows {rows}: " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in
@@ -289,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=32, help="decode steps timed per run (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs (default: %(default)s)")
+    parser.add_argument("--op-rows", nargs="+", type=int, default=[1, 8, 16, 32],
+                        help="rows of the op-level runs (default: %(default)s; > 16 rows the op dequantises)")
     parser.add_argument("--op-repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
@@ -301,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     payload = {"machine": machine_info(), "command": command_line("benchmarks.aq_speed", argv),
                "settings": {"configs": args.configs, "batches": args.batches, "prompt": args.prompt,
-                            "tokens": args.tokens, "repeats": args.repeats, "op_repeats": args.op_repeats,
+                            "tokens": args.tokens, "repeats": args.repeats, "op_rows": args.op_rows,
+                            "op_repeats": args.op_repeats,
                             "group_size": GROUP, "pool": POOL}}
-    payload["ops"] = op_microbench(args.batches, args.op_repeats)
+    payload["ops"] = op_microbench(args.op_rows, args.op_repeats)
     payload["model"] = model_bench(args)
     payload["total_wall_s"] = time.perf_counter() - start
     write_json(out / "aq_speed.json", payload)

@@ -22,7 +22,7 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 16;  // rows the matrix-vector kernels take; more go through dequantize + matmul
+constexpr int64_t kMaxRows = AQ_MAX_ROWS;  // rows the vector kernels take (aq_linear_cpu.py MAX_MATVEC_ROWS)
 constexpr int64_t kBlock = 8;      // output features a step (independent accumulation chains; measured: 8 > 4, 16)
 
 template <typename code_t>
@@ -233,10 +233,11 @@ at::Tensor dequantize_matmul(const Operands& p, const at::Tensor& x, const c10::
   auto weight = at::empty({p.out, p.in}, p.x.options());
   const float* cb = p.codebooks.data_ptr<float>();
   const float* s = p.scales.data_ptr<float>();
+  float* w = weight.data_ptr<float>();
   if (p.codes.scalar_type() == at::kByte)
-    dequantize_into(p.codes.data_ptr<uint8_t>(), p.out, p.groups, p.books, p.size, cb, p.g, s, weight.data_ptr<float>());
+    dequantize_into(p.codes.data_ptr<uint8_t>(), p.out, p.groups, p.books, p.size, cb, p.g, s, w);
   else
-    dequantize_into(p.codes.data_ptr<int16_t>(), p.out, p.groups, p.books, p.size, cb, p.g, s, weight.data_ptr<float>());
+    dequantize_into(p.codes.data_ptr<int16_t>(), p.out, p.groups, p.books, p.size, cb, p.g, s, w);
   const auto dtype = x.scalar_type();
   return at::linear(x, weight.to(dtype), bias.has_value() ? c10::optional<at::Tensor>(bias->to(dtype)) : bias);
 }

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("aq_linear_cpu.cpp")
+MAX_MATVEC_ROWS = 16  # rows the matrix-vector kernels take; more dequantise and run one matmul (measured crossover)
 logger = logging.getLogger(__name__)
 
 
@@ -55,7 +56,7 @@ def load_kernels() -> bool:
 
     try:
         load(name=f"lrcompile_aq_linear_cpu_{_machine_tag()}", sources=[str(SOURCE)],
-             extra_cflags=["-O3", "-march=native"], is_python_module=False)
+             extra_cflags=["-O3", "-march=native", f"-DAQ_MAX_ROWS={MAX_MATVEC_ROWS}"], is_python_module=False)
     except Exception as error:  # noqa: BLE001 - no compiler, headers or build tools: the reference still works
         logger.warning("lowrank::aq_linear: could not build the C++ CPU kernels (%s: %s); CPU calls run the "
                        "reference (dequantise + dense matmul), correct but slow", type(error).__name__, error)

@@ -73,7 +73,8 @@ INPUT_SHAPES = {"1d": (64,), "row": (1, 64), "rows3": (3, 64), "rows9": (9, 64),
 def test_registered_cpu_path_matches_reference(shape, config, bias, dtype):
     codes, codebooks, scales, b = make_operands(config=config, dtype=dtype, bias=bias)
     x = make_input(shape, dtype)
-    assert_matches(torch.ops.lowrank.aq_linear(x, codes, codebooks, scales, b), reference(x, codes, codebooks, scales, b))
+    out = torch.ops.lowrank.aq_linear(x, codes, codebooks, scales, b)
+    assert_matches(out, reference(x, codes, codebooks, scales, b))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
