@@ -243,6 +243,10 @@ def plot(payload: dict[str, Any], path: Path) -> bool:
     return save_figure(fig, path)
 
 
+def fmt_load(load: list[float]) -> str:
+    return " / ".join(f"{x:.1f}" for x in load)
+
+
 def write_report(payload: dict[str, Any], path: Path, plotted: bool) -> None:
     s, configs = payload["settings"], payload["settings"]["configs"]
     model_rows = [[r["batch"], fmt(r["dense_tokens_per_s"], 1),
@@ -253,6 +257,9 @@ def write_report(payload: dict[str, Any], path: Path, plotted: bool) -> None:
     op_rows = [[f"{r['out']}x{r['in']}", r["rows"], *(fmt(r.get(f"{n}_us"), 1) for n in op_names),
                 f"{r['speedup_2x8_vs_inductor']:.2f}"] for r in payload["ops"]]
     body = [
+        f"- load average (1/5/15 min) at start {fmt_load(payload['load_average_at_start'])}, at end "
+        f"{fmt_load(payload['load_average_at_end'])} on {payload['machine']['cpu_count']} cores: other jobs ran "
+        "alongside; dense and AQ runs are interleaved, so their ratio is fairer than the absolute times",
         f"- SmolLM2-135M-Instruct float32; {payload['model']['replaced_linears']} decoder linears as AQ codes "
         f"(random, g={GROUP}); tied lm_head and embedding dense; static KV cache; `model.forward` compiled by "
         f"Inductor for both; prompt {s['prompt']} tokens, {s['tokens']} greedy decode steps timed one by one, "
@@ -304,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     out = resolve_out(args.out, args.quick)
     start = time.perf_counter()
     payload = {"machine": machine_info(), "command": command_line("benchmarks.aq_speed", argv),
+               "load_average_at_start": os.getloadavg(),
                "settings": {"configs": args.configs, "batches": args.batches, "prompt": args.prompt,
                             "tokens": args.tokens, "repeats": args.repeats, "op_rows": args.op_rows,
                             "op_repeats": args.op_repeats,
@@ -311,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     payload["ops"] = op_microbench(args.op_rows, args.op_repeats)
     payload["model"] = model_bench(args)
     payload["total_wall_s"] = time.perf_counter() - start
+    payload["load_average_at_end"] = os.getloadavg()  # other jobs on this shared machine (1, 5, 15 min)
     write_json(out / "aq_speed.json", payload)
     plotted = plot(payload, out / "aq_speed.png")
     write_report(payload, out / "aq_speed.md", plotted)

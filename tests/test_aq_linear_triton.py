@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+from triton_interpreter import interpreted_results, needs_cpu_compile, sm90_driver  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +76,7 @@ def run_case(case: Case) -> dict:
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
-    if INTERPRETER:
-        return {case.name: run_case(case) for case in CASES}
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted_results(__file__, lambda: {case.name: run_case(case) for case in CASES})
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -99,32 +88,10 @@ def test_kernel_matches_reference_under_interpreter(case, interpreter_results):
     assert result["relative_error"] <= tolerance, f"{case.name}: max |kernel - reference| / max |reference|"
 
 
-needs_cpu_compile = pytest.mark.skipif(
-    INTERPRETER or torch.cuda.is_available(), reason="checks the CUDA path on a machine without GPU, uninterpreted"
-)
-
-
 @needs_cpu_compile
-def test_kernels_compile_for_sm90(monkeypatch):
+def test_kernels_compile_for_sm90(sm90_driver, monkeypatch):
     """The Triton compiler (not the permissive interpreter) accepts both kernels as the op launches them."""
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-
     from lrcompile.kernels import aq_linear_triton as kt
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
-
-    class CompileOnlyDriver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
 
     compiled = []
 
@@ -135,14 +102,10 @@ def test_kernels_compile_for_sm90(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **kw: compiled.append(self.kernel.warmup(*a, **kw, grid=(1,)))
 
-    triton.runtime.driver.set_active(CompileOnlyDriver())
-    try:
-        monkeypatch.setattr(kt, "_aq_matvec_kernel", Compiler(kt._aq_matvec_kernel))
-        monkeypatch.setattr(kt, "_aq_dequantize_kernel", Compiler(kt._aq_dequantize_kernel))
-        for case in (CASES[2], CASES[3], CASES[5]):
-            kt.aq_linear_triton(*make_operands(case))
-    finally:
-        triton.runtime.driver._active = None
+    monkeypatch.setattr(kt, "_aq_matvec_kernel", Compiler(kt._aq_matvec_kernel))
+    monkeypatch.setattr(kt, "_aq_dequantize_kernel", Compiler(kt._aq_dequantize_kernel))
+    for case in (CASES[2], CASES[3], CASES[5]):
+        kt.aq_linear_triton(*make_operands(case))
     assert len(compiled) == 3 and all(".target sm_90" in k.asm["ptx"] for k in compiled)
 
 

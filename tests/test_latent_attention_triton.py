@@ -20,21 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
-import sys
 import time
 import traceback
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 from lrcompile.kernels.latent_attention import latent_attention_reference
+from triton_interpreter import INTERPRETER, interpreted_results, needs_cpu_compile, sm90_driver  # noqa: F401
 
-ROOT = Path(__file__).resolve().parents[1]
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (4e-2, 4e-2)}
 
 
@@ -160,13 +156,7 @@ def run_case(case: Case) -> dict:
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
-    if INTERPRETER:
-        return {case.name: run_case(case) for case in CASES}
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted_results(__file__, lambda: {case.name: run_case(case) for case in CASES})
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -193,41 +183,6 @@ def test_decode_splits_fill_the_gpu_and_cover_the_keys():
 
 
 # --------------------------------------------------------------------------- CUDA path, checked without a GPU
-
-def _nvidia_target():
-    from triton.backends.compiler import GPUTarget
-
-    class CompileOnlyDriver:
-        """Enough of a Triton driver to compile for sm_90 (and run Inductor's mutation analysis) with no GPU."""
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    return CompileOnlyDriver()
-
-
-needs_cpu_compile = pytest.mark.skipif(
-    INTERPRETER or torch.cuda.is_available(), reason="checks the CUDA path on a machine without GPU, uninterpreted"
-)
-
-
-@pytest.fixture
-def sm90_driver():
-    import triton
-    from triton.backends import backends
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    triton.runtime.driver.set_active(_nvidia_target())
-    yield
-    triton.runtime.driver._active = None  # back to lazy detection (no reset_active: there is no default driver)
-
 
 def _recorded_launches(args: tuple, monkeypatch) -> list[tuple]:
     """``(kernel, grid, args, kwargs)`` of each launch ``latent_attention_triton(*args)`` makes, recorded, not run."""
