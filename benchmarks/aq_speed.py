@@ -37,6 +37,7 @@ from torch import nn
 
 from benchmarks.common import (
     command_line,
+    decode_step_times,
     fmt,
     machine_info,
     median,
@@ -137,20 +138,6 @@ def op_microbench(rows_list: list[int], repeats: int) -> list[dict[str, Any]]:
     return results
 
 
-def _decode_times(model: Any, cache: Any, prompt: torch.Tensor, tokens: int) -> list[float]:
-    """Prefill ``prompt`` into ``cache``, then time ``tokens`` greedy decode steps one by one."""
-    cache.reset()
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
-    token = out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(tokens):
-        start = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _profile(model: Any, cache: Any, prompt: torch.Tensor, steps: int) -> list[dict[str, Any]]:
     """Self CPU time per op over ``steps`` decode steps, largest first (the AQ op, the dense lm_head's mm, ...)."""
     from torch.profiler import ProfilerActivity, profile
@@ -192,11 +179,11 @@ def model_bench(args: argparse.Namespace) -> dict[str, Any]:
             slots = prompt.shape[1] + args.tokens + 1
             caches = {kind: StaticCache(config=model.config, max_cache_len=slots) for kind, model in models.items()}
             for kind, model in models.items():  # compile prefill and decode graphs
-                _decode_times(model, caches[kind], prompt, 2)
+                decode_step_times(model, caches[kind], prompt, 2)
             samples: dict[str, list[float]] = {kind: [] for kind in models}
             for _ in range(args.repeats):
                 for kind, model in models.items():
-                    samples[kind].append(median(_decode_times(model, caches[kind], prompt, args.tokens)))
+                    samples[kind].append(median(decode_step_times(model, caches[kind], prompt, args.tokens)))
             row = {"batch": batch, "cache_slots": slots}
             for kind in models:
                 row[f"{kind}_ms"] = median(samples[kind]) * 1e3

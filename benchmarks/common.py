@@ -177,6 +177,20 @@ def resolve_out(out: Path | None, quick: bool) -> Path:
     return path
 
 
+def decode_step_times(model: Any, cache: Any, prompt: Any, tokens: int) -> list[float]:
+    """Prefill ``prompt`` into ``cache``, then time ``tokens`` greedy decode steps one by one."""
+    cache.reset()
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(tokens):
+        start = time.perf_counter()
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

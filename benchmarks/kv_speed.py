@@ -35,6 +35,7 @@ import torch
 
 from benchmarks.common import (
     command_line,
+    decode_step_times,
     fmt,
     machine_info,
     median,
@@ -44,20 +45,6 @@ from benchmarks.common import (
     write_json,
     write_markdown,
 )
-
-
-def _decode_times(model: Any, cache: Any, prompt: torch.Tensor, tokens: int) -> list[float]:
-    """Prefill ``prompt`` into ``cache``, then time ``tokens`` greedy decode steps one by one."""
-    cache.reset()
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
-    token = out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(tokens):
-        start = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,11 +70,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             caches = {"dense": (dense_model, StaticCache(config=dense_model.config, max_cache_len=slots)),
                       "latent": (latent_model, lrcompile.LatentKVCache(latent_model, batch, slots))}
             for model, cache in caches.values():  # compile prefill and decode graphs
-                _decode_times(model, cache, prompt, 2)
+                decode_step_times(model, cache, prompt, 2)
             samples: dict[str, list[float]] = {"dense": [], "latent": []}
             for _ in range(args.repeats):
                 for kind, (model, cache) in caches.items():
-                    samples[kind].append(median(_decode_times(model, cache, prompt, args.tokens)))
+                    samples[kind].append(median(decode_step_times(model, cache, prompt, args.tokens)))
             dense_kv = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
                            for layer in caches["dense"][1].layers)
             row = {"batch": batch, "slots": slots, "dense_s": median(samples["dense"]),
