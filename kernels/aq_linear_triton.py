@@ -26,8 +26,11 @@ from torch import Tensor
 
 MAX_MATVEC_ROWS = 16  # rows handled by the fused kernel; more dequantise and run one matmul
 INTERPRETED = triton.knobs.runtime.interpret
-BLOCK_O = 16 if INTERPRETED else 64  # output features a program (small under the interpreter: several programs)
-BLOCK_J = 8 if INTERPRETED else 32  # input groups a step
+# output features a program and input groups a step: a [BLOCK_O, BLOCK_J, g] float32 tile of codewords (4096
+# elements at g = 8, 32 registers a thread at 4 warps); few outputs a program so a 576-row decode still makes 36
+# programs. Not tuned on a GPU (none was available); small under the interpreter so tests cover several tiles.
+BLOCK_O = 16
+BLOCK_J = 8 if INTERPRETED else 32
 
 
 @triton.jit
