@@ -203,7 +203,7 @@ def plot(payload: dict[str, Any], path: Path) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.8), gridspec_kw={"width_ratios": [1, 2]})
     configs = payload["settings"]["configs"]
     model_rows = payload["model"]["results"]
     kinds = ["dense", *configs]
@@ -211,19 +211,21 @@ def plot(payload: dict[str, Any], path: Path) -> bool:
     for i, kind in enumerate(kinds):
         xs = [j + i * width for j in range(len(model_rows))]
         label = "dense float32 (Inductor)" if kind == "dense" else f"AQ {kind} decoder linears (Inductor)"
-        left.bar(xs, [r[f"{kind}_tokens_per_s"] for r in model_rows], width, label=label)
+        bars = left.bar(xs, [r[f"{kind}_tokens_per_s"] for r in model_rows], width, label=label)
+        if kind != "dense":
+            left.bar_label(bars, [f"x{r[f'{kind}_speedup']:.2f}" for r in model_rows], fontsize=8)
     left.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(model_rows))],
                     [f"batch {r['batch']}" for r in model_rows])
     left.set_ylabel("decode tokens/s (higher is better)")
     left.set_title("SmolLM2-135M decode on CPU")
     left.legend(fontsize=8)
     ops = payload["ops"]
-    labels = [f"{r['out']}x{r['in']}\nrows {r['rows']}" for r in ops]
+    labels = [f"{r['out']}x{r['in']}\n{r['rows']} row{'s' if r['rows'] > 1 else ''}" for r in ops]
     variants = ["dense_eager", "dense_inductor", *(f"{c}_op" for c in configs)]
     width = 0.8 / len(variants)
     for i, name in enumerate(variants):
         right.bar([j + i * width for j in range(len(ops))], [r[f"{name}_us"] for r in ops], width, label=name)
-    right.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(ops))], labels, fontsize=8)
+    right.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(ops))], labels, fontsize=7)
     right.set_ylabel("us per call (lower is better)")
     right.set_title(f"one linear, weights cycled over {POOL} copies")
     right.legend(fontsize=8)
