@@ -90,6 +90,14 @@ def test_each_cpu_kernel_matches_reference(kernel, rows, config):
     assert_matches(out, aq_linear_reference(x, codes, codebooks, scales, b))
 
 
+def test_strided_and_empty_inputs():
+    codes, codebooks, scales, b = make_operands()
+    strided = make_input((3, 128))[:, ::2]
+    assert_matches(torch.ops.lowrank.aq_linear(strided, codes, codebooks, scales, b),
+                   reference(strided, codes, codebooks, scales, b))
+    assert torch.ops.lowrank.aq_linear(make_input((2, 0, 64)), codes, codebooks, scales, b).shape == (2, 0, 40)
+
+
 def test_other_group_sizes_and_codebook_counts_use_dequantize():
     """g != 8 or M > 2 are outside the vector kernels: the op still matches the reference (dequantise + matmul)."""
     gen = torch.Generator().manual_seed(0)
