@@ -12,10 +12,12 @@ from typing import Any
 import torch
 
 from .errors import CalibrationError, LowRankConfigError
-from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
+from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS, AQSpec
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 CALIBRATION_ORDERS = ("independent", "sequential", "error_feedback")
+QUANTIZE_METHODS = ("aqlm",)
+MAX_AQ_BITS = 16  # codes are stored in 8 or 16 bits (lrcompile.kernels.aq_linear)
 DUMP_ENV = "LRCOMPILE_DUMP"
 _NOT_DECIDING = frozenset({"dump_dir", "compiler", "compiler_mode", "compiler_options"})
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out", "*pooler.dense")
@@ -63,6 +65,17 @@ def _calibration(value: Any) -> tuple[Any, ...] | None:
                 "or a dict of model inputs"
             )
     return batches
+
+
+def _aq_spec(config: Any, group_size: Any) -> AQSpec:
+    """``aq_config`` ``"MxB"`` (M codebooks of 2^B codewords) and ``aq_group_size`` as an :class:`AQSpec`."""
+    books, _, bits = str(config).partition("x") if isinstance(config, str) else ("", "", "")
+    if not (books.isdigit() and bits.isdigit() and int(books) >= 1 and 1 <= int(bits) <= MAX_AQ_BITS):
+        raise LowRankConfigError(f"option 'aq_config'={config!r}: expected 'MxB', M >= 1 codebooks of 2^B codewords "
+                                 f"with 1 <= B <= {MAX_AQ_BITS}, e.g. '2x8' or '1x16'")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise LowRankConfigError(f"option 'aq_group_size'={group_size!r}: expected a positive integer (AQLM uses 8)")
+    return AQSpec(int(books), int(bits), group_size)
 
 
 def _inductor_config(mode: Any, options: Any) -> dict[str, Any]:
@@ -123,6 +136,14 @@ class LowRankConfig:
     kv_unmatched: with a ``kv_ratio``, an attention block that cannot be restructured
         (no RoPE, another attention kernel, a dense KV cache in the graph) is an
         error naming it and why (``"error"``) or a warning, the block left dense (``"warn"``).
+    quantize: ``"aqlm"`` quantises every compressible linear after factoring (AQLM,
+        ``passes.quantize_linears``): a layer left at full rank (all of them at
+        ``param_ratio=1``) becomes an ``AQLinear``, a factored one has both factors
+        quantised. None (default): no quantisation. Needs calibration (the inputs' Gram).
+    aq_config: ``"MxB"``: M codebooks of 2^B codewords (``"2x8"``: 2 bits a weight at group size 8).
+    aq_group_size: consecutive input weights per code group (g); must divide every quantised layer's input width.
+    aq_beam_size: code tuples kept per group during AQLM's beam search (1: greedy).
+    aq_tolerance: AQLM stops when a round improves the output error by less than this fraction.
     compiler: the downstream compiler of the rewritten graph: ``inductor``, ``aot_eager`` or ``eager``.
     compiler_mode / compiler_options: with ``inductor``, torch.compile's ``mode`` (``"reduce-overhead"``:
         CUDA graphs, ``"max-autotune"``, ...) and ``options`` (Inductor config names and values), handed to
@@ -148,6 +169,11 @@ class LowRankConfig:
     kv_group_size: int | str = 1
     kv_allocation: str = "uniform"
     kv_unmatched: str = "error"
+    quantize: str | None = None
+    aq_config: str = "2x8"
+    aq_group_size: int = 8
+    aq_beam_size: int = 1
+    aq_tolerance: float = 0.01
     dump_dir: str | None = None
     compiler: str = "inductor"
     compiler_mode: str | None = None
@@ -186,6 +212,20 @@ class LowRankConfig:
             raise LowRankConfigError(f"option 'kv_group_size'={group!r}: expected a positive integer or 'all'")
         _choice("kv_allocation", self.kv_allocation, KV_ALLOCATION_METHODS)
         _choice("kv_unmatched", self.kv_unmatched, ("error", "warn"))
+        if self.quantize is not None:
+            _choice("quantize", self.quantize, QUANTIZE_METHODS)
+        _aq_spec(self.aq_config, self.aq_group_size)
+        beam = self.aq_beam_size
+        if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+            raise LowRankConfigError(f"option 'aq_beam_size'={beam!r}: expected a positive integer (1: greedy)")
+        tolerance = self.aq_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+            raise LowRankConfigError(f"option 'aq_tolerance'={tolerance!r}: expected a fraction in [0, 1) (AQLM uses 0.01)")
+        if self.quantize is not None and self.calibration_order != "independent":
+            raise LowRankConfigError(
+                f"option quantize={self.quantize!r} fits codes to each layer's input statistics from the dense model; "
+                f"it does not run with calibration_order={self.calibration_order!r}: use calibration_order='independent'"
+            )
         set_(self, "include", _patterns("include", self.include))
         set_(self, "exclude", _patterns("exclude", self.exclude))
         ratios = self.sensitivity_ratios
@@ -204,8 +244,14 @@ class LowRankConfig:
     def needs_calibration(self) -> bool:
         """Whether layers without a recorded outcome need calibration data (checked when one does).
 
-        At ``param_ratio`` 1 every layer stays dense, so nothing is measured."""
-        return self.param_ratio < 1.0 and (self.method != "svd" or self.allocation == "sensitivity")
+        At ``param_ratio`` 1 every layer stays dense, so nothing is measured, unless it is quantised."""
+        factoring = self.param_ratio < 1.0 and (self.method != "svd" or self.allocation == "sensitivity")
+        return factoring or self.quantize is not None
+
+    @property
+    def aq_spec(self) -> AQSpec | None:
+        """The AQLM shape when ``quantize="aqlm"``, else None."""
+        return _aq_spec(self.aq_config, self.aq_group_size) if self.quantize == "aqlm" else None
 
     @property
     def kv_needs_calibration(self) -> bool:

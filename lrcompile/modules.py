@@ -1,7 +1,8 @@
 """The compressed model's own modules: where the outcome of compression lives.
 
 The backend replaces each factored ``nn.Linear`` (or HF ``Conv1D``) by a
-:class:`LowRankLinear` and the K/V projections of attention restructured for a
+:class:`LowRankLinear` (:class:`AQLowRankLinear` when its factors are quantised,
+:class:`AQLinear` for a full-rank linear whose weight is quantised, AQLM) and the K/V projections of attention restructured for a
 latent KV cache by :class:`GroupedLowRankProjection`. Both are ordinary
 modules: their factors are parameters (``state_dict``, ``.to()``,
 ``save_pretrained``), their forward is plain PyTorch (eager calls,
@@ -19,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrcompile.kernels.aq_linear import dequantize
 from lrcompile.kernels.grouped_projection import grouped_up_projection
-from lrcompile.types import CompressedLayer, LatentAttention
+from lrcompile.types import AQSpec, CompressedLayer, LatentAttention
 
 RECORD = "lowrank_record"  # attribute of a module holding its CompressedLayer or LatentAttention
 
@@ -55,6 +57,78 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class AQLinear(nn.Module):
+    """``y = x W^T + bias`` with ``W`` stored as AQLM codes (arXiv 2401.06118, Eq. 2): ``codes
+    [out, in // g, M]``, ``codebooks [M, 2^B, g]``, ``scales [out]`` (format of
+    :mod:`lrcompile.kernels.aq_linear`); the forward is the ``lowrank::aq_linear`` op.
+
+    ``lowrank_record`` is its :class:`CompressedLayer` (status ``aq``) when it replaces a
+    linear, None when it is a factor of an :class:`AQLowRankLinear` (which holds the record).
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: AQSpec, bias: bool,
+                 record: CompressedLayer | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        groups, size = in_features // spec.group_size, 2**spec.bits
+        self.codes = nn.Parameter(torch.zeros(out_features, groups, spec.codebooks, dtype=spec.code_dtype,
+                                              device=device), requires_grad=False)
+        self.codebooks = nn.Parameter(torch.empty(spec.codebooks, size, spec.group_size, dtype=dtype, device=device),
+                                      requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.lowrank_record = record
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, bias: nn.Parameter | None,
+                   record: CompressedLayer | None = None) -> AQLinear:
+        """Wrap fitted tensors; ``bias`` is the replaced module's own parameter (kept, not copied)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        books, size, group = codebooks.shape
+        module.spec = AQSpec(books, size.bit_length() - 1, group)
+        module.out_features, module.in_features = codes.shape[0], codes.shape[1] * group
+        module.codes = nn.Parameter(codes, requires_grad=False)
+        module.codebooks = nn.Parameter(codebooks, requires_grad=False)
+        module.scales = nn.Parameter(scales, requires_grad=False)
+        module.bias = bias
+        module.lowrank_record = record
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight ``[out, in]`` the codes stand for."""
+        return dequantize(self.codes, self.codebooks, self.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lowrank.aq_linear(x, self.codes, self.codebooks, self.scales, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, aq={self.spec.name}, "
+                f"group_size={self.spec.group_size}, bias={self.bias is not None}")
+
+
+class AQLowRankLinear(nn.Module):
+    """A factored linear whose factors are quantised: ``y = up(down(x)) + bias``, ``down`` and ``up``
+    :class:`AQLinear` (``[rank, in]`` and ``[out, rank]``; the bias on ``up``)."""
+
+    def __init__(self, down: AQLinear, up: AQLinear, record: CompressedLayer):
+        super().__init__()
+        self.down, self.up = down, up
+        self.in_features, self.out_features, self.rank = down.in_features, up.out_features, down.out_features
+        self.lowrank_record = record
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.up.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 class GroupedLowRankProjection(nn.Module):
@@ -125,9 +199,11 @@ def model_latent_attention(model: nn.Module) -> Iterator[tuple[str, LatentAttent
             yield record.name, record
 
 
-def factor_bytes(module: LowRankLinear | GroupedLowRankProjection) -> int:
-    """Bytes of the module's factors (``down`` and ``up``; a bias is the replaced module's own)."""
-    return module.down.untyped_storage().nbytes() + module.up.untyped_storage().nbytes()
+def factor_bytes(module: nn.Module) -> int:
+    """Bytes of a compressed module's own tensors: factors, or codes, codebooks and scales (a bias is the
+    replaced module's own, not counted)."""
+    return sum(param.untyped_storage().nbytes() for name, param in module.named_parameters()
+               if name.rpartition(".")[2] != "bias")
 
 
 def weight_bytes(model: nn.Module) -> int:

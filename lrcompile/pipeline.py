@@ -1,4 +1,4 @@
-"""The compression pipeline on one captured graph: find, reuse, observe, plan, factor, release.
+"""The compression pipeline on one captured graph: find, reuse, observe, plan, factor, quantise, release.
 
 The outcome goes on the model: the passes build the modules that replace its
 linears (:mod:`lrcompile.modules`) and the rewritten graph reads their factors;
@@ -49,6 +49,7 @@ from lrcompile.passes.kv_rank_allocation import (
     allocate_kv_uniform,
 )
 from lrcompile.passes.kv_sensitivity import measure_kv_sensitivity
+from lrcompile.passes.quantize_linears import AQSettings, is_aq_call, quantize_dense, quantize_factors, quantize_linears
 from lrcompile.passes.rank_allocation import energy_share
 from lrcompile.passes.sequential_calibration import sequential_steps
 from lrcompile.passes.latent_kv import (
@@ -62,7 +63,7 @@ from lrcompile.passes.latent_kv import (
 from .config import LowRankConfig
 from .errors import CalibrationError, LatentCacheError, LowRankError, NoCompressibleLinearError
 from .hf_quantizer import describe_on_config
-from .modules import RECORD, GroupedLowRankProjection, LowRankLinear, factor_bytes, module_record
+from .modules import RECORD, AQLinear, AQLowRankLinear, GroupedLowRankProjection, LowRankLinear, factor_bytes, module_record
 from .pass_manager import Pass, PassManager
 from .report import CompressionReport, build_report
 from .types import CompressionPlan, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
@@ -86,6 +87,7 @@ class GraphCompression:
     recorded: dict[LinearNode, CompressedLayer] = field(default_factory=dict)
     plan: CompressionPlan | None = None
     layers: dict[LinearNode, CompressedLayer] = field(default_factory=dict)
+    rewritten: dict[LinearNode, nn.Module] = field(default_factory=dict)  # new module of each layer the graph will read
     kept_inputs: list[int] | None = None
     instance_input: tuple[int, str, torch.Tensor] | None = None  # (kept input index, source, tensor)
     runner: CalibrationRunner | None = None
@@ -153,7 +155,7 @@ def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None,
 def _find_linears(c: GraphCompression) -> None:
     """Find the linears and their modules; those the model holds compressed already are reused as they are."""
     c.linears = find_linears(c.gm, c.example_inputs, c.config.include, c.config.exclude)
-    compressed = False
+    compressed = any(is_aq_call(node) for node in c.gm.graph.nodes)  # AQ layers installed already
     for view in c.linears:
         slot = weight_owner(c.gm, view, c.frame_locals)
         module = None if slot is None else slot.module
@@ -244,9 +246,9 @@ def _activation_stats(c: GraphCompression) -> None:
     c.runner = CalibrationRunner(c.gm, c.example_inputs)
     c.batches = c.runner.fit(c.config.calibration)
     targets = (targets if _observes_weights(c.config) else []) + kv_targets
-    if c.config.method == "svd" or not targets:
+    if (c.config.method == "svd" and c.config.quantize is None) or not targets:
         return
-    insert_observers(c.gm, targets, gram=c.config.method == "whiten")
+    insert_observers(c.gm, targets, gram=c.config.method == "whiten" or c.config.quantize is not None)
     try:
         calibrate(c.runner, c.batches, total=len(c.batches))
     except BaseException:
@@ -296,7 +298,7 @@ def _kv_sensitivity(c: GraphCompression) -> None:
 
 def _sensitivity(c: GraphCompression) -> None:
     targets = c.to_compress()
-    if not targets or c.config.allocation != "sensitivity" or not c.config.needs_calibration:
+    if not targets or c.config.allocation != "sensitivity" or not c.config.needs_calibration or c.config.param_ratio >= 1:
         return
     batches = c.batches[: c.config.sensitivity_batches]
     measure_sensitivity(c.runner, targets, lambda v: _decompose(c, v), c.config.sensitivity_ratios, batches, c.config.rank_multiple)
@@ -328,7 +330,7 @@ def _spectra(c: GraphCompression, targets: list[LinearNode]) -> dict[str, torch.
 
 
 def _factorize(c: GraphCompression) -> None:
-    """Factor each planned layer into a new ``LowRankLinear`` and rewrite the graph to read its factors."""
+    """Factor each planned layer into a new ``LowRankLinear`` (the graph is rewritten to read it by ``rewrite_linears``)."""
     targets = c.to_compress()
     plans = dict(zip(targets, c.plan.layers))
     refit: dict[LinearNode, tuple[torch.Tensor, torch.Tensor, float]] = {}  # factors and loss from the sequential pass
@@ -341,7 +343,6 @@ def _factorize(c: GraphCompression) -> None:
                                                  c.config.alpha, view.meta.name, cross=step.cross),
                                        plans[view].rank, view)
                 step.factors[view] = refit[view][:2]
-    factored = {}
     for view, layer_plan in plans.items():
         weight = c.weight(view)
         slot = c.owners[view]
@@ -355,7 +356,7 @@ def _factorize(c: GraphCompression) -> None:
             layer.status = LayerStatus.FACTORED
             module = LowRankLinear.from_factors(down, up, slot.module.bias, layer)
             c.replacements.append((slot, module))
-            factored[view] = module
+            c.rewritten[view] = module
         c.layers[view] = layer
     for view in c.linears:
         if not view.meta.compressible and view not in c.recorded and view not in c.latent_projections:
@@ -363,7 +364,37 @@ def _factorize(c: GraphCompression) -> None:
             skipped = LayerPlan(meta.name, meta.out_features, meta.in_features, None, meta.skip_reason)
             c.layers[view] = CompressedLayer(skipped, "", LayerStatus.SKIPPED, meta.weight_dtype)
     c.layers.update(c.recorded)
-    factorize_linears(c.gm, factored)
+
+
+def _quantize(c: GraphCompression) -> None:
+    """AQLM (``quantize="aqlm"``): each new layer's weight, or its factors, becomes codes fit to its input Gram."""
+    spec = c.config.aq_spec
+    if spec is None:
+        return
+    settings = AQSettings(spec, c.config.aq_beam_size, c.config.aq_tolerance)
+    for view in c.to_compress():
+        layer, slot = c.layers[view], c.owners[view]
+        gram = None if view.meta.stats is None else view.meta.stats.gram
+        if layer.status is LayerStatus.FACTORED:
+            factored = c.rewritten[view]
+            module = quantize_factors(dense_weight(c.gm, view, placeholder_values(c.gm, c.example_inputs)),
+                                      factored.down, factored.up, gram, factored.bias, layer, settings)
+            c.replacements.remove((slot, factored))
+        else:
+            module = quantize_dense(dense_weight(c.gm, view, placeholder_values(c.gm, c.example_inputs)), gram,
+                                    slot.module.bias, layer, settings)
+            c.records.remove((slot.module, layer))
+            layer.status = LayerStatus.QUANTIZED
+        c.replacements.append((slot, module))
+        c.rewritten[view] = module
+
+
+def _rewrite_linears(c: GraphCompression) -> None:
+    """Rewrite the graph so each new module's layer reads its factors or codes."""
+    factorize_linears(c.gm, {v: m for v, m in c.rewritten.items() if isinstance(m, LowRankLinear)})
+    quantized = {v: m for v, m in c.rewritten.items() if isinstance(m, (AQLinear, AQLowRankLinear))}
+    if quantized:
+        quantize_linears(c.gm, quantized)
 
 
 def _factors(decomposition: LinearDecomposition, rank: int, view: LinearNode) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -432,7 +463,8 @@ def _restructure_attention(c: GraphCompression) -> None:
 
 def _release_dense(c: GraphCompression) -> None:
     """Drop the dense weights of replaced layers from the graph (the model drops them with their modules)."""
-    replaced = [v for v, layer in c.layers.items() if layer.status is LayerStatus.FACTORED and v not in c.recorded]
+    replaced = [v for v, layer in c.layers.items()
+                if layer.status in (LayerStatus.FACTORED, LayerStatus.QUANTIZED) and v not in c.recorded]
     replaced += [view for block, _ in c.blocks if not block.restructured for view in (block.k_linear, block.v_linear)]
     if replaced:
         _, c.kept_inputs = release_dense_weights(c.gm, replaced, c.example_inputs)
@@ -464,9 +496,11 @@ PASSES: tuple[Pass[GraphCompression], ...] = (
     Pass("sensitivity", _sensitivity, frozenset({"stats"}), frozenset({"sensitivity"})),
     Pass("allocate_ranks", _allocate_ranks, frozenset({"stats", "sensitivity"}), frozenset({"plan"})),
     Pass("factorize_linears", _factorize, frozenset({"plan"}), frozenset({"factored"})),
+    Pass("quantize_linears", _quantize, frozenset({"factored"}), frozenset({"quantized"})),
+    Pass("rewrite_linears", _rewrite_linears, frozenset({"quantized"}), frozenset({"rewritten"})),
     Pass("restructure_attention", _restructure_attention, frozenset({"factored", "fisher", "kv_sensitivity"}),
          frozenset({"latent"})),
-    Pass("release_dense", _release_dense, frozenset({"factored", "latent"}), frozenset({"released"})),
+    Pass("release_dense", _release_dense, frozenset({"rewritten", "latent"}), frozenset({"released"})),
 )
 
 
@@ -502,7 +536,8 @@ def _layer_bytes(c: GraphCompression) -> list[tuple[CompressedLayer, int]]:
         layer = c.layers.get(view)
         if layer is not None and id(layer) not in seen:
             seen.add(id(layer))
-            found.append((layer, factor_bytes(modules[id(layer)]) if layer.status is LayerStatus.FACTORED else 0))
+            held = layer.status in (LayerStatus.FACTORED, LayerStatus.QUANTIZED)
+            found.append((layer, factor_bytes(modules[id(layer)]) if held else 0))
     return found
 
 

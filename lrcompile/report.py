@@ -68,8 +68,11 @@ class LayerReport:
     sensitivity: float | None
     truncation_loss: float | None
     dense_bytes: int
-    factor_bytes: int
+    factor_bytes: int  # bytes of the factors, or of the codes, codebooks and scales, holding the layer
     reason: str
+    quantization: str | None = None  # AQLM "MxB g=G" when the weight or its factors are quantised
+    bits_per_weight: float | None = None  # measured, codes + codebooks + scales over the parameters they stand for
+    output_error: float | None = None  # tr(dW XX^T dW^T) / tr(W XX^T W^T) on calibration data
 
     @property
     def flops(self) -> sympy.Expr:
@@ -110,7 +113,8 @@ class CompressionReport:
     @property
     def bytes_after(self) -> int:
         """Measured bytes held for them after compression: factors, plus weights left dense."""
-        return sum(layer.factor_bytes if layer.status == "factored" else layer.dense_bytes for layer in self._compressible())
+        held = (LayerStatus.FACTORED.value, LayerStatus.QUANTIZED.value)
+        return sum(layer.factor_bytes if layer.status in held else layer.dense_bytes for layer in self._compressible())
 
     def formulas(self) -> dict[str, str]:
         layers = self._compressible()
@@ -138,6 +142,7 @@ class CompressionReport:
         return {
             "linears": len(self.layers),
             "factored": sum(layer.status == "factored" for layer in self.layers),
+            "quantized": sum(layer.quantization is not None for layer in self.layers),
             "params_before": self.params_before,
             "params_after": self.params_after,
             "param_ratio": round(self.param_ratio, 4),
@@ -177,7 +182,18 @@ class CompressionReport:
             f"{t['weight_bytes_after']:,} (ratio {t['weight_bytes_ratio']}).\n\n**Cost formulas (T = tokens):**\n\n"
         )
         formulas = "\n".join(f"- `{k}` = `{v}`" for k, v in self.formulas().items())
-        return "\n".join(rows) + "\n" + summary + formulas + "\n" + self._attention_markdown()
+        return "\n".join(rows) + "\n" + summary + formulas + "\n" + self._quantization_markdown() + self._attention_markdown()
+
+    def _quantization_markdown(self) -> str:
+        quantized = [layer for layer in self.layers if layer.quantization is not None]
+        if not quantized:
+            return ""
+        rows = ["\n## AQLM quantisation\n",
+                "| layer | status | rank | codes | bits / weight (measured, incl. codebooks and scales) | bytes | output error |",
+                "|---|---|---:|---|---:|---:|---:|"]
+        rows += [f"| {q.name} | {q.status} | {q.rank if q.rank is not None else '-'} | {q.quantization} | "
+                 f"{q.bits_per_weight:.3f} | {q.factor_bytes:,} | {_num(q.output_error)} |" for q in quantized]
+        return "\n".join(rows) + "\n"
 
     def _attention_markdown(self) -> str:
         if not self.attention and not self.attention_left_dense:
@@ -218,8 +234,10 @@ class CompressionReport:
             t["factored"], t["linears"], t["param_ratio"], t["weight_bytes_before"], t["weight_bytes_after"],
         )
         for layer in self.layers:
-            log.info("lowrank layer %s: %s rank=%s params %d -> %d %s", layer.name, layer.status, layer.rank,
-                     layer.params_before, layer.params_after, layer.reason)
+            log.info("lowrank layer %s: %s rank=%s params %d -> %d %s%s", layer.name, layer.status, layer.rank,
+                     layer.params_before, layer.params_after, layer.reason,
+                     "" if layer.quantization is None else f" aq {layer.quantization} {layer.bits_per_weight:.3f} "
+                     f"bits/weight output error {_num(layer.output_error)}")
 
 
 def _num(value: float | None) -> str:
@@ -228,7 +246,7 @@ def _num(value: float | None) -> str:
 
 def layer_report(layer: CompressedLayer, factor_bytes: int = 0) -> LayerReport:
     """``factor_bytes``: the bytes of the factors holding a factored layer (its module's parameters)."""
-    plan = layer.plan
+    plan, aq = layer.plan, layer.quantization
     return LayerReport(
         name=plan.name,
         out_features=plan.out_features,
@@ -243,6 +261,9 @@ def layer_report(layer: CompressedLayer, factor_bytes: int = 0) -> LayerReport:
         dense_bytes=layer.dense_bytes,
         factor_bytes=factor_bytes,
         reason=plan.reason,
+        quantization=None if aq is None else f"{aq.spec.name} g={aq.spec.group_size}",
+        bits_per_weight=None if aq is None else aq.bits_per_weight,
+        output_error=None if aq is None else aq.output_error,
     )
 
 
@@ -280,7 +301,8 @@ def model_report(model: nn.Module, cache: Any = None) -> CompressionReport:
         if isinstance(module, GroupedLowRankProjection):
             blocks[id(record)] = (record, blocks.get(id(record), (record, 0))[1] + factor_bytes(module))
         else:
-            layers.append((record, factor_bytes(module) if record.status is LayerStatus.FACTORED else 0))
+            held = record.status in (LayerStatus.FACTORED, LayerStatus.QUANTIZED)
+            layers.append((record, factor_bytes(module) if held else 0))
     report = build_report(layers, attention=list(blocks.values()))
     if cache is not None:
         report.kv_bytes_measured = (cache.latent_bytes, cache.dense_bytes())

@@ -179,6 +179,47 @@ class LayerStatus(enum.Enum):
     DENSE = "dense"  # planned dense: factoring would not save parameters at its rank
     SKIPPED = "skipped"  # not compressible (pattern, tied weight, unrecognised form)
     LATENT = "latent_kv"  # K/V/output projection of an attention block restructured for a latent KV cache
+    QUANTIZED = "aq"  # kept at full rank, its weight quantised (AQLM); a factored layer's factors are quantised instead
+
+
+@dataclass(frozen=True)
+class AQSpec:
+    """AQLM's shape (arXiv 2401.06118, Eq. 2): ``codebooks`` (M) codebooks of ``2^bits`` codewords of
+    ``group_size`` (g) weights; ``M * B`` bits of codes per group of ``g`` weights."""
+
+    codebooks: int
+    bits: int
+    group_size: int
+
+    @property
+    def name(self) -> str:
+        """``"MxB"``, e.g. ``"2x8"``."""
+        return f"{self.codebooks}x{self.bits}"
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """``uint8`` for ``B <= 8``, else ``int16`` (holding a code's low 16 bits)."""
+        return torch.uint8 if self.bits <= 8 else torch.int16
+
+    @property
+    def code_bits_per_weight(self) -> float:
+        return self.codebooks * self.bits / self.group_size
+
+
+@dataclass
+class AQRecord:
+    """How a quantised matrix (a weight, or each factor of a factored layer) is stored, and what it costs.
+
+    ``bits_per_weight``: measured bytes of codes, codebooks and scales, times 8, over the
+    parameters they stand for. ``output_error``: ``tr(dW XX^T dW^T) / tr(W XX^T W^T)`` of the
+    layer's whole weight against the dense one on calibration data (AQLM Eq. 3; for a
+    factored layer it includes the truncation).
+    """
+
+    spec: AQSpec
+    bits_per_weight: float
+    output_error: float | None = None
+    fit_seconds: float = 0.0
 
 
 @dataclass
@@ -196,6 +237,7 @@ class CompressedLayer:
     dtype: torch.dtype
     dense_bytes: int = 0  # bytes of the dense weight before compression
     options: Mapping[str, Any] | None = None  # the options that decided it (LowRankConfig.deciding_options); None: loaded
+    quantization: AQRecord | None = None  # the weight (status QUANTIZED) or the factors (FACTORED) are AQLM codes
 
     @property
     def name(self) -> str:
