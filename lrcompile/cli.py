@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .config import CALIBRATION_ORDERS, COMPILERS, DEFAULT_EXCLUDE, LowRankConfig
+from .config import CALIBRATION_ORDERS, COMPILERS, DEFAULT_EXCLUDE, QUANTIZE_METHODS, LowRankConfig
 from .errors import LowRankError
 from .modules import model_latent_attention, weight_bytes
 from .report import model_report
@@ -279,6 +279,11 @@ def _config(args: argparse.Namespace, dump_dir: Path | None) -> LowRankConfig:
         kv_allocation=args.kv_allocation,
         include=tuple(args.include),
         exclude=tuple(args.exclude),
+        quantize=args.quantize,
+        aq_config=args.aq_config,
+        aq_group_size=args.aq_group_size,
+        aq_beam_size=args.aq_beam_size,
+        aq_tolerance=args.aq_tolerance,
         dump_dir=None if dump_dir is None else str(dump_dir),
     )
 
@@ -648,6 +653,17 @@ def _compression_options(
                         help="KV heads sharing one latent: 1 (per head) ... 'all' (joint) (default: %(default)s)")
     parser.add_argument("--kv-allocation", choices=KV_ALLOCATION_METHODS, default=kv_allocation,
                         help="K/V rank allocation across attention blocks (default: %(default)s)")
+    parser.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None,
+                        help="quantise the linears after factoring: 'aqlm' (additive multi-codebook codes; at "
+                        "--param-ratio 1 every weight, below it the factors; default: none)")
+    parser.add_argument("--aq-config", default=LowRankConfig.aq_config, metavar="MxB",
+                        help="AQLM codebooks x bits per code, e.g. 2x8 or 1x16 (default: %(default)s)")
+    parser.add_argument("--aq-group-size", type=_positive, default=LowRankConfig.aq_group_size,
+                        help="input weights per AQLM code group (default: %(default)s)")
+    parser.add_argument("--aq-beam-size", type=_positive, default=LowRankConfig.aq_beam_size,
+                        help="AQLM beam search width (default: %(default)s)")
+    parser.add_argument("--aq-tolerance", type=float, default=LowRankConfig.aq_tolerance,
+                        help="AQLM stops when a round improves the output error by less than this (default: %(default)s)")
     parser.add_argument("--threads", type=_positive, default=DEFAULT_THREADS, help=THREADS_HELP)
     parser.add_argument("--include", nargs="+", default=["*"], metavar="GLOB",
                         help="module paths of the linears to compress (default: all)")

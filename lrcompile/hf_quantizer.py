@@ -23,7 +23,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import SavedPlanError
-from .types import CompressedLayer, LatentAttention, LayerPlan, LayerStatus
+from .types import AQRecord, AQSpec, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ _LATENT_KEYS = ("method", "group_size", "num_heads", "num_kv_heads", "head_dim",
 
 class LowRankQuantizationConfig(QuantizationConfigMixin):
     """``quantization_config`` of a compressed model: ``linears`` maps each linear's module path to its
-    outcome (``status`` factored / dense / latent_kv, ``rank``, shape, ``bias``, method, scores),
+    outcome (``status`` factored / dense / latent_kv / aq, ``rank``, shape, ``bias``, method, scores, and
+    ``aq``: the AQLM shape and figures of a quantised weight or factor pair),
     ``attention`` each restructured block to its latent-KV record and its ``k_proj`` / ``v_proj`` paths."""
 
     def __init__(self, linears: dict[str, dict[str, Any]] | None = None,
@@ -68,6 +69,11 @@ class LowRankQuantizationConfig(QuantizationConfigMixin):
                 "sensitivity": plan.sensitivity, "truncation_loss": plan.truncation_loss,
                 "dense_bytes": record.dense_bytes,
             }
+            if record.quantization is not None:
+                aq = record.quantization
+                linears[path]["aq"] = {"codebooks": aq.spec.codebooks, "bits": aq.spec.bits,
+                                       "group_size": aq.spec.group_size, "bits_per_weight": aq.bits_per_weight,
+                                       "output_error": aq.output_error, "fit_seconds": aq.fit_seconds}
         return cls(linears, attention)
 
 
@@ -111,7 +117,7 @@ def _linear_dims(module: nn.Module, path: str, entry: dict[str, Any]) -> None:
 def build_compressed_modules(model: nn.Module, config: LowRankQuantizationConfig) -> None:
     """Replace the linears ``config`` describes by empty compressed modules (same dtype and device,
     the meta device under ``from_pretrained``) and attach the records of those kept dense."""
-    from .modules import RECORD, GroupedLowRankProjection, LowRankLinear
+    from .modules import RECORD, AQLinear, AQLowRankLinear, GroupedLowRankProjection, LowRankLinear
 
     if config.version != VERSION:
         raise SavedPlanError(f"quantization_config version {config.version} is not readable by this lrcompile "
@@ -123,7 +129,19 @@ def build_compressed_modules(model: nn.Module, config: LowRankQuantizationConfig
         plan = LayerPlan(path, entry["out_features"], entry["in_features"], entry["rank"], entry["reason"],
                          entry["sensitivity"], entry["truncation_loss"])
         record = CompressedLayer(plan, entry["method"], status, module.weight.dtype, entry["dense_bytes"])
-        if status is LayerStatus.FACTORED:
+        dtype, device = module.weight.dtype, module.weight.device
+        aq = entry.get("aq")
+        if aq is not None:
+            spec = AQSpec(aq["codebooks"], aq["bits"], aq["group_size"])
+            record.quantization = AQRecord(spec, aq["bits_per_weight"], aq["output_error"], aq["fit_seconds"])
+            if status is LayerStatus.FACTORED:
+                down = AQLinear(plan.in_features, plan.rank, spec, False, None, dtype, device)
+                up = AQLinear(plan.rank, plan.out_features, spec, entry["bias"], None, dtype, device)
+                setattr(parent, name, AQLowRankLinear(down, up, record))
+            else:
+                setattr(parent, name, AQLinear(plan.in_features, plan.out_features, spec, entry["bias"], record,
+                                               dtype, device))
+        elif status is LayerStatus.FACTORED:
             setattr(parent, name, LowRankLinear(plan.in_features, plan.out_features, plan.rank, entry["bias"], record,
                                                 module.weight.dtype, module.weight.device))
         else:
@@ -136,16 +154,20 @@ def build_compressed_modules(model: nn.Module, config: LowRankQuantizationConfig
         for parent, name, role in ((k_parent, k_name, "k"), (v_parent, v_name, "v")):
             setattr(parent, name, GroupedLowRankProjection(entry["in_features"], record, role, entry[f"{role}_bias"],
                                                            dtype, device))
-    log.info("built %d factored linears and %d latent attention blocks from the quantization_config",
-             sum(e["status"] == LayerStatus.FACTORED.value for e in config.linears.values()), len(config.attention))
+    log.info("built %d factored linears, %d AQ-quantised ones and %d latent attention blocks from the "
+             "quantization_config", sum(e["status"] == LayerStatus.FACTORED.value for e in config.linears.values()),
+             sum("aq" in e for e in config.linears.values()), len(config.attention))
 
 
 def refresh_dtypes(model: nn.Module) -> None:
     """Records name the dtype of the tensors their module holds (the loaded one, e.g. ``from_pretrained(dtype=...)``)."""
-    from .modules import GroupedLowRankProjection, LowRankLinear, compressed_modules
+    from .modules import AQLinear, AQLowRankLinear, GroupedLowRankProjection, LowRankLinear, compressed_modules
 
     for _, module in compressed_modules(model):
-        tensor = module.down if isinstance(module, (LowRankLinear, GroupedLowRankProjection)) else module.weight
+        if isinstance(module, (AQLinear, AQLowRankLinear)):
+            tensor = module.codebooks if isinstance(module, AQLinear) else module.down.codebooks
+        else:
+            tensor = module.down if isinstance(module, (LowRankLinear, GroupedLowRankProjection)) else module.weight
         module.lowrank_record.dtype = tensor.dtype
 
 

@@ -38,6 +38,7 @@ from lrcompile.types import AQSpec
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 22  # elements of one [rows, candidates] score block (bounds memory for 2^16 codewords)
+_SEEDED = 1 << 10  # codebooks up to this size are seeded by k-means++ (one pass over the sample per codeword)
 _KMEANS_SAMPLE = 1 << 15  # groups the k-means iterations run on (at least one per codeword); all are then assigned
 
 
@@ -97,11 +98,9 @@ def _kmeans_init(points: Tensor, weights: Tensor, spec: AQSpec, iterations: int,
     books, codes = [], []
     sample = torch.randperm(len(points), generator=generator)[:max(_KMEANS_SAMPLE, size)].to(points.device)
     for _ in range(spec.codebooks):
-        pick = sample[torch.randint(len(sample), (size,), generator=generator).to(points.device)]
-        noise = torch.randn(size, spec.group_size, generator=generator).to(residual)
-        centroids = residual[pick] + 1e-3 * residual.std() * noise  # distinct even where a point is picked twice
         part, part_weights = residual[sample], weights[sample]
         weighted = part_weights * part
+        centroids = _seed_centroids(part, part_weights, size, generator)
         for _ in range(iterations):
             assign = _weighted_assign(part, part_weights, weighted, centroids)
             num = torch.zeros_like(centroids).index_add_(0, assign, weighted)
@@ -112,6 +111,23 @@ def _kmeans_init(points: Tensor, weights: Tensor, spec: AQSpec, iterations: int,
         books.append(centroids)
         codes.append(assign)
     return torch.stack(books), torch.stack(codes, -1)
+
+
+def _seed_centroids(points: Tensor, weights: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding (each next centroid drawn with probability proportional to its squared distance to
+    the nearest one so far) up to ``_SEEDED`` codewords; random points, slightly perturbed, beyond."""
+    if size > _SEEDED or size >= len(points):
+        pick = torch.randint(len(points), (size,), generator=generator).to(points.device)
+        noise = torch.randn(size, points.shape[1], generator=generator).to(points)
+        return points[pick] + 1e-3 * points.std() * noise  # distinct even where a point is picked twice
+    chosen = [int(torch.randint(len(points), (1,), generator=generator))]
+    nearest = (weights * (points - points[chosen[0]]) ** 2).sum(1)
+    for _ in range(size - 1):
+        total = nearest.sum()
+        probabilities = nearest / total if total > 0 else torch.full_like(nearest, 1 / len(nearest))
+        chosen.append(int(torch.multinomial(probabilities.cpu(), 1, generator=generator)))
+        nearest = torch.minimum(nearest, (weights * (points - points[chosen[-1]]) ** 2).sum(1))
+    return points[chosen].clone()
 
 
 def _weighted_assign(points: Tensor, weights: Tensor, weighted: Tensor, centroids: Tensor) -> Tensor:
