@@ -74,7 +74,7 @@ def storage_codes(indices: Tensor, spec: AQSpec) -> Tensor:
 
 def relative_error(delta: Tensor, weight: Tensor, gram: Tensor) -> float:
     """``tr(dW G dW^T) / tr(W G W^T)`` (AQLM Eq. 3), in float64."""
-    gram, delta, weight = gram.double(), delta.double(), weight.double()
+    gram, delta, weight = gram.detach().double(), delta.detach().double(), weight.detach().double()
     return float(((delta @ gram) * delta).sum() / ((weight @ gram) * weight).sum().clamp_min(1e-300))
 
 
