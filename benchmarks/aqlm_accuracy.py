@@ -250,6 +250,21 @@ def write_markdown(payload: dict[str, Any], path: Path, plotted: bool) -> None:
     path.write_text("\n".join(lines))
 
 
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"commands": [], "models": {}}
+
+
+def _save(path: Path, model: dict[str, Any], command: str) -> dict[str, Any]:
+    """Put ``model``'s entry in the saved payload, read afresh (another model's run may have written it meanwhile)."""
+    payload = _load(path)
+    payload["machine"] = machine_info()
+    payload["models"][model["name"]] = model
+    if command not in payload["commands"]:
+        payload["commands"].append(command)
+    write_json(path, payload)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.aqlm_accuracy", description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=MODELS, required=True)
@@ -262,22 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     out = resolve_out(args.out, False)
     subject = smollm2() if args.model == "smollm2" else small_fixture()
     path = out / "aqlm_accuracy.json"
-    payload = json.loads(path.read_text()) if path.is_file() else {"commands": [], "models": {}}
-    payload["machine"] = machine_info()
-    payload["commands"].append(command_line("benchmarks.aqlm_accuracy", argv))
-    saved = payload["models"].get(subject.name, {"results": []})
-    rows = args.rows or ROWS
+    saved = _load(path)["models"].get(subject.name, {"results": []})
+    command = command_line("benchmarks.aqlm_accuracy", argv)
     model = {"name": subject.name, "settings": subject.settings, "results": saved["results"],
              "dense_ppl": saved.get("dense_ppl"), "one_by_sixteen": one_by_sixteen(subject.load())}
-    payload["models"][subject.name] = model
-    for row in rows:
+    for row in ROWS if args.rows is None else args.rows:
         result = run_row(subject, row)
         if row["kind"] == "dense":
             model["dense_ppl"] = result["ppl"]
         model["results"] = [r for r in model["results"] if _key(r) != _key(row)] + [result]
         print(f"{subject.name} {label(row)}: {result['bits_per_weight']:.3f} bits/weight, ppl {result['ppl']:.3f}, "
               f"compress {result.get('compress_s', '-')} s", flush=True)
-        write_json(path, payload)
+        _save(path, model, command)
+    payload = _save(path, model, command)
     plotted = plot(payload, out / "aqlm_accuracy.png")
     write_markdown(payload, out / "aqlm_accuracy.md", plotted)
     for line in checks(model):
