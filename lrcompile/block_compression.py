@@ -244,6 +244,9 @@ class BlockCompressor:
         if config.kv_ratio is not None:
             raise LowRankConfigError("block-by-block compression factors linears only; option kv_ratio (latent KV "
                                      "attention) needs the in-memory compile (drop --max-memory, or kv_ratio)")
+        if config.quantize is not None:
+            raise LowRankConfigError(f"block-by-block compression factors linears only; option quantize="
+                                     f"{config.quantize!r} (AQLM) needs the in-memory compile (drop --max-memory, or quantize)")
         if config.method != "whiten" and config.calibration_order != "independent":
             raise LowRankConfigError(f"calibration_order={config.calibration_order!r} needs method='whiten'")
         if config.allocation == "sensitivity":
