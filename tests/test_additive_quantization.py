@@ -116,3 +116,17 @@ def test_rtn_is_exact_on_the_grid_and_within_half_a_step_elsewhere():
     assert torch.equal(round_to_nearest(out, 4, 64), out)  # already on the grid
     assert len(torch.unique(round_to_nearest(weight, 2, 100)[0])) <= 4
     assert rtn_bits_per_weight(3, 128, 576) == pytest.approx(3 + 32 * 5 / 576)
+
+
+def test_sixteen_bit_codes_fit_store_as_int16_and_run_through_the_op():
+    """1x16 (2^16 codewords): codes above 2^15 survive the int16 storage; the AQLinear computes x W^T."""
+    from lrcompile.modules import AQLinear
+
+    weight = _weight(8, 16)
+    fit = aq.fit_additive_quantization(weight, _gram(16), AQSpec(1, 16, 8), max_rounds=2)
+    assert fit.codes.dtype == torch.int16 and fit.codebooks.shape == (1, 2**16, 8)
+    assert fit.relative_error < 0.05  # 16 groups, 65536 codewords: nearly every group gets its own
+    module = AQLinear.from_codes(fit.codes, fit.codebooks, fit.scales, None)
+    assert module.spec == AQSpec(1, 16, 8)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(module(x), x @ dequantize(fit.codes, fit.codebooks, fit.scales).T)
