@@ -18,6 +18,7 @@ RTN's rounding per layer.
 
     python -m benchmarks.aqlm_accuracy --model smollm2          # dense, 6 RTN rows, AQLM 2x8, AQ on factors
     python -m benchmarks.aqlm_accuracy --model small
+    python -m benchmarks.aqlm_accuracy --render                 # Markdown and plot from the saved JSON
     python -m benchmarks.aqlm_accuracy --model small --rows '[{"kind": "aqlm", "aq_config": "1x8", "aq_group_size": 4}]'
 
 Writes ``docs/results/aqlm_accuracy.{json,md,png}``; a model's saved rows are
@@ -44,6 +45,7 @@ import torch
 
 import lrcompile
 from benchmarks.common import command_line, machine_info, pyplot, resolve_out, save_figure, set_threads, table, write_json
+from benchmarks.common import write_markdown as common_markdown
 from lrcompile.config import DEFAULT_EXCLUDE
 from lrcompile.evaluation import perplexity
 from lrcompile.modules import compressed_modules
@@ -229,25 +231,27 @@ def plot(payload: dict[str, Any], path: Path) -> bool:
 
 
 def write_markdown(payload: dict[str, Any], path: Path, plotted: bool) -> None:
-    lines = ["# AQLM vs round-to-nearest: held-out perplexity per measured bits/weight", "",
-             "Written by `benchmarks/aqlm_accuracy.py` (see its docstring for what each row is). Commands: "
-             + "; ".join(f"`{c}`" for c in payload["commands"]), ""]
+    body = [f"Commands: {'; '.join(f'`{c}`' for c in payload['commands'])}", "",
+            "Rows as in `benchmarks/aqlm_accuracy.py`'s docstring; bits/weight measured (codes, codebooks and scales "
+            "over the parameters they replace; RTN from its storage format).", ""]
     for model in payload["models"].values():
         dense = model["dense_ppl"]
-        lines += [f"## {model['name']}", "", "Settings: " + "; ".join(f"{k}: {v}" for k, v in model["settings"].items()), ""]
+        body += [f"## {model['name']}", "", "Settings: " + "; ".join(f"{k}: {v}" for k, v in model["settings"].items()), ""]
         head = ["row", "bits / weight", "held-out ppl", "ppl / dense", "compress s", "s per layer (mean / max)",
                 "output error (mean / max)"]
-        body = []
+        rows = []
         for r in model["results"]:
             per_layer = "-" if "layer_s_mean" not in r else f"{r['layer_s_mean']:.3f} / {r['layer_s_max']:.3f}"
             error = "-" if "output_error_mean" not in r else f"{r['output_error_mean']:.4f} / {r['output_error_max']:.4f}"
-            body.append([label(r), f"{r['bits_per_weight']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}",
+            rows.append([label(r), f"{r['bits_per_weight']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl'] / dense:.3f}",
                          r.get("compress_s", "-"), per_layer, error])
-        lines += [table(head, body), ""]
-        lines += [f"- {line}" for line in checks(model)] + [f"- {model['one_by_sixteen']}", ""]
+        body += [table(head, rows), ""]
+        body += [f"- {line}" for line in checks(model)] + [f"- {model['one_by_sixteen']}", ""]
     if plotted:
-        lines += ["![perplexity vs bits per weight](aqlm_accuracy.png)", ""]
-    path.write_text("\n".join(lines))
+        body += ["![perplexity vs bits per weight](aqlm_accuracy.png)", ""]
+    common_markdown(path, "AQLM vs round-to-nearest: held-out perplexity per measured bits/weight",
+                    {**payload, "command": "python -m benchmarks.aqlm_accuracy (each run below)",
+                     "total_wall_s": sum(m.get("wall_s", 0) for m in payload["models"].values())}, body)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -267,7 +271,8 @@ def _save(path: Path, model: dict[str, Any], command: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.aqlm_accuracy", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=MODELS, required=True)
+    parser.add_argument("--model", choices=MODELS)
+    parser.add_argument("--render", action="store_true", help="only rewrite the Markdown and plot from the saved JSON")
     parser.add_argument("--rows", type=json.loads, default=None, help="a JSON list of rows instead of the default ones")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
@@ -275,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lrcompile").setLevel(logging.ERROR)
     set_threads(args.threads)
     out = resolve_out(args.out, False)
+    if args.render:
+        payload = _load(out / "aqlm_accuracy.json")
+        write_markdown(payload, out / "aqlm_accuracy.md", plot(payload, out / "aqlm_accuracy.png"))
+        return 0
+    if args.model is None:
+        parser.error("--model is required (or --render)")
+    start = time.perf_counter()
     subject = smollm2() if args.model == "smollm2" else small_fixture()
     path = out / "aqlm_accuracy.json"
     saved = _load(path)["models"].get(subject.name, {"results": []})
@@ -286,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if row["kind"] == "dense":
             model["dense_ppl"] = result["ppl"]
         model["results"] = [r for r in model["results"] if _key(r) != _key(row)] + [result]
+        model["wall_s"] = round(time.perf_counter() - start, 1)  # of the last run for this model
         print(f"{subject.name} {label(row)}: {result['bits_per_weight']:.3f} bits/weight, ppl {result['ppl']:.3f}, "
               f"compress {result.get('compress_s', '-')} s", flush=True)
         _save(path, model, command)
