@@ -125,8 +125,8 @@ def run_lowrank(subject: Subject, row: dict[str, Any]) -> dict[str, Any]:
     torch._dynamo.reset()
     model = subject.load()
     options = {"param_ratio": row["param_ratio"], "method": "whiten", "allocation": "closed_form", "compiler": "eager"}
-    if row["kind"] == "aqlm":
-        options.update(quantize="aqlm", aq_config=row["aq_config"], aq_group_size=row["aq_group_size"])
+    if row["kind"] == "aqlm":  # aq_config, aq_group_size and any other aq_* option of the row
+        options.update(quantize="aqlm", **{k: v for k, v in row.items() if k.startswith("aq_")})
     config = lrcompile.LowRankConfig(calibration=subject.calibration, **options)
     start = time.perf_counter()
     compile_forward(model, config)
@@ -164,15 +164,17 @@ def label(row: dict[str, Any]) -> str:
         return f"RTN {row['bits']}-bit g={row['group_size']}"
     if row["kind"] == "aqlm":
         where = "" if row["param_ratio"] >= 1 else f" on factors (param_ratio {row['param_ratio']})"
-        return f"AQLM {row['aq_config']} g={row['aq_group_size']}{where}"
+        search = "".join(f", {k.removeprefix('aq_').replace('_', ' ')} {v}" for k, v in row.items()
+                         if k in ("aq_beam_size", "aq_tolerance"))
+        return f"AQLM {row['aq_config']} g={row['aq_group_size']}{search}{where}"
     if row["kind"] == "factor":
         return f"factoring alone (param_ratio {row['param_ratio']})"
     return "dense float32"
 
 
 def _key(row: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in row.items() if k in ("kind", "bits", "group_size", "aq_config",
-                                                              "aq_group_size", "param_ratio")}, sort_keys=True)
+    return json.dumps({k: v for k, v in row.items() if k in ("kind", "bits", "group_size", "param_ratio")
+                       or k.startswith("aq_")}, sort_keys=True)
 
 
 def checks(model: dict[str, Any]) -> list[str]:
