@@ -225,7 +225,7 @@ def test_dump_dir_writes_graphs_plan_and_report(tmp_path, monkeypatch):
     files = {p.name for p in graph_dir.iterdir()}
     assert {"plan.json", "report.json", "report.md"} <= files
     before = next(graph_dir.glob("*_factorize_linears_before.py")).read_text()
-    after = next(graph_dir.glob("*_factorize_linears_after.py")).read_text()
+    after = next(graph_dir.glob("*_rewrite_linears_after.py")).read_text()  # factors replace the linears
     assert "addmm" in before and "lowrank_transformer_h_0_mlp_c_fc_down" in after
     report = (graph_dir / "report.md").read_text()
     assert "transformer.h.0.mlp.c_fc" in report and "flops_compressed(T)" in report and "truncation loss" in report
