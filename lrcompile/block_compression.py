@@ -431,9 +431,10 @@ class BlockCompressor:
                             handle.remove()
                     pairs.append(ActivationStats.rows_of(captured.pop(), streams.masks[i]))
                 stats.add_rows(pairs[0])
-                if cross:
-                    product = pairs[1].T @ pairs[0]  # B = X^T X^ (dense rows with the compressed rows)
-                    cross_gram = product if cross_gram is None else cross_gram + product
+                if cross:  # B = X^T X^ (dense rows with the compressed rows), accumulated in place
+                    if cross_gram is None:
+                        cross_gram = torch.zeros_like(stats.gram)
+                    cross_gram.addmm_(pairs[1].T, pairs[0])
         _reduce_stats(stats, cross_gram)
         if not stats.is_finite():
             raise CalibrationError(f"calibration activations entering {self.prefix}.*.{first} hold NaN or Inf")
@@ -490,6 +491,8 @@ class BlockCompressor:
                     name = f"{self.prefix}.{index}.{path}"
                     spectra[name] = decompose(block.get_submodule(path).weight, self.config.method, stats,
                                               self.config.alpha, name).s
+                del stats
+                release_freed_memory()
             with torch.no_grad():
                 plan_streams.dense = [_block_output(block, h, kw) for h, kw in zip(plan_streams.dense, streams.kwargs)]
             block.to_empty(device="meta")
@@ -528,6 +531,8 @@ class BlockCompressor:
                 parent, _, attr = path.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, attr,
                         LowRankLinear.from_factors(down, up, module.bias, record))
+            del stats, cross
+            release_freed_memory()
         with torch.no_grad():
             if streams.compressed is not None:
                 streams.compressed = [_block_output(block, h, kw) for h, kw in zip(streams.compressed, streams.kwargs)]

@@ -83,7 +83,7 @@ class ActivationStats:
         if rows.shape[0]:
             self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0))
         if self.gram is not None:
-            self.gram += rows.T @ rows
+            self.gram.addmm_(rows.T, rows)  # in place: no [in, in] temporary per batch
         self.rows += rows.shape[0]
 
     @property

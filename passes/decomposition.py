@@ -71,13 +71,21 @@ class LinearDecomposition:
         return float(energy[rank:].sum() / energy.sum().clamp_min(1e-300))
 
 
+def _add_to_diagonal(matrix: torch.Tensor, value: float) -> torch.Tensor:
+    """``matrix + value * I`` without building ``I`` (one ``[n, n]`` buffer, not three)."""
+    out = matrix.clone()
+    out.diagonal().add_(value)
+    return out
+
+
 def regularized_cholesky(gram: torch.Tensor, layer: str) -> torch.Tensor:
     """Lower Cholesky factor of ``X^T X``, adding ``eps * mean(diag) * I`` while it is not positive definite."""
     scale = float(gram.diagonal().mean().clamp_min(1e-12))
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     for eps in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
-        chol, info = torch.linalg.cholesky_ex(gram + eps * scale * eye)
-        if int(info) == 0:
+        damped = gram if not eps else _add_to_diagonal(gram, eps * scale)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
+        if int(info) == 0 and bool(torch.isfinite(chol).all()):
             if eps:
                 log.info("layer %s: Gram matrix regularised with %.0e * mean(diag)", layer, eps)
             return chol
@@ -117,8 +125,11 @@ def decompose(
         if cross is None:
             target = w @ chol
         else:  # W* L with W* = W (B + l I)(C + l I)^-1; C symmetric
-            shift = ridge * float(gram.diagonal().mean()) * torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
-            target = torch.linalg.solve(gram + shift, (w @ (cross.to(w) + shift)).T).T @ chol
+            shift = ridge * float(gram.diagonal().mean())
+            refit = w @ cross.to(w)
+            refit += shift * w
+            target = torch.linalg.solve(_add_to_diagonal(gram, shift), refit.T).T @ chol
+            del refit
         u, s, vt = torch.linalg.svd(target, full_matrices=False)
         vt = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # vt @ L^-1
     else:

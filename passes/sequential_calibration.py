@@ -117,9 +117,10 @@ def sequential_steps(
             for b, mask in enumerate(masks):
                 x_hat = ActivationStats.rows_of((refit or dense)[b].run_until(node), mask)
                 step.stats.add_rows(x_hat)
-                if cross:  # accumulated where the activations live
-                    product = ActivationStats.rows_of(dense[b].run_until(node), mask).T @ x_hat
-                    step.cross = product if step.cross is None else step.cross.add_(product)
+                if cross:  # accumulated in place where the activations live
+                    if step.cross is None:
+                        step.cross = x_hat.new_zeros(width, width)
+                    step.cross.addmm_(ActivationStats.rows_of(dense[b].run_until(node), mask).T, x_hat)
         yield step
         factors.update((view.node, (view, down, up)) for view, (down, up) in step.factors.items())
     log.info("sequential calibration: %d steps over %d batches (%s)", len(readers), len(batches),
