@@ -265,6 +265,7 @@ class BlockCompressor:
         self.prefix, self.blocks = decoder_blocks(skeleton)
         # the non-block weights, named before any is loaded (loading unties tied embeddings on the skeleton)
         self.rest_names = [name for name, _ in skeleton.named_parameters() if not name.startswith(self.prefix + ".")]
+        self.dense_bytes = sum(_meta_bytes(p) for p in skeleton.parameters())  # before blocks are swapped
         self.fingerprint = self._fingerprint(batches, source_name)
         self.timings: dict[str, float] = {}
         self.entries: dict[str, dict[str, Any]] = {}
@@ -311,7 +312,7 @@ class BlockCompressor:
         tensors = load_file(self._activation_file())
         for kind in ("dense", "compressed"):
             if getattr(streams, kind) is not None:
-                setattr(streams, kind, [tensors[f"{kind}.{i}"] for i in range(len(streams.kwargs))])
+                setattr(streams, kind, [tensors[f"{kind}.{i}"].to(self.device) for i in range(len(streams.kwargs))])
 
     # ---------------------------------------------------------------- weights
 
@@ -587,7 +588,7 @@ class BlockCompressor:
 
     def _finish(self) -> tuple[int, int]:
         """Write the non-block weights, the index, the config and the tokenizer; drop the progress files."""
-        before = sum(_meta_bytes(p) for p in self.skeleton.parameters())
+        before = self.dense_bytes
         weight_map = {}
         after = 0
         if self.rank == 0:

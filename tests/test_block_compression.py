@@ -20,6 +20,7 @@ import lrcompile  # noqa: F401  (registers the "lowrank" quantizer)
 from lrcompile.block_compression import PROGRESS_FILE, BlockCompressor, ResumeError, compress_model_blocks, skeleton_of
 from lrcompile.config import LowRankConfig
 from lrcompile.errors import LowRankConfigError
+from lrcompile.modules import weight_bytes
 from lrcompile.weight_sources import ModuleWeights, SafetensorsWeights
 from tiny_models import tiny_model, token_batches
 
@@ -44,7 +45,9 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def test_equals_the_graph_passes(tmp_path, family, order):
     """Block by block, the plan and the factors are those of the whole-graph compile (same steps, same statistics)."""
     calibration = batches()
-    result = compress_model_blocks(tiny_model(family), calibration, options(order), tmp_path)
+    dense = tiny_model(family)
+    result = compress_model_blocks(dense, calibration, options(order), tmp_path)
+    assert result.bytes_before == weight_bytes(dense) > result.bytes_after
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     graph = tiny_model(family)
     compiled = torch.compile(graph, backend="lowrank", options=dict(param_ratio=0.6, calibration_order=order,
