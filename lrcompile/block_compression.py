@@ -66,7 +66,7 @@ from .errors import CalibrationError, LowRankConfigError, LowRankError
 from .hf_quantizer import LowRankQuantizationConfig
 from .modules import RECORD, LowRankLinear
 from .types import ActivationStats, CompressionPlan, CompressedLayer, LayerPlan, LayerStatus, LinearMeta, WeightLayout
-from .weight_sources import SAFETENSORS_DTYPES, WeightSource
+from .weight_sources import SAFETENSORS_DTYPES, WeightSource, safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ class BlockCompressor:
         self.rest_names = [name for name, _ in skeleton.named_parameters() if not name.startswith(self.prefix + ".")]
         self.dense_bytes = sum(_meta_bytes(p) for p in skeleton.parameters())  # before blocks are swapped
         self.fingerprint = self._fingerprint(batches, source_name)
+        self.options = _jsonable(config.deciding_options())  # recorded on each layer and in the progress file
         self.timings: dict[str, float] = {}
         self.entries: dict[str, dict[str, Any]] = {}
 
@@ -285,7 +286,7 @@ class BlockCompressor:
         if not path.is_file():
             return {}
         progress = json.loads(path.read_text())
-        expected = {"fingerprint": self.fingerprint, "options": _jsonable(self.config.deciding_options()),
+        expected = {"fingerprint": self.fingerprint, "options": self.options,
                     "world": self.world}
         for key, value in expected.items():
             if progress.get(key) != value:
@@ -321,9 +322,6 @@ class BlockCompressor:
         return [prefix + name for name, _ in self.blocks[index].named_parameters()] + \
                [prefix + name for name, _ in self.blocks[index].named_buffers() if _persistent(self.blocks[index], name)]
 
-    def _rest_names(self) -> list[str]:
-        return self.rest_names
-
     def _load_block(self, index: int) -> nn.Module:
         prefix = f"{self.prefix}.{index}."
         tensors = self.source.read(self._block_names(index))
@@ -336,8 +334,7 @@ class BlockCompressor:
         statistics, or the non-block weights) exceeds ``max_memory``."""
         if self.max_memory is None:
             return
-        rest = sum(_meta_bytes(p) for name, p in self.skeleton.named_parameters()
-                   if not name.startswith(self.prefix + "."))
+        rest = sum(_meta_bytes(self.skeleton.get_parameter(name)) for name in self.rest_names)
         units = [("the non-block weights (embeddings, final norm, head)", rest)]
         streams = 2 if self.config.calibration_order == "error_feedback" else 1
         rows = sum(batch["input_ids"].numel() for batch in self.batches)
@@ -358,8 +355,7 @@ class BlockCompressor:
     def _catch_inputs(self) -> _Streams:
         """Run the batches up to block 0 with only the non-block weights loaded; free them after."""
         start = time.perf_counter()
-        rest = self._rest_names()
-        self.skeleton.load_state_dict(self.source.read(rest), strict=False, assign=True)
+        self.skeleton.load_state_dict(self.source.read(self.rest_names), strict=False, assign=True)
         _rebuild_rotary(self.skeleton)
         catcher = _Catcher()
         first = self.blocks[0]
@@ -506,7 +502,6 @@ class BlockCompressor:
     def _compress_block(self, index: int, block: nn.Module, streams: _Streams, plans: dict[str, LayerPlan]) -> None:
         order = self.config.calibration_order
         dense_modules: dict[str, nn.Module] = {}
-        options = _jsonable(self.config.deciding_options())
         for step in self._steps(block, streams):
             selected = [path for path in step if f"{self.prefix}.{index}.{path}" in plans]
             factored = [path for path in selected if plans[f"{self.prefix}.{index}.{path}"].rank is not None]
@@ -519,7 +514,7 @@ class BlockCompressor:
                 module = block.get_submodule(path)
                 plan = plans[name]
                 record = CompressedLayer(plan, self.config.method, LayerStatus.DENSE, module.weight.dtype,
-                                         dense_bytes=module.weight.untyped_storage().nbytes(), options=options)
+                                         dense_bytes=module.weight.untyped_storage().nbytes(), options=self.options)
                 if plan.rank is None:
                     setattr(module, RECORD, record)
                     continue
@@ -559,7 +554,7 @@ class BlockCompressor:
         if done:
             self._load_streams(streams)
             log.info("resuming in %s after block %d of %d", self.out, done - 1, len(self.blocks))
-        progress = {"fingerprint": self.fingerprint, "options": _jsonable(self.config.deciding_options()),
+        progress = {"fingerprint": self.fingerprint, "options": self.options,
                     "world": self.world, "plan": {layer.name: {"rank": layer.rank, "reason": layer.reason,
                                                                "truncation_loss": layer.truncation_loss}
                                                   for layer in plan.layers},
@@ -592,17 +587,13 @@ class BlockCompressor:
         weight_map = {}
         after = 0
         if self.rank == 0:
-            rest = ((name, self.source.read([name])[name]) for name in self._rest_names())  # one at a time
+            rest = ((name, self.source.read([name])[name]) for name in self.rest_names)  # one at a time
             after += write_safetensors(self.out / REST_FILE, rest)
-            weight_map.update({name: REST_FILE for name in self._rest_names()})
-            for file in sorted((self.out / BLOCKS_DIR).glob("block_*.safetensors")):
-                from safetensors import safe_open
-
-                with safe_open(file, framework="pt") as handle:
-                    for name in handle.keys():
-                        weight_map[name] = f"{BLOCKS_DIR}/{file.name}"
-                        after += int(torch.Size(handle.get_slice(name).get_shape()).numel()) * \
-                            _dtype_size(handle.get_slice(name).get_dtype())
+            weight_map.update({name: REST_FILE for name in self.rest_names})
+            for file in sorted((self.out / BLOCKS_DIR).glob("block_*.safetensors")):  # blocks resumed included
+                for name, entry in safetensors_header(file)[1].items():
+                    weight_map[name] = f"{BLOCKS_DIR}/{file.name}"
+                    after += entry["data_offsets"][1] - entry["data_offsets"][0]
             _atomic_json(self.out / INDEX_FILE, {"metadata": {"total_size": after}, "weight_map": weight_map})
             config = self.skeleton.config
             config.quantization_config = LowRankQuantizationConfig(self.entries)
@@ -625,10 +616,6 @@ def _persistent(module: nn.Module, name: str) -> bool:
 
 def _meta_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _dtype_size(name: str) -> int:
-    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[name]
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -62,6 +62,16 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
 _TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
+def safetensors_header(path: Path) -> tuple[int, dict[str, dict]]:
+    """``(offset of the data, {name: {"dtype", "shape", "data_offsets"}})`` of a safetensors file, from its
+    header alone."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
 class SafetensorsWeights:
     """The ``*.safetensors`` files of a Hugging Face folder (one file, or a ``model.safetensors.index.json``).
 
@@ -80,11 +90,8 @@ class SafetensorsWeights:
                                     "model.safetensors.index.json")
         self.entries: dict[str, tuple[str, int, dict]] = {}  # name -> (file, data start, header entry)
         for file in files:
-            with open(self.folder / file, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(size))
-            header.pop("__metadata__", None)
-            self.entries.update({name: (file, 8 + size, entry) for name, entry in header.items()})
+            start, header = safetensors_header(self.folder / file)
+            self.entries.update({name: (file, start, entry) for name, entry in header.items()})
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         tensors = {}
