@@ -59,6 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrcompile.passes.decomposition import decompose
+from lrcompile.passes.quantize_linears import AQSettings, quantize_dense, quantize_factors
 from lrcompile.passes.rank_allocation import allocate_closed_form, allocate_uniform, build_plan
 
 from .config import LowRankConfig
@@ -153,6 +154,17 @@ def _reduce_stats(stats: ActivationStats, cross: torch.Tensor | None) -> None:
     stats.rows = int(rows)
 
 
+def _reduce_gradients(params: list[nn.Parameter]) -> None:
+    """Average gradients over the ranks (each holds its share of the calibration batches)."""
+    world = _distributed()[1]
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
 def _barrier() -> None:
     if _distributed()[1] > 1:
         dist.barrier()
@@ -242,11 +254,8 @@ class BlockCompressor:
                  config: LowRankConfig, out: str | Path, tokenizer: Any = None, max_memory: int | None = None,
                  device: str | torch.device = "cpu", source_name: str = ""):
         if config.kv_ratio is not None:
-            raise LowRankConfigError("block-by-block compression factors linears only; option kv_ratio (latent KV "
+            raise LowRankConfigError("block-by-block compression factors and quantises linears; option kv_ratio (latent KV "
                                      "attention) needs the in-memory compile (drop --max-memory, or kv_ratio)")
-        if config.quantize is not None:
-            raise LowRankConfigError(f"block-by-block compression factors linears only; option quantize="
-                                     f"{config.quantize!r} (AQLM) needs the in-memory compile (drop --max-memory, or quantize)")
         if config.method != "whiten" and config.calibration_order != "independent":
             raise LowRankConfigError(f"calibration_order={config.calibration_order!r} needs method='whiten'")
         if config.allocation == "sensitivity":
@@ -329,23 +338,35 @@ class BlockCompressor:
         block.load_state_dict({name[len(prefix):]: t.to(self.device) for name, t in tensors.items()}, assign=True)
         return block
 
-    def _check_budget(self) -> None:
-        """Fail before any work when the largest unit held at once (one block's weights with its factors and
-        statistics, or the non-block weights) exceeds ``max_memory``."""
-        if self.max_memory is None:
-            return
+    def working_set(self) -> tuple[str, int]:
+        """The largest unit held at once and its bytes (an estimate): one block's dense weights, factors and
+        statistics with the calibration activations, or the non-block weights.
+
+        Counted at the widest linear's step, where it peaks: float64 ``[in, in]`` C, B, the Cholesky factor,
+        ``C + lI`` and the solve's LU copy; float64 ``[out, in]`` W, W B, the solve's result, the whitened target
+        and ``vt``; each activation stream three times (the block's inputs, its outputs, and the list being
+        replaced); with fine-tuning, four float32 copies of the block (weights, gradients, Adam's moments)."""
         rest = sum(_meta_bytes(self.skeleton.get_parameter(name)) for name in self.rest_names)
         units = [("the non-block weights (embeddings, final norm, head)", rest)]
-        streams = 2 if self.config.calibration_order == "error_feedback" else 1
+        two = self.config.calibration_order == "error_feedback" or self.config.finetune_epochs > 0
+        streams = 2 if two else 1
         rows = sum(batch["input_ids"].numel() for batch in self.batches)
         itemsize = next(self.skeleton.parameters()).element_size()
-        activations = 2 * streams * rows * self.skeleton.config.hidden_size * itemsize  # block inputs and outputs
+        activations = 3 * streams * rows * self.skeleton.config.hidden_size * itemsize
         for index, block in enumerate(self.blocks):
             dense = sum(_meta_bytes(p) for p in block.parameters())
-            widest = max((m.in_features for m in block.modules() if isinstance(m, nn.Linear)), default=0)
-            # dense weights + factors; float64 [in, in]: C, B, and the SVD's Cholesky factor, ridge and workspace
-            units.append((f"block {index}", 2 * dense + 6 * widest * widest * 8 + activations))
-        name, need = max(units, key=lambda unit: unit[1])
+            linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+            widest = max(linears, key=lambda m: m.in_features, default=None)
+            solve = 0 if widest is None else 8 * widest.in_features * (5 * widest.in_features + 5 * widest.out_features)
+            tuning = 4 * dense * 4 // itemsize if self.config.finetune_epochs else 0  # float32 copy, grads, Adam
+            units.append((f"block {index}", 2 * dense + solve + activations + tuning))
+        return max(units, key=lambda unit: unit[1])
+
+    def _check_budget(self) -> None:
+        """Fail before any work when the largest unit held at once exceeds ``max_memory``."""
+        if self.max_memory is None:
+            return
+        name, need = self.working_set()
         if need > self.max_memory:
             raise LowRankConfigError(f"--max-memory {self.max_memory:,} bytes is below the {need:,} bytes that {name} "
                                      "needs at once (its weights, factors and statistics); raise it")
@@ -375,9 +396,9 @@ class BlockCompressor:
         hidden = [h.to(self.device) for h, _ in catcher.calls]
         kwargs = [{k: _to(v, self.device) for k, v in kw.items()} for _, kw in catcher.calls]
         masks = [batch.get("attention_mask") for batch in self.batches]
-        order = self.config.calibration_order
-        streams = _Streams(dense=hidden if order in ("independent", "error_feedback") else None,
-                           compressed=hidden if order != "independent" else None, kwargs=kwargs, masks=masks)
+        order, tune = self.config.calibration_order, self.config.finetune_epochs > 0
+        streams = _Streams(dense=hidden if order in ("independent", "error_feedback") or tune else None,
+                           compressed=hidden if order != "independent" or tune else None, kwargs=kwargs, masks=masks)
         self.timings["catch_inputs"] = time.perf_counter() - start
         return streams
 
@@ -433,8 +454,7 @@ class BlockCompressor:
                         cross_gram = torch.zeros_like(stats.gram)
                     cross_gram.addmm_(pairs[1].T, pairs[0])
         _reduce_stats(stats, cross_gram)
-        if not stats.is_finite():
-            raise CalibrationError(f"calibration activations entering {self.prefix}.*.{first} hold NaN or Inf")
+        stats.check(f"{self.prefix}.*.{first}")
         return stats, cross_gram
 
     # ---------------------------------------------------------------- planning
@@ -500,43 +520,95 @@ class BlockCompressor:
     # ---------------------------------------------------------------- factoring
 
     def _compress_block(self, index: int, block: nn.Module, streams: _Streams, plans: dict[str, LayerPlan]) -> None:
-        order = self.config.calibration_order
+        order, spec = self.config.calibration_order, self.config.aq_spec
+        settings = None if spec is None else AQSettings(spec, self.config.aq_beam_size, self.config.aq_tolerance)
         dense_modules: dict[str, nn.Module] = {}
         for step in self._steps(block, streams):
             selected = [path for path in step if f"{self.prefix}.{index}.{path}" in plans]
-            factored = [path for path in selected if plans[f"{self.prefix}.{index}.{path}"].rank is not None]
+            changed = [path for path in selected
+                       if plans[f"{self.prefix}.{index}.{path}"].rank is not None or settings is not None]
             stats = cross = None
-            if factored and self.config.method != "svd":
+            if changed and (self.config.method != "svd" or settings is not None):
                 stats, cross = self._step_stats(block, step[0], streams, dense_modules,
                                                 cross=order == "error_feedback", use_dense=order == "independent")
             for path in selected:
                 name = f"{self.prefix}.{index}.{path}"
                 module = block.get_submodule(path)
-                plan = plans[name]
-                record = CompressedLayer(plan, self.config.method, LayerStatus.DENSE, module.weight.dtype,
-                                         dense_bytes=module.weight.untyped_storage().nbytes(), options=self.options)
-                if plan.rank is None:
-                    setattr(module, RECORD, record)
+                new = self._compressed_linear(module, name, plans[name], stats, cross, settings)
+                if new is None:
                     continue
-                decomposition = decompose(module.weight, self.config.method, stats, self.config.alpha, name,
-                                          cross=cross)
-                down, up = decomposition.factors(plan.rank, module.weight.dtype)
-                record.plan = dataclasses.replace(plan, truncation_loss=decomposition.truncation_loss(plan.rank))
-                record.status = LayerStatus.FACTORED
                 dense_modules[path] = module
                 parent, _, attr = path.rpartition(".")
-                setattr(block.get_submodule(parent) if parent else block, attr,
-                        LowRankLinear.from_factors(down, up, module.bias, record))
+                setattr(block.get_submodule(parent) if parent else block, attr, new)
             del stats, cross
             release_freed_memory()
+        inputs = streams.compressed
         with torch.no_grad():
-            if streams.compressed is not None:
-                streams.compressed = [_block_output(block, h, kw) for h, kw in zip(streams.compressed, streams.kwargs)]
             if streams.dense is not None:
                 with _modules_set(block, dense_modules):
                     streams.dense = [_block_output(block, h, kw) for h, kw in zip(streams.dense, streams.kwargs)]
+        if self.config.finetune_epochs:
+            self._finetune(index, block, inputs, streams)
+        with torch.no_grad():
+            if inputs is not None:
+                streams.compressed = [_block_output(block, h, kw) for h, kw in zip(inputs, streams.kwargs)]
         self.entries.update({f"{self.prefix}.{index}.{path}": entry for path, entry in
                              LowRankQuantizationConfig.of_model(block).linears.items()})
+
+    def _compressed_linear(self, module: nn.Linear, name: str, plan: LayerPlan, stats: ActivationStats | None,
+                           cross: torch.Tensor | None, settings: AQSettings | None) -> nn.Module | None:
+        """The module replacing ``module`` (factors, AQ codes, or both), or None when it stays dense (its record set)."""
+        record = CompressedLayer(plan, self.config.method, LayerStatus.DENSE, module.weight.dtype,
+                                 dense_bytes=module.weight.untyped_storage().nbytes(), options=self.options)
+        gram = None if stats is None else stats.gram
+        if plan.rank is None:
+            if settings is None:
+                setattr(module, RECORD, record)
+                return None
+            record.status = LayerStatus.QUANTIZED
+            return quantize_dense(module.weight, gram, module.bias, record, settings)
+        decomposition = decompose(module.weight, self.config.method, stats, self.config.alpha, name, cross=cross)
+        down, up = decomposition.factors(plan.rank, module.weight.dtype)
+        record.plan = dataclasses.replace(plan, truncation_loss=decomposition.truncation_loss(plan.rank))
+        record.status = LayerStatus.FACTORED
+        if settings is not None:
+            return quantize_factors(module.weight, down, up, gram, module.bias, record, settings)
+        return LowRankLinear.from_factors(down, up, module.bias, record)
+
+    def _finetune(self, index: int, block: nn.Module, inputs: list[torch.Tensor], streams: _Streams) -> None:
+        """Block fine-tuning (``finetune_epochs``): Adam on the block's floating-point parameters (AQ codes are
+        integers and stay), in float32, so that ``block(inputs)`` matches the dense outputs ``streams.dense``.
+
+        The loss is the per-token squared error over the squared norm of the dense output: the residual stream of
+        a few tokens (attention sinks) is orders of magnitude larger than the rest and would otherwise decide it.
+        Gradients are averaged over the ranks, so every rank keeps the same block."""
+        params = [p for p in block.parameters() if p.is_floating_point()]
+        dtypes = [p.dtype for p in params]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=self.config.finetune_lr)
+        first = last = 0.0
+        try:
+            for epoch in range(self.config.finetune_epochs):
+                total = 0.0
+                for h, kwargs, target, mask in zip(inputs, streams.kwargs, streams.dense, streams.masks):
+                    out = _block_output(block, h.float(), _to_float(kwargs))
+                    error = (out - target.float()).square().sum(-1) / target.float().square().sum(-1).clamp_min(1e-12)
+                    loss = error.mean() if mask is None else error[mask.to(error.device).bool()].mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    _reduce_gradients(params)
+                    optimizer.step()
+                    total += loss.item()
+                first = total / len(inputs) if epoch == 0 else first
+                last = total / len(inputs)
+        finally:
+            for p, dtype in zip(params, dtypes):
+                p.requires_grad_(False)
+                p.grad = None
+                p.data = p.data.to(dtype)
+        log.info("block %d fine-tuned: relative error %.4g (first epoch) -> %.4g (last)", index, first, last)
 
     def run(self) -> BlockCompressionResult:
         """Compress every block not done yet, then write the folder's remaining files."""
@@ -624,6 +696,17 @@ def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, tuple):
         return tuple(_to(v, device) for v in value)
     return value
+
+
+def _to_float(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A block's keyword arguments with floating-point tensors (RoPE's cos/sin, a float mask) in float32."""
+    def cast(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.float()
+        if isinstance(value, tuple):
+            return tuple(cast(v) for v in value)
+        return value
+    return {k: cast(v) for k, v in kwargs.items()}
 
 
 def _first_row(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -284,6 +284,8 @@ def _config(args: argparse.Namespace, dump_dir: Path | None) -> LowRankConfig:
         aq_group_size=args.aq_group_size,
         aq_beam_size=args.aq_beam_size,
         aq_tolerance=args.aq_tolerance,
+        finetune_epochs=getattr(args, "finetune_epochs", 0),
+        finetune_lr=getattr(args, "finetune_lr", LowRankConfig.finetune_lr),
         dump_dir=None if dump_dir is None else str(dump_dir),
     )
 
@@ -342,7 +344,8 @@ def _print_report(result: Compressed) -> None:
 
 
 def _compress_blocks(args: argparse.Namespace) -> int:
-    """``compress --max-memory``: block by block from the model's files to the output folder (resumable)."""
+    """``compress --max-memory`` (or ``--finetune-epochs``): block by block from the model's files to the output
+    folder (resumable)."""
     from .block_compression import BlockCompressor, skeleton_of
     from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
     from .weight_sources import open_weights
@@ -370,7 +373,7 @@ def _compress_blocks(args: argparse.Namespace) -> int:
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    if args.max_memory is not None:
+    if args.max_memory is not None or args.finetune_epochs:
         return _compress_blocks(args)
     result = _compress_folder(args, dump_dir=None)
     _print_report(result)
@@ -639,7 +642,8 @@ def _compression_options(
                         help="rank allocation across layers (default: %(default)s)")
     parser.add_argument("--calibration-order", choices=CALIBRATION_ORDERS, default=LowRankConfig.calibration_order,
                         help="'sequential' / 'error_feedback': factor each linear, in graph order, from the inputs of "
-                        "the already-compressed layers before it (method whiten; default: %(default)s)")
+                        "the already-compressed layers before it (method whiten; default: error_feedback with whiten and no "
+                        "--quantize, else independent)")
     parser.add_argument("--compiler", choices=COMPILERS, default=compiler, help=COMPILER_HELP)
     parser.add_argument("--rank-multiple", type=_positive, default=LowRankConfig.rank_multiple,
                         help="ranks are multiples of this, at least one multiple (default: %(default)s); smaller "
@@ -754,6 +758,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "model)")
     compress.add_argument("--device", default="cpu",
                           help="with --max-memory: where each block is compressed (default: %(default)s)")
+    compress.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
+                          help="block fine-tuning: after each block is compressed, N passes of Adam over the "
+                          "calibration batches fit it to the dense block's outputs (runs block by block, also "
+                          "without --max-memory; default: none)")
+    compress.add_argument("--finetune-lr", type=float, default=LowRankConfig.finetune_lr,
+                          help="Adam's learning rate for --finetune-epochs (default: %(default)s)")
     compress.set_defaults(run=run_compress)
     _folder_command(sub, "dump", "compress a model folder, writing only graph dumps (before/after each pass) and the report",
                     "folder for the graph dumps and report").set_defaults(run=run_dump)

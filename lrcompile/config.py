@@ -119,6 +119,8 @@ class LowRankConfig:
         (the same order, and each linear is refit so that, fed those inputs, it best
         reproduces the dense layer's output ``W X``; see ``passes.sequential_calibration``).
         Both need ``method="whiten"``; ranks are planned first from the dense statistics.
+        None (default): ``error_feedback`` with ``whiten`` when nothing is quantised (the most
+        accurate order and the lightest on memory, docs/results/smollm2.md), else ``independent``.
 
     The defaults follow docs/results: ``whiten`` beats ``asvd`` and ``svd`` on
     every model measured (on SmolLM2, whose activations have outliers, ``asvd``
@@ -144,6 +146,12 @@ class LowRankConfig:
     aq_group_size: consecutive input weights per code group (g); must divide every quantised layer's input width.
     aq_beam_size: code tuples kept per group during AQLM's beam search (1: greedy).
     aq_tolerance: AQLM stops when a round improves the output error by less than this fraction.
+    finetune_epochs: block fine-tuning (AQLM Sec. 3.4; block by block only): after each decoder block is
+        compressed, this many passes of Adam over the calibration batches fit the compressed block, fed the
+        compressed model's activations, to the dense block's outputs (per-token relative squared error).
+        Trained: factors, AQ codebooks and scales, norms, biases and the linears left dense; AQ codes stay.
+        0 (default): none.
+    finetune_lr: Adam's learning rate for block fine-tuning.
     compiler: the downstream compiler of the rewritten graph: ``inductor``, ``aot_eager`` or ``eager``.
     compiler_mode / compiler_options: with ``inductor``, torch.compile's ``mode`` (``"reduce-overhead"``:
         CUDA graphs, ``"max-autotune"``, ...) and ``options`` (Inductor config names and values), handed to
@@ -159,7 +167,7 @@ class LowRankConfig:
     method: str = "whiten"
     alpha: float = 0.5
     allocation: str = "closed_form"
-    calibration_order: str = "independent"
+    calibration_order: str | None = None
     rank_multiple: int = 8
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
@@ -174,6 +182,8 @@ class LowRankConfig:
     aq_group_size: int = 8
     aq_beam_size: int = 1
     aq_tolerance: float = 0.01
+    finetune_epochs: int = 0
+    finetune_lr: float = 5e-4
     dump_dir: str | None = None
     compiler: str = "inductor"
     compiler_mode: str | None = None
@@ -185,6 +195,9 @@ class LowRankConfig:
         set_(self, "param_ratio", _ratio("param_ratio", self.param_ratio))
         _choice("method", self.method, FACTOR_METHODS)
         _choice("allocation", self.allocation, ALLOCATION_METHODS)
+        if self.calibration_order is None:
+            refits = self.method == "whiten" and self.quantize is None
+            set_(self, "calibration_order", "error_feedback" if refits else "independent")
         _choice("calibration_order", self.calibration_order, CALIBRATION_ORDERS)
         if self.calibration_order != "independent" and self.method != "whiten":
             raise LowRankConfigError(
@@ -221,6 +234,12 @@ class LowRankConfig:
         tolerance = self.aq_tolerance
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
             raise LowRankConfigError(f"option 'aq_tolerance'={tolerance!r}: expected a fraction in [0, 1) (AQLM uses 0.01)")
+        epochs = self.finetune_epochs
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise LowRankConfigError(f"option 'finetune_epochs'={epochs!r}: expected a non-negative integer (0: none)")
+        lr = self.finetune_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
+            raise LowRankConfigError(f"option 'finetune_lr'={lr!r}: expected a learning rate in (0, 1)")
         if self.quantize is not None and self.calibration_order != "independent":
             raise LowRankConfigError(
                 f"option quantize={self.quantize!r} fits codes to each layer's input statistics from the dense model; "

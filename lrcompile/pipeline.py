@@ -39,7 +39,14 @@ from lrcompile.passes import (
 from lrcompile.passes.attention_blocks import AttentionBlock, UnmatchedAttention, find_attention_blocks
 from lrcompile.passes.calibration_runner import is_state_input
 from lrcompile.passes.decomposition import LinearDecomposition
-from lrcompile.passes.find_linears import ModuleSlot, dynamo_frame_locals, placeholder_values, weight_owner, weight_tensor
+from lrcompile.passes.find_linears import (
+    ModuleSlot,
+    dynamo_frame_locals,
+    parameter_owner,
+    placeholder_values,
+    weight_owner,
+    weight_tensor,
+)
 from lrcompile.passes.kv_fisher import measure_kv_fisher
 from lrcompile.passes.kv_rank_allocation import (
     KVProjection,
@@ -61,7 +68,7 @@ from lrcompile.passes.latent_kv import (
 )
 
 from .config import LowRankConfig
-from .errors import CalibrationError, LatentCacheError, LowRankError, NoCompressibleLinearError
+from .errors import CalibrationError, LatentCacheError, LowRankConfigError, LowRankError, NoCompressibleLinearError
 from .hf_quantizer import describe_on_config
 from .modules import RECORD, AQLinear, AQLowRankLinear, GroupedLowRankProjection, LowRankLinear, factor_bytes, module_record
 from .pass_manager import Pass, PassManager
@@ -155,7 +162,7 @@ def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None,
 def _find_linears(c: GraphCompression) -> None:
     """Find the linears and their modules; those the model holds compressed already are reused as they are."""
     c.linears = find_linears(c.gm, c.example_inputs, c.config.include, c.config.exclude)
-    compressed = any(is_aq_call(node) for node in c.gm.graph.nodes)  # AQ layers installed already
+    compressed = _check_installed_aq(c)
     for view in c.linears:
         slot = weight_owner(c.gm, view, c.frame_locals)
         module = None if slot is None else slot.module
@@ -188,6 +195,20 @@ def _find_linears(c: GraphCompression) -> None:
             f"the captured graph has no compressible linear layer (linears found: {found}); "
             f"include={list(c.config.include)}, exclude={list(c.config.exclude)}"
         )
+
+
+def _check_installed_aq(c: GraphCompression) -> bool:
+    """Whether the graph runs AQ layers installed already (a quantised model compiled again); each must have
+    been quantised under this compile's options, as a factored layer must (:func:`_reusable`)."""
+    calls = [node for node in c.gm.graph.nodes if is_aq_call(node)]
+    for node in calls:
+        slot = parameter_owner(c.gm, node.args[1], c.frame_locals)  # the codes' module
+        if slot is None:
+            continue
+        record = module_record(slot.module) or module_record(slot.parent)  # a factor's record is its pair's
+        if isinstance(record, CompressedLayer):
+            _reusable(c, record.name, record.options, dense_held=False)
+    return bool(calls)
 
 
 def _find_attention(c: GraphCompression) -> None:
@@ -508,6 +529,11 @@ def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config:
     """Run every pass on ``gm``; the result holds the rewritten graph, the plan, the report and the modules
     to install on the model (:func:`install`). Called from a Dynamo backend, the model's modules are found
     in the captured frame; for other graphs (``symbolic_trace``, ``torch.export``) in ``gm`` itself."""
+    if config.finetune_epochs:
+        raise LowRankConfigError(
+            f"option finetune_epochs={config.finetune_epochs} fine-tunes each decoder block against the dense block "
+            "and runs block by block: use lrcompile.compress_model_blocks(model, batches, config, out) or "
+            "`lrcompile compress MODEL --finetune-epochs N`, or set finetune_epochs=0 for torch.compile")
     graph_id = next(_graph_ids)
     dump_dir = Path(config.dump_dir) / f"graph_{graph_id:03d}" if config.dump_dir else None
     compression = GraphCompression(gm, list(example_inputs or []), config, dynamo_frame_locals(gm))

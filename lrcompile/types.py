@@ -94,6 +94,18 @@ class ActivationStats:
         tensors = [self.abs_sum, self.abs_max] + ([self.gram] if self.gram is not None else [])
         return all(bool(torch.isfinite(t).all()) for t in tensors)
 
+    def check(self, layer: str) -> None:
+        """Raise :class:`~lrcompile.errors.CalibrationError` naming ``layer`` when no row arrived or any is NaN/Inf."""
+        from .errors import CalibrationError
+
+        if not self.is_finite():
+            raise CalibrationError(
+                f"calibration activations entering layer {layer!r} contain NaN or Inf "
+                "(the first such layer in graph order); check the calibration inputs and the model's weights"
+            )
+        if self.rows == 0:
+            raise CalibrationError(f"no calibration data reached layer {layer!r}")
+
 
 @dataclass
 class LinearMeta:

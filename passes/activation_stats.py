@@ -85,15 +85,8 @@ def collect_stats(gm: fx.GraphModule, linears: Iterable[LinearNode], validate: b
     gm.recompile()
     for view in linears if validate else ():
         stats = view.meta.stats
-        if stats is None:
-            continue
-        if not stats.is_finite():
-            raise CalibrationError(
-                f"calibration activations entering layer {view.meta.name!r} contain NaN or Inf "
-                "(the first such layer in graph order); check the calibration inputs and the model's weights"
-            )
-        if stats.rows == 0:
-            raise CalibrationError(f"no calibration data reached layer {view.meta.name!r}")
+        if stats is not None:
+            stats.check(view.meta.name)
 
 
 def calibrate(runner: CalibrationRunner, batches: Iterable[Any], total: int | None = None) -> None:

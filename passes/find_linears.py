@@ -104,15 +104,20 @@ def dynamo_frame_locals(gm: fx.GraphModule) -> Mapping[str, Any] | None:
 
 
 def weight_owner(gm: fx.GraphModule, view: LinearNode, frame_locals: Mapping[str, Any] | None) -> ModuleSlot | None:
-    """The module holding the layer's weight: in ``gm`` (``symbolic_trace``, ``torch.export``), or named by the
-    Dynamo source of its placeholder (``L['self']._modules['model']...``, ``L['args'][0]._modules[...]`` under a
-    decorator) among the captured frame's locals."""
+    """The module holding the layer's weight (see :func:`parameter_owner`)."""
     if view.layout is WeightLayout.MODULE:
         return _slot(gm, str(view.node.target).split("."))
-    if view.weight.op == "get_attr":
-        path = str(view.weight.target).split(".")
+    return parameter_owner(gm, view.weight, frame_locals)
+
+
+def parameter_owner(gm: fx.GraphModule, node: fx.Node, frame_locals: Mapping[str, Any] | None) -> ModuleSlot | None:
+    """The module holding the parameter ``node`` reads: in ``gm`` (``symbolic_trace``, ``torch.export``), or
+    named by the Dynamo source of its placeholder (``L['self']._modules['model']...``, ``L['args'][0]._modules[...]``
+    under a decorator) among the captured frame's locals."""
+    if node.op == "get_attr":
+        path = str(node.target).split(".")
         return _slot(gm, path[:-1]) if len(path) > 1 else None
-    grapharg = view.weight.meta.get("grapharg")
+    grapharg = node.meta.get("grapharg")
     match = _PARAMETER_SOURCE.match(grapharg.source.name) if grapharg is not None else None
     if match is None or frame_locals is None or match.group(1) not in frame_locals:
         return None

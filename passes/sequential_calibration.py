@@ -121,6 +121,7 @@ def sequential_steps(
                     if step.cross is None:
                         step.cross = x_hat.new_zeros(width, width)
                     step.cross.addmm_(ActivationStats.rows_of(dense[b].run_until(node), mask).T, x_hat)
+        step.stats.check(views[0].meta.name)
         yield step
         factors.update((view.node, (view, down, up)) for view, (down, up) in step.factors.items())
     log.info("sequential calibration: %d steps over %d batches (%s)", len(readers), len(batches),

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -117,6 +119,91 @@ def test_max_memory_below_one_block_is_refused_before_any_work(tmp_path):
 def test_latent_kv_is_refused(tmp_path):
     with pytest.raises(LowRankConfigError, match="kv_ratio"):
         compress_model_blocks(tiny_model("llama"), batches(), options(kv_ratio=0.5), tmp_path)
+
+
+AQ = dict(quantize="aqlm", aq_config="2x4", aq_group_size=8, aq_tolerance=0.05)
+
+
+@pytest.mark.parametrize("param_ratio", [1.0, 0.6])
+def test_quantises_as_the_graph_passes(tmp_path, param_ratio):
+    """``quantize="aqlm"`` block by block: every layer (full rank) or both factors hold the codes the
+    whole-graph compile fits, from the same dense statistics."""
+    calibration = batches()
+    config = dict(param_ratio=param_ratio, rank_multiple=8, allocation="uniform", **AQ)  # ranks the group size divides
+    compress_model_blocks(tiny_model("llama"), calibration, LowRankConfig(**config), tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    kinds = {type(m).__name__ for m in loaded.modules()}
+    assert ("AQLinear" if param_ratio == 1.0 else "AQLowRankLinear") in kinds and "Linear" not in {
+        type(m).__name__ for name, m in loaded.named_modules() if "layers" in name}
+    graph = tiny_model("llama")
+    compiled = torch.compile(graph, backend="lowrank",
+                             options=LowRankConfig(calibration=calibration, compiler="eager", **config))
+    with torch.no_grad():
+        compiled(**calibration[0])
+    ids = calibration[0]["input_ids"]
+    # the statistics agree to float round-off, which can flip a discrete code choice of a factor (~1e-4 in logits)
+    assert torch.allclose(logits(loaded, ids), logits(graph, ids), atol=1e-5 if param_ratio == 1.0 else 1e-3)
+
+
+def _relative_error(model: torch.nn.Module, dense: torch.nn.Module, calibration) -> float:
+    got = torch.cat([logits(model, b["input_ids"]) for b in calibration])
+    want = torch.cat([logits(dense, b["input_ids"]) for b in calibration])
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("extra", [{"calibration_order": "error_feedback", "rank_multiple": 1},
+                                   {"calibration_order": "independent", "rank_multiple": 8, **AQ}],
+                         ids=["factored", "aq factors"])
+def test_finetuning_brings_blocks_closer_to_the_dense_model(tmp_path, extra, caplog):
+    """``finetune_epochs``: each block's objective falls, and the compressed model's logits on the calibration
+    data move towards the dense model's; AQ codes stay as fitted (codebooks, scales, factors and the dense
+    parameters train)."""
+    calibration = batches()
+    results = {}
+    for epochs in (0, 4):
+        out = tmp_path / f"epochs-{epochs}"
+        config = LowRankConfig(param_ratio=0.6, finetune_epochs=epochs, finetune_lr=1e-3, **extra)
+        with caplog.at_level(logging.INFO, logger="lrcompile.block_compression"):
+            compress_model_blocks(tiny_model("llama"), calibration, config, out)
+        results[epochs] = AutoModelForCausalLM.from_pretrained(out).eval()
+    objectives = [re.search(r"relative error (\S+) \(first epoch\) -> (\S+) \(last\)", r.getMessage())
+                  for r in caplog.records if "fine-tuned" in r.getMessage()]
+    assert len(objectives) == 2 and all(float(m[2]) < float(m[1]) for m in objectives)
+    dense = tiny_model("llama")
+    assert _relative_error(results[4], dense, calibration) < 0.98 * _relative_error(results[0], dense, calibration)
+    before, after = results[0].state_dict(), results[4].state_dict()
+    assert before.keys() == after.keys()
+    assert all(p.dtype == after[k].dtype and not p.requires_grad for k, p in before.items())
+    codes = [k for k in before if k.endswith(".codes")]
+    assert bool(codes) == ("quantize" in extra) and all(torch.equal(before[k], after[k]) for k in codes)
+    norm = "model.layers.1.post_attention_layernorm.weight"
+    assert not torch.equal(before[norm], after[norm]), "norms are trained too"
+
+
+def test_finetuning_a_bfloat16_model_keeps_its_dtype(tmp_path):
+    compress_model_blocks(tiny_model("llama").to(torch.bfloat16), batches(2), options(finetune_epochs=1), tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(logits(loaded, batches(1)[0]["input_ids"]).float()).all()
+
+
+def test_the_graph_path_refuses_finetuning_naming_the_block_path():
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="lowrank",
+                             options=LowRankConfig(calibration=batches(1), compiler="eager", finetune_epochs=2))
+    with pytest.raises(Exception, match=r"finetune_epochs=2 .* runs block by block: use "
+                                        r"lrcompile\.compress_model_blocks"):
+        compiled(**batches(1)[0])
+
+
+@pytest.mark.parametrize("options_, message", [
+    ({"finetune_epochs": -1}, r"'finetune_epochs'=-1: expected a non-negative integer"),
+    ({"finetune_epochs": 1.5}, r"'finetune_epochs'=1\.5"),
+    ({"finetune_lr": 0}, r"'finetune_lr'=0: expected a learning rate in \(0, 1\)"),
+])
+def test_bad_finetuning_options_are_named(options_, message):
+    with pytest.raises(LowRankConfigError, match=message):
+        LowRankConfig(**options_)
 
 
 def test_safetensors_source_reads_what_the_model_holds(tmp_path):

@@ -164,6 +164,22 @@ _LOAD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("quantized", ["full_rank", "factored"])
+def test_recompiling_quantised_layers_with_other_options_names_them(quantized, request):
+    """AQ layers run as ``aq_linear`` calls, not linears: a compile asking for other options must still see them."""
+    model, _ = request.getfixturevalue(quantized)
+    torch._dynamo.reset()
+    try:
+        config = lrcompile.LowRankConfig(calibration=token_batches(2), param_ratio=1.0 if quantized == "full_rank" else 0.5,
+                                         allocation="uniform", compiler="eager", **{**AQ, "aq_config": "1x4"})
+        recompiled = torch.compile(type(model).forward.__get__(model), backend="lowrank", options=config)
+        with pytest.raises(Exception, match=r"model\.layers\.0\.self_attn\.q_proj was compressed with "
+                                            r"aq_config='2x4' .* this compile asks for aq_config='1x4'"):
+            recompiled(token_batches(1, seed=3)[0], use_cache=False)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"quantize": "gptq"}, r"option 'quantize'='gptq' is not one of 'aqlm'"),
     ({"quantize": "aqlm", "aq_config": "2y8"}, r"option 'aq_config'='2y8': expected 'MxB'"),
