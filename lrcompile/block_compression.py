@@ -165,6 +165,15 @@ def _reduce_gradients(params: list[nn.Parameter]) -> None:
             p.grad /= world
 
 
+def _fewest_over_ranks(count: int, device: torch.device) -> int:
+    """The smallest ``count`` of any rank."""
+    if _distributed()[1] == 1:
+        return count
+    value = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value)
+
+
 def _barrier() -> None:
     if _distributed()[1] > 1:
         dist.barrier()
@@ -588,11 +597,12 @@ class BlockCompressor:
             p.data = p.data.float()
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=self.config.finetune_lr)
+        steps = _fewest_over_ranks(len(inputs), self.device)  # every rank takes as many steps (each one all-reduces)
         first = last = 0.0
         try:
             for epoch in range(self.config.finetune_epochs):
                 total = 0.0
-                for h, kwargs, target, mask in zip(inputs, streams.kwargs, streams.dense, streams.masks):
+                for h, kwargs, target, mask in list(zip(inputs, streams.kwargs, streams.dense, streams.masks))[:steps]:
                     out = _block_output(block, h.float(), _to_float(kwargs))
                     error = (out - target.float()).square().sum(-1) / target.float().square().sum(-1).clamp_min(1e-12)
                     loss = error.mean() if mask is None else error[mask.to(error.device).bool()].mean()
@@ -601,8 +611,8 @@ class BlockCompressor:
                     _reduce_gradients(params)
                     optimizer.step()
                     total += loss.item()
-                first = total / len(inputs) if epoch == 0 else first
-                last = total / len(inputs)
+                first = total / steps if epoch == 0 else first
+                last = total / steps
         finally:
             for p, dtype in zip(params, dtypes):
                 p.requires_grad_(False)

@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--finetune-epochs", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed = "RANK" in __import__("os").environ
@@ -43,7 +44,8 @@ def main() -> None:
         dist.init_process_group("gloo")
     start = time.perf_counter()
     compress_model_blocks(tiny_llama(args.layers, args.hidden), calibration(args.batches, args.seq),
-                          LowRankConfig(param_ratio=0.6, calibration_order="error_feedback", rank_multiple=1), args.out)
+                          LowRankConfig(param_ratio=0.6, calibration_order="error_feedback", rank_multiple=1,
+                                        finetune_epochs=args.finetune_epochs, finetune_lr=1e-3), args.out)
     seconds = time.perf_counter() - start
     if not distributed or dist.get_rank() == 0:
         (Path(args.out) / "wall_seconds.json").write_text(json.dumps({"seconds": seconds}))

@@ -262,6 +262,19 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert torch.allclose(logits(one, ids), logits(two, ids), atol=1e-4)
 
 
+def test_two_gloo_ranks_finetune_on_uneven_shares(tmp_path):
+    """Fine-tuning all-reduces every step's gradients: with 7 batches over 2 ranks (4 and 3) both take the same
+    number of steps (no rank waits forever) and the folder rank 0 writes loads."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            f"--master-port={_free_port()}", str(HERE / "block_compression_worker.py"),
+                            "--out", str(tmp_path), "--batches", "7", "--finetune-epochs", "2"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.isfinite(logits(model, torch.randint(0, 128, (2, 16)))).all()
+
+
 def test_write_safetensors_streams_a_file_safetensors_reads(tmp_path):
     from lrcompile.block_compression import write_safetensors
 

@@ -130,6 +130,17 @@ def test_compress_block_by_block_under_max_memory(model_dir, calib_file, tmp_pat
     assert all(torch.equal(loaded[k], expected[k]) for k in loaded)
 
 
+def test_compress_with_finetuning_runs_block_by_block(model_dir, calib_file, tmp_path, capsys, caplog):
+    """``--finetune-epochs`` needs the dense block beside the compressed one: ``compress`` goes block by block."""
+    out = tmp_path / "tuned"
+    with caplog.at_level(logging.INFO, logger="lrcompile.block_compression"):
+        assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--param-ratio", "0.8",
+                     "--finetune-epochs", "2", "--finetune-lr", "1e-3", *SMALL]) == 0
+    assert "block by block" in capsys.readouterr().out
+    assert sum("fine-tuned" in r.getMessage() for r in caplog.records) == 2  # both blocks of the tiny Llama
+    assert lrcompile.model_report(load_model_folder(out)[0]).totals()["factored"] > 0
+
+
 def test_compress_then_report_then_load(model_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "compressed"
     assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--param-ratio", "0.8",
