@@ -202,13 +202,6 @@ def test_a_group_size_not_dividing_a_layer_names_it():
     assert any(isinstance(e, LowRankConfigError) for e in chain)
 
 
-def test_block_by_block_compression_refuses_quantize():
-    from lrcompile.block_compression import BlockCompressor
-
-    with pytest.raises(LowRankConfigError, match=r"option quantize='aqlm' \(AQLM\) needs the in-memory compile"):
-        BlockCompressor(torch.nn.Module(), None, [], lrcompile.LowRankConfig(quantize="aqlm"), "unused")
-
-
 def test_quantize_needs_calibration_even_at_param_ratio_one():
     config = lrcompile.LowRankConfig(param_ratio=1.0, quantize="aqlm")
     assert config.needs_calibration and config.aq_spec.name == "2x8" and config.aq_spec.group_size == 8
