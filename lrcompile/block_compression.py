@@ -47,7 +47,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -403,7 +403,7 @@ class BlockCompressor:
         if len(catcher.calls) != len(self.batches):
             raise LowRankError("block compression: a calibration batch never reached the first decoder block")
         hidden = [h.to(self.device) for h, _ in catcher.calls]
-        kwargs = [{k: _to(v, self.device) for k, v in kw.items()} for _, kw in catcher.calls]
+        kwargs = [_map_tensors(kw, lambda t: t.to(self.device)) for _, kw in catcher.calls]
         masks = [batch.get("attention_mask") for batch in self.batches]
         order, tune = self.config.calibration_order, self.config.finetune_epochs > 0
         streams = _Streams(dense=hidden if order in ("independent", "error_feedback") or tune else None,
@@ -420,7 +420,7 @@ class BlockCompressor:
         try:
             with torch.no_grad():
                 stream = streams.dense if streams.dense is not None else streams.compressed
-                _block_output(block, stream[0][:1], _first_row(streams.kwargs[0]))
+                _block_output(block, stream[0][:1], _map_tensors(streams.kwargs[0], _first_row))
         finally:
             for handle in handles:
                 handle.remove()
@@ -603,7 +603,7 @@ class BlockCompressor:
             for epoch in range(self.config.finetune_epochs):
                 total = 0.0
                 for h, kwargs, target, mask in list(zip(inputs, streams.kwargs, streams.dense, streams.masks))[:steps]:
-                    out = _block_output(block, h.float(), _to_float(kwargs))
+                    out = _block_output(block, h.float(), _map_tensors(kwargs, _float32))
                     error = (out - target.float()).square().sum(-1) / target.float().square().sum(-1).clamp_min(1e-12)
                     loss = error.mean() if mask is None else error[mask.to(error.device).bool()].mean()
                     optimizer.zero_grad(set_to_none=True)
@@ -700,34 +700,24 @@ def _meta_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    return value
-
-
-def _to_float(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A block's keyword arguments with floating-point tensors (RoPE's cos/sin, a float mask) in float32."""
-    def cast(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.float()
+def _map_tensors(kwargs: dict[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+    """A block's keyword arguments with ``fn`` applied to every tensor (also inside tuples: RoPE's cos/sin)."""
+    def apply(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return fn(value)
         if isinstance(value, tuple):
-            return tuple(cast(v) for v in value)
+            return tuple(apply(v) for v in value)
         return value
-    return {k: cast(v) for k, v in kwargs.items()}
+    return {k: apply(v) for k, v in kwargs.items()}
 
 
-def _first_row(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of one batch cut to its first sequence (for the cheap probe of execution order)."""
-    def cut(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 1 and value.shape[0] > 1:
-            return value[:1]
-        if isinstance(value, tuple):
-            return tuple(cut(v) for v in value)
-        return value
-    return {k: cut(v) for k, v in kwargs.items()}
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def _first_row(tensor: torch.Tensor) -> torch.Tensor:
+    """A batch's tensor cut to its first sequence (for the cheap probe of execution order)."""
+    return tensor[:1] if tensor.dim() > 1 and tensor.shape[0] > 1 else tensor
 
 
 def _rebuild_rotary(model: nn.Module) -> None:
