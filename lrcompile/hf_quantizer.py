@@ -160,12 +160,20 @@ def build_compressed_modules(model: nn.Module, config: LowRankQuantizationConfig
 
 
 def refresh_dtypes(model: nn.Module) -> None:
-    """Records name the dtype of the tensors their module holds (the loaded one, e.g. ``from_pretrained(dtype=...)``)."""
+    """Records name the dtype of the tensors their module holds (the loaded one, e.g. ``from_pretrained(dtype=...)``);
+    AQ codebooks are brought to their 16-bit storage dtype for it (a folder saved before codebooks were stored in
+    16 bits holds them in float32; ``from_pretrained(dtype=...)`` may have cast them to the model's dtype)."""
+    from .kernels.aq_linear import codebook_dtype
     from .modules import AQLinear, AQLowRankLinear, GroupedLowRankProjection, LowRankLinear, compressed_modules
 
     for _, module in compressed_modules(model):
         if isinstance(module, (AQLinear, AQLowRankLinear)):
-            tensor = module.codebooks if isinstance(module, AQLinear) else module.down.codebooks
+            parts = [module] if isinstance(module, AQLinear) else [module.down, module.up]
+            for part in parts:
+                stored = codebook_dtype(part.scales.dtype)
+                if part.codebooks.dtype != stored:
+                    part.codebooks = nn.Parameter(part.codebooks.detach().to(stored), requires_grad=False)
+            tensor = module.scales if isinstance(module, AQLinear) else module.down.scales
         else:
             tensor = module.down if isinstance(module, (LowRankLinear, GroupedLowRankProjection)) else module.weight
         module.lowrank_record.dtype = tensor.dtype

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrcompile.kernels.aq_linear import dequantize
+from lrcompile.kernels.aq_linear import codebook_dtype, dequantize
 from lrcompile.kernels.grouped_projection import grouped_up_projection
 from lrcompile.types import AQSpec, CompressedLayer, LatentAttention
 
@@ -64,6 +64,9 @@ class AQLinear(nn.Module):
     [out, in // g, M]``, ``codebooks [M, 2^B, g]``, ``scales [out]`` (format of
     :mod:`lrcompile.kernels.aq_linear`); the forward is the ``lowrank::aq_linear`` op.
 
+    ``dtype`` is the model's: scales and bias take it, the codebooks its 16-bit storage dtype
+    (:func:`~lrcompile.kernels.aq_linear.codebook_dtype`: bfloat16 for bfloat16, else float16).
+
     ``lowrank_record`` is its :class:`CompressedLayer` (status ``aq``) when it replaces a
     linear, None when it is a factor of an :class:`AQLowRankLinear` (which holds the record).
     """
@@ -76,7 +79,8 @@ class AQLinear(nn.Module):
         groups, size = in_features // spec.group_size, 2**spec.bits
         self.codes = nn.Parameter(torch.zeros(out_features, groups, spec.codebooks, dtype=spec.code_dtype,
                                               device=device), requires_grad=False)
-        self.codebooks = nn.Parameter(torch.empty(spec.codebooks, size, spec.group_size, dtype=dtype, device=device),
+        self.codebooks = nn.Parameter(torch.empty(spec.codebooks, size, spec.group_size, device=device,
+                                                  dtype=codebook_dtype(dtype or torch.get_default_dtype())),
                                       requires_grad=False)
         self.scales = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from lrcompile.errors import LowRankConfigError
+from lrcompile.kernels.aq_linear import codebook_dtype
 from lrcompile.types import AQSpec
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,15 @@ _KMEANS_SAMPLE = 1 << 15  # groups the k-means iterations run on (at least one p
 
 @dataclass
 class AQFit:
-    """Codes ``[out, in // g, M]`` (storage dtype of :meth:`AQSpec.code_dtype`), codebooks ``[M, 2^B, g]``,
-    scales ``[out]`` (the weight's dtype), and the relative output error after initialisation and after each round."""
+    """Codes ``[out, in // g, M]`` (storage dtype of :meth:`AQSpec.code_dtype`), codebooks ``[M, 2^B, g]``
+    (:func:`~lrcompile.kernels.aq_linear.codebook_dtype` of the weight's dtype), scales ``[out]`` (the weight's
+    dtype), and the relative output error after initialisation and after each round."""
 
     codes: Tensor
     codebooks: Tensor
     scales: Tensor
-    errors: list[float]  # after initialisation, then after each round
-    relative_error: float  # tr(dW G dW^T) / tr(W G W^T) of the returned (best) state
+    errors: list[float]  # after initialisation, then after each round (float32 codebooks and scales)
+    relative_error: float  # tr(dW G dW^T) / tr(W G W^T) of the returned tensors, as stored (rounded)
     seconds: float
 
 
@@ -226,7 +228,8 @@ def fit_additive_quantization(weight: Tensor, gram: Tensor | None, spec: AQSpec,
 
     Rounds of beam search then ``adam_steps`` Adam steps run until the relative
     error improves by less than ``tolerance`` (or ``max_rounds``); the best
-    state seen is returned. Works in float32 on the weight's device.
+    state seen is returned. Works in float32 on the weight's device, then rounds the codebooks to their 16-bit
+    storage dtype and the scales to the weight's dtype; ``relative_error`` is that of the rounded tensors.
     """
     start = time.perf_counter()
     out_features, in_features = weight.shape
@@ -263,6 +266,7 @@ def fit_additive_quantization(weight: Tensor, gram: Tensor | None, spec: AQSpec,
         log.debug("aq round %d: relative error %.5g", round_, errors[-1])
         if errors[-2] - errors[-1] < tolerance * errors[-2]:
             break
-    error_, codebooks, codes, scales = best
-    return AQFit(storage_codes(codes, spec), codebooks.to(weight.dtype), scales.to(weight.dtype), errors, error_,
-                 time.perf_counter() - start)
+    _, codebooks, codes, scales = best
+    codebooks, scales = codebooks.to(codebook_dtype(weight.dtype)), scales.to(weight.dtype)
+    return AQFit(storage_codes(codes, spec), codebooks, scales, errors,
+                 error(codebooks.to(torch.float64), codes, scales.to(torch.float64)), time.perf_counter() - start)

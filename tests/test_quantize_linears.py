@@ -75,7 +75,8 @@ def test_bits_per_weight_counts_codes_codebooks_and_scales(full_rank):
     model, _ = full_rank
     for module in _layers(model, AQLinear).values():
         out, inp = module.out_features, module.in_features
-        bits = out * (inp // 8) * 2 * 8 + 2 * 16 * 8 * 32 + out * 32  # uint8 codes, float32 codebooks and scales
+        bits = out * (inp // 8) * 2 * 8 + 2 * 16 * 8 * 16 + out * 32  # uint8 codes, float16 codebooks, float32 scales
+        assert module.codebooks.dtype == torch.float16 and module.scales.dtype == torch.float32
         assert module.lowrank_record.quantization.bits_per_weight == pytest.approx(bits / (out * inp))
 
 
