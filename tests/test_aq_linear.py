@@ -24,13 +24,15 @@ CONFIGS = {"2x8": (2, 8), "1x16": (1, 16)}
 
 
 def make_operands(out_features: int = 40, in_features: int = 64, config: str = "2x8", group: int = 8,
-                  dtype: torch.dtype = torch.float32, bias: bool = True, seed: int = 0):
-    """Random codes over the whole code range (int16: codes >= 2^15 stored negative), codebooks and scales."""
+                  dtype: torch.dtype = torch.float32, bias: bool = True, seed: int = 0,
+                  books_dtype: torch.dtype | None = None):
+    """Random codes over the whole code range (int16: codes >= 2^15 stored negative), codebooks (in ``books_dtype``,
+    default ``dtype``) and scales."""
     books, bits = CONFIGS[config]
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (out_features, in_features // group, books), generator=gen)
     codes = codes.to(torch.uint8) if bits <= 8 else codes.to(torch.int16)
-    codebooks = torch.randn(books, 2**bits, group, generator=gen).to(dtype)
+    codebooks = torch.randn(books, 2**bits, group, generator=gen).to(books_dtype or dtype)
     scales = (torch.rand(out_features, generator=gen) + 0.5).to(dtype)
     b = torch.randn(out_features, generator=gen).to(dtype) if bias else None
     return codes, codebooks, scales, b
@@ -88,6 +90,48 @@ def test_each_cpu_kernel_matches_reference(kernel, rows, config):
     x = make_input((rows, 72))
     out = aq_linear_cpu.aq_linear_cpu(x, codes, codebooks, scales, b, kernel)
     assert_matches(out, aq_linear_reference(x, codes, codebooks, scales, b))
+
+
+# (x, scales and bias dtype, codebooks dtype): the 16-bit storage of float32 / float16 / bfloat16 models, and a
+# folder saved with float32 codebooks loaded into a bfloat16 model
+MIXED = {"f32_f16": (torch.float32, torch.float16), "f32_bf16": (torch.float32, torch.bfloat16),
+         "bf16_bf16": (torch.bfloat16, torch.bfloat16), "f16_f16": (torch.float16, torch.float16),
+         "bf16_f32": (torch.bfloat16, torch.float32)}
+
+
+@pytest.mark.parametrize("dtypes", MIXED.values(), ids=MIXED.keys())
+@pytest.mark.parametrize("shape", [(64,), (1, 64), (3, 64), (2, 5, 64), (4, 11, 64)],
+                         ids=["1d", "row", "rows3", "3d", "prefill"])
+def test_codebooks_in_another_dtype_than_the_input_match_the_reference(shape, dtypes):
+    """16-bit codebooks with a float32 (or another dtype's) input through the registered op: the output is in
+    the input's dtype and matches the float32 reference (the codewords upcast exactly)."""
+    dtype, books_dtype = dtypes
+    codes, codebooks, scales, b = make_operands(dtype=dtype, books_dtype=books_dtype)
+    x = make_input(shape, dtype)
+    assert_matches(torch.ops.lowrank.aq_linear(x, codes, codebooks, scales, b), reference(x, codes, codebooks, scales, b))
+
+
+@pytest.mark.parametrize("books_dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("kernel,rows", [(Kernel.TABLE, 1), (Kernel.CODEBOOK, 1), (Kernel.CODEBOOK, 7),
+                                         (Kernel.DEQUANTIZE, 1), (Kernel.DEQUANTIZE, 33)])
+def test_each_cpu_kernel_takes_16_bit_codebooks_with_a_float32_input(kernel, rows, config, books_dtype):
+    codes, codebooks, scales, b = make_operands(out_features=44, in_features=72, config=config, books_dtype=books_dtype)
+    x = make_input((rows, 72))
+    out = aq_linear_cpu.aq_linear_cpu(x, codes, codebooks, scales, b, kernel)
+    assert_matches(out, aq_linear_reference(x, codes, codebooks.float(), scales, b))
+
+
+def test_the_reference_sums_16_bit_codewords_in_float32():
+    """The reference (and ``dequantize``) upcast 16-bit codebooks before summing the M codewords: a float16 sum
+    would round each group by ~5e-4 of its size."""
+    codes, codebooks, scales, b = make_operands(books_dtype=torch.float16)
+    weight = dequantize(codes, codebooks, scales)
+    assert weight.dtype == torch.float32
+    torch.testing.assert_close(weight, dequantize(codes, codebooks.float(), scales), atol=0, rtol=0)
+    x = make_input((3, 64), torch.float64)  # float64 takes the reference on CPU
+    torch.testing.assert_close(torch.ops.lowrank.aq_linear(x, codes, codebooks, scales.double(), b.double()),
+                               aq_linear_reference(x, codes, codebooks.double(), scales.double(), b.double()))
 
 
 def test_strided_and_empty_inputs():
@@ -179,6 +223,22 @@ def test_gradients_through_the_cpu_kernels_match_autograd_of_the_reference():
         torch.testing.assert_close(got.grad, want.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("books_dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_codebook_gradients_come_back_in_the_codebooks_dtype(books_dtype):
+    """16-bit codebooks with float32 x and scales: each gradient in its leaf's dtype, the codebooks' summed in
+    float32 and rounded once (it matches autograd of the float32 reference within 16-bit rounding)."""
+    codes, codebooks, scales, b = make_operands(config="2x8", books_dtype=books_dtype)
+    leaves = [t.clone().requires_grad_() for t in (make_input((3, 64)), codebooks, scales, b)]
+    ref_leaves = [t.detach().float().clone().requires_grad_() for t in leaves]
+    weight = torch.randn(3, 40)
+    (torch.ops.lowrank.aq_linear(leaves[0], codes, *leaves[1:]) * weight).sum().backward()
+    x, cb, s, bias = ref_leaves
+    (F.linear(x, dequantize(codes, cb, s), bias) * weight).sum().backward()
+    for got, want, leaf in zip(leaves, ref_leaves, leaves):
+        assert got.grad.dtype == leaf.dtype
+        torch.testing.assert_close(got.grad, want.grad.to(leaf.dtype), atol=1e-4, rtol=1e-4)
+
+
 def _compiled(backend: str):
     def fn(x, codes, codebooks, scales, bias):
         return torch.ops.lowrank.aq_linear(torch.relu(x), codes, codebooks, scales, bias) * 2
@@ -187,9 +247,10 @@ def _compiled(backend: str):
     return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
 
 
+@pytest.mark.parametrize("books_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("rows", [1, 20], ids=["decode", "prefill"])
-def test_compiles_under_aot_eager(rows):
-    codes, codebooks, scales, b = make_operands()
+def test_compiles_under_aot_eager(rows, books_dtype):
+    codes, codebooks, scales, b = make_operands(books_dtype=books_dtype)
     x = make_input((rows, 64))
     out = _compiled("aot_eager")(x, codes, codebooks, scales, b)
     assert_matches(out, aq_linear_reference(torch.relu(x), codes, codebooks, scales, b) * 2)
@@ -199,7 +260,7 @@ def test_compiles_under_aot_eager(rows):
 def test_inductor_calls_the_op_as_an_extern_kernel_on_the_fast_path():
     from torch._inductor.utils import run_and_get_code
 
-    codes, codebooks, scales, b = make_operands()
+    codes, codebooks, scales, b = make_operands(books_dtype=torch.float16)  # as a float32 model stores them
     x = make_input((1, 64))
     with torch.profiler.profile() as prof:
         out, code = run_and_get_code(_compiled("inductor"), x, codes, codebooks, scales, b)

@@ -34,6 +34,7 @@ class Case:
     group: int = 8
     dtype: torch.dtype = torch.float32
     bias: bool = True
+    books_dtype: torch.dtype | None = None  # the codebooks' (default: dtype); 16-bit, as models store them
 
 
 CASES = [
@@ -44,6 +45,10 @@ CASES = [
     Case("decode_g6_3books", (2,), books=3, bits=4, group=6, out=17),
     Case("prefill_2x8_rows20", (20,)),
     Case("prefill_1x16_bf16_3d_nobias", (3, 7), books=1, bits=16, dtype=torch.bfloat16, bias=False),
+    Case("decode_2x8_f16_books_rows3", (3,), books_dtype=torch.float16),
+    Case("decode_1x16_bf16_books_f32", (1,), books=1, bits=16, books_dtype=torch.bfloat16),
+    Case("prefill_2x8_f16_books_rows20", (20,), books_dtype=torch.float16),
+    Case("prefill_2x8_bf16_f32_books_3d", (3, 7), dtype=torch.bfloat16, books_dtype=torch.float32),
 ]
 
 
@@ -51,7 +56,7 @@ def make_operands(case: Case, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**case.bits, (case.out, case.groups, case.books), generator=gen)
     codes = codes.to(torch.uint8 if case.bits <= 8 else torch.int16)  # int16: codes >= 2^15 stored negative
-    codebooks = torch.randn(case.books, 2**case.bits, case.group, generator=gen).to(case.dtype)
+    codebooks = torch.randn(case.books, 2**case.bits, case.group, generator=gen).to(case.books_dtype or case.dtype)
     scales = (torch.rand(case.out, generator=gen) + 0.5).to(case.dtype)
     bias = torch.randn(case.out, generator=gen).to(case.dtype) if case.bias else None
     x = torch.randn(*case.rows, case.groups * case.group, generator=gen).to(case.dtype)
@@ -104,9 +109,9 @@ def test_kernels_compile_for_sm90(sm90_driver, monkeypatch):
 
     monkeypatch.setattr(kt, "_aq_matvec_kernel", Compiler(kt._aq_matvec_kernel))
     monkeypatch.setattr(kt, "_aq_dequantize_kernel", Compiler(kt._aq_dequantize_kernel))
-    for case in (CASES[2], CASES[3], CASES[5]):
+    for case in (CASES[2], CASES[3], CASES[5], CASES[7], CASES[9]):  # the last two: float16 codebooks
         kt.aq_linear_triton(*make_operands(case))
-    assert len(compiled) == 3 and all(".target sm_90" in k.asm["ptx"] for k in compiled)
+    assert len(compiled) == 5 and all(".target sm_90" in k.asm["ptx"] for k in compiled)
 
 
 if __name__ == "__main__":

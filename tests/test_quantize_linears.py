@@ -20,7 +20,7 @@ from lrcompile.errors import LowRankConfigError
 from lrcompile.kernels.aq_linear import dequantize
 from lrcompile.modules import AQLinear, AQLowRankLinear, LowRankLinear, compressed_modules
 from lrcompile.passes.additive_quantization import relative_error
-from lrcompile.types import LayerStatus
+from lrcompile.types import AQSpec, LayerStatus
 
 AQ = dict(quantize="aqlm", aq_config="2x4", aq_group_size=8, aq_tolerance=0.05)  # 16 codewords: fast on the tiny model
 
@@ -140,6 +140,7 @@ def test_quantised_layers_save_and_load_in_a_fresh_process_with_identical_logits
     for tag, (model, _) in (("full", full_rank), ("factored", factored)):
         kind = "AQLinear" if tag == "full" else "AQLowRankLinear"
         assert loaded[tag]["modules"].count(kind) == 14 and loaded[tag]["codes"] == "torch.uint8"
+        assert loaded[tag]["codebooks"] == ["torch.float16"]  # 16-bit storage survives the round trip
         assert loaded[tag]["errors"] == [m.lowrank_record.quantization.output_error
                                          for _, m in compressed_modules(model) if m.lowrank_record.quantization]
         assert torch.equal(torch.load(tmp_path / tag / "loaded_logits.pt"), expected[tag])
@@ -157,8 +158,10 @@ _LOAD = textwrap.dedent("""
         with torch.no_grad():
             torch.save(model(ids, use_cache=False).logits, folder + "/loaded_logits.pt")
         codes = next(p.dtype for n, p in model.named_parameters() if n.endswith("codes"))
+        books = sorted({str(p.dtype) for n, p in model.named_parameters() if n.endswith("codebooks")})
         found[folder.rsplit("/", 1)[1]] = {
             "modules": [type(m).__name__ for _, m in compressed_modules(model)], "codes": str(codes),
+            "codebooks": books,
             "errors": [m.lowrank_record.quantization.output_error for _, m in compressed_modules(model)
                        if m.lowrank_record.quantization is not None]}
     print(json.dumps(found))
@@ -179,6 +182,58 @@ def test_recompiling_quantised_layers_with_other_options_names_them(quantized, r
             recompiled(token_batches(1, seed=3)[0], use_cache=False)
     finally:
         torch._dynamo.reset()
+
+
+def test_a_folder_saved_with_float32_codebooks_loads_with_16_bit_codebooks(factored, tmp_path):
+    """A folder written before codebooks were stored in 16 bits (float32 codebooks in model.safetensors) loads:
+    the codebooks come back in their 16-bit dtype (float16 for the float32 model, bfloat16 when loaded as
+    bfloat16) and the logits are the saved model's."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model, _ = factored
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        expected = model.forward._torchdynamo_orig_callable(ids, use_cache=False).logits
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert {t.dtype for name, t in tensors.items() if name.endswith("codebooks")} == {torch.float16}
+    save_file({name: t.float() if name.endswith("codebooks") else t for name, t in tensors.items()},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for dtype, books in ((torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16)):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+        parts = [part for _, m in compressed_modules(loaded) for part in (m.down, m.up)]
+        assert len(parts) == 28 and all(p.codebooks.dtype == books and p.scales.dtype == dtype for p in parts)
+        assert all(m.lowrank_record.dtype == dtype for _, m in compressed_modules(loaded))
+        with torch.no_grad():
+            logits = loaded(ids, use_cache=False).logits
+        if dtype == torch.float32:
+            assert torch.equal(logits, expected)
+        else:
+            torch.testing.assert_close(logits.float(), expected, atol=0.1 * float(expected.abs().max()), rtol=0.1)
+
+
+@pytest.mark.parametrize("dtype,books", [(torch.float32, torch.float16), (torch.float16, torch.float16),
+                                         (torch.bfloat16, torch.bfloat16)], ids=["f32", "f16", "bf16"])
+def test_an_empty_aq_linear_holds_16_bit_codebooks_and_scales_in_the_model_dtype(dtype, books):
+    """What from_pretrained builds before loading: codebooks in the 16-bit storage dtype of the model's dtype."""
+    module = AQLinear(64, 32, AQSpec(2, 8, 8), True, dtype=dtype)
+    assert module.codebooks.dtype == books and module.scales.dtype == dtype and module.bias.dtype == dtype
+
+
+def test_a_576_wide_2x8_layer_stores_at_most_2_3_bits_a_weight():
+    """AQLM 2x8 g=8 at SmolLM2's width, measured from the module's bytes: codes 2 bits, float16 codebooks
+    (2 x 256 x 8) 0.198, float32 scales 0.056 (float32 codebooks would make it 2.45)."""
+    from lrcompile.passes.quantize_linears import AQSettings, quantize_dense
+    from lrcompile.types import CompressedLayer, LayerPlan
+
+    weight = torch.randn(576, 576, generator=torch.Generator().manual_seed(0)) * 0.02
+    record = CompressedLayer(LayerPlan("layer", 576, 576, None, "aq"), "aqlm", LayerStatus.QUANTIZED, torch.float32,
+                             weight.numel() * 4)
+    module = quantize_dense(weight, None, None, record, AQSettings(AQSpec(2, 8, 8), tolerance=0.5))
+    measured = 8 * sum(t.untyped_storage().nbytes() for t in (module.codes, module.codebooks, module.scales)) / 576**2
+    assert record.quantization.bits_per_weight == pytest.approx(measured) and measured <= 2.3
+    assert measured == pytest.approx(2 + 2 * 256 * 8 * 16 / 576**2 + 32 / 576)
 
 
 @pytest.mark.parametrize(("options", "message"), [
