@@ -50,6 +50,7 @@ from benchmarks.common import (
     write_markdown,
 )
 from lrcompile.kernels import aq_linear as _op  # noqa: F401  (defines lowrank::aq_linear)
+from lrcompile.kernels.aq_linear import codebook_dtype
 from lrcompile.kernels.aq_linear_cpu import MAX_MATVEC_ROWS, Kernel, aq_linear_cpu
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536)]  # (out, in): q/o projections, gate/up, down
@@ -66,7 +67,7 @@ def random_codes(out_features: int, in_features: int, config: str, gen: torch.Ge
     codes = torch.randint(0, 2**bits, (out_features, in_features // GROUP, books), generator=gen)
     codes = codes.to(torch.uint8 if bits <= 8 else torch.int16)  # int16 keeps the low 16 bits
     codebooks = torch.randn(books, 2**bits, GROUP, generator=gen) * (weight_std / books**0.5)
-    return codes, codebooks, torch.ones(out_features)
+    return codes, codebooks.to(codebook_dtype(torch.float32)), torch.ones(out_features)  # stored as a model's
 
 
 class RandomAQLinear(nn.Module):

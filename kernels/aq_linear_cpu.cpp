@@ -11,7 +11,8 @@
 //   saves); kept selectable so benchmarks/aq_speed.py can show it.
 // * dequantize: the dense weight, for prefill (then one dense matmul for many rows).
 //
-// Every kernel accumulates in float32 and splits the output features over ATen's intra-op threads.
+// Every kernel accumulates in float32 and splits the output features over ATen's intra-op threads; operands in other
+// dtypes (16-bit codebooks, bfloat16 inputs) are converted to float32 once a call (prepare).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
