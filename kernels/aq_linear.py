@@ -45,8 +45,9 @@ def codebook_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype codebooks are stored in for a model of ``dtype``: bfloat16 for bfloat16, else float16.
 
     Codewords approximate groups of rows scaled to unit RMS, well inside float16's range, whose 11-bit
-    significand rounds them 8x more finely than bfloat16's (the rounding adds ~1e-7 to a layer's relative
-    output error, against ~0.1 for the fit itself at 2 bits).
+    significand rounds them 8x more finely than bfloat16's. Measured on SmolLM2's layer-5 ``q_proj`` (2x8,
+    relative error 0.0987 in float32): rounding to float16 moves the error by 8e-7 of itself, to bfloat16 by
+    1.6e-5; both negligible, so a bfloat16 model keeps its own dtype.
     """
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
 
