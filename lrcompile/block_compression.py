@@ -265,8 +265,6 @@ class BlockCompressor:
         if config.kv_ratio is not None:
             raise LowRankConfigError("block-by-block compression factors and quantises linears; option kv_ratio (latent KV "
                                      "attention) needs the in-memory compile (drop --max-memory, or kv_ratio)")
-        if config.method != "whiten" and config.calibration_order != "independent":
-            raise LowRankConfigError(f"calibration_order={config.calibration_order!r} needs method='whiten'")
         if config.allocation == "sensitivity":
             raise LowRankConfigError("block-by-block compression allocates ranks with 'closed_form' or 'uniform'; "
                                      "allocation='sensitivity' runs the whole model per trial (use the in-memory compile)")
@@ -574,7 +572,6 @@ class BlockCompressor:
             if settings is None:
                 setattr(module, RECORD, record)
                 return None
-            record.status = LayerStatus.QUANTIZED
             return quantize_dense(module.weight, gram, module.bias, record, settings)
         decomposition = decompose(module.weight, self.config.method, stats, self.config.alpha, name, cross=cross)
         down, up = decomposition.factors(plan.rank, module.weight.dtype)
@@ -598,11 +595,12 @@ class BlockCompressor:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=self.config.finetune_lr)
         steps = _fewest_over_ranks(len(inputs), self.device)  # every rank takes as many steps (each one all-reduces)
+        batches = list(zip(inputs, streams.kwargs, streams.dense, streams.masks))[:steps]
         first = last = 0.0
         try:
             for epoch in range(self.config.finetune_epochs):
                 total = 0.0
-                for h, kwargs, target, mask in list(zip(inputs, streams.kwargs, streams.dense, streams.masks))[:steps]:
+                for h, kwargs, target, mask in batches:
                     out = _block_output(block, h.float(), _map_tensors(kwargs, _float32))
                     error = (out - target.float()).square().sum(-1) / target.float().square().sum(-1).clamp_min(1e-12)
                     loss = error.mean() if mask is None else error[mask.to(error.device).bool()].mean()

@@ -393,19 +393,18 @@ def _quantize(c: GraphCompression) -> None:
     if spec is None:
         return
     settings = AQSettings(spec, c.config.aq_beam_size, c.config.aq_tolerance)
+    values = placeholder_values(c.gm, c.example_inputs)
     for view in c.to_compress():
         layer, slot = c.layers[view], c.owners[view]
         gram = None if view.meta.stats is None else view.meta.stats.gram
+        weight = dense_weight(c.gm, view, values)
         if layer.status is LayerStatus.FACTORED:
             factored = c.rewritten[view]
-            module = quantize_factors(dense_weight(c.gm, view, placeholder_values(c.gm, c.example_inputs)),
-                                      factored.down, factored.up, gram, factored.bias, layer, settings)
+            module = quantize_factors(weight, factored.down, factored.up, gram, factored.bias, layer, settings)
             c.replacements.remove((slot, factored))
         else:
-            module = quantize_dense(dense_weight(c.gm, view, placeholder_values(c.gm, c.example_inputs)), gram,
-                                    slot.module.bias, layer, settings)
             c.records.remove((slot.module, layer))
-            layer.status = LayerStatus.QUANTIZED
+            module = quantize_dense(weight, gram, slot.module.bias, layer, settings)
         c.replacements.append((slot, module))
         c.rewritten[view] = module
 

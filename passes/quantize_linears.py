@@ -21,7 +21,7 @@ from torch import Tensor, fx, nn
 
 from lrcompile.kernels import aq_linear as _aq_op  # noqa: F401  (registers torch.ops.lowrank.aq_linear)
 from lrcompile.modules import AQLinear, AQLowRankLinear, factor_bytes
-from lrcompile.types import AQRecord, AQSpec, CompressedLayer, WeightLayout
+from lrcompile.types import AQRecord, AQSpec, CompressedLayer, LayerStatus, WeightLayout
 
 from .additive_quantization import check_shape, fit_additive_quantization, relative_error
 from .factorize_linears import add_frozen_parameter
@@ -46,10 +46,11 @@ def _bits_per_weight(module: nn.Module, params: int) -> float:
 
 def quantize_dense(weight: Tensor, gram: Tensor | None, bias: nn.Parameter | None, record: CompressedLayer,
                    settings: AQSettings) -> AQLinear:
-    """An :class:`AQLinear` for ``weight [out, in]``; ``record`` gets its :class:`AQRecord`."""
+    """An :class:`AQLinear` for ``weight [out, in]``; ``record`` gets status ``QUANTIZED`` and its :class:`AQRecord`."""
     check_shape(settings.spec, *weight.shape, record.name)
     fit = fit_additive_quantization(weight, gram, settings.spec, settings.beam_size, settings.tolerance)
     module = AQLinear.from_codes(fit.codes, fit.codebooks, fit.scales, bias, record)
+    record.status = LayerStatus.QUANTIZED
     record.quantization = AQRecord(settings.spec, _bits_per_weight(module, weight.numel()), fit.relative_error,
                                    fit.seconds)
     log.info("aq %s %s: %.3f bits/weight, output error %.4g, %.1f s", record.name, settings.spec.name,
