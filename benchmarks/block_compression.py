@@ -1,9 +1,10 @@
 """Block-by-block compression: peak memory under --max-memory, scaling with depth, calibration orders.
 
-Three tables, each measurement in a fresh process (``run_child``), peak RSS
+Four tables, each measurement in a fresh process (``run_child``), peak RSS
 sampled every 10 ms:
 
-* **SmolLM2-135M** (float32 safetensors folder converted from the packaged GGUF):
+* **Peak memory** of SmolLM2-135M (float32 safetensors folder converted from the
+  packaged GGUF) and of the largest fixture (``medium``, 27M parameters):
   the in-memory compile (``lrcompile compress`` without ``--max-memory``) vs
   ``--max-memory`` at a third of the weights (or, where the check refuses that
   budget, at the working set it asks for), with held-out perplexity of
@@ -252,13 +253,24 @@ def random_llama(depth: int, folder: Path) -> Path:
     return path
 
 
-def smollm2_rows(work: Path) -> list[dict[str, Any]]:
+def medium_folder() -> Path:
+    """The ``medium`` fixture's folder (trained once per machine, about 10 minutes on one core)."""
+    from benchmarks.fixtures import load_fixture
+
+    return load_fixture("medium").folder
+
+
+MEMORY_MODELS = {"smollm2": ("SmolLM2-135M", smollm2_folder), "medium": ("fixture medium", medium_folder)}
+
+
+def memory_rows(model: str, work: Path) -> list[dict[str, Any]]:
     """In memory, then ``--max-memory`` at a third of the weights; where the check refuses that budget (the
     working set of one block is larger), the refusal is a row and the run is made at the working set."""
-    folder, calib = smollm2_folder(), calibration_file()
+    label, folder_of = MEMORY_MODELS[model]
+    folder, calib = folder_of(), calibration_file()
     dense_bytes = (folder / "model.safetensors").stat().st_size
     estimate = child("estimate", "--model", str(folder), "--calib", str(calib), "--out", str(work / "unused"),
-                     what="SmolLM2 working set")
+                     what=f"{label} working set")
     third = dense_bytes // 3
     runs = [("in-memory compile", 0)]
     if estimate["estimate"] > third:
@@ -266,14 +278,15 @@ def smollm2_rows(work: Path) -> list[dict[str, Any]]:
     else:
         runs.append(("--max-memory 1/3", third))
     rows = [] if estimate["estimate"] <= third else \
-        [{"run": "--max-memory 1/3: refused", "budget": third, "dense_bytes": dense_bytes, **estimate}]
-    for label, budget in runs:
-        out = work / f"smollm2-{budget}"
+        [{"model": label, "run": "--max-memory 1/3: refused", "budget": third, "dense_bytes": dense_bytes, **estimate}]
+    for run, budget in runs:
+        out = work / f"{model}-{budget}"
         measured = child("compress", "--model", str(folder), "--calib", str(calib), "--out", str(out),
-                         "--max-memory", str(budget), what=f"SmolLM2 {label}")
-        measured.update(child("perplexity", "--model", str(out), what=f"perplexity of SmolLM2 {label}"))
-        rows.append({"run": label, "budget": budget or None, "dense_bytes": dense_bytes, **estimate, **measured})
-        print(f"smollm2 {label}: {rows[-1]}", flush=True)
+                         "--max-memory", str(budget), what=f"{label} {run}")
+        measured.update(child("perplexity", "--model", str(out), what=f"perplexity of {label} {run}"))
+        rows.append({"model": label, "run": run, "budget": budget or None, "dense_bytes": dense_bytes, **estimate,
+                     **measured})
+        print(f"{label} {run}: {rows[-1]}", flush=True)
     return rows
 
 
@@ -364,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="scaling at 4 and 8 blocks only; no calibration orders")
     parser.add_argument("--finetune-rows", type=json.loads, default=FINETUNE_ROWS,
                         help="JSON list of LowRankConfig options for the fine-tuning table (default: %(default)s)")
-    parser.add_argument("--only", choices=("smollm2", "scaling", "orders", "finetune"), action="append", default=None,
+    parser.add_argument("--only", choices=("memory", "scaling", "orders", "finetune"), action="append", default=None,
                         help="measure only these tables (repeatable); the others are kept from the saved JSON")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
@@ -373,11 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     out = resolve_out(args.out, args.quick)
     start = time.perf_counter()
-    parts = set(args.only or ("smollm2", "scaling", "orders", "finetune"))
+    parts = set(args.only or ("memory", "scaling", "orders", "finetune"))
     saved = json.loads((out / "block_compression.json").read_text()) if (out / "block_compression.json").is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        smollm2 = smollm2_rows(work) if "smollm2" in parts else saved.get("smollm2", [])
+        memory = [row for model in MEMORY_MODELS for row in memory_rows(model, work)] if "memory" in parts else \
+            saved.get("memory", [])
         scaling = scaling_rows(work, DEPTHS[:2] if args.quick else DEPTHS) if "scaling" in parts else \
             saved.get("scaling", [])
         orders = order_rows(work, ("independent", "sequential", "error_feedback")) \
@@ -385,17 +399,17 @@ def main(argv: list[str] | None = None) -> int:
     finetune = finetune_rows(args.finetune_rows, saved.get("finetune", [])) \
         if "finetune" in parts and not args.quick else saved.get("finetune", [])
     payload = {"machine": machine_info(), "command": command_line("benchmarks.block_compression", argv),
-               "options": OPTIONS, "scaling_budget": SCALING_BUDGET, "smollm2": smollm2, "scaling": scaling,
+               "options": OPTIONS, "scaling_budget": SCALING_BUDGET, "memory": memory, "scaling": scaling,
                "orders": orders, "finetune": finetune, "total_wall_s": time.perf_counter() - start}
     if args.only:
         payload["measured_now"] = sorted(parts)
         payload["kept_from"] = saved.get("machine", {}).get("date")
     body = [
-        "## SmolLM2-135M, " + ", ".join(f"{k}={v}" for k, v in OPTIONS.items()),
-        table(["run", "budget MB", "working set (estimate) MB", "floor MB", "peak MB", "peak - floor MB", "seconds",
-               "perplexity"],
-              [[r["run"], fmt(r["budget"] / MB if r["budget"] else None, 0),
-                fmt(r["estimate"] / MB if "estimate" in r else None, 0), *_measured(r)] for r in smollm2]),
+        "## Peak memory, in memory and block by block: " + ", ".join(f"{k}={v}" for k, v in OPTIONS.items()),
+        table(["model", "weights MB", "run", "budget MB", "working set (estimate) MB", "floor MB", "peak MB",
+               "peak - floor MB", "seconds", "perplexity"],
+              [[r["model"], fmt(r["dense_bytes"] / MB, 0), r["run"], fmt(r["budget"] / MB if r["budget"] else None, 0),
+                fmt(r["estimate"] / MB if "estimate" in r else None, 0), *_measured(r)] for r in memory]),
         "", f"## Scaling with depth (random weights, SmolLM2 width, --max-memory {SCALING_BUDGET / MB:.0f} MB)",
         table(["blocks", "working set (estimate) MB", "floor MB", "peak MB", "peak - floor MB", "seconds",
                "seconds / block"],

@@ -58,7 +58,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrcompile.passes.decomposition import decompose
+from lrcompile.passes.decomposition import Whitening, decompose
 from lrcompile.passes.quantize_linears import AQSettings, quantize_dense, quantize_factors
 from lrcompile.passes.rank_allocation import allocate_closed_form, allocate_uniform, build_plan
 
@@ -222,6 +222,25 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+@contextlib.contextmanager
+def large_allocations_mapped() -> Iterator[None]:
+    """Under ``--max-memory``: allocations above 128 KiB get their own mapping, returned to the OS when freed.
+
+    glibc raises its mmap threshold to the size of each large buffer freed (up to 32 MiB); buffers below it then
+    come from the heap, where freed pages stay resident. SmolLM2 at a third of its weights
+    (docs/results/block_compression.md) held 223-269 MB above the runtime floor that way and 172 MB with the
+    threshold fixed, for 20% more wall time (page faults on fresh mappings). glibc cannot go back to its adaptive
+    threshold, so on exit it is fixed at that threshold's ceiling, 32 MiB."""
+    if _LIBC is None:
+        yield
+        return
+    _LIBC.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    try:
+        yield
+    finally:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+
+
 def _glibc() -> Any:
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -232,6 +251,7 @@ def _glibc() -> Any:
 
 
 _LIBC = _glibc()
+M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 
 
 def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -349,9 +369,9 @@ class BlockCompressor:
         """The largest unit held at once and its bytes (an estimate): one block's dense weights, factors and
         statistics with the calibration activations, or the non-block weights.
 
-        Counted at the widest linear's step, where it peaks: float64 ``[in, in]`` C, B, the Cholesky factor,
-        ``C + lI`` and the solve's LU copy; float64 ``[out, in]`` W, W B, the solve's result, the whitened target
-        and ``vt``; each activation stream three times (the block's inputs, its outputs, and the list being
+        Counted at the widest linear's step, where it peaks: three float64 ``[in, in]`` buffers (C, B or the refit
+        map solved in its place, and one Cholesky factor: :meth:`Whitening.of`); float64 ``[out, in]`` W, W G, the
+        whitened target, ``vt`` and ``vt L^-1``; each activation stream three times (the block's inputs, its outputs, and the list being
         replaced); with fine-tuning, four float32 copies of the block (weights, gradients, Adam's moments)."""
         rest = sum(_meta_bytes(self.skeleton.get_parameter(name)) for name in self.rest_names)
         units = [("the non-block weights (embeddings, final norm, head)", rest)]
@@ -364,7 +384,7 @@ class BlockCompressor:
             dense = sum(_meta_bytes(p) for p in block.parameters())
             linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
             widest = max(linears, key=lambda m: m.in_features, default=None)
-            solve = 0 if widest is None else 8 * widest.in_features * (5 * widest.in_features + 5 * widest.out_features)
+            solve = 0 if widest is None else 8 * widest.in_features * (3 * widest.in_features + 5 * widest.out_features)
             tuning = 4 * dense * 4 // itemsize if self.config.finetune_epochs else 0  # float32 copy, grads, Adam
             units.append((f"block {index}", 2 * dense + solve + activations + tuning))
         return max(units, key=lambda unit: unit[1])
@@ -511,11 +531,13 @@ class BlockCompressor:
                             block.get_submodule(path).weight.detach().double())
                     continue
                 stats, _ = self._step_stats(block, step[0], plan_streams, {}, cross=False, use_dense=True)
+                whiten = self.config.method == "whiten"  # one transform for the linears reading this input
+                whitening = Whitening.of(stats, f"{self.prefix}.{index}.{step[0]}") if whiten else None
                 for path in selected:
                     name = f"{self.prefix}.{index}.{path}"
                     spectra[name] = decompose(block.get_submodule(path).weight, self.config.method, stats,
-                                              self.config.alpha, name).s
-                del stats
+                                              self.config.alpha, name, whitening).s
+                del stats, whitening
                 release_freed_memory()
             with torch.no_grad():
                 plan_streams.dense = [_block_output(block, h, kw) for h, kw in zip(plan_streams.dense, streams.kwargs)]
@@ -534,20 +556,24 @@ class BlockCompressor:
             selected = [path for path in step if f"{self.prefix}.{index}.{path}" in plans]
             changed = [path for path in selected
                        if plans[f"{self.prefix}.{index}.{path}"].rank is not None or settings is not None]
-            stats = cross = None
+            stats = whitening = None
             if changed and (self.config.method != "svd" or settings is not None):
                 stats, cross = self._step_stats(block, step[0], streams, dense_modules,
                                                 cross=order == "error_feedback", use_dense=order == "independent")
+                factored = any(plans[f"{self.prefix}.{index}.{path}"].rank is not None for path in selected)
+                if factored and self.config.method == "whiten":  # one transform for the linears reading this input
+                    whitening = Whitening.of(stats, f"{self.prefix}.{index}.{step[0]}", cross)
+                del cross
             for path in selected:
                 name = f"{self.prefix}.{index}.{path}"
                 module = block.get_submodule(path)
-                new = self._compressed_linear(module, name, plans[name], stats, cross, settings)
+                new = self._compressed_linear(module, name, plans[name], stats, whitening, settings)
                 if new is None:
                     continue
                 dense_modules[path] = module
                 parent, _, attr = path.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, attr, new)
-            del stats, cross
+            del stats, whitening
             release_freed_memory()
         inputs = streams.compressed
         with torch.no_grad():
@@ -563,7 +589,7 @@ class BlockCompressor:
                              LowRankQuantizationConfig.of_model(block).linears.items()})
 
     def _compressed_linear(self, module: nn.Linear, name: str, plan: LayerPlan, stats: ActivationStats | None,
-                           cross: torch.Tensor | None, settings: AQSettings | None) -> nn.Module | None:
+                           whitening: Whitening | None, settings: AQSettings | None) -> nn.Module | None:
         """The module replacing ``module`` (factors, AQ codes, or both), or None when it stays dense (its record set)."""
         record = CompressedLayer(plan, self.config.method, LayerStatus.DENSE, module.weight.dtype,
                                  dense_bytes=module.weight.untyped_storage().nbytes(), options=self.options)
@@ -573,7 +599,7 @@ class BlockCompressor:
                 setattr(module, RECORD, record)
                 return None
             return quantize_dense(module.weight, gram, module.bias, record, settings)
-        decomposition = decompose(module.weight, self.config.method, stats, self.config.alpha, name, cross=cross)
+        decomposition = decompose(module.weight, self.config.method, stats, self.config.alpha, name, whitening)
         down, up = decomposition.factors(plan.rank, module.weight.dtype)
         record.plan = dataclasses.replace(plan, truncation_loss=decomposition.truncation_loss(plan.rank))
         record.status = LayerStatus.FACTORED
@@ -620,8 +646,12 @@ class BlockCompressor:
 
     def run(self) -> BlockCompressionResult:
         """Compress every block not done yet, then write the folder's remaining files."""
-        start = time.perf_counter()
         self._check_budget()
+        with large_allocations_mapped() if self.max_memory is not None else contextlib.nullcontext():
+            return self._run()
+
+    def _run(self) -> BlockCompressionResult:
+        start = time.perf_counter()
         if self.rank == 0:
             (self.out / BLOCKS_DIR).mkdir(parents=True, exist_ok=True)
         _barrier()

@@ -38,7 +38,7 @@ from lrcompile.passes import (
 )
 from lrcompile.passes.attention_blocks import AttentionBlock, UnmatchedAttention, find_attention_blocks
 from lrcompile.passes.calibration_runner import is_state_input
-from lrcompile.passes.decomposition import LinearDecomposition
+from lrcompile.passes.decomposition import LinearDecomposition, Whitening
 from lrcompile.passes.find_linears import (
     ModuleSlot,
     dynamo_frame_locals,
@@ -58,7 +58,7 @@ from lrcompile.passes.kv_rank_allocation import (
 from lrcompile.passes.kv_sensitivity import measure_kv_sensitivity
 from lrcompile.passes.quantize_linears import AQSettings, is_aq_call, quantize_dense, quantize_factors, quantize_linears
 from lrcompile.passes.rank_allocation import energy_share
-from lrcompile.passes.sequential_calibration import sequential_steps
+from lrcompile.passes.sequential_calibration import FeedbackStep, sequential_steps
 from lrcompile.passes.latent_kv import (
     block_weights,
     build_latent_attention,
@@ -345,9 +345,21 @@ def _spectra(c: GraphCompression, targets: list[LinearNode]) -> dict[str, torch.
     if _observes_weights(c.config):
         return {v.meta.name: _decompose(c, v).s for v in targets}
     values = placeholder_values(c.gm, c.example_inputs)
-    return {view.meta.name: decompose(dense_weight(c.gm, view, values), c.config.method, step.stats, c.config.alpha,
-                                      view.meta.name).s
-            for step in sequential_steps(c.runner, c.batches, targets, compressed=False) for view in step.linears}
+    spectra = {}
+    for step in sequential_steps(c.runner, c.batches, targets, compressed=False):
+        whitening = _whitening(c, step)
+        for view in step.linears:
+            spectra[view.meta.name] = decompose(dense_weight(c.gm, view, values), c.config.method, step.stats,
+                                                c.config.alpha, view.meta.name, whitening).s
+    return spectra
+
+
+def _whitening(c: GraphCompression, step: FeedbackStep) -> Whitening | None:
+    """The step's input transform, shared by its linears (None unless the method whitens); consumes ``step.cross``."""
+    if c.config.method != "whiten":
+        return None
+    cross, step.cross = step.cross, None
+    return Whitening.of(step.stats, step.linears[0].meta.name, cross)
 
 
 def _factorize(c: GraphCompression) -> None:
@@ -359,9 +371,10 @@ def _factorize(c: GraphCompression) -> None:
         values = placeholder_values(c.gm, c.example_inputs)
         planned = [view for view in targets if plans[view].rank is not None]
         for step in sequential_steps(c.runner, c.batches, planned, cross=c.config.calibration_order == "error_feedback"):
+            whitening = _whitening(c, step)
             for view in step.linears:
                 refit[view] = _factors(decompose(dense_weight(c.gm, view, values), c.config.method, step.stats,
-                                                 c.config.alpha, view.meta.name, cross=step.cross),
+                                                 c.config.alpha, view.meta.name, whitening),
                                        plans[view].rank, view)
                 step.factors[view] = refit[view][:2]
     for view, layer_plan in plans.items():

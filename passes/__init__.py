@@ -7,7 +7,7 @@ on the nodes under ``node.meta["lowrank"]``.
 
 from .activation_stats import ActivationObserver, calibrate, collect_stats, insert_observers
 from .calibration_runner import CalibrationRunner
-from .decomposition import LinearDecomposition, decompose
+from .decomposition import LinearDecomposition, Whitening, decompose
 from .factorize_linears import factorize_linear, factorize_linears, release_dense_weights
 from .find_linears import LinearNode, dense_weight, find_linears, linear_view
 from .rank_allocation import allocate_by_sensitivity, allocate_closed_form, allocate_uniform, build_plan, rank_for_ratio
@@ -26,6 +26,7 @@ __all__ = [
     "calibrate",
     "collect_stats",
     "decompose",
+    "Whitening",
     "dense_weight",
     "factorize_linear",
     "factorize_linears",

@@ -71,25 +71,54 @@ class LinearDecomposition:
         return float(energy[rank:].sum() / energy.sum().clamp_min(1e-300))
 
 
-def _add_to_diagonal(matrix: torch.Tensor, value: float) -> torch.Tensor:
-    """``matrix + value * I`` without building ``I`` (one ``[n, n]`` buffer, not three)."""
-    out = matrix.clone()
-    out.diagonal().add_(value)
-    return out
+def regularized_cholesky(gram: torch.Tensor, layer: str, shift: float = 0.0) -> torch.Tensor:
+    """Lower Cholesky factor of ``gram + shift I``, adding ``eps * mean(diag) * I`` while it is not positive definite.
 
-
-def regularized_cholesky(gram: torch.Tensor, layer: str) -> torch.Tensor:
-    """Lower Cholesky factor of ``X^T X``, adding ``eps * mean(diag) * I`` while it is not positive definite."""
+    One new ``[n, n]`` buffer: the factor overwrites a column-major copy, the layout LAPACK works in."""
     scale = float(gram.diagonal().mean().clamp_min(1e-12))
+    info = torch.empty((), dtype=torch.int32, device=gram.device)
     for eps in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
-        damped = gram if not eps else _add_to_diagonal(gram, eps * scale)
-        chol, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if int(info) == 0 and bool(torch.isfinite(chol).all()):
+        factor = torch.empty_like(gram).mT
+        factor.copy_(gram)
+        if shift or eps:
+            factor.diagonal().add_(shift + eps * scale)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
+        if int(info) == 0 and bool(torch.isfinite(factor).all()):
             if eps:
                 log.info("layer %s: Gram matrix regularised with %.0e * mean(diag)", layer, eps)
-            return chol
+            return factor
+        del factor
     raise CalibrationError(f"layer {layer!r}: the Gram matrix X^T X is not positive definite even after damping")
+
+
+@dataclass
+class Whitening:
+    """The whitened space of the linears reading one input (SVD-LLM, Eq. 5-6), built once for all of them.
+
+    ``chol`` is ``L`` with ``L L^T = C``; the whitened target of a weight ``W`` is ``W L`` or, with error
+    feedback, ``W G L`` for the ridge refit ``G = (B + l I)(C + l I)^-1`` (module docstring)."""
+
+    chol: torch.Tensor  # [in, in] lower triangular
+    refit: torch.Tensor | None = None  # G [in, in]; None for plain whitening (G = I)
+
+    @classmethod
+    def of(cls, stats: ActivationStats | None, layer: str, cross: torch.Tensor | None = None,
+           ridge: float = FEEDBACK_RIDGE) -> Whitening:
+        """From ``stats.gram`` (``C``) and, for error feedback, ``cross`` (``B``, float64 ``[in, in]``), which is
+        overwritten by ``G``: at most three ``[in, in]`` buffers (``C``, ``B``/``G`` and one factor) are alive at once."""
+        if stats is None or stats.gram is None:
+            raise CalibrationError(f"layer {layer!r}: method 'whiten' needs the Gram matrix X^T X (observe with gram=True)")
+        gram = stats.gram
+        refit = None
+        if cross is not None:  # G = (B + l I) M^-1 with M = C + l I = F F^T, solved in place in B
+            shift = ridge * float(gram.diagonal().mean())
+            damped = regularized_cholesky(gram, layer, shift)
+            refit = cross
+            refit.diagonal().add_(shift)
+            torch.linalg.solve_triangular(damped.mT, refit, upper=True, left=False, out=refit)
+            torch.linalg.solve_triangular(damped, refit, upper=False, left=False, out=refit)
+            del damped
+        return cls(regularized_cholesky(gram, layer), refit)
 
 
 def decompose(
@@ -98,18 +127,17 @@ def decompose(
     stats: ActivationStats | None = None,
     alpha: float = 0.5,
     layer: str = "",
-    cross: torch.Tensor | None = None,
-    ridge: float = FEEDBACK_RIDGE,
+    whitening: Whitening | None = None,
 ) -> LinearDecomposition:
     """Decompose ``weight`` ``[out, in]`` with ``method`` (``svd`` | ``asvd`` | ``whiten``).
 
-    ``cross``: ``B = X^T X^`` (``[in, in]`` float64) of the dense inputs ``X`` with the inputs
-    ``X^`` that ``stats`` describes; whitening then fits ``W X`` from ``X^``, with ``ridge`` (module docstring)."""
+    ``whitening``: the input's :class:`Whitening`, shared by the linears reading it (error feedback's refit
+    included); by default built from ``stats``."""
     w = weight.detach().to(accumulation_dtype(weight.device))  # on the weight's device
-    if method != "svd" and stats is None:
+    if method != "svd" and stats is None and whitening is None:
         raise CalibrationError(f"layer {layer!r}: method {method!r} needs activation statistics")
-    if cross is not None and method != "whiten":
-        raise ValueError(f"layer {layer!r}: the error-feedback refit (cross) is whitened least squares; got method {method!r}")
+    if whitening is not None and method != "whiten":
+        raise ValueError(f"layer {layer!r}: a Whitening is for method 'whiten'; got method {method!r}")
     if method == "svd":
         u, s, vt = torch.linalg.svd(w, full_matrices=False)
     elif method == "asvd":
@@ -118,19 +146,11 @@ def decompose(
         u, s, vt = torch.linalg.svd(w * scale[None, :], full_matrices=False)
         vt = vt / scale[None, :]
     elif method == "whiten":
-        if stats.gram is None:
-            raise CalibrationError(f"layer {layer!r}: method 'whiten' needs the Gram matrix X^T X (observe with gram=True)")
-        gram = stats.gram.to(w)
-        chol = regularized_cholesky(gram, layer)
-        if cross is None:
-            target = w @ chol
-        else:  # W* L with W* = W (B + l I)(C + l I)^-1; C symmetric
-            shift = ridge * float(gram.diagonal().mean())
-            refit = w @ cross.to(w)
-            refit += shift * w
-            target = torch.linalg.solve(_add_to_diagonal(gram, shift), refit.T).T @ chol
-            del refit
-        u, s, vt = torch.linalg.svd(target, full_matrices=False)
+        whitening = whitening if whitening is not None else Whitening.of(stats, layer)
+        chol = whitening.chol.to(w)
+        target = w if whitening.refit is None else w @ whitening.refit.to(w)
+        u, s, vt = torch.linalg.svd(target @ chol, full_matrices=False)
+        del target
         vt = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # vt @ L^-1
     else:
         raise ValueError(f"unknown factoring method {method!r}")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import lrcompile  # noqa: F401  (registers the "lowrank" quantizer)
+from lrcompile import block_compression
 from lrcompile.block_compression import PROGRESS_FILE, BlockCompressor, ResumeError, compress_model_blocks, skeleton_of
 from lrcompile.config import LowRankConfig
 from lrcompile.errors import LowRankConfigError
@@ -114,6 +115,17 @@ def test_max_memory_below_one_block_is_refused_before_any_work(tmp_path):
     with pytest.raises(LowRankConfigError, match="--max-memory 1,000 bytes is below .* block 0"):
         compress_model_blocks(tiny_model("llama"), batches(), options(), tmp_path, max_memory=1000)
     assert not (tmp_path / PROGRESS_FILE).exists()
+
+
+@pytest.mark.skipif(block_compression._LIBC is None, reason="glibc's allocator only")
+def test_max_memory_maps_large_allocations_for_the_run_only(tmp_path, monkeypatch):
+    """Under a budget glibc's mmap threshold is fixed low (freed buffers leave the resident set), then raised."""
+    calls = []
+    monkeypatch.setattr(block_compression._LIBC, "mallopt", lambda *args: calls.append(args), raising=False)
+    compress_model_blocks(tiny_model("llama"), batches(2), options(), tmp_path / "unbounded")
+    assert calls == []
+    compress_model_blocks(tiny_model("llama"), batches(2), options(), tmp_path / "bounded", max_memory=10**9)
+    assert calls == [(block_compression.M_MMAP_THRESHOLD, 128 * 1024), (block_compression.M_MMAP_THRESHOLD, 32 << 20)]
 
 
 def test_latent_kv_is_refused(tmp_path):

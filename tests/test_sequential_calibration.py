@@ -8,7 +8,7 @@ from torch import fx, nn
 
 import lrcompile
 from lrcompile.errors import LowRankConfigError
-from lrcompile.passes import CalibrationRunner, decompose, find_linears
+from lrcompile.passes import CalibrationRunner, Whitening, decompose, find_linears
 from lrcompile.passes.sequential_calibration import sequential_steps
 from lrcompile.types import ActivationStats
 from tiny_models import tiny_rope_model, token_batches
@@ -31,7 +31,7 @@ def _problem(seed: int = 0, n: int = 200, d_in: int = 12, d_out: int = 9):
 def test_refit_is_the_least_squares_solution_at_full_rank_and_its_optimal_truncation_below():
     """Without ridge: ||X W^T - X^ Wh^T||^2 = ||X W^T - X^ W*^T||^2 + the dropped squared singular values of W* L."""
     w, x, x_hat = _problem()
-    d = decompose(w, "whiten", _stats(x_hat), cross=x.T @ x_hat, ridge=0.0)
+    d = decompose(w, "whiten", whitening=Whitening.of(_stats(x_hat), "fc", x.T @ x_hat, ridge=0.0))
     w_star = torch.linalg.lstsq(x_hat, x @ w.T).solution.T  # min ||X^ W*^T - X W^T||
     assert torch.allclose(d.reconstruct(d.full_rank, torch.float64), w_star, atol=1e-9)
     floor = (x @ w.T - x_hat @ w_star.T).square().sum()
@@ -46,7 +46,7 @@ def test_the_ridge_refit_minimises_the_output_error_plus_the_ridge_term():
     """W* = argmin ||X W^T - X^ Wh^T||^2 + l ||Wh - W||^2, l = ridge * mean(diag X^T X^): a stacked least squares."""
     w, x, x_hat = _problem(seed=2)
     ridge = 0.3
-    d = decompose(w, "whiten", _stats(x_hat), cross=x.T @ x_hat, ridge=ridge)
+    d = decompose(w, "whiten", whitening=Whitening.of(_stats(x_hat), "fc", x.T @ x_hat, ridge=ridge))
     root = (ridge * (x_hat.T @ x_hat).diagonal().mean()).sqrt()
     eye = torch.eye(w.shape[1], dtype=torch.float64)
     w_ridge = torch.linalg.lstsq(torch.cat([x_hat, root * eye]), torch.cat([x @ w.T, root * w.T])).solution.T
@@ -55,11 +55,23 @@ def test_the_ridge_refit_minimises_the_output_error_plus_the_ridge_term():
 
 def test_without_upstream_error_the_refit_is_plain_whitening_and_exact_at_full_rank():
     w, x, _ = _problem(seed=1)
-    refit = decompose(w, "whiten", _stats(x), cross=x.T @ x)
+    refit = decompose(w, "whiten", whitening=Whitening.of(_stats(x), "fc", x.T @ x))
     plain = decompose(w, "whiten", _stats(x))
     assert torch.allclose(refit.s, plain.s, rtol=1e-9)
     assert torch.allclose(refit.reconstruct(4, torch.float64), plain.reconstruct(4, torch.float64), atol=1e-9)
     assert torch.allclose(refit.reconstruct(refit.full_rank, torch.float64), w, atol=1e-9)
+
+
+def test_the_refit_map_is_solved_in_the_cross_buffer():
+    """Error feedback's G overwrites B, so a step holds C, G and L: no fourth [in, in] buffer per step."""
+    w, x, x_hat = _problem(seed=3)
+    cross = x.T @ x_hat
+    whitening = Whitening.of(_stats(x_hat), "fc", cross)
+    assert whitening.refit.data_ptr() == cross.data_ptr()
+    c = x_hat.T @ x_hat
+    shift = 0.1 * c.diagonal().mean()
+    eye = torch.eye(c.shape[0], dtype=torch.float64)
+    assert torch.allclose(whitening.refit, (x.T @ x_hat + shift * eye) @ torch.linalg.inv(c + shift * eye), atol=1e-9)
 
 
 class _Head(nn.Module):
