@@ -164,7 +164,7 @@ def refresh_dtypes(model: nn.Module) -> None:
     AQ codebooks are brought to their 16-bit storage dtype for it (a folder saved before codebooks were stored in
     16 bits holds them in float32; ``from_pretrained(dtype=...)`` may have cast them to the model's dtype)."""
     from .kernels.aq_linear import codebook_dtype
-    from .modules import AQLinear, AQLowRankLinear, GroupedLowRankProjection, LowRankLinear, compressed_modules
+    from .modules import AQLinear, AQLowRankLinear, compressed_modules, held_dtype
 
     for _, module in compressed_modules(model):
         if isinstance(module, (AQLinear, AQLowRankLinear)):
@@ -173,10 +173,7 @@ def refresh_dtypes(model: nn.Module) -> None:
                 stored = codebook_dtype(part.scales.dtype)
                 if part.codebooks.dtype != stored:
                     part.codebooks = nn.Parameter(part.codebooks.detach().to(stored), requires_grad=False)
-            tensor = module.scales if isinstance(module, AQLinear) else module.down.scales
-        else:
-            tensor = module.down if isinstance(module, (LowRankLinear, GroupedLowRankProjection)) else module.weight
-        module.lowrank_record.dtype = tensor.dtype
+        module.lowrank_record.dtype = held_dtype(module)
 
 
 class LowRankHfQuantizer(HfQuantizer):

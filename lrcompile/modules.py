@@ -14,6 +14,7 @@ own, so a later compile of the model reads every decision from the model.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -184,6 +185,27 @@ class GroupedLowRankProjection(nn.Module):
 
 def module_record(module: nn.Module) -> CompressedLayer | LatentAttention | None:
     return getattr(module, RECORD, None)
+
+
+def held_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module holding a record computes in: its factors', its AQ scales', or its dense weight's."""
+    if isinstance(module, AQLinear):
+        return module.scales.dtype
+    if isinstance(module, AQLowRankLinear):
+        return module.down.scales.dtype
+    if isinstance(module, (LowRankLinear, GroupedLowRankProjection)):
+        return module.down.dtype
+    return module.weight.dtype
+
+
+def current_record(module: nn.Module) -> CompressedLayer | LatentAttention:
+    """The module's record as its tensors are now: ``model.to(dtype)`` casts the tensors, not the record, so
+    the dtype is read from the module and the dense bytes scaled by the itemsize (the record is not changed)."""
+    record = module.lowrank_record
+    dtype = held_dtype(module)
+    if dtype == record.dtype:
+        return record
+    return dataclasses.replace(record, dtype=dtype, dense_bytes=record.dense_bytes * dtype.itemsize // record.dtype.itemsize)
 
 
 def compressed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -291,15 +291,16 @@ def build_report(
 
 
 def model_report(model: nn.Module, cache: Any = None) -> CompressionReport:
-    """The report of every layer of ``model`` compressed so far, read from its modules; with a
-    :class:`~lrcompile.LatentKVCache`, also the KV-cache bytes it actually allocated."""
-    from lrcompile.modules import GroupedLowRankProjection, compressed_modules, factor_bytes
+    """The report of every layer of ``model`` compressed so far, read from its modules in the dtype they hold
+    now; with a :class:`~lrcompile.LatentKVCache`, also the KV-cache bytes it actually allocated."""
+    from lrcompile.modules import GroupedLowRankProjection, compressed_modules, current_record, factor_bytes
 
     layers, blocks = [], {}
     for _, module in compressed_modules(model):
-        record = module.lowrank_record
+        record = current_record(module)
         if isinstance(module, GroupedLowRankProjection):
-            blocks[id(record)] = (record, blocks.get(id(record), (record, 0))[1] + factor_bytes(module))
+            key = id(module.lowrank_record)  # shared by the block's K and V projections
+            blocks[key] = (record, blocks.get(key, (record, 0))[1] + factor_bytes(module))
         else:
             held = record.status in (LayerStatus.FACTORED, LayerStatus.QUANTIZED)
             layers.append((record, factor_bytes(module) if held else 0))

@@ -71,6 +71,18 @@ def test_exported_compressed_model_runs_under_aot_inductor(tmp_path):
     torch.testing.assert_close(out.logits if hasattr(out, "logits") else out[0], compiled, rtol=0, atol=1e-4)
 
 
+def test_report_follows_the_dtype_the_model_is_cast_to():
+    """``model.to(bfloat16)`` after compressing: the report counts bytes and KV values at 2 bytes, not 4."""
+    model = _compress("llama")
+    before = lrcompile.model_report(model)
+    model.to(torch.bfloat16)
+    after = lrcompile.model_report(model)
+    assert after.bytes_before * 2 == before.bytes_before
+    assert after.bytes_after * 2 == before.bytes_after
+    assert [a.itemsize for a in after.attention] == [2] * len(before.attention) and before.attention[0].itemsize == 4
+    assert all(record.dtype == torch.float32 for _, record in model_latent_attention(model))  # read, not changed
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_state_dict_holds_the_factors_and_no_dense_weight_of_a_compressed_layer(family):
     model = _compress(family)
