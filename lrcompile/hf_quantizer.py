@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
@@ -49,14 +50,15 @@ class LowRankQuantizationConfig(QuantizationConfigMixin):
     @classmethod
     def of_model(cls, model: nn.Module) -> LowRankQuantizationConfig:
         """The description of every compressed module of ``model``."""
-        from .modules import GroupedLowRankProjection, compressed_modules
+        from .modules import GroupedLowRankProjection, compressed_modules, current_record
 
         linears: dict[str, dict[str, Any]] = {}
         attention: dict[str, dict[str, Any]] = {}
         for path, module in compressed_modules(model):
-            record = module.lowrank_record
+            record = current_record(module)
             if isinstance(module, GroupedLowRankProjection):
                 entry = attention.setdefault(record.name, {key: getattr(record, key) for key in _LATENT_KEYS})
+                entry["dtype"] = _dtype_name(record.dtype)
                 entry[f"{module.role}_proj"] = path
                 entry[f"{module.role}_bias"] = module.bias is not None
                 entry["in_features"] = module.in_features
@@ -67,7 +69,7 @@ class LowRankQuantizationConfig(QuantizationConfigMixin):
                 "out_features": plan.out_features, "in_features": plan.in_features,
                 "bias": getattr(module, "bias", None) is not None, "reason": plan.reason,
                 "sensitivity": plan.sensitivity, "truncation_loss": plan.truncation_loss,
-                "dense_bytes": record.dense_bytes,
+                "dense_bytes": record.dense_bytes, "dtype": _dtype_name(record.dtype),
             }
             if record.quantization is not None:
                 aq = record.quantization
@@ -128,7 +130,8 @@ def build_compressed_modules(model: nn.Module, config: LowRankQuantizationConfig
         status = LayerStatus(entry["status"])
         plan = LayerPlan(path, entry["out_features"], entry["in_features"], entry["rank"], entry["reason"],
                          entry["sensitivity"], entry["truncation_loss"])
-        record = CompressedLayer(plan, entry["method"], status, module.weight.dtype, entry["dense_bytes"])
+        record = CompressedLayer(plan, entry["method"], status, _saved_dtype(entry, module.weight.dtype, path),
+                                 entry["dense_bytes"])
         dtype, device = module.weight.dtype, module.weight.device
         aq = entry.get("aq")
         if aq is not None:
@@ -150,7 +153,8 @@ def build_compressed_modules(model: nn.Module, config: LowRankQuantizationConfig
         k_parent, k_name, k_dense = _slot(model, entry["k_proj"], "the K projection")
         v_parent, v_name, v_dense = _slot(model, entry["v_proj"], "the V projection")
         dtype, device = k_dense.weight.dtype, k_dense.weight.device
-        record = LatentAttention(name=block, dtype=dtype, **{key: entry[key] for key in _LATENT_KEYS})
+        record = LatentAttention(name=block, dtype=_saved_dtype(entry, dtype, block),
+                                 **{key: entry[key] for key in _LATENT_KEYS})
         for parent, name, role in ((k_parent, k_name, "k"), (v_parent, v_name, "v")):
             setattr(parent, name, GroupedLowRankProjection(entry["in_features"], record, role, entry[f"{role}_bias"],
                                                            dtype, device))
@@ -159,21 +163,34 @@ def build_compressed_modules(model: nn.Module, config: LowRankQuantizationConfig
              sum("aq" in e for e in config.linears.values()), len(config.attention))
 
 
-def refresh_dtypes(model: nn.Module) -> None:
-    """Records name the dtype of the tensors their module holds (the loaded one, e.g. ``from_pretrained(dtype=...)``);
-    AQ codebooks are brought to their 16-bit storage dtype for it (a folder saved before codebooks were stored in
-    16 bits holds them in float32; ``from_pretrained(dtype=...)`` may have cast them to the model's dtype)."""
+def restore_codebook_storage(model: nn.Module) -> None:
+    """AQ codebooks back in their 16-bit storage dtype (:func:`~lrcompile.kernels.aq_linear.codebook_dtype` of the
+    scales'): a folder saved before codebooks were stored in 16 bits holds them in float32, and
+    ``from_pretrained(dtype=...)`` may have cast them to the model's dtype."""
     from .kernels.aq_linear import codebook_dtype
-    from .modules import AQLinear, AQLowRankLinear, compressed_modules, held_dtype
+    from .modules import AQLinear, AQLowRankLinear, compressed_modules
 
     for _, module in compressed_modules(model):
         if isinstance(module, (AQLinear, AQLowRankLinear)):
-            parts = [module] if isinstance(module, AQLinear) else [module.down, module.up]
-            for part in parts:
+            for part in [module] if isinstance(module, AQLinear) else [module.down, module.up]:
                 stored = codebook_dtype(part.scales.dtype)
                 if part.codebooks.dtype != stored:
                     part.codebooks = nn.Parameter(part.codebooks.detach().to(stored), requires_grad=False)
-        module.lowrank_record.dtype = held_dtype(module)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _saved_dtype(entry: dict[str, Any], default: torch.dtype, where: str) -> torch.dtype:
+    """The dtype a record's ``dense_bytes`` were counted in when saved (older folders: the loading model's)."""
+    name = entry.get("dtype")
+    if name is None:
+        return default
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise SavedPlanError(f"quantization_config: {where!r} has dtype {name!r}, which is not a torch dtype")
+    return dtype
 
 
 class LowRankHfQuantizer(HfQuantizer):
@@ -186,7 +203,7 @@ class LowRankHfQuantizer(HfQuantizer):
         build_compressed_modules(model, self.quantization_config)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        refresh_dtypes(model)
+        restore_codebook_storage(model)
         return model
 
     def is_serializable(self) -> bool:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from tiny_models import left_padded_prompts, tiny_rope_model, token_batches
+from transformers import AutoModelForCausalLM
 
 import lrcompile
 from lrcompile.modules import GroupedLowRankProjection, LowRankLinear, model_latent_attention
@@ -71,16 +72,21 @@ def test_exported_compressed_model_runs_under_aot_inductor(tmp_path):
     torch.testing.assert_close(out.logits if hasattr(out, "logits") else out[0], compiled, rtol=0, atol=1e-4)
 
 
-def test_report_follows_the_dtype_the_model_is_cast_to():
-    """``model.to(bfloat16)`` after compressing: the report counts bytes and KV values at 2 bytes, not 4."""
+def test_report_follows_the_dtype_the_model_is_cast_to(tmp_path):
+    """``model.to(bfloat16)`` after compressing, or a float32 folder loaded in bfloat16: the report counts
+    bytes and KV values at 2 bytes, not 4."""
     model = _compress("llama")
     before = lrcompile.model_report(model)
+    model.save_pretrained(tmp_path / "f32")
     model.to(torch.bfloat16)
-    after = lrcompile.model_report(model)
-    assert after.bytes_before * 2 == before.bytes_before
-    assert after.bytes_after * 2 == before.bytes_after
-    assert [a.itemsize for a in after.attention] == [2] * len(before.attention) and before.attention[0].itemsize == 4
     assert all(record.dtype == torch.float32 for _, record in model_latent_attention(model))  # read, not changed
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "f32", dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    resaved = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    for after in (lrcompile.model_report(m) for m in (model, loaded, resaved)):
+        assert after.bytes_before * 2 == before.bytes_before
+        assert after.bytes_after * 2 == before.bytes_after
+        assert [a.itemsize for a in after.attention] == [2] * len(before.attention) and before.attention[0].itemsize == 4
 
 
 @pytest.mark.parametrize("family", FAMILIES)

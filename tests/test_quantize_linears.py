@@ -18,7 +18,7 @@ import lrcompile
 from lrcompile.cli import _config, build_parser
 from lrcompile.errors import LowRankConfigError
 from lrcompile.kernels.aq_linear import dequantize
-from lrcompile.modules import AQLinear, AQLowRankLinear, LowRankLinear, compressed_modules
+from lrcompile.modules import AQLinear, AQLowRankLinear, LowRankLinear, compressed_modules, current_record
 from lrcompile.passes.additive_quantization import relative_error
 from lrcompile.types import AQSpec, LayerStatus
 
@@ -204,7 +204,7 @@ def test_a_folder_saved_with_float32_codebooks_loads_with_16_bit_codebooks(facto
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
         parts = [part for _, m in compressed_modules(loaded) for part in (m.down, m.up)]
         assert len(parts) == 28 and all(p.codebooks.dtype == books and p.scales.dtype == dtype for p in parts)
-        assert all(m.lowrank_record.dtype == dtype for _, m in compressed_modules(loaded))
+        assert all(current_record(m).dtype == dtype for _, m in compressed_modules(loaded))
         with torch.no_grad():
             logits = loaded(ids, use_cache=False).logits
         if dtype == torch.float32:
