@@ -123,13 +123,16 @@ class GGUFWeights:
         )
 
         self.path = Path(path)
-        self.reader = GGUFReader(self.path)
+        reader = GGUFReader(self.path)
         config = skeleton.config
         architecture = config.model_type
         self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
         to_hf = get_gguf_hf_weights_map(skeleton, self.processor)
-        tensors = {tensor.name: tensor for tensor in self.reader.tensors}
+        tensors = {tensor.name: tensor for tensor in reader.tensors}
         self.tensors = {hf: (gguf_name, tensors[gguf_name]) for gguf_name, hf in to_hf.items() if gguf_name in tensors}
+        # Only the tensors (views of the file's map) are kept: the reader's parsed metadata (the tokenizer's
+        # vocabulary as ~100k small arrays) held 84 MB of SmolLM2's 138 MB reading cost.
+        self._map = reader.data._mmap
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         import numpy as np  # with gguf
@@ -148,7 +151,7 @@ class GGUFWeights:
             weights = self.processor.process(weights=weights, name=gguf_name).weights
             weights = np.ascontiguousarray(weights)
             out[name] = torch.from_numpy(weights if weights.flags.writeable else weights.copy())  # not a file view
-        self.reader.data._mmap.madvise(mmap.MADV_DONTNEED)  # the file's pages leave this process's memory
+        self._map.madvise(mmap.MADV_DONTNEED)  # the file's pages leave this process's memory
         return out
 
 
