@@ -145,8 +145,8 @@ def child_estimate(args: argparse.Namespace) -> dict[str, Any]:
     skeleton = skeleton_of(opened.config)
     batches = cli.model_batches(skeleton, opened.tokenizer, cli.calibration_texts(args.calib, 4, 8), 4, 128)
     config = LowRankConfig(param_ratio=args.param_ratio, calibration_order=args.order)
-    unit, need = BlockCompressor(skeleton, None, batches, config, args.out).working_set()
-    return {"unit": unit, "estimate": need}
+    need = BlockCompressor(skeleton, None, batches, config, args.out).working_set()
+    return {"unit": need.unit, "estimate": need.total}
 
 
 def child_scaling(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,7 +168,7 @@ def child_scaling(args: argparse.Namespace) -> dict[str, Any]:
                                      args.out, max_memory=args.max_memory)
         result = compressor.run()
     return {"peak": rss.peak, "floor": rss.floor, "seconds": time.perf_counter() - start,
-            "estimate": compressor.working_set()[1], "phases": result.timings}
+            "estimate": compressor.working_set().total, "phases": result.timings}
 
 
 def child_perplexity(args: argparse.Namespace) -> dict[str, Any]:

@@ -276,6 +276,26 @@ def _modules_set(block: nn.Module, modules: dict[str, nn.Module]) -> Iterator[No
             setattr(block.get_submodule(parent) if parent else block, name, module)
 
 
+@dataclass(frozen=True)
+class WorkingSet:
+    """What one unit of block-by-block compression holds at once, in bytes (estimated before any work)."""
+
+    unit: str  # "block 3", or the non-block weights
+    weights: int  # dense weights, and the factors beside them
+    statistics: int = 0  # float64 buffers of the widest linear's step
+    activations: int = 0  # the calibration activation streams
+    finetuning: int = 0  # float32 copies of the block for Adam
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.statistics + self.activations + self.finetuning
+
+    def describe(self) -> str:
+        parts = (("weights and factors", self.weights), ("float64 statistics", self.statistics),
+                 ("calibration activations", self.activations), ("fine-tuning copies", self.finetuning))
+        return ", ".join(f"{name} {value / 1e6:,.1f} MB" for name, value in parts if value)
+
+
 class BlockCompressor:
     """One block-by-block run (see the module docstring); :meth:`run` does it all."""
 
@@ -365,16 +385,17 @@ class BlockCompressor:
         block.load_state_dict({name[len(prefix):]: t.to(self.device) for name, t in tensors.items()}, assign=True)
         return block
 
-    def working_set(self) -> tuple[str, int]:
-        """The largest unit held at once and its bytes (an estimate): one block's dense weights, factors and
-        statistics with the calibration activations, or the non-block weights.
+    def working_set(self) -> WorkingSet:
+        """The largest unit held at once (an estimate): one block's dense weights, factors and statistics with
+        the calibration activations, or the non-block weights.
 
         Counted at the widest linear's step, where it peaks: three float64 ``[in, in]`` buffers (C, B or the refit
         map solved in its place, and one Cholesky factor: :meth:`Whitening.of`); float64 ``[out, in]`` W, W G, the
-        whitened target, ``vt`` and ``vt L^-1``; each activation stream three times (the block's inputs, its outputs, and the list being
-        replaced); with fine-tuning, four float32 copies of the block (weights, gradients, Adam's moments)."""
+        whitened target, ``vt`` and ``vt L^-1``; each activation stream three times (the block's inputs, its
+        outputs, and the list being replaced); with fine-tuning, four float32 copies of the block (weights,
+        gradients, Adam's moments)."""
         rest = sum(_meta_bytes(self.skeleton.get_parameter(name)) for name in self.rest_names)
-        units = [("the non-block weights (embeddings, final norm, head)", rest)]
+        units = [WorkingSet("the non-block weights (embeddings, final norm, head)", rest)]
         two = self.config.calibration_order == "error_feedback" or self.config.finetune_epochs > 0
         streams = 2 if two else 1
         rows = sum(batch["input_ids"].numel() for batch in self.batches)
@@ -386,17 +407,19 @@ class BlockCompressor:
             widest = max(linears, key=lambda m: m.in_features, default=None)
             solve = 0 if widest is None else 8 * widest.in_features * (3 * widest.in_features + 5 * widest.out_features)
             tuning = 4 * dense * 4 // itemsize if self.config.finetune_epochs else 0  # float32 copy, grads, Adam
-            units.append((f"block {index}", 2 * dense + solve + activations + tuning))
-        return max(units, key=lambda unit: unit[1])
+            units.append(WorkingSet(f"block {index}", 2 * dense, solve, activations, tuning))
+        return max(units, key=lambda unit: unit.total)
 
     def _check_budget(self) -> None:
         """Fail before any work when the largest unit held at once exceeds ``max_memory``."""
         if self.max_memory is None:
             return
-        name, need = self.working_set()
-        if need > self.max_memory:
-            raise LowRankConfigError(f"--max-memory {self.max_memory:,} bytes is below the {need:,} bytes that {name} "
-                                     "needs at once (its weights, factors and statistics); raise it")
+        need = self.working_set()
+        if need.total > self.max_memory:
+            raise LowRankConfigError(
+                f"--max-memory {self.max_memory:,} bytes is below the {need.total:,} bytes that {need.unit} needs at "
+                f"once ({need.describe()}); raise it" + (", or calibrate on fewer or shorter batches (--max-batches, "
+                                                        "--seq-len)" if need.activations else ""))
 
     # ---------------------------------------------------------------- calibration
 

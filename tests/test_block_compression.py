@@ -112,7 +112,9 @@ def test_refuses_to_resume_with_other_options(tmp_path, monkeypatch):
 
 
 def test_max_memory_below_one_block_is_refused_before_any_work(tmp_path):
-    with pytest.raises(LowRankConfigError, match="--max-memory 1,000 bytes is below .* block 0"):
+    with pytest.raises(LowRankConfigError, match="--max-memory 1,000 bytes is below .* block 0 needs at once "
+                       r"\(weights and factors 0.3 MB, float64 statistics 0.7 MB, calibration activations 0.3 MB\); "
+                       r"raise it, or calibrate on fewer or shorter batches \(--max-batches, --seq-len\)"):
         compress_model_blocks(tiny_model("llama"), batches(), options(), tmp_path, max_memory=1000)
     assert not (tmp_path / PROGRESS_FILE).exists()
 
