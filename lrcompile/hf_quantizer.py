@@ -24,7 +24,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import SavedPlanError
-from .types import AQRecord, AQSpec, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
+from .types import AQRecord, AQSpec, CompressedLayer, LatentAttention, LayerPlan, LayerStatus, dtype_from_name, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class LowRankQuantizationConfig(QuantizationConfigMixin):
             record = current_record(module)
             if isinstance(module, GroupedLowRankProjection):
                 entry = attention.setdefault(record.name, {key: getattr(record, key) for key in _LATENT_KEYS})
-                entry["dtype"] = _dtype_name(record.dtype)
+                entry["dtype"] = dtype_name(record.dtype)
                 entry[f"{module.role}_proj"] = path
                 entry[f"{module.role}_bias"] = module.bias is not None
                 entry["in_features"] = module.in_features
@@ -69,7 +69,7 @@ class LowRankQuantizationConfig(QuantizationConfigMixin):
                 "out_features": plan.out_features, "in_features": plan.in_features,
                 "bias": getattr(module, "bias", None) is not None, "reason": plan.reason,
                 "sensitivity": plan.sensitivity, "truncation_loss": plan.truncation_loss,
-                "dense_bytes": record.dense_bytes, "dtype": _dtype_name(record.dtype),
+                "dense_bytes": record.dense_bytes, "dtype": dtype_name(record.dtype),
             }
             if record.quantization is not None:
                 aq = record.quantization
@@ -178,17 +178,13 @@ def restore_codebook_storage(model: nn.Module) -> None:
                     part.codebooks = nn.Parameter(part.codebooks.detach().to(stored), requires_grad=False)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _saved_dtype(entry: dict[str, Any], default: torch.dtype, where: str) -> torch.dtype:
     """The dtype a record's ``dense_bytes`` were counted in when saved (older folders: the loading model's)."""
     name = entry.get("dtype")
     if name is None:
         return default
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
+    dtype = dtype_from_name(str(name))
+    if dtype is None:
         raise SavedPlanError(f"quantization_config: {where!r} has dtype {name!r}, which is not a torch dtype")
     return dtype
 

@@ -32,6 +32,17 @@ class WeightLayout(enum.Enum):
     MODULE = "module"  # call_module of an nn.Linear (symbolic_trace)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """How a saved folder names a dtype (``"float32"``); :func:`dtype_from_name` reads it back."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype | None:
+    """The torch dtype a saved name stands for; None when it names none."""
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def accumulation_dtype(device: torch.device) -> torch.dtype:
     """float64 for statistics and SVDs, on the device that holds the tensors; float32 where it has no float64 (MPS)."""
     return torch.float32 if device.type == "mps" else torch.float64

@@ -51,7 +51,7 @@ from torch import nn
 from lrcompile.errors import SavedPlanError
 from lrcompile.hf_quantizer import describe_on_config
 from lrcompile.modules import RECORD, GroupedLowRankProjection, LowRankLinear
-from lrcompile.types import FACTOR_METHODS, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
+from lrcompile.types import FACTOR_METHODS, CompressedLayer, LatentAttention, LayerPlan, LayerStatus, dtype_from_name
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +225,8 @@ def _parse_layer(path: Path, index: int, entry: Any) -> SavedLayer:
         raise SavedPlanError(
             f"{path}: {where}: weight_shape {shape} does not hold out_features={out_features}, in_features={in_features}"
         )
-    dtype = getattr(torch, _field(path, where, entry, "dtype", str), None)
-    if not isinstance(dtype, torch.dtype):
+    dtype = dtype_from_name(_field(path, where, entry, "dtype", str))
+    if dtype is None:
         raise SavedPlanError(f"{path}: {where}: dtype {entry['dtype']!r} is not a torch dtype")
     dense_bytes = _field(path, where, entry, "dense_bytes", int)
     plan = LayerPlan(
@@ -310,8 +310,8 @@ def _parse_attention(path: Path, index: int, entry: Any, layers: Mapping[str, Sa
             raise SavedPlanError(
                 f"{path}: {where}: {key}={sizes[key]} exceeds the group's width {width} (group_size * head_dim)"
             )
-    dtype = getattr(torch, _field(path, where, entry, "dtype", str), None)
-    if not isinstance(dtype, torch.dtype):
+    dtype = dtype_from_name(_field(path, where, entry, "dtype", str))
+    if dtype is None:
         raise SavedPlanError(f"{path}: {where}: dtype {entry['dtype']!r} is not a torch dtype")
     dense_bytes = _field(path, where, entry, "dense_bytes", int)
     losses = [_field(path, where, entry, key, int, float, type(None)) for key in ("k_truncation_loss", "v_truncation_loss")]
