@@ -58,7 +58,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrcompile.passes.decomposition import Whitening, decompose
+from lrcompile.passes.decomposition import Whitening, decompose, shared_whitening
 from lrcompile.passes.quantize_linears import AQSettings, quantize_dense, quantize_factors
 from lrcompile.passes.rank_allocation import allocate_closed_form, allocate_uniform, build_plan
 
@@ -554,8 +554,7 @@ class BlockCompressor:
                             block.get_submodule(path).weight.detach().double())
                     continue
                 stats, _ = self._step_stats(block, step[0], plan_streams, {}, cross=False, use_dense=True)
-                whiten = self.config.method == "whiten"  # one transform for the linears reading this input
-                whitening = Whitening.of(stats, f"{self.prefix}.{index}.{step[0]}") if whiten else None
+                whitening = shared_whitening(self.config.method, stats, f"{self.prefix}.{index}.{step[0]}")
                 for path in selected:
                     name = f"{self.prefix}.{index}.{path}"
                     spectra[name] = decompose(block.get_submodule(path).weight, self.config.method, stats,
@@ -584,8 +583,8 @@ class BlockCompressor:
                 stats, cross = self._step_stats(block, step[0], streams, dense_modules,
                                                 cross=order == "error_feedback", use_dense=order == "independent")
                 factored = any(plans[f"{self.prefix}.{index}.{path}"].rank is not None for path in selected)
-                if factored and self.config.method == "whiten":  # one transform for the linears reading this input
-                    whitening = Whitening.of(stats, f"{self.prefix}.{index}.{step[0]}", cross)
+                if factored:
+                    whitening = shared_whitening(self.config.method, stats, f"{self.prefix}.{index}.{step[0]}", cross)
                 del cross
             for path in selected:
                 name = f"{self.prefix}.{index}.{path}"

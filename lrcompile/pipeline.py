@@ -38,7 +38,7 @@ from lrcompile.passes import (
 )
 from lrcompile.passes.attention_blocks import AttentionBlock, UnmatchedAttention, find_attention_blocks
 from lrcompile.passes.calibration_runner import is_state_input
-from lrcompile.passes.decomposition import LinearDecomposition, Whitening
+from lrcompile.passes.decomposition import LinearDecomposition, Whitening, shared_whitening
 from lrcompile.passes.find_linears import (
     ModuleSlot,
     dynamo_frame_locals,
@@ -356,10 +356,8 @@ def _spectra(c: GraphCompression, targets: list[LinearNode]) -> dict[str, torch.
 
 def _whitening(c: GraphCompression, step: FeedbackStep) -> Whitening | None:
     """The step's input transform, shared by its linears (None unless the method whitens); consumes ``step.cross``."""
-    if c.config.method != "whiten":
-        return None
     cross, step.cross = step.cross, None
-    return Whitening.of(step.stats, step.linears[0].meta.name, cross)
+    return shared_whitening(c.config.method, step.stats, step.linears[0].meta.name, cross)
 
 
 def _factorize(c: GraphCompression) -> None:

@@ -77,8 +77,8 @@ def regularized_cholesky(gram: torch.Tensor, layer: str, shift: float = 0.0) -> 
     One new ``[n, n]`` buffer: the factor overwrites a column-major copy, the layout LAPACK works in."""
     scale = float(gram.diagonal().mean().clamp_min(1e-12))
     info = torch.empty((), dtype=torch.int32, device=gram.device)
+    factor = torch.empty_like(gram).mT
     for eps in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
-        factor = torch.empty_like(gram).mT
         factor.copy_(gram)
         if shift or eps:
             factor.diagonal().add_(shift + eps * scale)
@@ -87,7 +87,6 @@ def regularized_cholesky(gram: torch.Tensor, layer: str, shift: float = 0.0) -> 
             if eps:
                 log.info("layer %s: Gram matrix regularised with %.0e * mean(diag)", layer, eps)
             return factor
-        del factor
     raise CalibrationError(f"layer {layer!r}: the Gram matrix X^T X is not positive definite even after damping")
 
 
@@ -119,6 +118,13 @@ class Whitening:
             torch.linalg.solve_triangular(damped, refit, upper=False, left=False, out=refit)
             del damped
         return cls(regularized_cholesky(gram, layer), refit)
+
+
+def shared_whitening(method: str, stats: ActivationStats | None, layer: str, cross: torch.Tensor | None = None
+                     ) -> Whitening | None:
+    """The :class:`Whitening` the linears reading one input share (``cross`` overwritten, see
+    :meth:`Whitening.of`); None unless ``method`` whitens (``svd`` and ``asvd`` need nothing shared)."""
+    return Whitening.of(stats, layer, cross) if method == "whiten" else None
 
 
 def decompose(

@@ -36,7 +36,7 @@ from lrcompile.modules import GroupedLowRankProjection
 from lrcompile.types import ActivationStats, LatentAttention
 
 from .attention_blocks import AttentionBlock, GroupedProjectionNode
-from .decomposition import LinearDecomposition, Whitening, decompose
+from .decomposition import LinearDecomposition, decompose, shared_whitening
 from .factorize_linears import add_frozen_parameter
 from .find_linears import weight_tensor
 
@@ -61,7 +61,7 @@ def group_decompositions(
 ) -> list[LinearDecomposition]:
     """One decomposition per group of rows of a K or V projection ``[kv_heads * D, hidden]``."""
     width = weight.shape[0] // groups
-    whitening = Whitening.of(stats, name) if method == "whiten" else None  # the groups read one input
+    whitening = shared_whitening(method, stats, name)  # the groups read one input
     return [decompose(weight[g * width : (g + 1) * width], method, stats, alpha, f"{name}[group {g}]", whitening)
             for g in range(groups)]
 
