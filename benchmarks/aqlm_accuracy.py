@@ -9,8 +9,9 @@ row quantises the same linears, every compressible one (all but ``lm_head``):
   float16 scale and zero point per group), 2/3/4 bits at g=128 and g=64;
 * ``aqlm``: ``quantize="aqlm"`` through the lowrank backend (``param_ratio=1``: every
   weight quantised; below 1: the low-rank factors are quantised); with a
-  ``finetune_epochs`` key, block by block with that many epochs of block
-  fine-tuning (``lrcompile.compress_model_blocks``), the saved folder scored;
+  ``finetune_epochs`` or ``distill_epochs`` key, block by block with that many
+  epochs of block fine-tuning or end-to-end distillation
+  (``lrcompile.compress_model_blocks``), the saved folder scored;
 * ``factor``: low-rank factoring alone (whiten, closed_form), for AQ on factors at equal bytes.
 
 Bits/weight are measured: the bytes of codes, codebooks and scales (factors for
@@ -135,8 +136,9 @@ def run_lowrank(subject: Subject, row: dict[str, Any]) -> dict[str, Any]:
     if row["kind"] == "aqlm":  # aq_config, aq_group_size and any other aq_* option of the row
         options.update(quantize="aqlm", **{k: v for k, v in row.items() if k.startswith("aq_")})
     start = time.perf_counter()
-    if row.get("finetune_epochs"):  # block fine-tuning runs block by block; the folder it writes is scored
-        options.update(finetune_epochs=row["finetune_epochs"])
+    tuning = {k: row[k] for k in ("finetune_epochs", "distill_epochs", "distill_lr") if row.get(k)}
+    if tuning:  # fine-tuning and distillation run block by block; the folder written is scored
+        options.update(tuning)
         batches = [b if isinstance(b, dict) else {"input_ids": b} for b in subject.calibration]
         with tempfile.TemporaryDirectory() as out:
             compress_model_blocks(model, batches, lrcompile.LowRankConfig(**options), out)
@@ -181,6 +183,8 @@ def label(row: dict[str, Any]) -> str:
         search = "".join(f", {k.removeprefix('aq_').replace('_', ' ')} {v}" for k, v in row.items()
                          if k in ("aq_beam_size", "aq_tolerance"))
         tuned = f", block fine-tuning {row['finetune_epochs']} epochs" if row.get("finetune_epochs") else ""
+        tuned += f", distillation {row['distill_epochs']} epochs" if row.get("distill_epochs") else ""
+        tuned += f" at lr {row['distill_lr']}" if row.get("distill_lr") else ""
         return f"AQLM {row['aq_config']} g={row['aq_group_size']}{search}{where}{tuned}"
     if row["kind"] == "factor":
         return f"factoring alone (param_ratio {row['param_ratio']})"
@@ -188,17 +192,18 @@ def label(row: dict[str, Any]) -> str:
 
 
 def _key(row: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in row.items() if k in ("kind", "bits", "group_size", "param_ratio",
-                                                             "finetune_epochs") or k.startswith("aq_")}, sort_keys=True)
+    deciding = ("kind", "bits", "group_size", "param_ratio", "finetune_epochs", "distill_epochs", "distill_lr")
+    return json.dumps({k: v for k, v in row.items() if k in deciding or k.startswith("aq_")}, sort_keys=True)
 
 
 def checks(model: dict[str, Any]) -> list[str]:
     """The issue's targets on this model: AQLM 2x8 perplexity <= RTN 3-bit, AQ layers <= 2.3 bits/weight; for
-    every AQLM 2x8 row on the full weights (with and without block fine-tuning)."""
+    every AQLM 2x8 row on the full weights (with and without block fine-tuning or distillation)."""
     rows = {label(r): r for r in model["results"]}
     lines = []
     for aq in model["results"]:
-        if _key({**aq, "finetune_epochs": None}) != _key({**AQ_ROW, "finetune_epochs": None}):
+        untuned = {"finetune_epochs": None, "distill_epochs": None, "distill_lr": None}
+        if _key({**aq, **untuned}) != _key({**AQ_ROW, **untuned}):
             continue
         for g in (128, 64):
             rtn = rows.get(f"RTN 3-bit g={g}")

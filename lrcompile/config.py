@@ -152,6 +152,11 @@ class LowRankConfig:
         Trained: factors, AQ codebooks and scales, norms, biases and the linears left dense; AQ codes stay.
         0 (default): none.
     finetune_lr: Adam's learning rate for block fine-tuning.
+    distill_epochs: end-to-end distillation (block by block only): once every block is compressed, this many
+        passes of Adam over the calibration batches train the blocks' floating-point parameters (as block
+        fine-tuning does) to match the dense model's next-token distribution (KL divergence). The whole model
+        and its gradients are held at once. 0 (default): none.
+    distill_lr: Adam's learning rate for distillation.
     compiler: the downstream compiler of the rewritten graph: ``inductor``, ``aot_eager`` or ``eager``.
     compiler_mode / compiler_options: with ``inductor``, torch.compile's ``mode`` (``"reduce-overhead"``:
         CUDA graphs, ``"max-autotune"``, ...) and ``options`` (Inductor config names and values), handed to
@@ -184,6 +189,8 @@ class LowRankConfig:
     aq_tolerance: float = 0.01
     finetune_epochs: int = 0
     finetune_lr: float = 5e-4
+    distill_epochs: int = 0
+    distill_lr: float = 5e-5
     dump_dir: str | None = None
     compiler: str = "inductor"
     compiler_mode: str | None = None
@@ -234,12 +241,12 @@ class LowRankConfig:
         tolerance = self.aq_tolerance
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
             raise LowRankConfigError(f"option 'aq_tolerance'={tolerance!r}: expected a fraction in [0, 1) (AQLM uses 0.01)")
-        epochs = self.finetune_epochs
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise LowRankConfigError(f"option 'finetune_epochs'={epochs!r}: expected a non-negative integer (0: none)")
-        lr = self.finetune_lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
-            raise LowRankConfigError(f"option 'finetune_lr'={lr!r}: expected a learning rate in (0, 1)")
+        for stage in ("finetune", "distill"):
+            epochs, lr = getattr(self, f"{stage}_epochs"), getattr(self, f"{stage}_lr")
+            if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+                raise LowRankConfigError(f"option '{stage}_epochs'={epochs!r}: expected a non-negative integer (0: none)")
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
+                raise LowRankConfigError(f"option '{stage}_lr'={lr!r}: expected a learning rate in (0, 1)")
         if self.quantize is not None and self.calibration_order != "independent":
             raise LowRankConfigError(
                 f"option quantize={self.quantize!r} fits codes to each layer's input statistics from the dense model; "

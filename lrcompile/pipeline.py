@@ -539,11 +539,14 @@ def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config:
     """Run every pass on ``gm``; the result holds the rewritten graph, the plan, the report and the modules
     to install on the model (:func:`install`). Called from a Dynamo backend, the model's modules are found
     in the captured frame; for other graphs (``symbolic_trace``, ``torch.export``) in ``gm`` itself."""
-    if config.finetune_epochs:
-        raise LowRankConfigError(
-            f"option finetune_epochs={config.finetune_epochs} fine-tunes each decoder block against the dense block "
-            "and runs block by block: use lrcompile.compress_model_blocks(model, batches, config, out) or "
-            "`lrcompile compress MODEL --finetune-epochs N`, or set finetune_epochs=0 for torch.compile")
+    for stage, what in (("finetune", "fine-tunes each decoder block against the dense block"),
+                        ("distill", "distils the compressed model from the dense model's logits")):
+        epochs = getattr(config, f"{stage}_epochs")
+        if epochs:
+            raise LowRankConfigError(
+                f"option {stage}_epochs={epochs} {what} and runs block by block: use "
+                f"lrcompile.compress_model_blocks(model, batches, config, out) or `lrcompile compress MODEL "
+                f"--{stage}-epochs N`, or set {stage}_epochs=0 for torch.compile")
     graph_id = next(_graph_ids)
     dump_dir = Path(config.dump_dir) / f"graph_{graph_id:03d}" if config.dump_dir else None
     compression = GraphCompression(gm, list(example_inputs or []), config, dynamo_frame_locals(gm))

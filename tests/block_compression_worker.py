@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--finetune-epochs", type=int, default=0)
+    parser.add_argument("--distill-epochs", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed = "RANK" in __import__("os").environ
@@ -45,7 +46,8 @@ def main() -> None:
     start = time.perf_counter()
     compress_model_blocks(tiny_llama(args.layers, args.hidden), calibration(args.batches, args.seq),
                           LowRankConfig(param_ratio=0.6, calibration_order="error_feedback", rank_multiple=1,
-                                        finetune_epochs=args.finetune_epochs, finetune_lr=1e-3), args.out)
+                                        finetune_epochs=args.finetune_epochs, finetune_lr=1e-3,
+                                        distill_epochs=args.distill_epochs, distill_lr=3e-4), args.out)
     seconds = time.perf_counter() - start
     if not distributed or dist.get_rank() == 0:
         (Path(args.out) / "wall_seconds.json").write_text(json.dumps({"seconds": seconds}))

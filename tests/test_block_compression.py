@@ -166,48 +166,100 @@ def _relative_error(model: torch.nn.Module, dense: torch.nn.Module, calibration)
     return float((got - want).norm() / want.norm())
 
 
+TUNING = {  # stage: (epochs, learning rate, the logged objective, the number of logs, the least share it falls)
+    "finetune": (4, 1e-3, r"block \d fine-tuned: relative error (\S+) \(first epoch\) -> (\S+) \(last\)", 2, 0.98),
+    "distill": (3, 3e-4, r"distilled: KL to the dense model (\S+) \(first epoch\) -> (\S+) \(last\)", 1, 0.95),
+}
+
+
+@pytest.mark.parametrize("stage", list(TUNING))
 @pytest.mark.parametrize("extra", [{"calibration_order": "error_feedback", "rank_multiple": 1},
                                    {"calibration_order": "independent", "rank_multiple": 8, **AQ}],
                          ids=["factored", "aq factors"])
-def test_finetuning_brings_blocks_closer_to_the_dense_model(tmp_path, extra, caplog):
-    """``finetune_epochs``: each block's objective falls, and the compressed model's logits on the calibration
-    data move towards the dense model's; AQ codes stay as fitted (codebooks, scales, factors and the dense
-    parameters train)."""
+def test_tuning_brings_the_model_closer_to_the_dense_model(tmp_path, extra, stage, caplog):
+    """``finetune_epochs`` (each block's objective falls) and ``distill_epochs`` (the KL to the dense model
+    falls): the compressed model's logits on the calibration data move towards the dense model's; only the
+    blocks' floating-point tensors train (norms included; AQ codes, embeddings and the final norm stay), the
+    plan is the same and no work file is left."""
+    epochs, lr, pattern, logs, share = TUNING[stage]
     calibration = batches()
     results = {}
-    for epochs in (0, 4):
-        out = tmp_path / f"epochs-{epochs}"
-        config = LowRankConfig(param_ratio=0.6, finetune_epochs=epochs, finetune_lr=1e-3, **extra)
+    for count in (0, epochs):
+        out = tmp_path / f"epochs-{count}"
+        config = LowRankConfig(param_ratio=0.6, **{f"{stage}_epochs": count, f"{stage}_lr": lr}, **extra)
         with caplog.at_level(logging.INFO, logger="lrcompile.block_compression"):
             compress_model_blocks(tiny_model("llama"), calibration, config, out)
-        results[epochs] = AutoModelForCausalLM.from_pretrained(out).eval()
-    objectives = [re.search(r"relative error (\S+) \(first epoch\) -> (\S+) \(last\)", r.getMessage())
-                  for r in caplog.records if "fine-tuned" in r.getMessage()]
-    assert len(objectives) == 2 and all(float(m[2]) < float(m[1]) for m in objectives)
+        results[count] = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert [p.name for p in out.iterdir() if p.name.startswith("lowrank_")] == []
+    objectives = [m for m in (re.search(pattern, r.getMessage()) for r in caplog.records) if m]
+    assert len(objectives) == logs and all(float(m[2]) < float(m[1]) for m in objectives)
     dense = tiny_model("llama")
-    assert _relative_error(results[4], dense, calibration) < 0.98 * _relative_error(results[0], dense, calibration)
-    before, after = results[0].state_dict(), results[4].state_dict()
+    assert _relative_error(results[epochs], dense, calibration) < share * _relative_error(results[0], dense, calibration)
+    before, after = results[0].state_dict(), results[epochs].state_dict()
     assert before.keys() == after.keys()
     assert all(p.dtype == after[k].dtype and not p.requires_grad for k, p in before.items())
-    codes = [k for k in before if k.endswith(".codes")]
-    assert bool(codes) == ("quantize" in extra) and all(torch.equal(before[k], after[k]) for k in codes)
-    norm = "model.layers.1.post_attention_layernorm.weight"
-    assert not torch.equal(before[norm], after[norm]), "norms are trained too"
+    kept = [k for k in before if not k.startswith("model.layers.") or k.endswith(".codes")]
+    assert "model.norm.weight" in kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert any(k.endswith(".codes") for k in kept) == ("quantize" in extra)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "model.layers.1.post_attention_layernorm.weight" in changed, "norms are trained too"
+    assert any(k.endswith((".up", ".codebooks")) for k in changed)
+    plans = [results[e].config.quantization_config.linears for e in (0, epochs)]
+    assert {n: e["rank"] for n, e in plans[0].items()} == {n: e["rank"] for n, e in plans[1].items()}
 
 
-def test_finetuning_a_bfloat16_model_keeps_its_dtype(tmp_path):
-    compress_model_blocks(tiny_model("llama").to(torch.bfloat16), batches(2), options(finetune_epochs=1), tmp_path)
+def test_distillation_resumes_without_training_again(tmp_path, monkeypatch):
+    """A run killed while the distilled tensors are copied into the block files restarts there: it does not train
+    again and writes what an uninterrupted run writes."""
+    calibration = batches()
+    config = options(distill_epochs=2, distill_lr=1e-3)
+    compress_model_blocks(tiny_model("llama"), calibration, config, tmp_path / "whole")
+    original = block_compression.write_safetensors
+
+    def fail_at_block_1(path, tensors):
+        if path.name == "block_00001.safetensors" and (path.parent.parent / "lowrank_distilled.safetensors").exists():
+            raise KeyboardInterrupt
+        return original(path, tensors)
+
+    monkeypatch.setattr(block_compression, "write_safetensors", fail_at_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        compress_model_blocks(tiny_model("llama"), calibration, config, tmp_path / "resumed")
+    monkeypatch.setattr(block_compression, "write_safetensors", original)
+    monkeypatch.setattr(block_compression, "_fit", lambda *args: pytest.fail("trained again"))
+    compress_model_blocks(tiny_model("llama"), calibration, config, tmp_path / "resumed")
+    whole, resumed = _tensors(tmp_path / "whole"), _tensors(tmp_path / "resumed")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_max_memory_counts_distillation(tmp_path):
+    """Distillation holds the whole model: a budget that fits one block is refused, naming it."""
+    enough = BlockCompressor(skeleton_of(tiny_model("llama").config), ModuleWeights(tiny_model("llama")), batches(),
+                             options(), tmp_path).working_set().total
+    compress_model_blocks(tiny_model("llama"), batches(), options(), tmp_path / "blocks", max_memory=enough)
+    with pytest.raises(LowRankConfigError, match=r"below the [\d,]+ bytes that distillation \(the whole model\) "
+                                                  r"needs at once \(weights and factors [\d.]+ MB, calibration "
+                                                  r"activations [\d.]+ MB, fine-tuning copies [\d.]+ MB\)"):
+        compress_model_blocks(tiny_model("llama"), batches(), options(distill_epochs=1), tmp_path / "whole",
+                              max_memory=enough)
+
+
+@pytest.mark.parametrize("stage", ["finetune", "distill"])
+def test_tuning_a_bfloat16_model_keeps_its_dtype(tmp_path, stage):
+    compress_model_blocks(tiny_model("llama").to(torch.bfloat16), batches(2), options(**{f"{stage}_epochs": 1}),
+                          tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert torch.isfinite(logits(loaded, batches(1)[0]["input_ids"]).float()).all()
 
 
-def test_the_graph_path_refuses_finetuning_naming_the_block_path():
+@pytest.mark.parametrize("stage", ["finetune", "distill"])
+def test_the_graph_path_refuses_tuning_naming_the_block_path(stage):
     model = tiny_model("llama")
-    compiled = torch.compile(model, backend="lowrank",
-                             options=LowRankConfig(calibration=batches(1), compiler="eager", finetune_epochs=2))
-    with pytest.raises(Exception, match=r"finetune_epochs=2 .* runs block by block: use "
-                                        r"lrcompile\.compress_model_blocks"):
+    compiled = torch.compile(model, backend="lowrank", options=LowRankConfig(
+        calibration=batches(1), compiler="eager", **{f"{stage}_epochs": 2}))
+    with pytest.raises(Exception, match=rf"{stage}_epochs=2 .* runs block by block: use "
+                                        rf"lrcompile\.compress_model_blocks.*--{stage}-epochs N"):
         compiled(**batches(1)[0])
 
 
@@ -215,8 +267,10 @@ def test_the_graph_path_refuses_finetuning_naming_the_block_path():
     ({"finetune_epochs": -1}, r"'finetune_epochs'=-1: expected a non-negative integer"),
     ({"finetune_epochs": 1.5}, r"'finetune_epochs'=1\.5"),
     ({"finetune_lr": 0}, r"'finetune_lr'=0: expected a learning rate in \(0, 1\)"),
+    ({"distill_epochs": -2}, r"'distill_epochs'=-2: expected a non-negative integer"),
+    ({"distill_lr": 1.5}, r"'distill_lr'=1\.5: expected a learning rate in \(0, 1\)"),
 ])
-def test_bad_finetuning_options_are_named(options_, message):
+def test_bad_tuning_options_are_named(options_, message):
     with pytest.raises(LowRankConfigError, match=message):
         LowRankConfig(**options_)
 
@@ -278,12 +332,13 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 
 
 def test_two_gloo_ranks_finetune_on_uneven_shares(tmp_path):
-    """Fine-tuning all-reduces every step's gradients: with 7 batches over 2 ranks (4 and 3) both take the same
-    number of steps (no rank waits forever) and the folder rank 0 writes loads."""
+    """Fine-tuning and distillation all-reduce every step's gradients: with 7 batches over 2 ranks (4 and 3) both
+    take the same number of steps (no rank waits forever) and the folder rank 0 writes loads."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                             f"--master-port={_free_port()}", str(HERE / "block_compression_worker.py"),
-                            "--out", str(tmp_path), "--batches", "7", "--finetune-epochs", "2"],
+                            "--out", str(tmp_path), "--batches", "7", "--finetune-epochs", "2",
+                            "--distill-epochs", "2"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(tmp_path)

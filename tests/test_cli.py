@@ -130,14 +130,16 @@ def test_compress_block_by_block_under_max_memory(model_dir, calib_file, tmp_pat
     assert all(torch.equal(loaded[k], expected[k]) for k in loaded)
 
 
-def test_compress_with_finetuning_runs_block_by_block(model_dir, calib_file, tmp_path, capsys, caplog):
-    """``--finetune-epochs`` needs the dense block beside the compressed one: ``compress`` goes block by block."""
+@pytest.mark.parametrize("stage,logged", [("finetune", 2), ("distill", 1)])  # each block of the tiny Llama; once
+def test_compress_with_tuning_runs_block_by_block(model_dir, calib_file, tmp_path, capsys, caplog, stage, logged):
+    """``--finetune-epochs`` and ``--distill-epochs`` need the dense model's outputs beside the compressed blocks:
+    ``compress`` goes block by block."""
     out = tmp_path / "tuned"
     with caplog.at_level(logging.INFO, logger="lrcompile.block_compression"):
         assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--param-ratio", "0.8",
-                     "--finetune-epochs", "2", "--finetune-lr", "1e-3", *SMALL]) == 0
+                     f"--{stage}-epochs", "2", f"--{stage}-lr", "3e-4", *SMALL]) == 0
     assert "block by block" in capsys.readouterr().out
-    assert sum("fine-tuned" in r.getMessage() for r in caplog.records) == 2  # both blocks of the tiny Llama
+    assert sum(("fine-tuned" if stage == "finetune" else "distilled") in r.getMessage() for r in caplog.records) == logged
     assert lrcompile.model_report(load_model_folder(out)[0]).totals()["factored"] > 0
 
 
