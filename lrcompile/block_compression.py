@@ -179,16 +179,18 @@ def _reduce_gradients(params: list[nn.Parameter]) -> None:
 
 
 def _fit(params: Iterable[nn.Parameter], batches: Sequence[tuple[Any, ...]], loss: Callable[..., torch.Tensor],
-         epochs: int, lr: float) -> tuple[float, float]:
+         epochs: int, lr: float, progress: str | None = None) -> tuple[float, float]:
     """Adam on the floating-point ``params`` for ``epochs`` passes over ``batches`` (``loss(*batch)``), in float32
     whatever their dtype (restored after); gradients are averaged over the ranks, so every rank keeps the same
-    parameters. Returns the mean loss of the first and of the last epoch."""
+    parameters. ``progress``: a progress bar's title (one tick a step). Returns the mean loss of the first and of
+    the last epoch."""
     params = [p for p in params if p.is_floating_point()]
     dtypes = [p.dtype for p in params]
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
+    bar = tqdm(total=epochs * len(batches), desc=progress, unit="step", leave=False, disable=progress is None)
     first = last = 0.0
     try:
         for epoch in range(epochs):
@@ -200,9 +202,12 @@ def _fit(params: Iterable[nn.Parameter], batches: Sequence[tuple[Any, ...]], los
                 _reduce_gradients(params)
                 optimizer.step()
                 total += value.item()
+                bar.update()
             last = total / max(len(batches), 1)
             first = last if epoch == 0 else first
+            bar.set_postfix(loss=f"{last:.4g}")
     finally:
+        bar.close()
         for p, dtype in zip(params, dtypes):
             p.requires_grad_(False)
             p.grad = None
@@ -742,7 +747,8 @@ class BlockCompressor:
             batches = [({k: v.to(self.device) for k, v in batch.items()}, dense, mask)
                        for batch, dense, mask in zip(self.batches, streams.dense, streams.masks)][:steps]
             params = [p for _, block in blocks for p in block.parameters()]
-            first, last = _fit(params, batches, loss, self.config.distill_epochs, self.config.distill_lr)
+            first, last = _fit(params, batches, loss, self.config.distill_epochs, self.config.distill_lr,
+                               "lowrank: distillation")
             if self.rank == 0:
                 write_safetensors(distilled, ((f"{path}.{k}", v.to(dtypes[f"{path}.{k}"]))
                                               for path, block in blocks for k, v in block.state_dict().items()))
@@ -756,7 +762,6 @@ class BlockCompressor:
         if self.rank == 0:  # idempotent: a run killed here copies the same tensors again
             tensors = load_file(distilled)
             for index in range(len(self.blocks)):
-                prefix = f"{self.prefix}.{index}."
                 file = self.out / BLOCKS_DIR / f"block_{index:05d}.safetensors"
                 write_safetensors(file, ((name, tensors[name]) for name in safetensors_header(file)[1]))
         _barrier()
