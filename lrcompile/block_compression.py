@@ -727,7 +727,8 @@ class BlockCompressor:
         The dense model is not held: its logits are the head applied to the dense stream leaving the last block
         (kept by the block loop), replayed through the model's own forward with the blocks stood in for. The
         trained blocks go to one file first (``lowrank_distilled.safetensors``), so a run killed while they are
-        copied into the block files resumes without training again."""
+        copied into the block files resumes without training again. Under torchrun every rank reads the blocks
+        rank 0 wrote, so the output folder must be one all ranks see (as on one node)."""
         distilled = self.out / DISTILLED_FILE
         if not progress.get("distilled"):
             start = time.perf_counter()
