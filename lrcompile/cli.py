@@ -354,13 +354,18 @@ def _compress_blocks(args: argparse.Namespace) -> int:
 
     config = _config(args, dump_dir=None)
     check_output_folder(args.out)
-    texts = calibration_texts(args.calib, args.batch_size, args.max_batches)
+    texts = calibration_texts(args.calib, args.batch_size, max(args.max_batches, args.distill_batches or 0))
     folder = open_model_folder(args.model_dir, "generate")
     skeleton = skeleton_of(folder.config)
     source = open_weights(folder.path, folder.gguf_file, skeleton)
     batches = model_batches(skeleton, folder.tokenizer, texts, args.batch_size, args.seq_len)
-    result = BlockCompressor(skeleton, source, batches, config, args.out, folder.tokenizer, args.max_memory,
-                             args.device, source_name=str(folder.path / (folder.gguf_file or ""))).run()
+    if args.distill_batches is not None and len(batches) < args.distill_batches:
+        raise InputError(f"calibration file {args.calib!r} makes {len(batches)} batches of {args.batch_size} lines; "
+                         f"--distill-batches {args.distill_batches} needs {args.distill_batches * args.batch_size} lines")
+    distill = None if args.distill_batches is None else batches[:args.distill_batches]
+    result = BlockCompressor(skeleton, source, batches[:args.max_batches], config, args.out, folder.tokenizer,
+                             args.max_memory, args.device, source_name=str(folder.path / (folder.gguf_file or "")),
+                             distill_batches=distill).run()
     saved = skeleton_of(folder.config)  # the report reads the saved description, blocks resumed included
     build_compressed_modules(saved, LowRankQuantizationConfig.from_dict(
         json.loads((Path(args.out) / "config.json").read_text())["quantization_config"]))
@@ -375,6 +380,8 @@ def _compress_blocks(args: argparse.Namespace) -> int:
 
 
 def run_compress(args: argparse.Namespace) -> int:
+    if args.distill_batches is not None and not args.distill_epochs:
+        raise InputError("--distill-batches sets the batches of --distill-epochs N: give that too")
     if args.max_memory is not None or args.finetune_epochs or args.distill_epochs:
         return _compress_blocks(args)
     result = _compress_folder(args, dump_dir=None)
@@ -771,7 +778,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the dense model's (runs block by block and holds the whole model")):
         compress.add_argument(f"--{stage}-epochs", type=int, default=0, metavar="N", help=f"{what}; default: none)")
         compress.add_argument(f"--{stage}-lr", type=float, default=getattr(LowRankConfig, f"{stage}_lr"),
-                              help=f"Adam's learning rate for --{stage}-epochs (default: %(default)s)")
+                              help=f"Adam's first learning rate for --{stage}-epochs, decayed to 0 along a cosine "
+                              "(default: %(default)s)")
+    compress.add_argument("--distill-batches", type=_positive, default=None, metavar="N",
+                          help="--distill-epochs trains on the first N batches of the calibration file, while "
+                          "statistics use the first --max-batches (training gains from more tokens than statistics "
+                          "need; default: the --max-batches batches)")
     compress.set_defaults(run=run_compress)
     _folder_command(sub, "dump", "compress a model folder, writing only graph dumps (before/after each pass) and the report",
                     "folder for the graph dumps and report").set_defaults(run=run_dump)

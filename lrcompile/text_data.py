@@ -2,8 +2,10 @@
 
 Sentences come from the docstrings of the Python standard library's source
 (parsed with ``ast``, nothing imported). Files are split by a stable hash of
-their path into a calibration part and a held-out part, so held-out sentences
-never appear in calibration.
+their path into a calibration part and a held-out part, so no held-out file is
+read for calibration (a stock sentence that recurs in files of both parts, such
+as "Get the watcher for child processes.", is in both: 86 of 2,070 held-out
+sentences on Python 3.11).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_SKIPPED_DIRS = {"site-packages", "test", "tests", "idle_test"}
 _PLAIN = re.compile(r"^[A-Z][A-Za-z0-9 ,;:'()\-]+[.!?]$")
 
 
@@ -42,11 +45,14 @@ def _in_split(path: Path, split: str, heldout_share: float) -> bool:
 def stdlib_sentences(
     split: Literal["calibration", "heldout"], limit: int, min_words: int = 6, max_words: int = 40, heldout_share: float = 0.3
 ) -> list[str]:
-    """Up to ``limit`` distinct plain-prose sentences from stdlib docstrings, in a stable order."""
+    """Up to ``limit`` distinct plain-prose sentences from stdlib docstrings, in a stable order: the top-level
+    modules first, then the packages (tests and site-packages left out), so asking for more sentences only
+    appends to a shorter answer."""
     root = Path(sysconfig.get_paths()["stdlib"])
+    packaged = (p for p in root.glob("*/**/*.py") if not _SKIPPED_DIRS & set(p.relative_to(root).parts))
     seen: set[str] = set()
     out: list[str] = []
-    for path in sorted(root.glob("*.py")):
+    for path in [*sorted(root.glob("*.py")), *sorted(packaged)]:
         if not _in_split(path, split, heldout_share):
             continue
         for doc in _docstrings(path):

@@ -143,6 +143,27 @@ def test_compress_with_tuning_runs_block_by_block(model_dir, calib_file, tmp_pat
     assert lrcompile.model_report(load_model_folder(out)[0]).totals()["factored"] > 0
 
 
+def test_distill_batches_are_the_first_n_of_the_calibration_file(model_dir, calib_file, tmp_path, monkeypatch):
+    """``--max-batches 1 --distill-batches 2``: statistics on the first batch, distillation on the first two."""
+    from lrcompile.block_compression import BlockCompressor
+
+    seen = {}
+    original = BlockCompressor._distill
+
+    def spy(self, batches, streams, progress):
+        seen.update(calibration=len(self.batches), distillation=[b["input_ids"] for b in batches])
+        return original(self, batches, streams, progress)
+
+    monkeypatch.setattr(BlockCompressor, "_distill", spy)
+    assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(tmp_path / "o"),
+                 "--param-ratio", "0.8", "--distill-epochs", "1", *SMALL, "--max-batches", "1",
+                 "--distill-batches", "2"]) == 0
+    dense, tokenizer = load_model_folder(model_dir)
+    expected = model_batches(dense, tokenizer, stdlib_sentences("calibration", 8), 4, 16)
+    assert seen["calibration"] == 1 and len(seen["distillation"]) == 2
+    assert all(torch.equal(got, want["input_ids"]) for got, want in zip(seen["distillation"], expected))
+
+
 def test_compress_then_report_then_load(model_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "compressed"
     assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--param-ratio", "0.8",
@@ -227,12 +248,17 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
           "--calibration-order", "error_feedback"],
          r"option calibration_order='error_feedback' refits each layer by whitened least squares and needs "
          r"method='whiten' \(got method='asvd'\)"),
+        (["compress", "{model}", "--calib", "{calib}", "--out", "{tmp}/o", "--distill-batches", "2"],
+         r"--distill-batches sets the batches of --distill-epochs N: give that too"),
+        (["compress", "{model}", "--calib", "{calib}", "--out", "{tmp}/o", "--distill-epochs", "1",
+          "--distill-batches", "3"],
+         r"calibration file '.*' makes 2 batches of 4 lines; --distill-batches 3 needs 12 lines"),
     ],
     ids=["no model folder", "no config", "no calib file", "too few lines", "bad ratio", "bad kv ratio",
          "generate: bad kv ratio", "generate: not a causal LM", "generate: no calib nor load", "generate: load no plan",
          "report: no folder", "report: empty", "no tokenizer", "vit", "dump: resnet", "t5", "generate: t5",
          "no model_type", "out is a file", "dump: out under a file", "kv group size", "generate: kv group size",
-         "calibration order needs whiten"],
+         "calibration order needs whiten", "distill batches without epochs", "too few distill batches"],
 )
 def test_bad_input_is_a_clear_error(model_dir, bert_dir, other_dirs, calib_file, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, calib=calib_file, model=model_dir, bert=bert_dir, **other_dirs) for a in argv]
