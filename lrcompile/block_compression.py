@@ -757,9 +757,9 @@ class BlockCompressor:
         through the later blocks; this one can.
 
         The dense model is not held: its logits are the head applied to the dense stream leaving the last block
-        (``streams``, carried by the block loop), replayed through the model's own forward with the blocks stood in for. The
-        trained blocks go to one file first (``lowrank_distilled.safetensors``), so a run killed while they are
-        copied into the block files resumes without training again. Under torchrun every rank reads the blocks
+        (``streams``, carried by the block loop), replayed through the model's own forward with the blocks stood
+        in for. The trained blocks go to one file first (``lowrank_distilled.safetensors``), so a run killed while
+        they are copied into the block files resumes without training again. Under torchrun every rank reads the blocks
         rank 0 wrote, so the output folder must be one all ranks see (as on one node)."""
         distilled = self.out / DISTILLED_FILE
         if not progress.get("distilled"):

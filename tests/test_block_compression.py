@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -210,6 +211,23 @@ def test_tuning_brings_the_model_closer_to_the_dense_model(tmp_path, extra, stag
     assert any(k.endswith((".up", ".codebooks")) for k in changed)
     plans = [results[e].config.quantization_config.linears for e in (0, epochs)]
     assert {n: e["rank"] for n, e in plans[0].items()} == {n: e["rank"] for n, e in plans[1].items()}
+
+
+def test_fit_decays_the_learning_rate_along_a_cosine(monkeypatch):
+    """Block fine-tuning and distillation share ``_fit``: Adam from ``lr`` down a half cosine towards 0, the
+    parameters handed back without gradients."""
+    rates = []
+    step = torch.optim.Adam.step
+
+    def recording(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording)
+    weight = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    first, last = block_compression._fit([weight], [()] * 4, lambda: (weight - 1).square().sum(), 2, 0.1)
+    assert rates == pytest.approx([0.05 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+    assert last < first and not weight.requires_grad and weight.grad is None
 
 
 def test_distillation_resumes_without_training_again(tmp_path, monkeypatch):
