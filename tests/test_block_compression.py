@@ -265,21 +265,18 @@ def test_distillation_on_batches_of_its_own(tmp_path, monkeypatch):
     assert all(torch.equal(default[k], same[k]) for k in default)
 
     own, dense = batches(7)[2:], tiny_model("llama")
-    hidden = {}
-    original = block_compression._fit
+    taught = []
+    original = block_compression.distill_model
 
-    def spy(params, triples, loss, *args):  # the teacher's logits from the carried stream are the dense model's
-        for batch, stream, mask in triples:
-            with torch.no_grad(), block_compression._modules_set(
-                    dense, {f"model.layers.{i}": block_compression._Replay() for i in range(len(dense.model.layers))}):
-                dense.model.layers[0].hidden = stream
-                hidden.setdefault("replayed", []).append(dense(**batch).logits)
-        return original(params, triples, loss, *args)
+    def spy(model, batches_, teacher, *args):  # the teacher's logits, replayed from the carried stream
+        with torch.no_grad():
+            taught.extend((batch["input_ids"], teacher(i)) for i, batch in enumerate(batches_))
+        return original(model, batches_, teacher, *args)
 
-    monkeypatch.setattr(block_compression, "_fit", spy)
+    monkeypatch.setattr(block_compression, "distill_model", spy)
     compress_model_blocks(tiny_model("llama"), calibration, config, tmp_path / "own", distill_batches=own)
-    assert len(hidden["replayed"]) == len(own)
-    assert all(torch.allclose(got, logits(dense, b["input_ids"]), atol=1e-5) for got, b in zip(hidden["replayed"], own))
+    assert len(taught) == len(own) and all(torch.equal(ids, b["input_ids"]) for (ids, _), b in zip(taught, own))
+    assert all(torch.allclose(got, logits(dense, ids), atol=1e-5) for ids, got in taught)
     assert not all(torch.equal(default[k], v) for k, v in _tensors(tmp_path / "own").items())
     plans = [AutoModelForCausalLM.from_pretrained(tmp_path / v).config.quantization_config.linears
              for v in ("default", "own")]

@@ -302,6 +302,27 @@ def test_generate_at_full_kv_ratio_matches_dense_greedy(model_dir, calib_file, c
     assert "KV cache per token: 256 bytes dense -> 264 bytes latent" in printed
 
 
+def test_compress_with_kv_ratio_distils_after_the_in_memory_compile(model_dir, calib_file, tmp_path, capsys, caplog):
+    """The block path lacks latent KV: ``--kv-ratio --distill-epochs`` compiles in memory, then distils the model
+    against a second, dense load; the saved folder holds the trained latent K/V factors."""
+    outs = {epochs: tmp_path / f"epochs-{epochs}" for epochs in (0, 2)}
+    for epochs, out in outs.items():
+        torch._dynamo.reset()
+        with caplog.at_level(logging.INFO, logger="lrcompile.block_compression"):
+            assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--kv-ratio", "0.5",
+                         "--kv-group-size", "all", "--kv-allocation", "uniform", "--param-ratio", "1.0",
+                         "--distill-epochs", str(epochs), "--distill-lr", "3e-4", *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "block by block" not in printed and printed.count("## Latent KV cache") == 2
+    assert sum("distilled: KL to the dense model" in r.getMessage() for r in caplog.records) == 1
+    (plain, _), (distilled, _) = (load_model_folder(out) for out in outs.values())
+    assert [name for name, _ in lrcompile.modules.model_latent_attention(distilled)] == \
+        ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    before, after = plain.state_dict(), distilled.state_dict()
+    assert not torch.equal(before["model.layers.0.self_attn.k_proj.down"], after["model.layers.0.self_attn.k_proj.down"])
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+
+
 def test_compress_with_kv_ratio_then_generate_from_saved(model_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "latent"
     assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--kv-ratio", "0.5",

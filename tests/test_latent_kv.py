@@ -468,3 +468,36 @@ def test_generate_sizes_its_cache_for_beams():
                                  max_new_tokens=4, num_beams=2, do_sample=False)
         dense = reference.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False)
     assert torch.equal(out, dense)
+
+
+def test_distill_model_trains_the_latent_kv_factors_towards_the_dense_model(caplog):
+    """A model compiled with ``kv_ratio`` is distilled after the compile (``lrcompile.distill_model``, the dense
+    model's own logits as teacher): the KL falls, the logits move towards the dense model's, and what trains is
+    the blocks' tensors (the latent K/V factors among them), not the embeddings or the head. (The logits' own
+    distance is not the measure: the divergence ignores a shift of all of a token's logits.)"""
+    import logging
+
+    dense, model = tiny_rope_model("llama"), tiny_rope_model("llama")
+    calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in token_batches(6, seq=12)]
+    torch.compile(model, backend="lowrank", options=_config(kv_ratio=0.5, kv_group_size="all", method="whiten",
+                                                            calibration=[b["input_ids"] for b in calibration]))(
+        calibration[0]["input_ids"], use_cache=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+
+    def error() -> float:  # KL(p_dense || p_model) per token
+        with torch.no_grad():
+            got = torch.cat([model(**b, use_cache=False).logits for b in calibration]).log_softmax(-1)
+            want = torch.cat([dense(**b, use_cache=False).logits for b in calibration]).log_softmax(-1)
+        return float((want.exp() * (want - got)).sum(-1).mean())
+
+    start = error()
+    with caplog.at_level(logging.INFO, logger="lrcompile.block_compression"):
+        first, last = lrcompile.distill_model(model, calibration, lambda i: dense(**calibration[i]).logits, 4, 3e-4)
+    assert last < first and error() < 0.7 * start
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {k for k in changed if k.endswith(("k_proj.down", "k_proj.up", "v_proj.down", "v_proj.up"))}
+    assert all(k.startswith("model.layers.") for k in changed)
+    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
+    assert any("distilled: KL to the dense model" in r.getMessage() for r in caplog.records)
