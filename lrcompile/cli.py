@@ -374,8 +374,8 @@ def _print_report(result: Compressed) -> None:
 
 
 def _compress_blocks(args: argparse.Namespace) -> int:
-    """``compress --max-memory`` (or ``--finetune-epochs``, ``--distill-epochs``): block by block from the model's files to the output
-    folder (resumable)."""
+    """``compress --max-memory`` (or ``--finetune-epochs``, or ``--distill-epochs`` without ``--kv-ratio``): block by
+    block from the model's files to the output folder (resumable)."""
     from .block_compression import BlockCompressor, skeleton_of
     from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
     from .weight_sources import open_weights
