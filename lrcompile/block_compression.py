@@ -185,8 +185,8 @@ def _reduce_gradients(params: list[nn.Parameter]) -> None:
 def _fit(params: Iterable[nn.Parameter], batches: Sequence[tuple[Any, ...]], loss: Callable[..., torch.Tensor],
          epochs: int, lr: float, progress: str | None = None) -> tuple[float, float]:
     """Adam on the floating-point ``params`` for ``epochs`` passes over ``batches`` (``loss(*batch)``), in float32
-    whatever their dtype (restored after, as is ``requires_grad``); gradients are averaged over the ranks, so every rank keeps the same
-    parameters. The learning rate decays from ``lr`` to 0 along a half cosine over all steps (Loshchilov & Hutter,
+    whatever their dtype (restored after, as is ``requires_grad``); gradients are averaged over the ranks, so
+    every rank keeps the same parameters. The learning rate decays from ``lr`` to 0 along a half cosine over all steps (Loshchilov & Hutter,
     arXiv 1608.03983, without restarts): the last steps only refine. ``progress``: a progress bar's title (one
     tick a step). Returns the mean loss of the first and of the last epoch."""
     params = [p for p in params if p.is_floating_point()]

@@ -152,11 +152,12 @@ class LowRankConfig:
         Trained: factors, AQ codebooks and scales, norms, biases and the linears left dense; AQ codes stay.
         0 (default): none.
     finetune_lr: Adam's first learning rate for block fine-tuning (decayed to 0 along a half cosine).
-    distill_epochs: end-to-end distillation (block by block only): once every block is compressed, this many
-        passes of Adam over the calibration batches (or ``compress_model_blocks``' ``distill_batches``, CLI
-        ``--distill-batches``) train the blocks' floating-point parameters (as block fine-tuning does) to match
-        the dense model's next-token distribution (KL divergence). The whole model and its gradients are held
-        at once. 0 (default): none.
+    distill_epochs: end-to-end distillation (block by block; the backend refuses it, and a model it compressed
+        is distilled with ``lrcompile.distill_model``, as ``compress --kv-ratio`` does): once every block is
+        compressed, this many passes of Adam over the calibration batches (or ``compress_model_blocks``'
+        ``distill_batches``, CLI ``--distill-batches``) train the blocks' floating-point parameters (as block
+        fine-tuning does) to match the dense model's next-token distribution (KL divergence). The whole model
+        and its gradients are held at once. 0 (default): none.
     distill_lr: Adam's first learning rate for distillation (decayed to 0 along a half cosine).
     compiler: the downstream compiler of the rewritten graph: ``inductor``, ``aot_eager`` or ``eager``.
     compiler_mode / compiler_options: with ``inductor``, torch.compile's ``mode`` (``"reduce-overhead"``:

@@ -14,7 +14,7 @@ import ast
 import hashlib
 import re
 import sysconfig
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,17 +42,23 @@ def _in_split(path: Path, split: str, heldout_share: float) -> bool:
     return (bucket < heldout_share) == (split == "heldout")
 
 
+def _stdlib_files(root: Path) -> Iterator[Path]:
+    """The stdlib's top-level modules, then each package's modules, sorted; a package is walked only when the
+    caller asks past the files before it (site-packages never)."""
+    yield from sorted(root.glob("*.py"))
+    for package in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in _SKIPPED_DIRS):
+        yield from sorted(p for p in package.rglob("*.py") if not _SKIPPED_DIRS & set(p.relative_to(root).parts))
+
+
 def stdlib_sentences(
     split: Literal["calibration", "heldout"], limit: int, min_words: int = 6, max_words: int = 40, heldout_share: float = 0.3
 ) -> list[str]:
     """Up to ``limit`` distinct plain-prose sentences from stdlib docstrings, in a stable order: the top-level
     modules first, then the packages (tests and site-packages left out), so asking for more sentences only
     appends to a shorter answer."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    packaged = (p for p in root.glob("*/**/*.py") if not _SKIPPED_DIRS & set(p.relative_to(root).parts))
     seen: set[str] = set()
     out: list[str] = []
-    for path in [*sorted(root.glob("*.py")), *sorted(packaged)]:
+    for path in _stdlib_files(Path(sysconfig.get_paths()["stdlib"])):
         if not _in_split(path, split, heldout_share):
             continue
         for doc in _docstrings(path):
