@@ -117,10 +117,8 @@ def run_row(opened: Any, row: dict[str, Any], calibration: list, heldout: list, 
         compile_forward(model, config)
         compress_on_first_call(model, config)
         if options.get("distill_epochs"):  # after the compile, against a second, dense load (as `compress` does)
-            dense = opened.load()
-            lrcompile.distill_model(model, distill, lambda i: dense(**distill[i], use_cache=False).logits,
-                                    options["distill_epochs"], options.get("distill_lr", config.distill_lr))
-            del dense
+            lrcompile.distill_model(model, distill, opened.load(), options["distill_epochs"],
+                                    options.get("distill_lr", config.distill_lr))
     seconds = time.perf_counter() - start
     ppl = perplexity(lambda ids: model(ids, use_cache=False), heldout)
     tokens = _greedy(model, chat, "kv_ratio" in row)

@@ -222,21 +222,22 @@ def _fit(params: Iterable[nn.Parameter], batches: Sequence[tuple[Any, ...]], los
     return first, last
 
 
-def distill_model(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], teacher: Callable[[int], torch.Tensor],
-                  epochs: int, lr: float) -> tuple[float, float]:
+def distill_model(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                  teacher: nn.Module | Callable[[int], torch.Tensor], epochs: int, lr: float) -> tuple[float, float]:
     """End-to-end distillation of a compressed causal LM: Adam (:func:`_fit`) trains its decoder blocks'
     floating-point parameters (factors, latent K/V factors, AQ codebooks and scales, norms, biases, linears left
     dense; the embeddings, final norm and head stay) so that its next-token distribution matches the dense
     model's: KL(p_dense || p_compressed) averaged over the tokens of ``batches`` (knowledge distillation,
     Hinton et al., arXiv 1503.02531, at temperature 1). Per-block objectives cannot see how errors compound
-    through the later blocks; this one can. ``teacher(i)``: the dense model's logits on ``batches[i]`` (the dense
-    model's own forward, or its stream replayed). Returns the mean divergence of the first and last epoch."""
+    through the later blocks; this one can. ``teacher``: the dense model itself, or ``teacher(i)`` giving its
+    logits on ``batches[i]`` (a replayed stream). Returns the mean divergence of the first and last epoch."""
     params = [p for block in decoder_blocks(model)[1] for p in block.parameters()]
+    logits = (lambda i: teacher(**batches[i], use_cache=False).logits) if isinstance(teacher, nn.Module) else teacher
 
     def loss(index: int) -> torch.Tensor:
         batch = batches[index]
         with torch.no_grad():
-            dense = teacher(index).float().log_softmax(-1)
+            dense = logits(index).float().log_softmax(-1)
         student = model(**batch, use_cache=False).logits.float().log_softmax(-1)
         divergence = (dense.exp() * (dense - student)).sum(-1)
         mask = batch.get("attention_mask")

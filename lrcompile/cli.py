@@ -345,10 +345,8 @@ def _compress_folder(args: argparse.Namespace, dump_dir: Path | None) -> Compres
     result = compress(model, batches, dataclasses.replace(config, distill_epochs=0))
     if config.distill_epochs:
         distill = distill or batches
-        dense = folder.load()
         start = time.perf_counter()
-        distill_model(model, distill, lambda i: dense(**distill[i], use_cache=False).logits, config.distill_epochs,
-                      config.distill_lr)
+        distill_model(model, distill, folder.load(), config.distill_epochs, config.distill_lr)
         result = dataclasses.replace(result, seconds=result.seconds + time.perf_counter() - start)
     return dataclasses.replace(result, tokenizer=folder.tokenizer)
 
