@@ -186,7 +186,7 @@ PHASES = (("dynamo_capture_s", "Dynamo capture"), ("activation_stats", "statisti
           ("sensitivity", "sensitivity (KL search)"), ("allocate_ranks", "allocation"),
           ("factorize_linears", "factoring (SVD + rewrite)"), ("latent_kv", "latent KV (K/V factoring + rewrite)"),
           ("other_passes", "other passes"), ("downstream_s", "Inductor"))
-LATENT_KV_PASSES = ("find_attention", "kv_fisher", "kv_sensitivity", "restructure_attention")
+LATENT_KV_PASSES = ("find_attention", "kv_metrics", "kv_fisher", "kv_sensitivity", "restructure_attention")
 
 
 def rows(fixtures: list[str], configs: list[str]) -> list[tuple[str, str]]:

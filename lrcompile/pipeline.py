@@ -43,11 +43,13 @@ from lrcompile.passes.find_linears import (
     ModuleSlot,
     dynamo_frame_locals,
     parameter_owner,
+    node_constant,
     placeholder_values,
     weight_owner,
     weight_tensor,
 )
 from lrcompile.passes.kv_fisher import measure_kv_fisher
+from lrcompile.passes.kv_metrics import KVMetric, kv_metric
 from lrcompile.passes.kv_rank_allocation import (
     KVProjection,
     allocate_kv_closed_form,
@@ -101,6 +103,7 @@ class GraphCompression:
     batches: list[Any] = field(default_factory=list)  # calibration batches as the graph runs them
     blocks: list[tuple[AttentionBlock, LatentAttention | None]] = field(default_factory=list)  # None: to plan
     unmatched_attention: list[UnmatchedAttention] = field(default_factory=list)
+    kv_metrics: dict[str, KVMetric] = field(default_factory=dict)  # by block name
     kv_fisher: dict[str, float] = field(default_factory=dict)
     kv_sensitivity: dict[str, dict[float, float]] = field(default_factory=dict)
     latent: list[LatentAttention] = field(default_factory=list)
@@ -285,6 +288,36 @@ def _decompose(c: GraphCompression, view: LinearNode) -> LinearDecomposition:
     return decompose(weight, c.config.method, view.meta.stats, c.config.alpha, view.meta.name)
 
 
+def _kv_metrics(c: GraphCompression) -> None:
+    """Each new block's :class:`KVMetric` (method ``whiten``): K's errors weighted by the scores, V's by the
+    output projection. A block whose q reads another input than k (q already factored) keeps plain whitening."""
+    if c.config.method != "whiten" or not c.config.kv_needs_calibration or not c.new_blocks():
+        return
+    values = placeholder_values(c.gm, c.example_inputs)
+    calibrated = c.runner.sequence_length(c.batches)
+    for block in c.new_blocks():
+        stats = block.k_linear.meta.stats
+        inv_freq = node_constant(c.gm, block.inv_freq, values)
+        positions = block.positions.meta.get("example_value", block.positions.meta.get("val"))
+        length = calibrated or (positions.shape[-1] if isinstance(positions, torch.Tensor) else None)
+        if block.q_linear.input is not block.k_linear.input or not isinstance(block.q_linear, LinearNode) \
+                or stats is None or stats.gram is None or not isinstance(inv_freq, torch.Tensor) or not length:
+            log.info("%s: K/V factored in the whitened metric alone (q reads another input, or no RoPE table)",
+                     block.name)
+            continue
+        c.kv_metrics[block.name] = kv_metric(dense_weight(c.gm, block.q_linear, values),
+                                             dense_weight(c.gm, block.o_linear, values), stats.gram,
+                                             block.num_heads, block.num_kv_heads, inv_freq, length)
+
+
+def _group_metrics(c: GraphCompression, block: AttentionBlock, view: LinearNode) -> list[torch.Tensor] | None:
+    """The output metric of each head group of ``view``, K or V of ``block`` (None: plain whitening)."""
+    metric = c.kv_metrics.get(block.name)
+    if metric is None:
+        return None
+    return metric.group("k" if view is block.k_linear else "v", block.num_kv_heads // _kv_group_size(c, block))
+
+
 def _kv_fisher(c: GraphCompression) -> None:
     blocks = c.new_blocks()
     if not blocks or c.config.kv_allocation != "fisher" or not c.config.kv_needs_calibration:
@@ -310,7 +343,8 @@ def _kv_sensitivity(c: GraphCompression) -> None:
         block = block_of[view]  # K and V read the same input: its statistics are on the K projection
         groups = block.num_kv_heads // _kv_group_size(c, block)
         return group_decompositions(weight_tensor(c.gm, view, values), groups, c.config.method,
-                                    block.k_linear.meta.stats, c.config.alpha, view.meta.name)
+                                    block.k_linear.meta.stats, c.config.alpha, view.meta.name,
+                                    _group_metrics(c, block, view))
 
     batches = c.batches[: c.config.sensitivity_batches]
     c.kv_sensitivity = measure_kv_sensitivity(c.runner, list(block_of), decompose_groups, c.config.sensitivity_ratios,
@@ -444,7 +478,8 @@ def _kv_ranks(c: GraphCompression) -> dict[str, int]:
             energy: tuple[float, ...] = ()
             if cfg.kv_allocation == "closed_form" and cfg.kv_needs_calibration:
                 groups = group_decompositions(c.weight(view), block.num_kv_heads // group, cfg.method,
-                                              block.k_linear.meta.stats, cfg.alpha, view.meta.name)
+                                              block.k_linear.meta.stats, cfg.alpha, view.meta.name,
+                                              _group_metrics(c, block, view))
                 energy = tuple(torch.stack([energy_share(d.s) for d in groups]).mean(0).tolist())
             projections.append(KVProjection(view.meta.name, block.num_kv_heads // group, group * block.head_dim,
                                             c.kv_fisher.get(view.meta.name, 0.0),
@@ -475,7 +510,8 @@ def _restructure_attention(c: GraphCompression) -> None:
             weights = {**block_weights(c.gm, block, values), "k_bias": k_slot.module.bias, "v_bias": v_slot.module.bias}
             layer, *modules = build_latent_attention(block, weights, _kv_group_size(c, block),
                                                      ranks[block.k_linear.meta.name], ranks[block.v_linear.meta.name],
-                                                     method, block.k_linear.meta.stats, c.config.alpha)
+                                                     method, block.k_linear.meta.stats, c.config.alpha,
+                                                     c.kv_metrics.get(block.name) if method == "whiten" else None)
             layer.options = c.config.deciding_options()
             c.replacements += [(k_slot, modules[0]), (v_slot, modules[1])]
             o = block.o_linear.meta
@@ -522,14 +558,16 @@ PASSES: tuple[Pass[GraphCompression], ...] = (
     Pass("find_linears", _find_linears, provides=frozenset({"linears"})),
     Pass("find_attention", _find_attention, frozenset({"linears"}), frozenset({"attention"})),
     Pass("activation_stats", _activation_stats, frozenset({"linears", "attention"}), frozenset({"stats"})),
+    Pass("kv_metrics", _kv_metrics, frozenset({"stats"}), frozenset({"kv_metrics"})),
     Pass("kv_fisher", _kv_fisher, frozenset({"stats"}), frozenset({"fisher"})),
-    Pass("kv_sensitivity", _kv_sensitivity, frozenset({"stats"}), frozenset({"kv_sensitivity"})),
+    Pass("kv_sensitivity", _kv_sensitivity, frozenset({"kv_metrics"}), frozenset({"kv_sensitivity"})),
     Pass("sensitivity", _sensitivity, frozenset({"stats"}), frozenset({"sensitivity"})),
     Pass("allocate_ranks", _allocate_ranks, frozenset({"stats", "sensitivity"}), frozenset({"plan"})),
     Pass("factorize_linears", _factorize, frozenset({"plan"}), frozenset({"factored"})),
     Pass("quantize_linears", _quantize, frozenset({"factored"}), frozenset({"quantized"})),
     Pass("rewrite_linears", _rewrite_linears, frozenset({"quantized"}), frozenset({"rewritten"})),
-    Pass("restructure_attention", _restructure_attention, frozenset({"factored", "fisher", "kv_sensitivity"}),
+    Pass("restructure_attention", _restructure_attention,
+         frozenset({"factored", "kv_metrics", "fisher", "kv_sensitivity"}),
          frozenset({"latent"})),
     Pass("release_dense", _release_dense, frozenset({"rewritten", "latent"}), frozenset({"released"})),
 )

@@ -79,6 +79,7 @@ class AttentionBlock:
     """
 
     name: str  # module path, e.g. "model.layers.0.self_attn"
+    q_linear: Projection  # the query projection, whose weights weigh K's errors (passes.kv_metrics)
     k_linear: Projection
     v_linear: Projection
     o_linear: LinearNode
@@ -362,7 +363,7 @@ def match_attention(node: fx.Node, linears: dict[fx.Node, Projection]) -> Attent
     if (q_cos, q_sin) != (cos, sin):
         raise NoMatch("q and k are rotated with different tables")
     k_linear, v_linear = _head_split(k_heads, linears), _head_split(v_heads, linears)
-    _head_split(q_heads, linears)
+    q_linear = _head_split(q_heads, linears)
     if isinstance(k_linear, GroupedProjectionNode) != isinstance(v_linear, GroupedProjectionNode):
         raise NoMatch("one of K and V is restructured for a latent cache and the other is not")
     if k_linear.input is not v_linear.input:
@@ -382,7 +383,7 @@ def match_attention(node: fx.Node, linears: dict[fx.Node, Projection]) -> Attent
         if not view.meta.compressible:
             raise NoMatch(f"{view.meta.name} may not be compressed: {view.meta.skip_reason}")
     return AttentionBlock(
-        name=_block_name(k_linear), k_linear=k_linear, v_linear=v_linear, o_linear=o_linear, query=q_arg,
+        name=_block_name(k_linear), q_linear=q_linear, k_linear=k_linear, v_linear=v_linear, o_linear=o_linear, query=q_arg,
         attention=node, merged=merged, mask=mask, is_causal=is_causal, scale=float(scale), inv_freq=inv_freq,
         positions=positions, rope_scale=rope_scale, num_heads=num_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, marker=marker, cache_slots=cache_slots,

@@ -202,6 +202,12 @@ class CalibrationRunner:
                 env[top.source] = derived
         return env
 
+    def sequence_length(self, batches: Sequence[Any]) -> int | None:
+        """The longest ``[batch, length]`` primary input (token ids) among ``batches``; None when none is one."""
+        lengths = [value.shape[1] for k, batch in enumerate(batches) for i, value in self._given(batch, k).items()
+                   if i == self.primary and isinstance(value, torch.Tensor) and value.dim() == 2]
+        return max(lengths, default=None)
+
     def fit(self, batches: Sequence[Any]) -> list[Any]:
         """The calibration batches as this graph can run them.
 

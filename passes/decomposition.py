@@ -134,16 +134,19 @@ def decompose(
     alpha: float = 0.5,
     layer: str = "",
     whitening: Whitening | None = None,
+    output_metric: torch.Tensor | None = None,
 ) -> LinearDecomposition:
     """Decompose ``weight`` ``[out, in]`` with ``method`` (``svd`` | ``asvd`` | ``whiten``).
 
     ``whitening``: the input's :class:`Whitening`, shared by the linears reading it (error feedback's refit
-    included); by default built from ``stats``."""
+    included); by default built from ``stats``. ``output_metric`` (``whiten`` only): ``G [out, out]`` weighting
+    the output error, ``tr(dW C dW^T G)``: with ``G = R R^T`` the SVD of ``R^T W L`` is truncated and ``u``
+    maps back by ``R^-T`` (:mod:`lrcompile.passes.kv_metrics` builds ``G`` for latent K and V)."""
     w = weight.detach().to(accumulation_dtype(weight.device))  # on the weight's device
     if method != "svd" and stats is None and whitening is None:
         raise CalibrationError(f"layer {layer!r}: method {method!r} needs activation statistics")
-    if whitening is not None and method != "whiten":
-        raise ValueError(f"layer {layer!r}: a Whitening is for method 'whiten'; got method {method!r}")
+    if (whitening is not None or output_metric is not None) and method != "whiten":
+        raise ValueError(f"layer {layer!r}: a Whitening or output metric is for method 'whiten'; got method {method!r}")
     if method == "svd":
         u, s, vt = torch.linalg.svd(w, full_matrices=False)
     elif method == "asvd":
@@ -155,9 +158,14 @@ def decompose(
         whitening = whitening if whitening is not None else Whitening.of(stats, layer)
         chol = whitening.chol.to(w)
         target = w if whitening.refit is None else w @ whitening.refit.to(w)
+        left = None if output_metric is None else regularized_cholesky(output_metric.to(w), f"{layer} (output metric)")
+        if left is not None:
+            target = left.mT @ target
         u, s, vt = torch.linalg.svd(target @ chol, full_matrices=False)
         del target
         vt = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # vt @ L^-1
+        if left is not None:
+            u = torch.linalg.solve_triangular(left.mT, u, upper=True)  # R^-T u
     else:
         raise ValueError(f"unknown factoring method {method!r}")
     return LinearDecomposition(u, s, vt)

@@ -136,11 +136,18 @@ def weight_tensor(gm: fx.GraphModule, view: LinearNode, values: dict[fx.Node, An
     """The layer's weight as stored (``[in, out]`` for addmm, ``[out, in]`` otherwise)."""
     if view.layout is WeightLayout.MODULE:
         return gm.get_submodule(view.node.target).weight
-    if view.weight.op == "get_attr":
-        return _get_attr(gm, view.weight.target)
-    if view.weight.op == "placeholder" and view.weight in values:
-        return values[view.weight]
-    raise ValueError(f"weight of {view.node.name} is computed in the graph, not a parameter")
+    weight = node_constant(gm, view.weight, values)
+    if weight is None:
+        raise ValueError(f"weight of {view.node.name} is computed in the graph, not a parameter")
+    return weight
+
+
+def node_constant(gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, Any]) -> Any:
+    """The value of a ``get_attr`` node or of a placeholder in ``values`` (a parameter, buffer or input);
+    None for a node the graph computes."""
+    if node.op == "get_attr":
+        return _get_attr(gm, node.target)
+    return values.get(node) if node.op == "placeholder" else None
 
 
 def dense_weight(gm: fx.GraphModule, view: LinearNode, values: dict[fx.Node, Any]) -> torch.Tensor:

@@ -14,9 +14,12 @@ over all restructured blocks. Ranks are per group and rounded to
   over the projection's groups) is its loss, one latent value per group its
   price. Keeping values in order of loss per price (fractional knapsack) meets
   the budget with no forward pass, and hands rank to whichever of K or V
-  loses more energy at equal width (on SmolLM2, V by ~10x). Measured on
-  SmolLM2 at kv_ratio 0.5 (docs/results/smollm2.md): better than uniform with
-  joint latents (group "all"), worse with per-head latents (K keeps 8-16 of 64).
+  loses more energy at equal width. The spectra are those the factors are cut
+  from (with ``whiten``, in :mod:`.kv_metrics`' metrics). Measured on SmolLM2 at
+  kv_ratio 0.5 (docs/results/smollm2.md): level with uniform with joint
+  latents (group "all", 40.2 vs 40.4), worse with per-head latents (64.0 vs
+  49.6). Two knapsacks, one over K and one over V (each ``kv_ratio`` of its
+  width), measured 49.0 and 41.5 (a scratch variant, not an option).
 * ``fisher``: Palu's allocation (arXiv 2407.21118, Sec. 3.3): each K or V
   projection gets a share of the total budget proportional to its Fisher
   information ``sum (dL/dW)^2`` on calibration data, capped at its dense width

@@ -5,7 +5,9 @@ Per block (Palu, arXiv 2407.21118):
 * K and V projections are split into groups of ``group_size`` KV heads and each
   group ``W_g`` (``[group_size * D, hidden]``) is factored ``W_g ~ U_g D_g`` with
   the foundation's methods (``svd``/``asvd``/``whiten``), so ``latent = D x``;
-  the factors become the block's ``GroupedLowRankProjection`` modules;
+  with ``whiten`` the truncation error is weighed where it lands, K's in the
+  attention scores and V's after ``o_proj`` (:mod:`.kv_metrics`); the factors
+  become the block's ``GroupedLowRankProjection`` modules;
 * the K latent is pre-RoPE; :func:`lowrank::latent_attention` reconstructs K,
   applies RoPE at each key's position and attends, accumulating the V latent;
 * V's up-projection is applied per query head after attention (attention is
@@ -38,6 +40,7 @@ from lrcompile.types import ActivationStats, LatentAttention
 from .attention_blocks import AttentionBlock, GroupedProjectionNode
 from .decomposition import LinearDecomposition, decompose, shared_whitening
 from .factorize_linears import add_frozen_parameter
+from .kv_metrics import KVMetric
 from .find_linears import weight_tensor
 
 log = logging.getLogger(__name__)
@@ -58,11 +61,14 @@ def group_decompositions(
     stats: ActivationStats | None,
     alpha: float,
     name: str,
+    metrics: Sequence[torch.Tensor] | None = None,
 ) -> list[LinearDecomposition]:
-    """One decomposition per group of rows of a K or V projection ``[kv_heads * D, hidden]``."""
+    """One decomposition per group of rows of a K or V projection ``[kv_heads * D, hidden]``; ``metrics``: each
+    group's output metric (:meth:`KVMetric.group`), for ``whiten``."""
     width = weight.shape[0] // groups
     whitening = shared_whitening(method, stats, name)  # the groups read one input
-    return [decompose(weight[g * width : (g + 1) * width], method, stats, alpha, f"{name}[group {g}]", whitening)
+    return [decompose(weight[g * width : (g + 1) * width], method, stats, alpha, f"{name}[group {g}]", whitening,
+                      None if metrics is None else metrics[g])
             for g in range(groups)]
 
 
@@ -74,6 +80,7 @@ def factor_kv_groups(
     stats: ActivationStats | None,
     alpha: float,
     name: str,
+    metrics: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Group-head low-rank decomposition of a K or V projection ``[kv_heads * D, hidden]``.
 
@@ -86,7 +93,7 @@ def factor_kv_groups(
             f"{name}: rank {rank} per group is outside [1, {width}] (the group's dense width, "
             f"{weight.shape[0]} rows in {groups} groups)"
         )
-    decompositions = group_decompositions(weight, groups, method, stats, alpha, name)
+    decompositions = group_decompositions(weight, groups, method, stats, alpha, name, metrics)
     downs, ups = zip(*(d.factors(rank, weight.dtype) for d in decompositions))
     losses = [d.truncation_loss(rank) for d in decompositions]
     return torch.cat(downs), torch.stack(ups), sum(losses) / len(losses)
@@ -101,16 +108,20 @@ def build_latent_attention(
     method: str,
     stats: ActivationStats | None,
     alpha: float,
+    metric: KVMetric | None = None,
 ) -> tuple[LatentAttention, GroupedLowRankProjection, GroupedLowRankProjection]:
-    """Factor one block's K and V per group: its record and the modules replacing ``k_proj`` and ``v_proj``.
+    """Factor one block's K and V per group: its record and the modules replacing ``k_proj`` and ``v_proj``;
+    ``metric``: the errors' weighting by the scores and the output projection (``whiten``).
 
     ``weights`` holds the dense ``k``, ``v`` weights and the ``k_bias``, ``v_bias`` parameters, which the
     new modules keep as they are (bias ``[kv_heads * D]`` is added after the up-projection).
     """
     check_group_size(group_size, block.num_kv_heads, block.name)
     groups = block.num_kv_heads // group_size
-    k_down, k_up, k_loss = factor_kv_groups(weights["k"], groups, k_rank, method, stats, alpha, f"{block.name} K")
-    v_down, v_up, v_loss = factor_kv_groups(weights["v"], groups, v_rank, method, stats, alpha, f"{block.name} V")
+    k_down, k_up, k_loss = factor_kv_groups(weights["k"], groups, k_rank, method, stats, alpha, f"{block.name} K",
+                                            None if metric is None else metric.group("k", groups))
+    v_down, v_up, v_loss = factor_kv_groups(weights["v"], groups, v_rank, method, stats, alpha, f"{block.name} V",
+                                            None if metric is None else metric.group("v", groups))
     record = LatentAttention(
         name=block.name, method=method, group_size=group_size, num_heads=block.num_heads,
         num_kv_heads=block.num_kv_heads, head_dim=block.head_dim, k_rank=k_rank, v_rank=v_rank,

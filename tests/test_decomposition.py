@@ -121,6 +121,35 @@ def test_whiten_is_optimal_among_methods_on_its_calibration_rows():
     assert errors["whiten"] <= errors["svd"] + 1e-9
 
 
+@settings(max_examples=25, deadline=None)
+@given(out_f=st.integers(1, 32), in_f=st.integers(1, 32), seed=st.integers(0, 2**16), data=st.data())
+def test_output_metric_truncates_the_error_the_metric_weighs(out_f, in_f, seed, data):
+    """With ``output_metric`` G, ``whiten`` is exact at full rank and its dropped energy is the G-weighted output
+    error ``tr(dW C dW^T G)``, which no rank-k factor of plain whitening beats (Eckart-Young in both metrics)."""
+    w, x = _sample(out_f, in_f, in_f + 16, seed, dtype=torch.float64)
+    a = torch.randn(out_f, out_f, generator=_gen(seed + 1), dtype=torch.float64)
+    metric = a @ a.T + 0.1 * torch.eye(out_f, dtype=torch.float64)
+    weighted = decompose(w, "whiten", _stats(x), output_metric=metric)
+    assert torch.allclose(weighted.reconstruct(weighted.full_rank, torch.float64), w, atol=1e-8)
+    rank = data.draw(st.integers(0, min(out_f, in_f)), label="rank")
+
+    def error(w_k: torch.Tensor) -> float:
+        delta = (w - w_k) @ x.T
+        return float((delta * (metric @ delta)).sum())
+
+    total = float(((w @ x.T) * (metric @ w @ x.T)).sum())
+    assert weighted.truncation_loss(rank) == pytest.approx(error(weighted.reconstruct(rank, torch.float64)) / total,
+                                                           abs=1e-8)
+    plain = decompose(w, "whiten", _stats(x)).reconstruct(rank, torch.float64)
+    assert error(weighted.reconstruct(rank, torch.float64)) <= error(plain) * (1 + 1e-9) + 1e-9
+
+
+def test_output_metric_is_for_whiten_only():
+    w, x = _sample(4, 6, 32, seed=1)
+    with pytest.raises(ValueError, match="output metric is for method 'whiten'"):
+        decompose(w, "asvd", _stats(x), output_metric=torch.eye(4))
+
+
 def test_asvd_beats_svd_with_activation_outliers():
     g = _gen(7)
     out_f, in_f, rank = 48, 64, 8

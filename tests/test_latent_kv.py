@@ -230,6 +230,58 @@ def test_closed_form_kv_allocation_through_the_backend():
     assert blocks[0].k_rank == 8 and blocks[0].k_truncation_loss < 1e-9  # rank 4 rounded up to one multiple: exact
 
 
+@pytest.mark.parametrize("group", [1, "all"])
+def test_whitened_kv_factors_weigh_key_errors_by_the_scores_and_value_errors_by_o_proj(monkeypatch, group):
+    """With method ``whiten`` the backend factors K in the metric of the attention scores and V in that of the
+    output projection (``passes.kv_metrics``): on the calibration tokens, the latent K changes the RoPE'd scores
+    ``q_m^T R_(n-m) k_n`` (causal pairs, every query head) less, and the latent V the heads' ``o_proj`` output
+    less, than factors of plain whitening at the same ranks (the same compile with the metric switched off)."""
+    import lrcompile.pipeline as pipeline
+
+    calibration = token_batches(4, seq=12)
+    dense = tiny_rope_model("llama")
+    attention = dense.model.layers[0].self_attn
+    heads, kv_heads, head_dim = 4, 2, attention.head_dim
+    inputs = []
+    handle = attention.k_proj.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
+    with torch.no_grad():
+        for ids in calibration:
+            dense(ids, use_cache=False)
+    handle.remove()
+    x = torch.cat(inputs)  # [B, T, hidden], what q, k and v of block 0 read
+    positions = torch.arange(x.shape[1])[None]
+    cos, sin = rope_cos_sin(positions, dense.model.rotary_emb.inv_freq, 1.0, x.dtype)
+
+    def rope(t: torch.Tensor) -> torch.Tensor:  # [B, T, H, D]
+        return t * cos[:, :, None] + rotate_half(t) * sin[:, :, None]
+
+    with torch.no_grad():
+        q = rope(attention.q_proj(x).unflatten(-1, (heads, head_dim)))
+        k = attention.k_proj(x).unflatten(-1, (kv_heads, head_dim)).repeat_interleave(heads // kv_heads, 2)
+        v = attention.v_proj(x).unflatten(-1, (kv_heads, head_dim)).repeat_interleave(heads // kv_heads, 2)
+    causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+
+    def errors(metric_on: bool) -> tuple[float, float]:
+        torch._dynamo.reset()
+        if not metric_on:
+            monkeypatch.setattr(pipeline, "kv_metric", lambda *args: None)
+        model = tiny_rope_model("llama")
+        torch.compile(model, backend="lowrank", options=_config(kv_ratio=0.5, kv_group_size=group, method="whiten",
+                                                                calibration=calibration))(calibration[0], use_cache=False)
+        monkeypatch.undo()
+        latent = model.model.layers[0].self_attn
+        assert isinstance(latent.k_proj, GroupedLowRankProjection)
+        with torch.no_grad():
+            dk = latent.k_proj(x).unflatten(-1, (kv_heads, head_dim)).repeat_interleave(heads // kv_heads, 2) - k
+            dv = latent.v_proj(x).unflatten(-1, (kv_heads, head_dim)).repeat_interleave(heads // kv_heads, 2) - v
+            scores = torch.einsum("bmhd,bnhd->bhmn", q, rope(dk))[..., causal]
+            outputs = torch.einsum("bthd,ohd->btho", dv, attention.o_proj.weight.unflatten(1, (heads, head_dim)))
+        return float(scores.square().mean()), float(outputs.square().mean())
+
+    (score, output), (plain_score, plain_output) = errors(True), errors(False)
+    assert score < 0.9 * plain_score and output < 0.95 * plain_output
+
+
 def test_fisher_allocation_follows_fisher_and_caps_at_width():
     projections = [KVProjection("a", 2, 32, 100.0), KVProjection("b", 2, 32, 1.0), KVProjection("c", 2, 32, 1.0)]
     ranks = allocate_kv_fisher(projections, 0.5, 8)
