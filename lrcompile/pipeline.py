@@ -308,6 +308,8 @@ def _kv_metrics(c: GraphCompression) -> None:
         c.kv_metrics[block.name] = kv_metric(dense_weight(c.gm, block.q_linear, values),
                                              dense_weight(c.gm, block.o_linear, values), stats.gram,
                                              block.num_heads, block.num_kv_heads, inv_freq, length)
+    log.info("K/V errors weighed by the attention scores and o_proj in %d of %d blocks", len(c.kv_metrics),
+             len(c.new_blocks()))
 
 
 def _group_metrics(c: GraphCompression, block: AttentionBlock, view: LinearNode) -> list[torch.Tensor] | None:

@@ -231,7 +231,7 @@ def test_closed_form_kv_allocation_through_the_backend():
 
 
 @pytest.mark.parametrize("group", [1, "all"])
-def test_whitened_kv_factors_weigh_key_errors_by_the_scores_and_value_errors_by_o_proj(monkeypatch, group):
+def test_whitened_kv_factors_weigh_key_errors_by_the_scores_and_value_errors_by_o_proj(monkeypatch, caplog, group):
     """With method ``whiten`` the backend factors K in the metric of the attention scores and V in that of the
     output projection (``passes.kv_metrics``): on the calibration tokens, the latent K changes the RoPE'd scores
     ``q_m^T R_(n-m) k_n`` (causal pairs, every query head) less, and the latent V the heads' ``o_proj`` output
@@ -278,7 +278,10 @@ def test_whitened_kv_factors_weigh_key_errors_by_the_scores_and_value_errors_by_
             outputs = torch.einsum("bthd,ohd->btho", dv, attention.o_proj.weight.unflatten(1, (heads, head_dim)))
         return float(scores.square().mean()), float(outputs.square().mean())
 
-    (score, output), (plain_score, plain_output) = errors(True), errors(False)
+    with caplog.at_level("INFO", logger="lrcompile.pipeline"):
+        score, output = errors(True)
+    assert "K/V errors weighed by the attention scores and o_proj in 2 of 2 blocks" in caplog.text
+    plain_score, plain_output = errors(False)
     assert score < 0.9 * plain_score and output < 0.95 * plain_output
 
 
