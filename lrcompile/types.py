@@ -289,7 +289,7 @@ class LatentAttention:
     v_rank: int  # per group
     dtype: torch.dtype
     dense_bytes: int = 0  # k and v weights before
-    k_truncation_loss: float | None = None  # dropped energy share, mean over groups (with whiten: in passes.kv_metrics' metric)
+    k_truncation_loss: float | None = None  # dropped energy share, group mean (whiten: in kv_metrics' metric)
     v_truncation_loss: float | None = None
     options: Mapping[str, Any] | None = None  # as on CompressedLayer
 
