@@ -46,10 +46,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,6 @@ from benchmarks.common import (
     command_line,
     fmt,
     machine_info,
-    median,
     pyplot,
     resolve_out,
     save_figure,
@@ -68,6 +66,7 @@ from benchmarks.common import (
     write_json,
     write_markdown,
 )
+from benchmarks.cuda_timing import copy_bandwidth, graph_time_us, matmul_throughput, roofline_s
 
 HEAD_DIM, Q_HEADS, KV_HEADS = 128, 32, 8
 DTYPE = torch.bfloat16
@@ -135,11 +134,6 @@ def dense_flops(shape: Shape) -> int:
     return 4 * b * Q_HEADS * t * s * HEAD_DIM
 
 
-def roofline_s(nbytes: int, flops: int, bandwidth: float, throughput: float) -> float:
-    """Lower bound on the time: memory-bound or compute-bound, whichever is slower."""
-    return max(nbytes / bandwidth, flops / throughput)
-
-
 def latent_inputs(shape: Shape, device: str = "cuda", seed: int = 0) -> tuple:
     """Arguments of ``lowrank::latent_attention`` (no mask: every cached key is visible; causal for prefill)."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -178,66 +172,6 @@ def run_dense(args: tuple) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
 
 
-def time_us(run: Callable[[tuple], Any], make_inputs: Callable[[int], tuple], nbytes: int, l2_bytes: int,
-            replays: int = 10) -> float | None:
-    """Median microseconds per call, replayed from a CUDA graph over enough input copies to overflow L2;
-    None when the method runs out of memory."""
-    copies = min(64, max(1, math.ceil(4 * l2_bytes / max(nbytes, 1))))
-    inputs, graph = [], None
-    try:
-        inputs = [make_inputs(seed) for seed in range(copies)]
-        for args in inputs:  # warm-up (autotuning, lazy initialisation) outside the graph
-            run(args)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the graph's private pool cannot reuse blocks cached by the warm-up
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for args in inputs:
-                run(args)
-        samples = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3 / copies)
-        return median(samples)
-    except torch.cuda.OutOfMemoryError:
-        return None
-    finally:
-        inputs = graph = None
-        torch.cuda.empty_cache()
-
-
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Bytes per second of a large device-to-device copy (read + written)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    seconds = _event_median(lambda: dst.copy_(src))
-    return 2 * nbytes / seconds
-
-
-def matmul_throughput(n: int = 8192) -> float:
-    """FLOP per second of a large bfloat16 matmul."""
-    a = torch.randn(n, n, device="cuda", dtype=DTYPE)
-    b = torch.randn(n, n, device="cuda", dtype=DTYPE)
-    return 2 * n**3 / _event_median(lambda: a @ b)
-
-
-def _event_median(fn: Callable[[], Any], repeats: int = 20) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return median(samples)
-
-
 def _best_config(kernel: Any) -> str | None:
     config = getattr(kernel, "best_config", None)
     return None if config is None else str(config)
@@ -264,9 +198,9 @@ def measure(shape: Shape, bandwidth: float, throughput: float, l2_bytes: int) ->
 
     latent, dense = latent_bytes(shape), dense_bytes(shape)
     times = {
-        "kernel": time_us(run_latent_kernel, lambda seed: latent_inputs(shape, seed=seed), latent, l2_bytes),
-        "reference": time_us(run_reference, lambda seed: latent_inputs(shape, seed=seed), latent, l2_bytes),
-        "dense": time_us(run_dense, lambda seed: dense_inputs(shape, seed=seed), dense, l2_bytes),
+        "kernel": graph_time_us(run_latent_kernel, lambda seed: latent_inputs(shape, seed=seed), latent, l2_bytes),
+        "reference": graph_time_us(run_reference, lambda seed: latent_inputs(shape, seed=seed), latent, l2_bytes),
+        "dense": graph_time_us(run_dense, lambda seed: dense_inputs(shape, seed=seed), dense, l2_bytes),
     }
     row = summarize(shape, times, bandwidth, throughput)
     kernel = kt._latent_decode_split_kernel if shape.queries == 1 else kt._latent_prefill_kernel

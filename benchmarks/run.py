@@ -69,10 +69,21 @@ RESULT_FILES = (
     ("speed.md", "Prefill and decode throughput, `lowrank` + Inductor vs dense Inductor, batch 1 and 8"),
     ("kv_speed.md", "Decode step time with a latent KV cache vs a dense static cache, both compiled with Inductor"),
     ("memory.md", "Measured weight bytes, KV-cache bytes and peak RSS, compressed vs dense"),
-    ("compile_cost.md", "Compile time per phase and its growth over the tiny / small / medium fixtures"),
+    ("aq_speed.md", "AQLM linears on CPU: decode tokens/s of SmolLM2 with AQ 2x8 decoder linears vs dense Inductor "
+     "(batch 1 and 8), op-level kernel times, profile"),
+    ("compile_cost.md", "Compile time per pass on the tiny fixture and SmolLM2-135M (the demo's weights + latent-KV "
+     "options under Inductor)"),
     ("latent_attention_kernel.md", "Triton latent-attention kernels vs dense SDPA and unfused reconstruction "
      "(CUDA only: `python -m benchmarks.latent_attention_kernel`)"),
+    ("aq_linear_kernel.md", "Triton AQ linear kernels vs dense bf16 `F.linear` at Llama-2-7B shapes "
+     "(CUDA only: `python -m benchmarks.aq_linear_kernel`)"),
     ("minilm_fidelity.md", "MiniLM embedding fidelity at ratios 0.9 / 0.8 with per-layer ranks (standalone benchmark)"),
+    ("block_compression.md", "Block-by-block compression: SmolLM2 and `medium` fixture peak RSS in memory vs "
+     "`--max-memory`, scaling with depth, calibration orders, block fine-tuning and end-to-end distillation on "
+     "SmolLM2 (standalone: `python -m benchmarks.block_compression`)"),
+    ("aqlm_accuracy.md", "AQLM (2x8, g=8) vs round-to-nearest g=128/64 at 2/3/4 bits on SmolLM2 and the `small` "
+     "fixture: measured bits/weight, held-out perplexity, time per layer; AQ on low-rank factors vs factoring alone "
+     "(own script: `python -m benchmarks.aqlm_accuracy --model smollm2|small`)"),
     ("fixtures.md", "The trained Llama fixtures (recipes, training, held-out perplexity)"),
 )
 
@@ -82,7 +93,8 @@ def write_index(out: Path, summary: dict[str, Any]) -> Path:
     lines = [
         "# Benchmark results",
         "",
-        "All numbers are measured on the machine named in each file (CPU only here: no CUDA). "
+        "All numbers are measured on the machine named in each file: this 2-core CPU machine, except the CUDA-only "
+        "kernel benchmarks, measured on a lent H200 (`bash benchmarks/cuda_checks.sh`). "
         "`python -m benchmarks.run` regenerates the files below (except `minilm_fidelity.*` and `fixtures.md`, "
         "which have their own scripts: `python -m benchmarks.minilm_fidelity`, `python -m benchmarks.fixtures`). "
         "Each Markdown file has a JSON twin with every raw number and, where it makes sense, a PNG plot.",

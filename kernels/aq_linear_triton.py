@@ -1,12 +1,14 @@
 """Triton kernels of ``lowrank::aq_linear`` for CUDA: codebook gather fused with the matrix-vector product.
 
 Decode (at most :data:`MAX_MATVEC_ROWS` rows): each program owns ``BLOCK_O``
-output features of one row and walks the input groups ``BLOCK_J`` at a time;
-per codebook it loads the codes ``[BLOCK_O, BLOCK_J]``, gathers their
+output features of every row and walks the input groups ``BLOCK_J`` at a
+time; per codebook it loads the codes ``[BLOCK_O, BLOCK_J]``, gathers their
 codewords ``[BLOCK_O, BLOCK_J, g]`` (the codebooks stay in L1/L2: 2x8 at g = 8
-is 16 KB in float32), sums them, multiplies by the row's slice of ``x`` and
-reduces, accumulating in float32. The dense weight never exists; each weight
-costs ``M*B/g`` bits of memory traffic instead of 16 or 32 (AQLM Sec. 4.3).
+is 16 KB in float32) and sums them, then one ``tl.dot`` multiplies the tile
+with the slices of all rows (a single row: multiply and reduce), accumulating
+in float32. Gathering is the cost, so it is done once for all rows (on an
+H200, one program a row made 16 rows cost 12x one row). The dense weight never exists; each weight costs ``M*B/g``
+bits of memory traffic instead of 16 or 32 (AQLM Sec. 4.3).
 
 Prefill: a second kernel writes the dense weight (the AQLM sum of codewords
 times the scale) in ``x``'s dtype and a cuBLAS matmul follows, the weight's
@@ -26,11 +28,20 @@ from torch import Tensor
 
 MAX_MATVEC_ROWS = 16  # rows handled by the fused kernel; more dequantise and run one matmul
 INTERPRETED = triton.knobs.runtime.interpret
-# output features a program and input groups a step: a [BLOCK_O, BLOCK_J, g] float32 tile of codewords (4096
-# elements at g = 8, 32 registers a thread at 4 warps); few outputs a program so a 576-row decode still makes 36
-# programs. Not tuned on a GPU (none was available); small under the interpreter so tests cover several tiles.
-BLOCK_O = 16
-BLOCK_J = 8 if INTERPRETED else 32
+# Matrix-vector tiles: BLOCK_O output features a program, BLOCK_J input groups a step, a [BLOCK_O, BLOCK_J, g]
+# float32 tile of codewords. Autotuned on CUDA per layer shape; one small tile under the interpreter, so tests
+# cover several programs and steps.
+if INTERPRETED:
+    _MATVEC_CONFIGS = [triton.Config({"BLOCK_O": 16, "BLOCK_J": 8}, num_warps=1)]
+else:
+    _MATVEC_CONFIGS = [
+        triton.Config({"BLOCK_O": o, "BLOCK_J": j}, num_warps=w)
+        for o, j, w in ((16, 32, 4), (16, 16, 2), (32, 16, 4), (32, 32, 4), (32, 8, 2), (64, 16, 4), (64, 32, 8),
+                        (128, 16, 8))
+    ]
+# dequantisation tiles (prefill: written once, then one cuBLAS matmul over many rows)
+DEQUANT_BLOCK_O = 16
+DEQUANT_BLOCK_J = 8 if INTERPRETED else 32
 
 
 @triton.jit
@@ -51,32 +62,44 @@ def _codewords(codes_ptr, codebooks_ptr, offs_o, offs_j, offs_t, mask_oj, mask_t
     return words
 
 
+@triton.autotune(configs=_MATVEC_CONFIGS, key=["out_features", "groups", "BLOCK_R"])
 @triton.jit
 def _aq_matvec_kernel(x_ptr, codes_ptr, codebooks_ptr, scales_ptr, bias_ptr, y_ptr,
-                      out_features, groups, stride_xr, stride_xi, stride_yr, stride_yo,
+                      rows, out_features, groups, stride_xr, stride_xi, stride_yr, stride_yo,
                       stride_co, stride_cj, stride_cm, stride_bm, stride_bk, stride_bt,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, BOOKS: tl.constexpr, WIDE_CODES: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
-    """``y[row, o] = scales[o] * <sum_m codewords, x[row]> + bias[o]`` for one row and ``BLOCK_O`` outputs."""
-    row = tl.program_id(1)
+                      HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+                      BLOCK_J: tl.constexpr):
+    """``y[r, o] = scales[o] * <sum_m codewords, x[r]> + bias[o]`` for ``BLOCK_O`` outputs of all (at most
+    ``BLOCK_R``) rows. Several rows: one ``tl.dot`` a tile, in float32 at ``PRECISION`` (``tf32`` for 16-bit
+    inputs, whose own rounding is coarser; ``ieee`` for float32)."""
     offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_o = offs_o < out_features
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rows
     offs_t = tl.arange(0, BLOCK_G)
     mask_t = offs_t < G
-    acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_O, BLOCK_R), dtype=tl.float32)
     for j0 in range(0, groups, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < groups
         words = _codewords(codes_ptr, codebooks_ptr, offs_o, offs_j, offs_t, mask_o[:, None] & mask_j[None, :],
                            mask_t, stride_co, stride_cj, stride_cm, stride_bm, stride_bk, stride_bt, BOOKS, WIDE_CODES,
                            BLOCK_O, BLOCK_J, BLOCK_G)
-        xs = tl.load(x_ptr + row * stride_xr + (offs_j[:, None] * G + offs_t[None, :]) * stride_xi,
-                     mask=mask_j[:, None] & mask_t[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(tl.sum(words * xs[None, :, :], axis=2), axis=1)
-    acc *= tl.load(scales_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+        x_offsets = offs_r[:, None, None] * stride_xr + (offs_j[None, :, None] * G + offs_t[None, None, :]) * stride_xi
+        x_mask = mask_r[:, None, None] & mask_j[None, :, None] & mask_t[None, None, :]
+        xs = tl.reshape(tl.load(x_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32),
+                        (BLOCK_R, BLOCK_J * BLOCK_G))
+        words = tl.reshape(words, (BLOCK_O, BLOCK_J * BLOCK_G))
+        if BLOCK_R == 1:  # one row: multiply and reduce (a padded tl.dot made a row 1.5-2x slower on an H200)
+            acc += tl.sum(words * xs, axis=1)[:, None]
+        else:
+            acc = tl.dot(words, tl.trans(xs), acc, input_precision=PRECISION)
+    acc *= tl.load(scales_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[:, None]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_yr + offs_o * stride_yo, acc.to(y_ptr.dtype.element_ty), mask=mask_o)
+        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_r[None, :] * stride_yr + offs_o[:, None] * stride_yo, acc.to(y_ptr.dtype.element_ty),
+             mask=mask_o[:, None] & mask_r[None, :])
 
 
 @triton.jit
@@ -112,10 +135,11 @@ def dequantize_triton(codes: Tensor, codebooks: Tensor, scales: Tensor, dtype: t
     """The dense weight ``[out, in]`` in ``dtype``, written by :func:`_aq_dequantize_kernel`."""
     out_features, groups, _ = codes.shape
     weight = torch.empty(out_features, groups * codebooks.shape[2], dtype=dtype, device=codes.device)
-    grid = (triton.cdiv(out_features, BLOCK_O), triton.cdiv(groups, BLOCK_J))
+    grid = (triton.cdiv(out_features, DEQUANT_BLOCK_O), triton.cdiv(groups, DEQUANT_BLOCK_J))
     _aq_dequantize_kernel[grid](codes, codebooks, scales, weight, out_features, groups,
                                 weight.stride(0), weight.stride(1), **_code_strides(codes, codebooks),
-                                **_code_constants(codes, codebooks), BLOCK_O=BLOCK_O, BLOCK_J=BLOCK_J)
+                                **_code_constants(codes, codebooks), BLOCK_O=DEQUANT_BLOCK_O,
+                                BLOCK_J=DEQUANT_BLOCK_J)
     return weight
 
 
@@ -126,9 +150,10 @@ def aq_linear_triton(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor
     if rows.shape[0] > MAX_MATVEC_ROWS:
         return F.linear(x, dequantize_triton(codes, codebooks, scales, x.dtype), bias)
     y = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(out_features, BLOCK_O), rows.shape[0])
+    grid = lambda meta: (triton.cdiv(out_features, meta["BLOCK_O"]),)  # noqa: E731
     _aq_matvec_kernel[grid](rows, codes, codebooks, scales, bias if bias is not None else scales, y,
-                            out_features, groups, rows.stride(0), rows.stride(1), y.stride(0), y.stride(1),
-                            **_code_strides(codes, codebooks), **_code_constants(codes, codebooks),
-                            HAS_BIAS=bias is not None, BLOCK_O=BLOCK_O, BLOCK_J=BLOCK_J)
+                            rows.shape[0], out_features, groups, rows.stride(0), rows.stride(1), y.stride(0),
+                            y.stride(1), **_code_strides(codes, codebooks), **_code_constants(codes, codebooks),
+                            HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                            BLOCK_R=1 if rows.shape[0] == 1 else MAX_MATVEC_ROWS)
     return y.reshape(*x.shape[:-1], out_features)

@@ -68,10 +68,12 @@ else:  # all compile for sm_90; with value tiles of 128 columns none spills at h
         triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
         for n, w, s in ((16, 4, 2), (32, 4, 2), (16, 8, 2), (32, 8, 2), (64, 8, 2), (16, 8, 3), (32, 8, 3), (64, 8, 3))
     ]
+    # no BLOCK_M 128 with BLOCK_N 64: on an H200 (triton 3.6) it gave NaN or wrong outputs for value tiles of
+    # 16-32 columns, and illegal memory accesses while autotuning (docs/results/latent_attention_kernel.md)
     _PREFILL_CONFIGS = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
         for m, n, w, s in ((16, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 8, 2), (64, 32, 8, 2),
-                           (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2))
+                           (64, 64, 8, 2), (128, 32, 8, 2))
     ]
 # keys_bucket is an argument only the autotuner reads (Triton keys name kernel arguments)
 _TUNE_KEY = ["BLOCK_HALF", "BLOCK_R", "BLOCK_RV", "n_rep", "MASK_KIND", "IS_CAUSAL", "HAS_BIAS", "keys_bucket"]
@@ -118,6 +120,9 @@ def _attend(q1, q2, acc, m_i, l_i, rows_t, rows_valid, mask_rows, start, end,
     """Online-softmax state ``(acc, m, l)`` of the query rows after keys ``[start, end)`` (scores in log2 units);
     ``acc`` holds the value-latent columns ``offs_c``."""
     c_valid = offs_c < v_rank
+    # Inductor's launchers declare Python floats as fp64 scalars: keep the softmax state float32 regardless
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    rope_scale = tl.cast(rope_scale, tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = offs_n < end

@@ -262,6 +262,31 @@ def test_kernels_compile_for_sm90_with_bounded_value_tiles(case, sm90_driver, mo
         assert max(_stack_bytes(k) for k in compiled) <= 32
 
 
+@needs_cpu_compile
+def test_kernels_compile_with_float_scalars_typed_fp64_as_inductor_launches_them(sm90_driver, monkeypatch):
+    """Triton's own launcher types a Python float as fp32, Inductor's generated code declares it fp64. Both must
+    compile (first seen on an H200: fp64 scales made the softmax state fp64, and ``tl.dot`` refused the
+    accumulator)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    case = SM90_CASES[0]
+    launches = (_recorded_launches(make_inputs(case), monkeypatch)
+                + _recorded_launches(make_inputs(dataclasses.replace(case, length=16, mask="causal")), monkeypatch))
+    attention = [(kernel, args, kwargs) for kernel, _, args, kwargs in launches if hasattr(kernel, "configs")]
+    assert len(attention) == 2  # decode split and prefill
+    for kernel, args, kwargs in attention:
+        config = kernel.configs[0]
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        src = kernel.fn.warmup(*args, **kwargs, **config.kwargs, **options, grid=(1,)).src
+        assert {src.signature[name] for name in ("qk_scale", "rope_scale")} == {"fp32"}
+        as_inductor = {**src.signature, "qk_scale": "fp64", "rope_scale": "fp64"}
+        compiled = triton.compile(ASTSource(src.fn, as_inductor, src.constants, src.attrs),
+                                  target=GPUTarget("cuda", 90, 32), options=options)
+        assert ".target sm_90" in compiled.asm["ptx"]
+
+
 def test_tuning_key_separates_length_buckets_masks_causal_and_bias(monkeypatch):
     """Triton's autotuner caches a configuration per key: launches in another regime (a cache 100x longer, a causal
     prefill, keys with a bias) must not share one."""

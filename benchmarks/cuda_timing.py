@@ -1,0 +1,77 @@
+"""Timing on CUDA for the kernel benchmarks: CUDA-graph replays over L2-overflowing inputs, and the machine's
+two ceilings (copy bandwidth, bf16 matmul throughput) that a roofline compares against."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.common import median
+
+def roofline_s(nbytes: int, flops: int, bandwidth: float, throughput: float) -> float:
+    """Lower bound on the time: memory-bound or compute-bound, whichever is slower."""
+    return max(nbytes / bandwidth, flops / throughput)
+
+
+def graph_time_us(run: Callable[[tuple], Any], make_inputs: Callable[[int], tuple], nbytes: int, l2_bytes: int,
+            replays: int = 10) -> float | None:
+    """Median microseconds per call, replayed from a CUDA graph over enough input copies to overflow L2;
+    None when the method runs out of memory."""
+    copies = min(64, max(1, math.ceil(4 * l2_bytes / max(nbytes, 1))))
+    inputs, graph = [], None
+    try:
+        inputs = [make_inputs(seed) for seed in range(copies)]
+        for args in inputs:  # warm-up (autotuning, lazy initialisation) outside the graph
+            run(args)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the graph's private pool cannot reuse blocks cached by the warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for args in inputs:
+                run(args)
+        samples = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3 / copies)
+        return median(samples)
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        inputs = graph = None
+        torch.cuda.empty_cache()
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes per second of a large device-to-device copy (read + written)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = event_median_s(lambda: dst.copy_(src))
+    return 2 * nbytes / seconds
+
+
+def matmul_throughput(n: int = 8192) -> float:
+    """FLOP per second of a large bfloat16 matmul."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n**3 / event_median_s(lambda: a @ b)
+
+
+def event_median_s(fn: Callable[[], Any], repeats: int = 20) -> float:
+    """Median seconds of `fn()` between CUDA events, after one warm-up call."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return median(samples)
