@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,8 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import command_line, fmt, machine_info, resolve_out, table, write_json, write_markdown
-from benchmarks.cuda_timing import copy_bandwidth, graph_time_us, matmul_throughput, roofline_s
+from benchmarks.common import fmt, resolve_out, table, write_json, write_markdown
+from benchmarks.cuda_timing import graph_time_us, measure_ceilings, payload_header, roofline_s
 
 NAME = "aq_linear_kernel"
 DTYPE = torch.bfloat16
@@ -180,31 +179,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2x8 only, decode rows 1 and 16")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/results)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(f"{NAME}: CUDA is required (the kernels run on a GPU); nothing measured, nothing written.",
-              file=sys.stderr)
+    ceilings = measure_ceilings(NAME)
+    if ceilings is None:
         return 0
-    import triton
-
     import lrcompile.kernels.aq_linear  # noqa: F401  (registers the op and its CUDA kernels)
 
     start = time.perf_counter()
     out = resolve_out(args.out, args.quick)
-    l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
-    bandwidth, throughput = copy_bandwidth(), matmul_throughput()
     rows = []
     for p in points(args.quick):
-        rows.append(measure(p, bandwidth, throughput, l2_bytes))
+        rows.append(measure(p, ceilings.bandwidth, ceilings.throughput, ceilings.l2_bytes))
         print(f"{p}: AQ {fmt(rows[-1]['aq_us'], 1)} us, dense {fmt(rows[-1]['dense_us'], 1)} us", flush=True)
-    payload = {
-        "machine": {**machine_info(), "gpu": torch.cuda.get_device_name(0), "triton": triton.__version__,
-                    "l2_bytes": l2_bytes},
-        "command": command_line(f"benchmarks.{NAME}", argv),
-        "copy_bandwidth_Bps": bandwidth,
-        "matmul_flops": throughput,
-        "rows": rows,
-        "total_wall_s": time.perf_counter() - start,
-    }
+    payload = {**payload_header(NAME, argv, ceilings), "rows": rows, "total_wall_s": time.perf_counter() - start}
     write_json(out / f"{NAME}.json", payload)
     write_report(payload, out / f"{NAME}.md")
     print((out / f"{NAME}.md").read_text().split("<!-- analysis -->")[0])

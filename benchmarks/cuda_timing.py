@@ -3,13 +3,15 @@ two ceilings (copy bandwidth, bf16 matmul throughput) that a roofline compares a
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from benchmarks.common import median
+from benchmarks.common import command_line, machine_info, median
 
 def roofline_s(nbytes: int, flops: int, bandwidth: float, throughput: float) -> float:
     """Lower bound on the time: memory-bound or compute-bound, whichever is slower."""
@@ -75,3 +77,37 @@ def event_median_s(fn: Callable[[], Any], repeats: int = 20) -> float:
         end.synchronize()
         samples.append(start.elapsed_time(end) / 1e3)
     return median(samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceilings:
+    """The GPU's measured ceilings, and its L2 size (how much input a timing must overflow)."""
+
+    bandwidth: float  # bytes per second of a large device-to-device copy, read + written
+    throughput: float  # FLOP per second of a large bfloat16 matmul
+    l2_bytes: int
+
+
+def measure_ceilings(name: str) -> Ceilings | None:
+    """The ceilings, measured now; None (saying so on stderr) without CUDA."""
+    if not torch.cuda.is_available():
+        print(f"{name}: CUDA is required (the kernels run on a GPU); nothing measured, nothing written.",
+              file=sys.stderr)
+        return None
+    l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    ceilings = Ceilings(copy_bandwidth(), matmul_throughput(), l2_bytes)
+    print(f"copy bandwidth {ceilings.bandwidth / 1e9:.0f} GB/s, bf16 matmul {ceilings.throughput / 1e12:.0f} TFLOP/s")
+    return ceilings
+
+
+def payload_header(name: str, argv: Sequence[str] | None, ceilings: Ceilings) -> dict[str, Any]:
+    """The JSON payload's machine (with the GPU and Triton), command and ceilings."""
+    import triton
+
+    return {
+        "machine": {**machine_info(), "gpu": torch.cuda.get_device_name(0), "triton": triton.__version__,
+                    "l2_bytes": ceilings.l2_bytes},
+        "command": command_line(f"benchmarks.{name}", argv),
+        "copy_bandwidth_Bps": ceilings.bandwidth,
+        "matmul_flops": ceilings.throughput,
+    }

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,9 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
-    command_line,
     fmt,
-    machine_info,
     pyplot,
     resolve_out,
     save_figure,
@@ -66,7 +63,7 @@ from benchmarks.common import (
     write_json,
     write_markdown,
 )
-from benchmarks.cuda_timing import copy_bandwidth, graph_time_us, matmul_throughput, roofline_s
+from benchmarks.cuda_timing import graph_time_us, measure_ceilings, payload_header, roofline_s
 
 HEAD_DIM, Q_HEADS, KV_HEADS = 128, 32, 8
 DTYPE = torch.bfloat16
@@ -311,36 +308,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 lengths, 2 batches, kv_ratio 0.5, one prefill length")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/results)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(f"{NAME}: CUDA is required (the kernels run on a GPU); nothing measured, nothing written.",
-              file=sys.stderr)
+    ceilings = measure_ceilings(NAME)
+    if ceilings is None:
         return 0
-    import triton
-
     import lrcompile.kernels.latent_attention  # noqa: F401  (registers the op and its CUDA kernels)
 
     start = time.perf_counter()
     out = resolve_out(args.out, args.quick)
-    props = torch.cuda.get_device_properties(0)
-    l2_bytes = getattr(props, "L2_cache_size", 64 << 20)
-    bandwidth, throughput = copy_bandwidth(), matmul_throughput()
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, bf16 matmul {throughput / 1e12:.0f} TFLOP/s")
     results: dict[str, list[dict[str, Any]]] = {"decode": [], "prefill": []}
     for phase, shapes in (("decode", decode_shapes(args.quick)), ("prefill", prefill_shapes(args.quick))):
         for shape in shapes:
-            row = measure(shape, bandwidth, throughput, l2_bytes)
+            row = measure(shape, ceilings.bandwidth, ceilings.throughput, ceilings.l2_bytes)
             results[phase].append(row)
             print(f"{phase} {shape}: kernel {_us(row['kernel_us'])} us, dense {_us(row['dense_us'])} us, "
                   f"reference {_us(row['reference_us'])} us", flush=True)
-    payload = {
-        "machine": {**machine_info(), "gpu": torch.cuda.get_device_name(0), "triton": triton.__version__,
-                    "l2_bytes": l2_bytes},
-        "command": command_line(f"benchmarks.{NAME}", argv),
-        "copy_bandwidth_Bps": bandwidth,
-        "matmul_flops": throughput,
-        **results,
-        "total_wall_s": time.perf_counter() - start,
-    }
+    payload = {**payload_header(NAME, argv, ceilings), **results, "total_wall_s": time.perf_counter() - start}
     write_json(out / f"{NAME}.json", payload)
     plotted = plot(payload, out / f"{NAME}.png")
     write_report(payload, out / f"{NAME}.md", plotted)

@@ -126,7 +126,8 @@ def run_row(opened: Any, row: dict[str, Any], calibration: list, heldout: list, 
     layers = [layer for _, layer in model_latent_attention(model)]
     report = lrcompile.model_report(model)
     return {
-        **options, "calibration_batches": count, "distill_batches": len(distill) if options.get("distill_epochs") else None,
+        **options, **({"kv_key_share": config.kv_key_share} if config.kv_ratio is not None else {}),
+        "calibration_batches": count, "distill_batches": len(distill) if options.get("distill_epochs") else None,
         "ppl": ppl, "param_ratio_achieved": report.param_ratio,
         "kv_ratio_achieved": sum(a.latent_width for a in layers) / sum(a.dense_width for a in layers) if layers else None,
         "weight_bytes": [before, weight_bytes(model)], "compress_s": round(seconds, 1), "pass_s": passes.seconds,
@@ -144,6 +145,7 @@ def _options(result: dict) -> dict:
     import lrcompile
 
     names = {f.name for f in dataclasses.fields(lrcompile.LowRankConfig)}
+    result = {"kv_key_share": 0.5, **result}  # rows saved before the option split K and V equally
     options = lrcompile.LowRankConfig(**{k: v for k, v in result.items() if k in names}).deciding_options()
     return {**options, "calibration_batches": result.get("calibration_batches", CALIBRATION_BATCHES),
             "distill_batches": result.get("distill_batches")}
@@ -159,6 +161,15 @@ def merged(saved: dict, payload: dict) -> dict:
     commands = saved.get("commands", [saved["command"]]) + [payload["command"]]
     return {**payload, "commands": commands, "total_wall_s": saved.get("total_wall_s", 0) + payload["total_wall_s"],
             "results": kept + payload["results"]}
+
+
+def _kv_allocation(result: dict) -> str:
+    """The KV allocation cell; ``uniform`` with K's share of the K+V latent values (rows saved before the option
+    existed split them equally)."""
+    allocation = result.get("kv_allocation")
+    if result.get("kv_ratio") is None or allocation is None:
+        return "-"
+    return f"uniform, K {result.get('kv_key_share', 0.5)}" if allocation == "uniform" else allocation
 
 
 def _answers(result: dict) -> list[str]:
@@ -196,9 +207,13 @@ def plot(results: list[dict], dense_ppl: float, path: Path) -> bool:
     for key in sorted({weights(r) for r in results if "kv_ratio" not in r}):
         rows = sorted((r for r in results if "kv_ratio" not in r and weights(r) == key), key=lambda r: r["param_ratio"])
         left.plot([r["param_ratio"] for r in rows], [r["ppl"] for r in rows], marker="o", label=", ".join(key))
-    for key in sorted({(str(r["kv_group_size"]), r["kv_allocation"]) for r in results if "kv_ratio" in r and "allocation" not in r}):
-        rows = sorted((r for r in results if "kv_ratio" in r and "allocation" not in r
-                       and (str(r["kv_group_size"]), r["kv_allocation"]) == key), key=lambda r: r["kv_ratio"])
+    def kv_only(r: dict) -> bool:  # latent KV alone, undistilled, K/V factored as the code does now
+        return ("kv_ratio" in r and "allocation" not in r and not r.get("distill_epochs")
+                and r.get("kv_factoring") == KV_FACTORING)
+
+    for key in sorted({(str(r["kv_group_size"]), _kv_allocation(r)) for r in results if kv_only(r)}):
+        rows = sorted((r for r in results if kv_only(r) and (str(r["kv_group_size"]), _kv_allocation(r)) == key),
+                      key=lambda r: r["kv_ratio"])
         right.plot([r["kv_ratio"] for r in rows], [r["ppl"] for r in rows], marker="o", label=f"group {key[0]}, {key[1]}")
     for ax, label in ((left, "param_ratio (weights)"), (right, "kv_ratio (latent / dense K+V)")):
         ax.axhline(dense_ppl, color="gray", linewidth=0.8, label="dense")
@@ -281,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
               r.get("calibration_order", "independent") if r["param_ratio"] < 1 else "-",
               r.get("calibration_batches", CALIBRATION_BATCHES),
               f"{r['distill_epochs']} x {r['distill_batches']}" if r.get("distill_epochs") else "-", r["param_ratio"], f"{r['param_ratio_achieved']:.3f}", show(r, "kv_ratio"), show(r, "kv_group_size"),
-              show(r, "kv_allocation"), f"{r['ppl']:.2f}", f"{r['ppl'] / dense_ppl:.2f}", f"{r['greedy_agreement']:.2f}",
+              _kv_allocation(r), f"{r['ppl']:.2f}", f"{r['ppl'] / dense_ppl:.2f}", f"{r['greedy_agreement']:.2f}",
               _kv_factoring(r), r["compress_s"], _pass_times(r), r["peak_rss_mib"],
               *(_cell(answer) for answer in _answers(r)[:2])] for r in results]
     body = [

@@ -277,6 +277,7 @@ def _config(args: argparse.Namespace, dump_dir: Path | None) -> LowRankConfig:
         kv_ratio=args.kv_ratio,
         kv_group_size=args.kv_group_size,
         kv_allocation=args.kv_allocation,
+        kv_key_share=args.kv_key_share,
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         quantize=args.quantize,
@@ -692,6 +693,9 @@ def _compression_options(
                         help="KV heads sharing one latent: 1 (per head) ... 'all' (joint) (default: %(default)s)")
     parser.add_argument("--kv-allocation", choices=KV_ALLOCATION_METHODS, default=kv_allocation,
                         help="K/V rank allocation across attention blocks (default: %(default)s)")
+    parser.add_argument("--kv-key-share", type=float, default=LowRankConfig.kv_key_share,
+                        help="with --kv-allocation uniform: K's share of each group's K+V latent values, in (0, 1) "
+                        "(default: %(default)s)")
     parser.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None,
                         help="quantise the linears after factoring: 'aqlm' (additive multi-codebook codes; at "
                         "--param-ratio 1 every weight, below it the factors; default: none)")

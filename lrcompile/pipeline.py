@@ -485,14 +485,15 @@ def _kv_ranks(c: GraphCompression) -> dict[str, int]:
                 energy = tuple(torch.stack([energy_share(d.s) for d in groups]).mean(0).tolist())
             projections.append(KVProjection(view.meta.name, block.num_kv_heads // group, group * block.head_dim,
                                             c.kv_fisher.get(view.meta.name, 0.0),
-                                            c.kv_sensitivity.get(view.meta.name, {}), energy))
+                                            c.kv_sensitivity.get(view.meta.name, {}), energy,
+                                            key=view is block.k_linear))
     if cfg.kv_allocation == "closed_form" and any(p.energy for p in projections):
         return allocate_kv_closed_form(projections, cfg.kv_ratio, cfg.rank_multiple)
     if cfg.kv_allocation == "fisher" and c.kv_fisher:
         return allocate_kv_fisher(projections, cfg.kv_ratio, cfg.rank_multiple)
     if cfg.kv_allocation == "sensitivity" and c.kv_sensitivity:
         return allocate_kv_sensitivity(projections, cfg.kv_ratio, cfg.rank_multiple)
-    return allocate_kv_uniform(projections, cfg.kv_ratio, cfg.rank_multiple)
+    return allocate_kv_uniform(projections, cfg.kv_ratio, cfg.rank_multiple, cfg.kv_key_share)
 
 
 def _restructure_attention(c: GraphCompression) -> None:

@@ -258,3 +258,9 @@ def test_bad_compiler_mode_or_options_name_what_to_fix(options, expected):
     import re
 
     assert re.search(expected, _error(_opts(**options)))
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -0.2, 1.5, True, "0.4"])
+def test_kv_key_share_outside_the_open_unit_interval_is_refused(value):
+    message = _error(_opts(kv_key_share=value))
+    assert "'kv_key_share'" in message and repr(value) in message

@@ -502,8 +502,6 @@ def test_benchmark_roofline_and_report_render(tmp_path):
     from benchmarks import latent_attention_kernel as bench
     from benchmarks.common import machine_info
 
-    assert bench.roofline_s(10, 1, bandwidth=5, throughput=1) == 2  # memory-bound
-    assert bench.roofline_s(10, 8, bandwidth=5, throughput=1) == 8  # compute-bound
     bandwidth, throughput = 4e12, 8e14
     shape = bench.Shape(batch=4, keys=4096, kv_ratio=0.5, group_size=4)
     row = bench.summarize(shape, {"kernel": 20.0, "reference": None, "dense": 30.0}, bandwidth, throughput)
@@ -520,16 +518,6 @@ def test_benchmark_roofline_and_report_render(tmp_path):
     bench.write_report(payload, tmp_path / "k.md", plotted)
     text = (tmp_path / "k.md").read_text()
     assert "OOM" in text and "## Decode" in text and "## Prefill" in text
-
-
-def test_benchmark_without_cuda_says_so_and_writes_nothing(tmp_path, capsys):
-    from benchmarks import latent_attention_kernel as bench
-
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: the benchmark would run")
-    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
-    assert "CUDA is required" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())
 
 
 if __name__ == "__main__":  # the interpreter worker (see the module docstring)

@@ -192,6 +192,13 @@ def test_kv_ratio_half_halves_the_latent_and_fisher_changes_the_split():
     layers = [layer for _, layer in model_latent_attention(uniform)]
     assert all(layer.k_rank == layer.v_rank == 8 and layer.latent_width * 2 == layer.dense_width for layer in layers)
     torch._dynamo.reset()
+    split = tiny_rope_model("llama")  # rank multiple 2: the default K : V = 3 : 5 of each head's 16 latent values
+    torch.compile(split, backend="lowrank", options=_config(kv_ratio=0.5, method="asvd", rank_multiple=2,
+                                                            calibration=calibration))(calibration[0], use_cache=False)
+    layers = [layer for _, layer in model_latent_attention(split)]
+    assert all((layer.k_rank, layer.v_rank) == (6, 10) and layer.latent_width * 2 == layer.dense_width
+               for layer in layers)
+    torch._dynamo.reset()
     fisher = tiny_rope_model("llama")
     torch.compile(fisher, backend="lowrank", options=_config(kv_ratio=0.5, kv_allocation="fisher", method="asvd",
                                                              kv_group_size="all", calibration=calibration))(
@@ -293,6 +300,17 @@ def test_fisher_allocation_follows_fisher_and_caps_at_width():
     assert spread == {"a": 48, "b": 16}  # 8 each, then 48 split 3:1 (36 + 12), rounded to 32 + 8 and one more 8
     assert allocate_kv_uniform(projections, 0.25, 8) == {"a": 8, "b": 8, "c": 8}
     assert allocate_kv_fisher(projections, 1.0, 8) == {"a": 32, "b": 32, "c": 32}
+
+
+@pytest.mark.parametrize("kv_ratio, key_share, key_rank, value_rank", [
+    (0.5, 0.5, 32, 32), (0.5, 0.375, 24, 40), (0.75, 0.375, 32, 64), (0.25, 0.375, 16, 16), (1.0, 0.375, 64, 64),
+    (0.75, 0.125, 32, 64),  # V is capped at its width, K takes the rest
+])
+def test_uniform_ranks_split_each_groups_budget_between_k_and_v(kv_ratio, key_share, key_rank, value_rank):
+    projections = [KVProjection("k", 2, 64, key=True), KVProjection("v", 2, 64)]
+    ranks = allocate_kv_uniform(projections, kv_ratio, 8, key_share)
+    assert ranks == {"k": key_rank, "v": value_rank}
+    assert key_rank + value_rank == 2 * kv_ratio * 64  # the budget holds
 
 
 # --------------------------------------------------------------------------- generation
