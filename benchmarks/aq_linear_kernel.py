@@ -27,7 +27,6 @@ Writes ``docs/results/aq_linear_kernel.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -37,8 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import fmt, resolve_out, table, write_json, write_markdown
-from benchmarks.cuda_timing import graph_time_us, measure_ceilings, payload_header, roofline_s
+from benchmarks.common import fmt, table, write_json, write_markdown
+from benchmarks.cuda_timing import graph_time_us, payload_header, start_benchmark, roofline_s
 
 NAME = "aq_linear_kernel"
 DTYPE = torch.bfloat16
@@ -175,19 +174,15 @@ def write_report(payload: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2x8 only, decode rows 1 and 16")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/results)")
-    args = parser.parse_args(argv)
-    ceilings = measure_ceilings(NAME)
-    if ceilings is None:
+    started = start_benchmark(NAME, __doc__.split("\n\n")[0], "2x8 only, decode rows 1 and 16", argv)
+    if started is None:
         return 0
+    out, quick, ceilings = started
     import lrcompile.kernels.aq_linear  # noqa: F401  (registers the op and its CUDA kernels)
 
     start = time.perf_counter()
-    out = resolve_out(args.out, args.quick)
     rows = []
-    for p in points(args.quick):
+    for p in points(quick):
         rows.append(measure(p, ceilings.bandwidth, ceilings.throughput, ceilings.l2_bytes))
         print(f"{p}: AQ {fmt(rows[-1]['aq_us'], 1)} us, dense {fmt(rows[-1]['dense_us'], 1)} us", flush=True)
     payload = {**payload_header(NAME, argv, ceilings), "rows": rows, "total_wall_s": time.perf_counter() - start}

@@ -3,15 +3,17 @@ two ceilings (copy bandwidth, bf16 matmul throughput) that a roofline compares a
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import command_line, machine_info, median
+from benchmarks.common import command_line, machine_info, median, resolve_out
 
 def roofline_s(nbytes: int, flops: int, bandwidth: float, throughput: float) -> float:
     """Lower bound on the time: memory-bound or compute-bound, whichever is slower."""
@@ -86,6 +88,18 @@ class Ceilings:
     bandwidth: float  # bytes per second of a large device-to-device copy, read + written
     throughput: float  # FLOP per second of a large bfloat16 matmul
     l2_bytes: int
+
+
+def start_benchmark(name: str, description: str, quick_help: str,
+                    argv: Sequence[str] | None) -> tuple[Path, bool, Ceilings] | None:
+    """Parse a kernel benchmark's ``--quick`` and ``--out``, then measure the ceilings: ``(output folder, quick,
+    ceilings)``, or None (saying so on stderr) without CUDA."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/results)")
+    args = parser.parse_args(argv)
+    ceilings = measure_ceilings(name)
+    return None if ceilings is None else (resolve_out(args.out, args.quick), args.quick, ceilings)
 
 
 def measure_ceilings(name: str) -> Ceilings | None:

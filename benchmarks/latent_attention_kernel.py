@@ -44,7 +44,6 @@ Writes ``docs/results/latent_attention_kernel.{json,md,png}``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -57,13 +56,12 @@ import torch.nn.functional as F
 from benchmarks.common import (
     fmt,
     pyplot,
-    resolve_out,
     save_figure,
     table,
     write_json,
     write_markdown,
 )
-from benchmarks.cuda_timing import graph_time_us, measure_ceilings, payload_header, roofline_s
+from benchmarks.cuda_timing import graph_time_us, payload_header, start_benchmark, roofline_s
 
 HEAD_DIM, Q_HEADS, KV_HEADS = 128, 32, 8
 DTYPE = torch.bfloat16
@@ -304,19 +302,15 @@ def write_report(payload: dict[str, Any], path: Path, plotted: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 lengths, 2 batches, kv_ratio 0.5, one prefill length")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default docs/results)")
-    args = parser.parse_args(argv)
-    ceilings = measure_ceilings(NAME)
-    if ceilings is None:
+    started = start_benchmark(NAME, __doc__.split("\n\n")[0], "2 lengths, 2 batches, kv_ratio 0.5, one prefill length", argv)
+    if started is None:
         return 0
+    out, quick, ceilings = started
     import lrcompile.kernels.latent_attention  # noqa: F401  (registers the op and its CUDA kernels)
 
     start = time.perf_counter()
-    out = resolve_out(args.out, args.quick)
     results: dict[str, list[dict[str, Any]]] = {"decode": [], "prefill": []}
-    for phase, shapes in (("decode", decode_shapes(args.quick)), ("prefill", prefill_shapes(args.quick))):
+    for phase, shapes in (("decode", decode_shapes(quick)), ("prefill", prefill_shapes(quick))):
         for shape in shapes:
             row = measure(shape, ceilings.bandwidth, ceilings.throughput, ceilings.l2_bytes)
             results[phase].append(row)
