@@ -183,7 +183,7 @@ def _cell(text: str) -> str:
 
 def _kv_factoring(result: dict) -> str:
     """How a latent KV row's K/V were factored; rows measured before ``kv_factoring`` was recorded: whitened."""
-    if result.get("kv_ratio") is None or result.get("kv_ratio", 1.0) >= 1:
+    if (result.get("kv_ratio") or 1.0) >= 1:
         return "-"
     return result.get("kv_factoring") or "whitened"
 
