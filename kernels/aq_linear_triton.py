@@ -29,8 +29,8 @@ from torch import Tensor
 MAX_MATVEC_ROWS = 16  # rows handled by the fused kernel; more dequantise and run one matmul
 INTERPRETED = triton.knobs.runtime.interpret
 # Matrix-vector tiles: BLOCK_O output features a program, BLOCK_J input groups a step, a [BLOCK_O, BLOCK_J, g]
-# float32 tile of codewords. Autotuned on CUDA per layer shape; one small tile under the interpreter, so tests
-# cover several programs and steps.
+# float32 tile of codewords. Autotuned on CUDA per layer shape and row regime (one row, or up to 16); one small
+# tile under the interpreter, so tests cover several programs and steps.
 if INTERPRETED:
     _MATVEC_CONFIGS = [triton.Config({"BLOCK_O": 16, "BLOCK_J": 8}, num_warps=1)]
 else:

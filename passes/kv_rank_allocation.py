@@ -10,7 +10,10 @@ over all restructured blocks. Ranks are per group and rounded to
   2026-11-30), K : V = 3 : 5 (``key_share`` 0.375, the default) against 1 : 1
   lowers held-out perplexity at kv_ratio 0.5 from 49.6 to 45.6 with per-head
   latents and from 40.4 to 38.6 with joint ones, and at 0.75 (per head) from
-  37.3 to 35.1; 0.25 gave 51.1, 0.625 61.9 (0.5, per head).
+  37.3 to 35.1; 0.25 gave 51.1, 0.625 61.9 (0.5, per head). On the small
+  fixture (head dim 32, where rounding to multiples of 8 makes it 1 : 2 or
+  1 : 1) it costs 0.04-0.6% (docs/results/kv_accuracy.md); 0.5 restores
+  the even split.
 * ``sensitivity``: ASVD's search (arXiv 2312.05821, Sec. 3.3) on K/V: each
   projection's output KL at candidate ratios; a binary search over a KL
   threshold finds the smallest latent per projection that meets the budget.
