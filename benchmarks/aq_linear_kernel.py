@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import fmt, table, write_json, write_markdown
-from benchmarks.cuda_timing import graph_time_us, payload_header, start_benchmark, roofline_s
+from benchmarks.cuda_timing import graph_time_us, payload_header, roofline_fields, start_benchmark
 
 NAME = "aq_linear_kernel"
 DTYPE = torch.bfloat16
@@ -128,11 +128,7 @@ def summarize(p: Point, aq_us: float | None, dense_us: float | None, bandwidth: 
                            "aq_bytes": aq_bytes(p), "dense_bytes": dense_bytes(p), "flops": flops(p),
                            "aq_us": aq_us, "dense_us": dense_us}
     for name in ("aq", "dense"):
-        us, nbytes = row[f"{name}_us"], row[f"{name}_bytes"]
-        bound = roofline_s(nbytes, row["flops"], bandwidth, throughput) * 1e6
-        row[f"{name}_roofline_us"] = bound
-        row[f"{name}_GBps"] = None if us is None else nbytes / us / 1e3
-        row[f"{name}_roofline_fraction"] = None if us is None else bound / us
+        row.update(roofline_fields(name, row[f"{name}_us"], row[f"{name}_bytes"], row["flops"], bandwidth, throughput))
     row["dense_over_aq"] = None if aq_us is None or dense_us is None else dense_us / aq_us
     row["matvec_config"] = matvec_config
     return row

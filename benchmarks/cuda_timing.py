@@ -15,13 +15,23 @@ import torch
 
 from benchmarks.common import command_line, machine_info, median, resolve_out
 
+
 def roofline_s(nbytes: int, flops: int, bandwidth: float, throughput: float) -> float:
     """Lower bound on the time: memory-bound or compute-bound, whichever is slower."""
     return max(nbytes / bandwidth, flops / throughput)
 
 
+def roofline_fields(name: str, us: float | None, nbytes: int, flops: int, bandwidth: float,
+                    throughput: float) -> dict[str, float | None]:
+    """A method's roofline bound (us), effective bandwidth (GB/s) and fraction of the bound reached, as result
+    row fields ``{name}_roofline_us``, ``{name}_GBps``, ``{name}_roofline_fraction`` (None when ``us`` is)."""
+    bound = roofline_s(nbytes, flops, bandwidth, throughput) * 1e6
+    return {f"{name}_roofline_us": bound, f"{name}_GBps": None if us is None else nbytes / us / 1e3,
+            f"{name}_roofline_fraction": None if us is None else bound / us}
+
+
 def graph_time_us(run: Callable[[tuple], Any], make_inputs: Callable[[int], tuple], nbytes: int, l2_bytes: int,
-            replays: int = 10) -> float | None:
+                  replays: int = 10) -> float | None:
     """Median microseconds per call, replayed from a CUDA graph over enough input copies to overflow L2;
     None when the method runs out of memory."""
     copies = min(64, max(1, math.ceil(4 * l2_bytes / max(nbytes, 1))))

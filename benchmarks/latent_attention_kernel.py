@@ -61,7 +61,7 @@ from benchmarks.common import (
     write_json,
     write_markdown,
 )
-from benchmarks.cuda_timing import graph_time_us, payload_header, start_benchmark, roofline_s
+from benchmarks.cuda_timing import graph_time_us, payload_header, roofline_fields, start_benchmark
 
 HEAD_DIM, Q_HEADS, KV_HEADS = 128, 32, 8
 DTYPE = torch.bfloat16
@@ -180,11 +180,8 @@ def summarize(shape: Shape, times_us: dict[str, float | None], bandwidth: float,
                            "dense_flops": dense_flops(shape)}
     row.update({f"{method}_us": us for method, us in times_us.items()})
     for name, kind in (("kernel", "latent"), ("dense", "dense")):
-        us, nbytes = row[f"{name}_us"], row[f"{kind}_bytes"]
-        bound = roofline_s(nbytes, row[f"{kind}_flops"], bandwidth, throughput) * 1e6
-        row[f"{name}_roofline_us"] = bound
-        row[f"{name}_GBps"] = None if us is None else nbytes / us / 1e3
-        row[f"{name}_roofline_fraction"] = None if us is None else bound / us
+        row.update(roofline_fields(name, row[f"{name}_us"], row[f"{kind}_bytes"], row[f"{kind}_flops"], bandwidth,
+                                   throughput))
     return row
 
 
@@ -302,7 +299,8 @@ def write_report(payload: dict[str, Any], path: Path, plotted: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    started = start_benchmark(NAME, __doc__.split("\n\n")[0], "2 lengths, 2 batches, kv_ratio 0.5, one prefill length", argv)
+    started = start_benchmark(NAME, __doc__.split("\n\n")[0],
+                              "2 lengths, 2 batches, kv_ratio 0.5, one prefill length", argv)
     if started is None:
         return 0
     out, quick, ceilings = started

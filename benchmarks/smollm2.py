@@ -57,6 +57,7 @@ BOTH_ROWS = [{"method": "whiten", "allocation": "closed_form", "param_ratio": 0.
 QUICK_ROWS = [WEIGHT_ROWS[7], KV_ROWS[6], BOTH_ROWS[0]]
 ANSWER_TOKENS = 16
 KV_FACTORING = "scores / o_proj"  # K/V errors weighed where they land (lrcompile.passes.kv_metrics)
+SAVED_KEY_SHARE = 0.5  # K's share of the K+V latent values in rows saved before `kv_key_share` existed
 CALIBRATION_BATCHES = 8  # a row's "calibration_batches" (not a compile option) asks for another count
 
 
@@ -145,7 +146,7 @@ def _options(result: dict) -> dict:
     import lrcompile
 
     names = {f.name for f in dataclasses.fields(lrcompile.LowRankConfig)}
-    result = {"kv_key_share": 0.5, **result}  # rows saved before the option split K and V equally
+    result = {"kv_key_share": SAVED_KEY_SHARE, **result}
     options = lrcompile.LowRankConfig(**{k: v for k, v in result.items() if k in names}).deciding_options()
     return {**options, "calibration_batches": result.get("calibration_batches", CALIBRATION_BATCHES),
             "distill_batches": result.get("distill_batches")}
@@ -164,12 +165,11 @@ def merged(saved: dict, payload: dict) -> dict:
 
 
 def _kv_allocation(result: dict) -> str:
-    """The KV allocation cell; ``uniform`` with K's share of the K+V latent values (rows saved before the option
-    existed split them equally)."""
+    """The KV allocation cell; ``uniform`` with K's share of the K+V latent values."""
     allocation = result.get("kv_allocation")
     if result.get("kv_ratio") is None or allocation is None:
         return "-"
-    return f"uniform, K {result.get('kv_key_share', 0.5)}" if allocation == "uniform" else allocation
+    return f"uniform, K {result.get('kv_key_share', SAVED_KEY_SHARE)}" if allocation == "uniform" else allocation
 
 
 def _answers(result: dict) -> list[str]:

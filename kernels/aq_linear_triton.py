@@ -7,8 +7,9 @@ codewords ``[BLOCK_O, BLOCK_J, g]`` (the codebooks stay in L1/L2: 2x8 at g = 8
 is 16 KB in float32) and sums them, then one ``tl.dot`` multiplies the tile
 with the slices of all rows (a single row: multiply and reduce), accumulating
 in float32. Gathering is the cost, so it is done once for all rows (on an
-H200, one program a row made 16 rows cost 12x one row). The dense weight never exists; each weight costs ``M*B/g``
-bits of memory traffic instead of 16 or 32 (AQLM Sec. 4.3).
+H200, one program a row made 16 rows cost 12x one row). The dense weight
+never exists; each weight costs ``M*B/g`` bits of memory traffic instead of
+16 or 32 (AQLM Sec. 4.3).
 
 Prefill: a second kernel writes the dense weight (the AQLM sum of codewords
 times the scale) in ``x``'s dtype and a cuBLAS matmul follows, the weight's

@@ -501,13 +501,14 @@ def test_benchmark_bytes_and_flops_match_the_tensors_and_the_flop_counter(kv_rat
 def test_benchmark_roofline_and_report_render(tmp_path):
     from benchmarks import latent_attention_kernel as bench
     from benchmarks.common import machine_info
+    from benchmarks.cuda_timing import roofline_s
 
     bandwidth, throughput = 4e12, 8e14
     shape = bench.Shape(batch=4, keys=4096, kv_ratio=0.5, group_size=4)
     row = bench.summarize(shape, {"kernel": 20.0, "reference": None, "dense": 30.0}, bandwidth, throughput)
     assert row["kernel_GBps"] == pytest.approx(bench.latent_bytes(shape) / 20e-6 / 1e9)
     assert row["kernel_roofline_fraction"] == pytest.approx(
-        bench.roofline_s(bench.latent_bytes(shape), bench.latent_flops(shape), bandwidth, throughput) / 20e-6)
+        roofline_s(bench.latent_bytes(shape), bench.latent_flops(shape), bandwidth, throughput) / 20e-6)
     rows = [bench.summarize(s, {"kernel": 10.0 + s.keys / 1e3, "reference": None if s.keys > 2000 else 50.0,
                                 "dense": 20.0 + s.keys / 1e3}, bandwidth, throughput)
             for s in bench.decode_shapes(quick=True)]
