@@ -505,7 +505,13 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # load_model_folder already pads with eos; a tokenizer passed in may not
         tokenizer.pad_token = tokenizer.eos_token
-    encoded = tokenizer(list(args.prompt), return_tensors="pt", padding=True)
+    chat = not args.raw and bool(tokenizer.chat_template)
+    if chat:  # an instruction-tuned model answers a chat turn; given the bare text it may end at once
+        from .chat_demo import chat_batch
+
+        encoded = chat_batch(tokenizer, tuple(args.prompt))
+    else:
+        encoded = tokenizer(list(args.prompt), return_tensors="pt", padding=True)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     sampling: dict[str, Any] = {"do_sample": args.sample}
     if args.temperature is not None:
@@ -526,13 +532,14 @@ def run_generate(args: argparse.Namespace) -> int:
     dense = _per_token_kv_bytes(formulas["kv_cache_bytes_dense(B, T)"])
     latent = _per_token_kv_bytes(formulas["kv_cache_bytes_latent(B, T)"])
     t = report.totals()
+    shape = "as chat turns (the tokenizer's template)" if chat else "as raw text"
     print(
         f"KV cache per token: {dense:,} bytes dense -> {latent:,} bytes latent (ratio {latent / max(dense, 1):.3f}) "
         f"over {len(report.attention)} attention blocks; formulas: dense {formulas['kv_cache_bytes_dense(B, T)']}, "
         f"latent {formulas['kv_cache_bytes_latent(B, T)']}\n"
         f"weights: {t['factored']} of {t['linears']} linears factored (param ratio {t['param_ratio']}); "
         f"{'loaded from ' + args.load if args.load else 'compressed'} and generated {args.max_new_tokens} tokens for "
-        f"{len(args.prompt)} prompts in {seconds:.1f} s"
+        f"{len(args.prompt)} prompts {shape} in {seconds:.1f} s"
     )
     return 0
 
@@ -735,7 +742,8 @@ def _generate_command(sub: Any) -> argparse.ArgumentParser:
     help_ = "compress a causal LM with a latent KV cache (or load one) and generate continuations of prompts"
     parser = sub.add_parser(
         "generate", help=help_,
-        description=help_ + ". Prompts are left-padded into one batch; prints each continuation (new tokens only) "
+        description=help_ + ". Prompts are sent as chat turns when the tokenizer has a chat template (--raw: "
+        "continued as plain text), left-padded into one batch; prints each continuation (new tokens only) "
         "and the KV-cache bytes per token, dense vs latent.",
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face causal-LM folder (config, weights, tokenizer)")
@@ -745,6 +753,8 @@ def _generate_command(sub: Any) -> argparse.ArgumentParser:
                         "of an earlier lrcompile is read into MODEL_DIR's model): no calibration")
     parser.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                         help="a prompt to continue; repeat for a batch of prompts")
+    parser.add_argument("--raw", action="store_true",
+                        help="continue each prompt as plain text, without the tokenizer's chat template")
     parser.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens generated per prompt (default: %(default)s)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy search")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")

@@ -269,23 +269,49 @@ def test_bad_input_is_a_clear_error(model_dir, bert_dir, other_dirs, calib_file,
 
 
 PROMPTS = ["the cat", "a model folder holds the weights and the tokenizer"]
+CHAT_TEMPLATE = ("{% for m in messages %}[CLS] {{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
 
 
-def _dense_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """The dense model's greedy continuations with transformers alone (left-padded batch)."""
+@pytest.fixture(scope="module")
+def chat_model_dir(model_dir, tmp_path_factory) -> Path:
+    """``model_dir``'s model with a chat template on its tokenizer, as instruction-tuned models ship."""
+    folder = tmp_path_factory.mktemp("tiny_chat_llama")
+    for file in model_dir.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _dense_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int, chat: bool = False) -> list[str]:
+    """The dense model's greedy continuations with transformers alone (left-padded batch); ``chat``: each prompt
+    sent as a user turn through the tokenizer's chat template."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=False) for p in prompts]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    else:
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(encoded["input_ids"], attention_mask=encoded["attention_mask"], max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(new, skip_special_tokens=True) for new in out[:, encoded["input_ids"].shape[1]:]]
 
 
-def test_generate_at_full_kv_ratio_matches_dense_greedy(model_dir, calib_file, capsys):
+@pytest.mark.parametrize("folder, raw, chat", [("model_dir", False, False), ("chat_model_dir", False, True),
+                                              ("chat_model_dir", True, False)],
+                         ids=["no template", "chat template", "chat template, --raw"])
+def test_generate_at_full_kv_ratio_matches_dense_greedy(folder, raw, chat, calib_file, capsys, request):
+    """Prompts go through the tokenizer's chat template when it has one (an instruction-tuned model answers a
+    chat turn; SmolLM2 ends a bare prompt at once), as plain text otherwise or with ``--raw``."""
+    model_dir = request.getfixturevalue(folder)
     argv = ["generate", str(model_dir), "--calib", str(calib_file), "--kv-ratio", "1.0", "--param-ratio", "1.0",
-            "--compiler", "eager", "--max-new-tokens", "6", *SMALL]
+            "--compiler", "eager", "--max-new-tokens", "6", *SMALL, *(["--raw"] if raw else [])]
     for prompt in PROMPTS:
         argv += ["--prompt", prompt]
     with warnings.catch_warnings(record=True) as caught:
@@ -294,10 +320,13 @@ def test_generate_at_full_kv_ratio_matches_dense_greedy(model_dir, calib_file, c
     # the cache goes to transformers under the name its forward takes (not the deprecated past_key_values)
     assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
     printed = capsys.readouterr().out
-    expected = _dense_greedy(model_dir, PROMPTS, 6)
+    expected = _dense_greedy(model_dir, PROMPTS, 6, chat)
     assert all(text.strip() for text in expected)
+    if folder == "chat_model_dir":  # the two formats tell apart
+        assert expected != _dense_greedy(model_dir, PROMPTS, 6, not chat)
     for i, (prompt, text) in enumerate(zip(PROMPTS, expected), start=1):
         assert f"prompt {i}: {prompt}\ncontinuation {i}: {text}\n" in printed, printed
+    assert ("as chat turns (the tokenizer's template)" if chat else "prompts as raw text") in printed
     # 2 layers x 2 KV heads x head_dim 8 x (K + V) x 4 bytes; latent adds each token's int64 RoPE position per layer
     assert "KV cache per token: 256 bytes dense -> 264 bytes latent" in printed
 
