@@ -761,8 +761,8 @@ def _generate_command(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=_positive, default=None, help="sample from the k most likely tokens (with --sample)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed set before generating (default: %(default)s)")
     _calibration_options(parser)
-    _compression_options(parser, param_ratio=LowRankConfig.param_ratio, allocation=LowRankConfig.allocation,
-                         sensitivity_batches=4, kv_ratio=0.5)
+    # the latent KV cache alone by default: weights factored without distillation wreck a small chat model's answers
+    _compression_options(parser, param_ratio=1.0, allocation=LowRankConfig.allocation, sensitivity_batches=4, kv_ratio=0.5)
     return parser
 
 
