@@ -189,6 +189,24 @@ def _saved_dtype(entry: dict[str, Any], default: torch.dtype, where: str) -> tor
     return dtype
 
 
+def _skip_parent_init(model: nn.Module) -> None:
+    """Keep transformers' weight initialisation off the parents of compressed modules.
+
+    ``from_pretrained`` calls the model's ``_init_weights`` on every module, and some architectures reach from a
+    parent into a child's ``.weight`` there (GPT-2 rescales ``c_proj.weight`` of each attention and MLP block),
+    which a factored or quantised module does not have. Such a parent's own init touches only its children, whose
+    tensors the checkpoint holds, so a parent without parameters or buffers of its own is marked initialised.
+    """
+    from .modules import compressed_modules
+
+    for path, module in compressed_modules(model):
+        if hasattr(module, "weight"):  # a linear kept dense: any init reaching it finds its weight
+            continue
+        parent = model.get_submodule(path.rpartition(".")[0])
+        if next(parent.parameters(recurse=False), None) is None and next(parent.buffers(recurse=False), None) is None:
+            parent._is_hf_initialized = True
+
+
 class LowRankHfQuantizer(HfQuantizer):
     """Loads a folder saved from a compressed model: builds the compressed modules before the weights load."""
 
@@ -197,6 +215,7 @@ class LowRankHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         build_compressed_modules(model, self.quantization_config)
+        _skip_parent_init(model)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         restore_codebook_storage(model)

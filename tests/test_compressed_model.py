@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import left_padded_prompts, tiny_rope_model, token_batches
-from transformers import AutoModelForCausalLM
+from tiny_models import FAMILIES as ALL_FAMILIES
+from tiny_models import first_output, left_padded_prompts, tiny_model, tiny_rope_model, token_batches
+from transformers import AutoModel, AutoModelForCausalLM
 
 import lrcompile
-from lrcompile.modules import GroupedLowRankProjection, LowRankLinear, model_latent_attention
+from lrcompile.modules import AQLinear, GroupedLowRankProjection, LowRankLinear, model_latent_attention
 
 FAMILIES = ("llama", "qwen2")
 GENERATE = dict(max_new_tokens=8, do_sample=False)
@@ -177,6 +178,26 @@ def test_save_pretrained_then_from_pretrained_in_a_fresh_process(family, tmp_pat
           f"from_pretrained {loaded['load_peak_rss_growth']:,} bytes")
     # the load holds the folder's tensors once (built on the meta device, no dense weight), plus a small margin
     assert loaded["load_peak_rss_growth"] <= folder_bytes + 2**20
+
+
+@pytest.mark.parametrize("quantize", [None, "aqlm"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_every_family_loads_back_with_from_pretrained(family, quantize, tmp_path):
+    """Factored (or AQ-quantised) linears of every supported architecture reload with transformers, whose weight
+    init must not reach into a compressed module (GPT-2's rescales each block's ``c_proj.weight``)."""
+    model = tiny_model(family)
+    options = lrcompile.LowRankConfig(calibration=token_batches(2), param_ratio=0.5 if quantize is None else 1.0,
+                                      quantize=quantize, aq_config="1x4", aq_group_size=4, compiler="eager")
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        expected = first_output(torch.compile(model, backend="lowrank", options=options)(input_ids=ids))
+    kind = LowRankLinear if quantize is None else AQLinear
+    assert any(isinstance(m, kind) for m in model.modules())
+    model.save_pretrained(tmp_path)
+    loaded = (AutoModel if family == "bert" else AutoModelForCausalLM).from_pretrained(tmp_path).eval()
+    assert sum(isinstance(m, kind) for m in loaded.modules()) == sum(isinstance(m, kind) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(first_output(loaded(input_ids=ids)), expected, rtol=0, atol=1e-5)
 
 
 def test_model_loaded_through_another_quantizer_saves_as_compressed(tmp_path):
