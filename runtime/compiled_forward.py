@@ -8,7 +8,9 @@ needs the latent ranks before that call, so it triggers the compression itself.
 
 from __future__ import annotations
 
+import functools
 import logging
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,9 +25,30 @@ log = logging.getLogger(__name__)
 
 
 def compile_forward(model: nn.Module, config: LowRankConfig) -> None:
-    """``model.forward = torch.compile(model.forward, backend="lowrank")``, unless it is compiled already."""
+    """``model.forward = torch.compile(model.forward, backend="lowrank")``, unless it is compiled already.
+
+    The forward compiled is a copy with a code object of its own (:func:`_own_code`)."""
     if not hasattr(model.forward, "_torchdynamo_orig_callable"):
-        model.forward = torch.compile(model.forward, backend="lowrank", options=config)
+        model.forward = torch.compile(_own_code(model.forward), backend="lowrank", options=config)
+
+
+def _own_code(forward: Any) -> Any:
+    """``forward`` rebound to a copy of its function that has a code object of its own.
+
+    Dynamo keeps compiled graphs, and counts recompiles against ``recompile_limit`` (8), per code object, and
+    never drops the entries of a model that died. Every instance of a class (and, through transformers'
+    decorators, every class) shares one forward code object, so after two or three models compiled and run in
+    one process the next would hit the limit and run eagerly. A copy per model gives each its own cache, freed
+    with the model.
+    """
+    function = getattr(forward, "__func__", None)
+    if not isinstance(function, types.FunctionType):
+        return forward
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    functools.update_wrapper(copy, function)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return types.MethodType(copy, forward.__self__)
 
 
 def compiled_options(model: nn.Module) -> LowRankConfig | None:

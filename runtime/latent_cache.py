@@ -81,8 +81,9 @@ class LatentLayer(CacheLayerMixin):
             raise LatentCacheError(
                 f"{self.spec.name} ran eagerly with a LatentKVCache, which holds latents only compiled graphs can "
                 "write; call the model through its forward compiled with backend='lowrank' (lrcompile.generate does; "
-                "Dynamo also runs a forward eagerly once torch._dynamo.config.recompile_limit is reached), or give "
-                "eager calls a transformers DynamicCache"
+                "Dynamo also runs a forward eagerly once torch._dynamo.config.recompile_limit is reached, which "
+                "forwards compiled by hand share across models: torch._dynamo.reset() before compiling another), "
+                "or give eager calls a transformers DynamicCache"
             )
         return latent_cache_marker(key_states, value_states, self.k_latent, self.v_latent, self.positions, self.length)
 

@@ -123,6 +123,18 @@ def test_eager_calls_are_refused_and_leave_the_cache_untouched():
     assert all(torch.equal(layer.k_latent, k) for layer, k in zip(cache.layers, latents))
 
 
+def test_many_models_generate_in_one_process():
+    """Every model ``lrcompile.generate`` compiles gets a Dynamo cache of its own: with one shared forward code
+    object, the third model here hit ``recompile_limit`` and ran eagerly into its LatentKVCache."""
+    ids, mask = left_padded_prompts([6, 4])
+    config = lrcompile.LowRankConfig(calibration=token_batches(2), kv_ratio=0.5, compiler="eager")
+    models = [tiny_rope_model("llama", seed=seed) for seed in range(3)]
+    first = [lrcompile.generate(model, ids, mask, options=config, max_new_tokens=4, do_sample=False)
+             for model in models]
+    again = lrcompile.generate(models[0], ids, mask, max_new_tokens=4, do_sample=False)  # its graphs are kept
+    assert torch.equal(again, first[0])
+
+
 def test_crop_and_offload_name_what_to_do():
     _, model = _compressed()
     cache = LatentKVCache(model, 1, 8)
