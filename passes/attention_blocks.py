@@ -355,11 +355,11 @@ def match_attention(node: fx.Node, linears: dict[fx.Node, Projection]) -> Attent
     """The :class:`AttentionBlock` around attention op ``node``; raises :class:`NoMatch` with the reason."""
     parts = _sdpa_parts(node) if _is_fn(node, *SDPA_TARGETS) else _eager_parts(node)
     q_arg, k_arg, v_arg, mask, is_causal, scale = parts
+    q_heads, q_cos, q_sin = _rope_operands(q_arg)  # first: without RoPE, nothing else matters (e.g. GPT-2's cache)
     k_rope, v_heads, n_rep, marker, cache_slots = _kv_sources(k_arg, v_arg)
     if any(user.op == "output" for node in (k_rope, v_heads) for user in node.users):
         raise NoMatch(DENSE_CACHE)
     k_heads, cos, sin = _rope_operands(k_rope)
-    q_heads, q_cos, q_sin = _rope_operands(q_arg)
     if (q_cos, q_sin) != (cos, sin):
         raise NoMatch("q and k are rotated with different tables")
     k_linear, v_linear = _head_split(k_heads, linears), _head_split(v_heads, linears)

@@ -139,10 +139,12 @@ def test_attention_without_rope_is_left_alone_with_a_reason(family):
     assert len(unmatched) == 2 and all("no RoPE" in u.reason for u in unmatched)
 
 
-def test_kv_ratio_on_unrecognisable_attention_is_an_error_naming_each_block():
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_kv_ratio_on_unrecognisable_attention_is_an_error_naming_each_block(use_cache):
+    """The reason is the missing RoPE, with or without a dense KV cache (which alone would also refuse)."""
     model = tiny_model("gpt2")
     with torch.no_grad(), pytest.raises(Exception, match=r"transformer\.h\.0\.attn: .*no RoPE.*transformer\.h\.1\.attn") as info:
-        torch.compile(model, backend="lowrank", options=_config())(token_batches(1)[0], use_cache=False)
+        torch.compile(model, backend="lowrank", options=_config())(token_batches(1)[0], use_cache=use_cache)
     assert isinstance(info.value.inner_exception, LatentCacheError)
     assert list(model_latent_attention(model)) == []
 
