@@ -55,9 +55,10 @@ from benchmarks.common import write_markdown as common_markdown
 from lrcompile.block_compression import compress_model_blocks
 from lrcompile.config import DEFAULT_EXCLUDE
 from lrcompile.evaluation import perplexity
-from lrcompile.kernels.aq_linear import codebook_dtype
 from lrcompile.modules import compressed_modules
+from lrcompile.passes.quantize_linears import aq_weight_bytes
 from lrcompile.passes.round_to_nearest import round_to_nearest, rtn_bits_per_weight
+from lrcompile.types import AQSpec
 from lrcompile.runtime.compiled_forward import compile_forward, compress_on_first_call
 
 AQ_ROW = {"kind": "aqlm", "aq_config": "2x8", "aq_group_size": 8, "param_ratio": 1.0}
@@ -222,11 +223,8 @@ def one_by_sixteen(model: torch.nn.Module) -> str:
     """Why 1x16 (2^16 codewords of 8) is or is not run: its codebook against the layers it would quantise."""
     shapes = sorted({tuple(m.weight.shape) for _, m in _targets(model)}, key=lambda s: s[0] * s[1])
     dtype = next(model.parameters()).dtype
-    book_bits, scale_bits = 8 * codebook_dtype(dtype).itemsize, 8 * dtype.itemsize  # as AQLinear stores them
-    parts = []
-    for out, inp in shapes:
-        bits = (out * inp // 8 * 16 + 2**16 * 8 * book_bits + out * scale_bits) / (out * inp)
-        parts.append(f"{out}x{inp}: {bits:.2f} bits/weight")
+    parts = [f"{out}x{inp}: {8 * aq_weight_bytes(AQSpec(1, 16, 8), out, inp, dtype) / (out * inp):.2f} bits/weight"
+             for out, inp in shapes]
     return (f"1x16 g=8 would store a codebook of 2^16 x 8 = {2**16 * 8:,} values per layer, more than half of or more "
             f"than the parameters of each layer here; measured shapes: {'; '.join(parts)}. Not run.")
 

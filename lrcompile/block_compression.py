@@ -63,7 +63,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrcompile.passes.decomposition import Whitening, decompose, shared_whitening
-from lrcompile.passes.quantize_linears import AQSettings, quantize_dense, quantize_factors
+from lrcompile.passes.quantize_linears import AQSettings, aq_would_not_save, quantize_dense, quantize_factors
 from lrcompile.passes.rank_allocation import allocate_closed_form, allocate_uniform, build_plan
 
 from .config import LowRankConfig
@@ -752,6 +752,12 @@ class BlockCompressor:
         record = CompressedLayer(plan, self.config.method, LayerStatus.DENSE, module.weight.dtype,
                                  dense_bytes=module.weight.untyped_storage().nbytes(), options=self.options)
         gram = None if stats is None else stats.gram
+        shapes = [tuple(module.weight.shape)] if plan.rank is None else [(plan.rank, plan.in_features),
+                                                                          (plan.out_features, plan.rank)]
+        why = "" if settings is None else aq_would_not_save(settings.spec, shapes, module.weight.dtype)
+        if why:
+            log.info("%s is not quantised: %s", name, why)
+            settings, record.plan = None, dataclasses.replace(plan, reason=why)
         if plan.rank is None:
             if settings is None:
                 setattr(module, RECORD, record)
@@ -759,7 +765,7 @@ class BlockCompressor:
             return quantize_dense(module.weight, gram, module.bias, record, settings)
         decomposition = decompose(module.weight, self.config.method, stats, self.config.alpha, name, whitening)
         down, up = decomposition.factors(plan.rank, module.weight.dtype)
-        record.plan = dataclasses.replace(plan, truncation_loss=decomposition.truncation_loss(plan.rank))
+        record.plan = dataclasses.replace(record.plan, truncation_loss=decomposition.truncation_loss(plan.rank))
         record.status = LayerStatus.FACTORED
         if settings is not None:
             return quantize_factors(module.weight, down, up, gram, module.bias, record, settings)

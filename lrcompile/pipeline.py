@@ -58,7 +58,14 @@ from lrcompile.passes.kv_rank_allocation import (
     allocate_kv_uniform,
 )
 from lrcompile.passes.kv_sensitivity import measure_kv_sensitivity
-from lrcompile.passes.quantize_linears import AQSettings, is_aq_call, quantize_dense, quantize_factors, quantize_linears
+from lrcompile.passes.quantize_linears import (
+    AQSettings,
+    aq_would_not_save,
+    is_aq_call,
+    quantize_dense,
+    quantize_factors,
+    quantize_linears,
+)
 from lrcompile.passes.rank_allocation import energy_share
 from lrcompile.passes.sequential_calibration import FeedbackStep, sequential_steps
 from lrcompile.passes.latent_kv import (
@@ -443,10 +450,17 @@ def _quantize(c: GraphCompression) -> None:
     values = placeholder_values(c.gm, c.example_inputs)
     for view in c.to_compress():
         layer, slot = c.layers[view], c.owners[view]
+        factored = c.rewritten.get(view) if layer.status is LayerStatus.FACTORED else None
+        shapes = [(view.meta.out_features, view.meta.in_features)] if factored is None else [
+            tuple(factored.down.shape), tuple(factored.up.shape)]
+        why = aq_would_not_save(spec, shapes, view.meta.weight_dtype)
+        if why:
+            layer.plan = replace(layer.plan, reason=why)
+            log.info("%s stays %s: %s", layer.name, "factored" if factored is not None else "dense", why)
+            continue
         gram = None if view.meta.stats is None else view.meta.stats.gram
         weight = dense_weight(c.gm, view, values)
-        if layer.status is LayerStatus.FACTORED:
-            factored = c.rewritten[view]
+        if factored is not None:
             module = quantize_factors(weight, factored.down, factored.up, gram, factored.bias, layer, settings)
             c.replacements.remove((slot, factored))
         else:

@@ -12,14 +12,14 @@ against the Gram of its own input in the quantised model, ``D^ X X^T D^T``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 
-from lrcompile.kernels import aq_linear as _aq_op  # noqa: F401  (registers torch.ops.lowrank.aq_linear)
+from lrcompile.kernels.aq_linear import codebook_dtype  # also registers torch.ops.lowrank.aq_linear
 from lrcompile.modules import AQLinear, AQLowRankLinear, factor_bytes
 from lrcompile.types import AQRecord, AQSpec, CompressedLayer, LayerStatus, WeightLayout
 
@@ -37,6 +37,26 @@ class AQSettings:
     spec: AQSpec
     beam_size: int = 1
     tolerance: float = 0.01
+
+
+def aq_weight_bytes(spec: AQSpec, out_features: int, in_features: int, dtype: torch.dtype) -> int:
+    """Bytes an :class:`AQLinear` holds for an ``[out, in]`` weight of ``dtype``: codes, codebooks (in
+    :func:`~lrcompile.kernels.aq_linear.codebook_dtype`) and per-row scales; a bias is kept either way."""
+    codes = out_features * (in_features // spec.group_size) * spec.codebooks * spec.code_dtype.itemsize
+    codebooks = spec.codebooks * 2**spec.bits * spec.group_size * codebook_dtype(dtype).itemsize
+    return codes + codebooks + out_features * dtype.itemsize
+
+
+def aq_would_not_save(spec: AQSpec, shapes: Sequence[tuple[int, int]], dtype: torch.dtype) -> str:
+    """Why AQ codes for matrices of these ``(out, in)`` shapes would hold at least their dense bytes, or ``""``
+    when they save bytes. Codebooks are a fixed cost per matrix: ``2x8`` at g=8 in float16 is 8 KiB, more than a
+    64x64 float32 weight."""
+    aq = sum(aq_weight_bytes(spec, out, inp, dtype) for out, inp in shapes)
+    dense = sum(out * inp for out, inp in shapes) * dtype.itemsize
+    if aq < dense:
+        return ""
+    return (f"AQ {spec.name} codes, codebooks and scales ({aq:,} bytes) would not save bytes against the "
+            f"{dtype} weights ({dense:,} bytes)")
 
 
 def _bits_per_weight(module: nn.Module, params: int) -> float:

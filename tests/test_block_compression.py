@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import lrcompile  # noqa: F401  (registers the "lowrank" quantizer)
+import lrcompile
 from lrcompile import block_compression
 from lrcompile.block_compression import PROGRESS_FILE, BlockCompressor, ResumeError, compress_model_blocks, skeleton_of
 from lrcompile.config import LowRankConfig
@@ -162,6 +162,29 @@ def test_quantises_as_the_graph_passes(tmp_path, param_ratio):
     # the statistics agree to float round-off, which can flip a discrete code choice of a factor (~1e-4 in logits),
     # or the float16 rounding of a stored codeword by one ulp (~2e-5 in logits, measured)
     assert torch.allclose(logits(loaded, ids), logits(graph, ids), atol=1e-4 if param_ratio == 1.0 else 1e-3)
+
+
+@pytest.mark.parametrize("path", ["blocks", "graph"])
+def test_layers_whose_codebooks_outweigh_them_stay_dense(tmp_path, path):
+    """2x8 codebooks (2 x 256 x 8 in float16, 8 KiB) outweigh the tiny Llama's 32x64 float32 K/V projections
+    (8 KiB): those stay dense, saying why, and quantising never adds bytes; the 64-wide layers are quantised."""
+    config = dict(param_ratio=1.0, quantize="aqlm", aq_config="2x8", aq_group_size=8, aq_tolerance=0.05)
+    model, calibration = tiny_model("llama"), batches(2)
+    dense_bytes = weight_bytes(model)
+    if path == "blocks":
+        compress_model_blocks(model, calibration, LowRankConfig(**config), tmp_path)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    else:
+        with torch.no_grad():
+            torch.compile(model, backend="lowrank", options=LowRankConfig(calibration=calibration, compiler="eager",
+                                                                          **config))(**calibration[0])
+    kinds = {name.removeprefix("model."): type(m).__name__ for name, m in model.named_modules() if "layers.0." in name}
+    assert kinds["layers.0.self_attn.k_proj"] == kinds["layers.0.self_attn.v_proj"] == "Linear"
+    assert kinds["layers.0.self_attn.q_proj"] == kinds["layers.0.mlp.down_proj"] == "AQLinear"
+    reasons = {r.name: r.reason for r in lrcompile.model_report(model).layers}
+    assert re.fullmatch(r"AQ 2x8 codes, codebooks and scales \(8,832 bytes\) would not save bytes against the "
+                        r"torch.float32 weights \(8,192 bytes\)", reasons["model.layers.0.self_attn.k_proj"])
+    assert weight_bytes(model) < dense_bytes
 
 
 def _relative_error(model: torch.nn.Module, dense: torch.nn.Module, calibration) -> float:
