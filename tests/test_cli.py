@@ -253,12 +253,20 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
         (["compress", "{model}", "--calib", "{calib}", "--out", "{tmp}/o", "--distill-epochs", "1",
           "--distill-batches", "3"],
          r"calibration file '.*' makes 2 batches of 4 lines; --distill-batches 3 needs 12 lines"),
+
+        (["compress", "{weightless}", "--calib", "{calib}", "--out", "{tmp}/o", "--kv-key-share", "0.5",
+          "--aq-config", "2x6"],
+         r"--kv-key-share applies only with --kv-ratio; --aq-config applies only with --quantize aqlm \(without it "
+         r"the option would be ignored\)"),
+        (["generate", "{model}", "--load", "{tmp}/missing", "--prompt", "hi"],
+         r"--load '.*/missing' is not a folder: give one saved by 'lrcompile compress --kv-ratio \.\.\.'"),
     ],
     ids=["no model folder", "no config", "no calib file", "too few lines", "bad ratio", "bad kv ratio",
          "generate: bad kv ratio", "generate: not a causal LM", "generate: no calib nor load", "generate: load no plan",
          "report: no folder", "report: empty", "no tokenizer", "vit", "dump: resnet", "t5", "generate: t5",
          "no model_type", "out is a file", "dump: out under a file", "kv group size", "generate: kv group size",
-         "calibration order needs whiten", "distill batches without epochs", "too few distill batches"],
+         "calibration order needs whiten", "distill batches without epochs", "too few distill batches",
+         "options without their parent", "generate: load no folder"],
 )
 def test_bad_input_is_a_clear_error(model_dir, bert_dir, other_dirs, calib_file, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, calib=calib_file, model=model_dir, bert=bert_dir, **other_dirs) for a in argv]
