@@ -49,8 +49,8 @@ def aq_weight_bytes(spec: AQSpec, out_features: int, in_features: int, dtype: to
 
 def aq_would_not_save(spec: AQSpec, shapes: Sequence[tuple[int, int]], dtype: torch.dtype) -> str:
     """Why AQ codes for matrices of these ``(out, in)`` shapes would hold at least their dense bytes, or ``""``
-    when they save bytes. Codebooks are a fixed cost per matrix: ``2x8`` at g=8 in float16 is 8 KiB, more than a
-    64x64 float32 weight."""
+    when they save bytes. Codebooks are a fixed cost per matrix: ``2x8`` at g=8 in float16 is 8 KiB, as much as a
+    whole 32x64 float32 weight."""
     aq = sum(aq_weight_bytes(spec, out, inp, dtype) for out, inp in shapes)
     dense = sum(out * inp for out, inp in shapes) * dtype.itemsize
     if aq < dense:
