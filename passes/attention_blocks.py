@@ -327,8 +327,9 @@ def _block_name(k_linear: LinearNode) -> str:
 
 
 def _module_path(source: str) -> str:
-    """``model.layers.0.self_attn`` from an ``nn_module_stack`` source such as ``L['self']._modules['model']...``."""
-    return ".".join(re.findall(r"_modules\['([^']*)'\]", source)) or re.sub(r"^L\['self'\]\.?", "", source)
+    """``model.layers.0.self_attn`` from an ``nn_module_stack`` source such as ``L['self']._modules['model']...`` or
+    ``L['args'][0].model.layers.0.self_attn`` (a forward wrapped by a decorator taking ``*args``)."""
+    return ".".join(re.findall(r"_modules\['([^']*)'\]", source)) or re.sub(r"^L\['[^']*'\](\[\d+\])?\.?", "", source)
 
 
 def _module_name(node: fx.Node) -> str:
@@ -414,14 +415,20 @@ def find_attention_blocks(
         if _is_fn(node, GROUPED_UP) and node.args[0] in by_node:
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             by_node[node] = GroupedProjectionNode(node, by_node[node.args[0]], node.args[1], bias)
-    blocks, unmatched = [], []
+    latent = {_block_name(p) for p in by_node.values() if isinstance(p, GroupedProjectionNode)}
+    blocks, unmatched, dense_cache = [], [], set()
     for node in _attention_ops(gm):
         try:
             blocks.append(match_attention(node, by_node))
         except NoMatch as reason:
-            unmatched.append(UnmatchedAttention(_module_name(node), str(reason)))
+            name = _module_name(node)
+            if str(reason) == DENSE_CACHE and name in latent:  # as an eager call: K/V rebuilt from the latents
+                dense_cache.add(name)
+                log.info("attention %s, restructured already, runs with a dense KV cache", name)
+                continue
+            unmatched.append(UnmatchedAttention(name, str(reason)))
             log.info("attention %s left dense: %s", unmatched[-1].name, reason)
-    seen = {b.name for b in blocks} | {u.name for u in unmatched}
+    seen = {b.name for b in blocks} | {u.name for u in unmatched} | dense_cache
     modules = _attention_modules(linears)
     related = lambda a, b: a == b or a.startswith(b + ".") or b.startswith(a + ".")  # noqa: E731
     for name in sorted(m for m in modules if not any(related(m, other) for other in seen)

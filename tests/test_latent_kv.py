@@ -139,6 +139,19 @@ def test_attention_without_rope_is_left_alone_with_a_reason(family):
     assert len(unmatched) == 2 and all("no RoPE" in u.reason for u in unmatched)
 
 
+def test_a_latent_model_also_runs_compiled_with_transformers_own_cache():
+    """Once restructured, calls with a dense KV cache (``use_cache=True``, the default) recompile without a
+    ``kv_ratio`` error: the restructured blocks run as eager calls do, K/V rebuilt from the latents."""
+    model = tiny_rope_model("llama")
+    ids, mask = left_padded_prompts([6, 4])
+    config = lrcompile.LowRankConfig(calibration=token_batches(2), kv_ratio=0.5, compiler="eager")
+    latent = lrcompile.generate(model, ids, mask, options=config, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        compiled, eager = model(ids).logits, model.forward._torchdynamo_orig_callable(ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), latent)
+
+
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_kv_ratio_on_unrecognisable_attention_is_an_error_naming_each_block(use_cache):
     """The reason is the missing RoPE, with or without a dense KV cache (which alone would also refuse)."""
