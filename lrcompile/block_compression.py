@@ -70,6 +70,7 @@ from .config import LowRankConfig
 from .errors import CalibrationError, LowRankConfigError, LowRankError
 from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
 from .modules import RECORD, LowRankLinear
+from .runtime.compiled_forward import forward_kwargs
 from .types import ActivationStats, CompressionPlan, CompressedLayer, LayerPlan, LayerStatus, LinearMeta, WeightLayout
 from .weight_sources import SAFETENSORS_DTYPES, WeightSource, safetensors_header
 
@@ -409,9 +410,11 @@ class BlockCompressor:
         self.out, self.tokenizer, self.max_memory = Path(out), tokenizer, max_memory
         self.device = torch.device(device)
         self.rank, self.world = _distributed()
-        self.batches = list(batches)[self.rank::self.world]
+        batches = [forward_kwargs(b) for b in batches]  # tensors, tuples or dicts, as LowRankConfig.calibration
+        distill_batches = None if distill_batches is None else [forward_kwargs(b) for b in distill_batches]
+        self.batches = batches[self.rank::self.world]
         # distillation's own batches (None: it trains on the calibration batches)
-        self.distill_batches = None if distill_batches is None else list(distill_batches)[self.rank::self.world]
+        self.distill_batches = None if distill_batches is None else distill_batches[self.rank::self.world]
         for kind, local in (("calibration", self.batches), ("distillation", self.distill_batches)):
             if local is not None and not local:
                 raise CalibrationError(f"rank {self.rank} of {self.world} has no {kind} batch: give at least "
@@ -980,9 +983,10 @@ def skeleton_of(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model.eval()
 
 
-def compress_model_blocks(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: LowRankConfig,
+def compress_model_blocks(model: nn.Module, batches: Sequence[Any], config: LowRankConfig,
                           out: str | Path, tokenizer: Any = None, **kwargs: Any) -> BlockCompressionResult:
-    """Block-by-block compression of a model already in memory (its own tensors are read, not copied)."""
+    """Block-by-block compression of a model already in memory (its own tensors are read, not copied); ``batches``
+    in any form ``LowRankConfig.calibration`` takes (token-id tensors, tuples or dicts of forward arguments)."""
     from .weight_sources import ModuleWeights
 
     skeleton = skeleton_of(model.config, next(model.parameters()).dtype)

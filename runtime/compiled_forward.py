@@ -70,7 +70,9 @@ def has_latent_attention(model: nn.Module) -> bool:
     return next(model_latent_attention(model), None) is not None
 
 
-def _as_kwargs(batch: Any) -> dict[str, Any]:
+def forward_kwargs(batch: Any) -> dict[str, Any]:
+    """A calibration batch as the model's keyword arguments: a dict as it is, a tensor (or the first item of a
+    tuple / list) as ``input_ids``, the forms ``LowRankConfig.calibration`` accepts."""
     if isinstance(batch, Mapping):
         return dict(batch)
     if isinstance(batch, (tuple, list)):
@@ -86,4 +88,4 @@ def compress_on_first_call(model: nn.Module, config: LowRankConfig, fallback_bat
         raise LowRankConfigError(f"compressing {type(model).__name__} needs option 'calibration' (model inputs)")
     log.info("compressing %s on its first compiled call (kv_ratio %s)", type(model).__name__, config.kv_ratio)
     with torch.no_grad():
-        model(**_as_kwargs(first), use_cache=False)
+        model(**forward_kwargs(first), use_cache=False)

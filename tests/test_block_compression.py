@@ -101,6 +101,15 @@ def test_resumes_after_an_interruption(tmp_path, monkeypatch, config, extra):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_token_id_tensors_calibrate_as_input_ids_dicts(tmp_path):
+    """Batches in every form LowRankConfig.calibration takes: a tensor is its input_ids."""
+    ids = token_batches(3, batch=2, seq=16)
+    compress_model_blocks(tiny_model("llama"), ids, options(), tmp_path / "tensors")
+    compress_model_blocks(tiny_model("llama"), [{"input_ids": b} for b in ids], options(), tmp_path / "dicts")
+    tensors, dicts = _tensors(tmp_path / "tensors"), _tensors(tmp_path / "dicts")
+    assert tensors and tensors.keys() == dicts.keys() and all(torch.equal(tensors[k], dicts[k]) for k in tensors)
+
+
 def test_refuses_to_resume_with_other_options(tmp_path, monkeypatch):
     calibration = batches()
 
