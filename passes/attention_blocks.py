@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import re
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +29,7 @@ from lrcompile.kernels.grouped_projection import grouped_up_projection  # noqa: 
 from lrcompile.kernels.latent_cache import latent_cache_marker  # noqa: F401  (registers the op)
 from lrcompile.types import LinearMeta
 
-from .find_linears import LinearNode
+from .find_linears import LinearNode, module_path
 
 log = logging.getLogger(__name__)
 
@@ -326,15 +325,9 @@ def _block_name(k_linear: LinearNode) -> str:
     return k_linear.meta.name.rsplit(".", 1)[0] if "." in k_linear.meta.name else k_linear.meta.name
 
 
-def _module_path(source: str) -> str:
-    """``model.layers.0.self_attn`` from an ``nn_module_stack`` source such as ``L['self']._modules['model']...`` or
-    ``L['args'][0].model.layers.0.self_attn`` (a forward wrapped by a decorator taking ``*args``)."""
-    return ".".join(re.findall(r"_modules\['([^']*)'\]", source)) or re.sub(r"^L\['[^']*'\](\[\d+\])?\.?", "", source)
-
-
 def _module_name(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
-    return _module_path(list(stack.values())[-1][0]) if stack else node.name
+    return module_path(list(stack.values())[-1][0]) if stack else node.name
 
 
 def _attention_modules(linears: list[LinearNode]) -> set[str]:
@@ -344,10 +337,10 @@ def _attention_modules(linears: list[LinearNode]) -> set[str]:
         stack = list((view.node.meta.get("nn_module_stack") or {}).values())
         if not stack:
             continue
-        depth = len(_module_path(stack[-1][0]).split("."))
+        depth = len(module_path(stack[-1][0]).split("."))
         for path, cls in stack:
             if getattr(cls, "__name__", str(cls)).endswith("Attention"):
-                below = depth - len(_module_path(path).split("."))
+                below = depth - len(module_path(path).split("."))
                 found.add(".".join(view.meta.name.split(".")[: -below or None]))
     return found
 

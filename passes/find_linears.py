@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lrcompile.config import DEFAULT_EXCLUDE
 from lrcompile.errors import LowRankError
 from lrcompile.types import META_KEY, LinearMeta, WeightLayout
 
@@ -176,16 +177,22 @@ def layer_name(view: LinearNode) -> str:
             return ".".join(parts)
     stack = view.node.meta.get("nn_module_stack")
     if stack:
-        path = list(stack.values())[-1][0]
-        return re.sub(r"^L\['self'\]\.?", "", path) or view.node.name
+        return module_path(list(stack.values())[-1][0]) or view.node.name
     return view.node.name
+
+
+def module_path(source: str) -> str:
+    """``model.layers.0.self_attn`` from a Dynamo source naming a module: ``L['self']._modules['model']...``, or
+    ``L['args'][0].model.layers.0.self_attn`` (a forward wrapped by a decorator taking ``*args``)."""
+    return ".".join(_MODULE_PATH.findall(source)) or re.sub(r"^L\['[^']*'\](\[\d+\])?\.?", "", source)
 
 
 def _skip_reason(gm: fx.GraphModule, view: LinearNode, weight: torch.Tensor, name: str, include, exclude) -> str:
     if not any(fnmatch.fnmatchcase(name, p) for p in include):
         return "not matched by include patterns"
     if any(fnmatch.fnmatchcase(name, p) for p in exclude):
-        return "excluded by pattern (output head by default)"
+        matched = next(p for p in exclude if fnmatch.fnmatchcase(name, p))
+        return f"excluded by pattern {matched!r}" + (" (the output head, by default)" * (matched in DEFAULT_EXCLUDE))
     if weight.dim() != 2 or not weight.is_floating_point():
         return f"weight is not a 2-D float matrix ({tuple(weight.shape)}, {weight.dtype})"
     if view.layout is WeightLayout.MODULE:
@@ -202,9 +209,10 @@ def find_linears(
     gm: fx.GraphModule,
     example_inputs: list[Any] | None = None,
     include: tuple[str, ...] = ("*",),
-    exclude: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
 ) -> list[LinearNode]:
-    """Annotate every linear node of ``gm`` with a :class:`LinearMeta`; return them in graph order."""
+    """Annotate every linear node of ``gm`` with a :class:`LinearMeta`; return them in graph order. By default, as
+    in ``LowRankConfig``, the output head is excluded."""
     values = placeholder_values(gm, example_inputs)
     found = []
     for node in gm.graph.nodes:

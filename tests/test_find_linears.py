@@ -103,7 +103,7 @@ def _dynamo_capture(model, *args, inspect=None):
 def test_call_module_linears():
     net = Net()
     gm = fx.symbolic_trace(net)
-    views = find_linears(gm)
+    views = find_linears(gm, exclude=())  # the output head too
     assert [v.meta.name for v in views] == ["block.up", "block.down", "lm_head"]
     found = _by_name(views)
     up, down = found["block.up"], found["block.down"]
@@ -123,8 +123,10 @@ def test_include_exclude_patterns_give_skip_reasons():
     found = _by_name(find_linears(gm, None, include=("block.*", "lm_head"), exclude=("lm_head", "*.down")))
     assert found["block.up"].meta.compressible
     assert not found["block.down"].meta.compressible
-    assert found["block.down"].meta.skip_reason == "excluded by pattern (output head by default)"
-    assert found["lm_head"].meta.skip_reason == "excluded by pattern (output head by default)"
+    assert found["block.down"].meta.skip_reason == "excluded by pattern '*.down'"
+    assert found["lm_head"].meta.skip_reason == "excluded by pattern 'lm_head' (the output head, by default)"
+    defaults = _by_name(find_linears(fx.symbolic_trace(Net())))  # as LowRankConfig: the output head excluded
+    assert defaults["block.down"].meta.compressible and not defaults["lm_head"].meta.compressible
 
     found = _by_name(find_linears(gm, None, include=("block.up",), exclude=()))
     assert found["block.up"].meta.compressible
@@ -295,7 +297,7 @@ def test_dynamo_graph_names_and_layouts_inside_backend():
     assert rows == [
         ("block.up", WeightLayout.LINEAR, 24, 8, True, ""),
         ("block.down", WeightLayout.LINEAR, 6, 24, False, ""),
-        ("lm_head", WeightLayout.LINEAR, 10, 6, True, "excluded by pattern (output head by default)"),
+        ("lm_head", WeightLayout.LINEAR, 10, 6, True, "excluded by pattern 'lm_head' (the output head, by default)"),
     ]
     # weights resolve to the model's own parameters through the placeholders
     assert weights[0] is net.block.up.weight
