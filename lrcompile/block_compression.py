@@ -755,9 +755,7 @@ class BlockCompressor:
         record = CompressedLayer(plan, self.config.method, LayerStatus.DENSE, module.weight.dtype,
                                  dense_bytes=module.weight.untyped_storage().nbytes(), options=self.options)
         gram = None if stats is None else stats.gram
-        shapes = [tuple(module.weight.shape)] if plan.rank is None else [(plan.rank, plan.in_features),
-                                                                          (plan.out_features, plan.rank)]
-        why = "" if settings is None else aq_would_not_save(settings.spec, shapes, module.weight.dtype)
+        why = "" if settings is None else aq_would_not_save(settings.spec, plan, module.weight.dtype)
         if why:
             log.info("%s is not quantised: %s", name, why)
             settings, record.plan = None, dataclasses.replace(plan, reason=why)

@@ -451,9 +451,7 @@ def _quantize(c: GraphCompression) -> None:
     for view in c.to_compress():
         layer, slot = c.layers[view], c.owners[view]
         factored = c.rewritten.get(view) if layer.status is LayerStatus.FACTORED else None
-        shapes = [(view.meta.out_features, view.meta.in_features)] if factored is None else [
-            tuple(factored.down.shape), tuple(factored.up.shape)]
-        why = aq_would_not_save(spec, shapes, view.meta.weight_dtype)
+        why = aq_would_not_save(spec, layer.plan, view.meta.weight_dtype)
         if why:
             layer.plan = replace(layer.plan, reason=why)
             log.info("%s stays %s: %s", layer.name, "factored" if factored is not None else "dense", why)

@@ -190,8 +190,8 @@ def module_path(source: str) -> str:
 def _skip_reason(gm: fx.GraphModule, view: LinearNode, weight: torch.Tensor, name: str, include, exclude) -> str:
     if not any(fnmatch.fnmatchcase(name, p) for p in include):
         return "not matched by include patterns"
-    if any(fnmatch.fnmatchcase(name, p) for p in exclude):
-        matched = next(p for p in exclude if fnmatch.fnmatchcase(name, p))
+    matched = next((p for p in exclude if fnmatch.fnmatchcase(name, p)), None)
+    if matched is not None:
         return f"excluded by pattern {matched!r}" + (" (the output head, by default)" * (matched in DEFAULT_EXCLUDE))
     if weight.dim() != 2 or not weight.is_floating_point():
         return f"weight is not a 2-D float matrix ({tuple(weight.shape)}, {weight.dtype})"

@@ -12,7 +12,7 @@ against the Gram of its own input in the quantised model, ``D^ X X^T D^T``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch import Tensor, fx, nn
 
 from lrcompile.kernels.aq_linear import codebook_dtype  # also registers torch.ops.lowrank.aq_linear
 from lrcompile.modules import AQLinear, AQLowRankLinear, factor_bytes
-from lrcompile.types import AQRecord, AQSpec, CompressedLayer, LayerStatus, WeightLayout
+from lrcompile.types import AQRecord, AQSpec, CompressedLayer, LayerPlan, LayerStatus, WeightLayout
 
 from .additive_quantization import check_shape, fit_additive_quantization, relative_error
 from .factorize_linears import add_frozen_parameter
@@ -47,12 +47,14 @@ def aq_weight_bytes(spec: AQSpec, out_features: int, in_features: int, dtype: to
     return codes + codebooks + out_features * dtype.itemsize
 
 
-def aq_would_not_save(spec: AQSpec, shapes: Sequence[tuple[int, int]], dtype: torch.dtype) -> str:
-    """Why AQ codes for matrices of these ``(out, in)`` shapes would hold at least their dense bytes, or ``""``
-    when they save bytes. Codebooks are a fixed cost per matrix: ``2x8`` at g=8 in float16 is 8 KiB, as much as a
-    whole 32x64 float32 weight."""
-    aq = sum(aq_weight_bytes(spec, out, inp, dtype) for out, inp in shapes)
-    dense = sum(out * inp for out, inp in shapes) * dtype.itemsize
+def aq_would_not_save(spec: AQSpec, plan: LayerPlan, dtype: torch.dtype) -> str:
+    """Why AQ codes for the layer ``plan`` describes (its weight, or at a rank its two factors) would hold at least
+    their dense bytes, or ``""`` when they save bytes. Codebooks are a fixed cost per matrix: ``2x8`` at g=8 in
+    float16 is 8 KiB, as much as a whole 32x64 float32 weight."""
+    out, inp, rank = plan.out_features, plan.in_features, plan.rank
+    shapes = [(out, inp)] if rank is None else [(rank, inp), (out, rank)]
+    aq = sum(aq_weight_bytes(spec, rows, cols, dtype) for rows, cols in shapes)
+    dense = sum(rows * cols for rows, cols in shapes) * dtype.itemsize
     if aq < dense:
         return ""
     return (f"AQ {spec.name} codes, codebooks and scales ({aq:,} bytes) would not save bytes against the "
