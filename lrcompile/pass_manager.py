@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,7 +13,11 @@ from typing import Generic, TypeVar
 import networkx as nx
 from torch import fx
 
+from .types import META_KEY, LinearMeta, dtype_name
+
 log = logging.getLogger(__name__)
+
+_ASSIGNMENT = re.compile(r"^(\s*)(\w+)(?::|\s=)")  # a node's line in generated code: ``name: "f32[..]" = ...``
 
 Context = TypeVar("Context")
 
@@ -45,8 +50,37 @@ def order_passes(passes: Sequence[Pass]) -> list[Pass]:
     return [by_name[n] for n in nx.lexicographical_topological_sort(dag, key=position.__getitem__)]
 
 
+def _lowrank_note(meta: LinearMeta) -> str:
+    """One line of what the passes know of a linear: shape, whether it may be compressed (or why not),
+    statistics observed (counts and shapes, never the tensors) and the sensitivity curve."""
+    bias = " +bias" if meta.has_bias else ""
+    parts = [f"{meta.name}: {meta.layout.value} out={meta.out_features} in={meta.in_features} "
+             f"{dtype_name(meta.weight_dtype)}{bias}",
+             "compressible" if meta.compressible else f"not compressible ({meta.skip_reason})"]
+    if meta.stats is not None:
+        gram = "no gram" if meta.stats.gram is None else f"gram {list(meta.stats.gram.shape)}"
+        parts.append(f"stats: {meta.stats.rows} tokens, {gram}")
+    if meta.sensitivity:
+        curve = ", ".join(f"{ratio:g}: {kl:.3g}" for ratio, kl in sorted(meta.sensitivity.items()))
+        parts.append(f"sensitivity (ratio: KL) {curve}")
+    return "; ".join(parts)
+
+
 def readable_graph(gm: fx.GraphModule) -> str:
-    return gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    """``gm``'s code, each linear's line preceded by a ``# lowrank`` comment from its ``node.meta["lowrank"]``.
+
+    Analysis passes attach metadata and leave the code as it was; the comments
+    make their before/after dumps differ where they did something.
+    """
+    code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    notes = {node.name: _lowrank_note(node.meta[META_KEY]) for node in gm.graph.nodes if META_KEY in node.meta}
+    lines = []
+    for line in code.splitlines(keepends=True):
+        match = _ASSIGNMENT.match(line)
+        if match and match.group(2) in notes:  # popped: the top-level forward comes first, nested graphs after
+            lines.append(f"{match.group(1)}# lowrank {notes.pop(match.group(2))}\n")
+        lines.append(line)
+    return "".join(lines)
 
 
 class PassManager(Generic[Context]):

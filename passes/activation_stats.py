@@ -48,8 +48,14 @@ def insert_observers(gm: fx.GraphModule, linears: Iterable[LinearNode], gram: bo
     Linears reading the same tensor (q/k/v after one norm, gate/up) share one
     observer and so one :class:`ActivationStats`: one Gram instead of three.
     ``gram``: also accumulate X^T X (``in x in`` float64 per distinct input), which
-    only whitening needs; ASVD needs the per-channel statistics alone.
+    only whitening needs; ASVD needs the per-channel statistics alone. A graph that
+    still holds observers (no :func:`collect_stats` since) is refused: a second set
+    would count every calibration row twice.
     """
+    present = sorted(n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(OBSERVER_PREFIX))
+    if present:
+        raise CalibrationError(f"the graph already holds {len(present)} observer(s) ({', '.join(present[:3])}"
+                               f"{', ...' if len(present) > 3 else ''}): call collect_stats before inserting observers again")
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
     observed: dict[fx.Node, fx.Node] = {}
     for view in sorted((v for v in linears if v.meta.compressible), key=lambda v: position[v.node]):

@@ -7,6 +7,11 @@ for a symbolic size, ``L['self']._modules[...]`` for state). The runner binds a
 batch (a tensor, a tuple, or a dict of model inputs) to the user placeholders,
 derives symbolic sizes from the batch, keeps the state placeholders, and can
 substitute one layer's weight (for sensitivity measurements).
+
+A ``torch.export(...).module()`` checks each call against the structure it
+was exported with (positional inputs, then keyword ones) and guards the
+constants it was exported with (an HF model's ``use_cache=False``): the runner
+fills those constants in and calls the module in that structure.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 from torch._dynamo.source import (
     DictGetItemSource,
@@ -109,11 +115,12 @@ class _Input:
     position: int | None
 
 
-def _top_input(node: fx.Node, order: int) -> _Input:
-    """The call argument a user placeholder reads (``kwargs[k]``, a named local, ``args[i]``)."""
+def _top_input(node: fx.Node, order: int, positional: int) -> _Input:
+    """The call argument a user placeholder reads (``kwargs[k]``, a named local, ``args[i]``); ``positional``:
+    how many of a non-Dynamo graph's inputs it takes by position."""
     grapharg = node.meta.get("grapharg")
     if grapharg is None:
-        return _Input(str(node.target), str(node.target), order)
+        return _Input(str(node.target), str(node.target), order if order < positional else None)
     chain = _chain(grapharg.source)
     root = chain[-1]
     top = chain[-2] if len(chain) > 1 and root.local_name in ("args", "kwargs") else root
@@ -122,6 +129,23 @@ def _top_input(node: fx.Node, order: int) -> _Input:
     if root.local_name == "kwargs":
         return _Input(top.name, str(top.index), None)
     return _Input(top.name, None, int(top.index))
+
+
+def _positional_count(gm: fx.GraphModule) -> int:
+    """How many of the graph's flat inputs are positional: those of an exported module's ``in_spec`` args,
+    all of them in a graph called flat."""
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None:
+        return sum(n.op == "placeholder" for n in gm.graph.nodes)
+    args, _ = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    return len(pytree.tree_leaves(args))
+
+
+def _exported_constant(node: fx.Node) -> Any:
+    """The non-tensor value torch.export recorded for an input (``use_cache=False``), which the exported
+    module guards on; None for a tensor or symbolic input, and in other graphs."""
+    value = node.meta.get("val")
+    return None if isinstance(value, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)) else value
 
 
 def _derived_input(name: str | None, given: Mapping[str, Any], example: Any) -> Any:
@@ -152,17 +176,19 @@ class CalibrationRunner:
     inputs in order; a dict gives inputs by name. Inputs a batch leaves out are
     derived as transformers' ``generate`` derives them (``attention_mask``,
     ``position_ids``, ``cache_position``, ``token_type_ids``) or taken from the
-    captured call; model state (parameters, buffers, module constants) is
-    always the captured call's.
+    captured call (an exported module's: the constants it was exported with);
+    model state (parameters, buffers, module constants) is always the captured call's.
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None):
         self.gm = gm
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.examples = list(example_inputs) if example_inputs is not None else [None] * len(self.placeholders)
+        self.examples = (list(example_inputs) if example_inputs is not None
+                         else [_exported_constant(n) for n in self.placeholders])
         self.roles = [_role(n) for n in self.placeholders]
         self.user = [n for n, r in zip(self.placeholders, self.roles) if r == _ROLE_USER]
-        self.inputs = {node: _top_input(node, order) for order, node in enumerate(self.user)}
+        positional = _positional_count(gm)
+        self.inputs = {node: _top_input(node, order, positional) for order, node in enumerate(self.user)}
         self.top_inputs = list(dict.fromkeys(self.inputs.values()))
         self.positional = sorted((i for i in self.top_inputs if i.position is not None), key=lambda i: i.position)
         named = [i for i in self.top_inputs if i.name == "input_ids"]
@@ -197,6 +223,8 @@ class CalibrationRunner:
             if top.source in env:
                 continue
             example = self.examples[self.placeholders.index(node)]
+            if example is None:
+                example = node.meta.get("val")  # an exported module's input, for its dtype
             derived = _derived_input(top.name, by_name, example) if top.source == self._user_label(node) else None
             if derived is not None:
                 env[top.source] = derived
@@ -249,7 +277,10 @@ class CalibrationRunner:
     def _user_value(self, node: fx.Node, env: Mapping[str, Any]) -> Any:
         """The value of one user placeholder; the captured call's when the batch neither gives nor implies it."""
         if self.inputs[node].source not in env:
-            return self.examples[self.placeholders.index(node)]
+            example = self.examples[self.placeholders.index(node)]
+            if example is None and isinstance(node.meta.get("val"), torch.Tensor):
+                raise _Missing(self.inputs[node].source)  # an exported module's tensor input
+            return example
         grapharg = node.meta.get("grapharg")
         return _resolve(grapharg.source, env) if grapharg is not None else env[self.inputs[node].source]
 
@@ -341,8 +372,16 @@ class CalibrationRunner:
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         return mask if isinstance(mask, torch.Tensor) else None
 
+    def call(self, args: Sequence[Any]) -> Any:
+        """Run the graph on :meth:`bind`'s arguments; an exported module in the structure it was exported with."""
+        spec = getattr(self.gm, "_in_spec", None)
+        if spec is None:
+            return self.gm(*args)
+        call_args, call_kwargs = pytree.tree_unflatten(list(args), spec)
+        return self.gm(*call_args, **call_kwargs)
+
     @torch.no_grad()
     def run(self, batch: Any, index: int = 0, overrides: Mapping[LinearNode, torch.Tensor] | None = None) -> Any:
         args = self.bind(batch, index)
         with self._weights(args, overrides or {}):
-            return self.gm(*args)
+            return self.call(args)

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lrcompile.errors import CalibrationError
-from lrcompile.types import ActivationStats, accumulation_dtype
+from lrcompile.errors import CalibrationError, LowRankConfigError
+from lrcompile.types import FACTOR_METHODS, ActivationStats, accumulation_dtype
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,9 @@ def decompose(
     included); by default built from ``stats``. ``output_metric`` (``whiten`` only): ``G [out, out]`` weighting
     the output error, ``tr(dW C dW^T G)``: with ``G = R R^T`` the SVD of ``R^T W L`` is truncated and ``u``
     maps back by ``R^-T`` (:mod:`lrcompile.passes.kv_metrics` builds ``G`` for latent K and V)."""
+    if method not in FACTOR_METHODS:
+        raise LowRankConfigError(f"layer {layer!r}: unknown factoring method {method!r}; expected one of "
+                                 f"{', '.join(map(repr, FACTOR_METHODS))}")
     w = weight.detach().to(accumulation_dtype(weight.device))  # on the weight's device
     if method != "svd" and stats is None and whitening is None:
         raise CalibrationError(f"layer {layer!r}: method {method!r} needs activation statistics")
@@ -154,7 +157,7 @@ def decompose(
         scale = scale.clamp_min(ASVD_MIN_SCALE * float(scale.max().clamp_min(1e-300)))
         u, s, vt = torch.linalg.svd(w * scale[None, :], full_matrices=False)
         vt = vt / scale[None, :]
-    elif method == "whiten":
+    else:  # whiten
         whitening = whitening if whitening is not None else Whitening.of(stats, layer)
         chol = whitening.chol.to(w)
         target = w if whitening.refit is None else w @ whitening.refit.to(w)
@@ -166,6 +169,4 @@ def decompose(
         vt = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # vt @ L^-1
         if left is not None:
             u = torch.linalg.solve_triangular(left.mT, u, upper=True)  # R^-T u
-    else:
-        raise ValueError(f"unknown factoring method {method!r}")
     return LinearDecomposition(u, s, vt)

@@ -10,6 +10,7 @@ dense weights from the graph, so the downstream compiler never receives them.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -77,6 +78,31 @@ def factorize_linears(gm: fx.GraphModule, modules: Mapping[LinearNode, LowRankLi
     log.info("factored %d linears", len(modules))
 
 
+def _reads(gm: fx.GraphModule, op: str, target: str) -> bool:
+    """Whether a node of ``gm``'s graph still reads the module or attribute ``target``."""
+    return any(n.op == op and n.target == target for n in gm.graph.nodes)
+
+
+def _drop_weight(gm: fx.GraphModule, view: LinearNode) -> None:
+    """Remove a rewritten layer's dense weight from ``gm`` unless another node still reads it.
+
+    Its module, placeholder or ``get_attr`` node goes, and with a ``get_attr`` node the parameter itself:
+    an exported module holds its weights as its own parameters, which would otherwise stay in its state_dict.
+    """
+    if view.layout is WeightLayout.MODULE:
+        if not _reads(gm, "call_module", view.node.target):
+            gm.delete_submodule(str(view.node.target))
+        return
+    node = view.weight
+    if node.users:
+        return
+    gm.graph.erase_node(node)
+    owner, _, attr = str(node.target).rpartition(".")
+    # a module the graph also calls is the user's own (symbolic_trace shares it): its weight stays
+    if node.op == "get_attr" and not _reads(gm, "get_attr", node.target) and not _reads(gm, "call_module", owner):
+        delattr(gm.get_submodule(owner), attr)
+
+
 def release_dense_weights(
     gm: fx.GraphModule, views: Sequence[LinearNode], example_inputs: list[Any] | None
 ) -> tuple[int, list[int]]:
@@ -86,20 +112,17 @@ def release_dense_weights(
     the compiled graph from the placeholders left, so the downstream compiler
     never receives those weights. They are freed when the model drops the
     modules holding them (the backend replaces those by their compressed form).
+    Only weights ``gm`` neither holds nor takes any more count: not one another
+    node still reads, nor one held under another name (a tied weight).
     """
     values = placeholder_values(gm, example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    released = 0
-    removed = set()
+    weights = {id(w): w for w in (weight_tensor(gm, view, values) for view in views)}
     for view in views:
-        released += weight_tensor(gm, view, values).untyped_storage().nbytes()
-        if view.weight is not None and view.weight.op == "placeholder" and not view.weight.users:
-            removed.add(placeholders.index(view.weight))
-            gm.graph.erase_node(view.weight)
-        elif view.weight is not None and view.weight.op == "get_attr" and not view.weight.users:
-            gm.graph.erase_node(view.weight)
-    for name in {str(v.node.target) for v in views if v.layout is WeightLayout.MODULE}:
-        gm.delete_submodule(name)
+        _drop_weight(gm, view)
     gm.recompile()
+    left = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    held = {id(t) for t in itertools.chain(gm.parameters(), gm.buffers(), (values.get(n) for n in left))}
+    released = sum(w.untyped_storage().nbytes() for key, w in weights.items() if key not in held)
     log.info("dropped %.2f MiB of dense weights from the graph", released / 2**20)
-    return released, [i for i in range(len(placeholders)) if i not in removed]
+    return released, [i for i, node in enumerate(placeholders) if node in left]

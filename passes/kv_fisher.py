@@ -63,7 +63,7 @@ def measure_kv_fisher(
         for index, batch in enumerate(tqdm(batches, desc="lowrank fisher", leave=False)):
             args = runner.bind(batch, index)
             with torch.enable_grad():
-                outputs = torch.utils._pytree.tree_leaves(runner.gm(*args))
+                outputs = torch.utils._pytree.tree_leaves(runner.call(args))
                 if output_index is None:
                     output_index = sensitivity_output(runner.gm, projections, outputs)
                 loss = next_token_loss(outputs[output_index], _input_ids(batch), runner.token_mask(batch))

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from lrcompile.errors import LowRankConfigError
 from lrcompile.types import CompressionPlan, LayerPlan, LinearMeta, accumulation_dtype
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,16 @@ def _search(
     return plan_at(thresholds[lo])  # over budget when no candidate meets it (build_plan warns when far off)
 
 
+def check_budget(param_ratio: float, multiple: int) -> None:
+    """Refuse a ``param_ratio`` outside ``(0, 1]`` or a ``rank_multiple`` below 1, as ``LowRankConfig`` does."""
+    if isinstance(param_ratio, bool) or not isinstance(param_ratio, (int, float)) or not 0.0 < param_ratio <= 1.0:
+        raise LowRankConfigError(f"param_ratio={param_ratio!r} is outside (0, 1]: it is the fraction of parameters kept")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise LowRankConfigError(f"rank multiple {multiple!r}: expected a positive integer")
+
+
 def allocate_uniform(metas: Sequence[LinearMeta], param_ratio: float, multiple: int) -> list[LayerPlan]:
+    check_budget(param_ratio, multiple)
     return [_layer_plan(m, rank_for_ratio(m, param_ratio, multiple)) for m in metas]
 
 
@@ -88,6 +98,11 @@ def allocate_by_sensitivity(metas: Sequence[LinearMeta], param_ratio: float, mul
     every larger ratio), so raising the threshold lowers a layer one candidate
     at a time instead of letting measurement noise jump it to the smallest ratio.
     """
+    check_budget(param_ratio, multiple)
+    unmeasured = [m.name for m in metas if not m.sensitivity]
+    if unmeasured:
+        raise ValueError(f"allocate_by_sensitivity: no sensitivity on {len(unmeasured)} layer(s) ({', '.join(unmeasured[:3])}"
+                         f"{', ...' if len(unmeasured) > 3 else ''}): run measure_sensitivity on them first")
     budget = param_ratio * sum(m.dense_params for m in metas)
     curves = {m.name: monotone_sensitivity(m.sensitivity) for m in metas}
 
@@ -113,6 +128,11 @@ def allocate_closed_form(
     first; a binary search finds the longest kept prefix that meets the budget.
     A layer's rank is its count in the prefix (aligned), so tied values split.
     """
+    check_budget(param_ratio, multiple)
+    missing = [m.name for m in metas if m.name not in spectra]
+    if missing:
+        raise ValueError(f"allocate_closed_form: no singular values for {len(missing)} layer(s) ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}): give spectra[name] = decompose(...).s for every layer")
     budget = param_ratio * sum(m.dense_params for m in metas)
     share = {m.name: energy_share(spectra[m.name]).cpu() for m in metas}  # a host list: no sync per value
     items = sorted(

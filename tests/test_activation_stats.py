@@ -113,6 +113,19 @@ def test_observers_do_not_change_outputs_while_inserted():
     collect_stats(gm, views)
 
 
+def test_observers_inserted_twice_are_refused_so_no_row_counts_twice():
+    gm = fx.symbolic_trace(MLP())
+    views = find_linears(gm)
+    insert_observers(gm, views)
+    with pytest.raises(CalibrationError, match="already holds 3 observer.*collect_stats"):
+        insert_observers(gm, views)
+    gm(_batches(1)[0])
+    collect_stats(gm, views)
+    assert {v.meta.stats.rows for v in views if v.meta.stats is not None} == {8}
+    insert_observers(gm, views)  # a fresh round after collecting
+    assert len(_observer_nodes(gm)) == 3
+
+
 def test_only_compressible_linears_are_observed():
     model = MLP()
     gm = fx.symbolic_trace(model)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lrcompile.errors import CalibrationError
+from lrcompile.errors import CalibrationError, LowRankConfigError
 from lrcompile.passes.decomposition import LinearDecomposition, decompose, regularized_cholesky
 from lrcompile.types import ActivationStats
 
@@ -245,9 +245,11 @@ def test_methods_needing_stats_raise_without_them(method):
         decompose(torch.randn(4, 4), method, None, layer="fc")
 
 
-def test_unknown_method_raises():
-    with pytest.raises(ValueError, match="pca"):
-        decompose(torch.randn(4, 4), "pca", _stats(torch.randn(8, 4)))
+@pytest.mark.parametrize("with_stats", [True, False])
+def test_unknown_method_raises_naming_it_and_the_choices(with_stats):
+    stats = _stats(torch.randn(8, 4)) if with_stats else None  # without: not "needs activation statistics"
+    with pytest.raises(LowRankConfigError, match="layer 'fc': unknown factoring method 'pca'; expected one of 'svd'"):
+        decompose(torch.randn(4, 4), "pca", stats, layer="fc")
 
 
 # --------------------------------------------------------------------------- dtypes

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lrcompile import LowRankConfig
+from lrcompile.errors import CalibrationError
 from lrcompile.passes import (
     CalibrationRunner,
     allocate_closed_form,
@@ -29,6 +30,7 @@ from lrcompile.passes.find_linears import placeholder_values
 from lrcompile.modules import LowRankLinear
 from lrcompile.pipeline import compress_graph, install
 from lrcompile.types import CompressedLayer, LayerPlan, LayerStatus, WeightLayout
+from tiny_models import tiny_rope_model, token_batches
 
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
 
@@ -140,8 +142,9 @@ def test_reduced_rank_rewrites_graph_and_changes_outputs(kind):
 
 @pytest.mark.parametrize("kind", ["symbolic_trace", "export"])
 def test_release_dense_weights_drops_them_from_the_graph(kind):
-    """The graph stops reading the dense weights; the tensors themselves are the model's (left as they are:
-    the backend frees them by replacing their modules)."""
+    """The graph stops reading the dense weights and the GraphModule stops holding them (an exported module
+    holds its weights itself); the tensors themselves are the model's (left as they are: the backend frees
+    them by replacing their modules)."""
     model = _model()
     batches = _batches()
     x = torch.randn(4, 32)
@@ -160,11 +163,75 @@ def test_release_dense_weights_drops_them_from_the_graph(kind):
     assert kept == list(range(len(placeholders)))  # no weight placeholders in these graphs
     assert not any(n.op == "get_attr" and n.target in ("fc1.weight", "fc2.weight") for n in gm.graph.nodes)
     assert not any(n.op == "call_module" and n.target in ("fc1", "fc2") for n in gm.graph.nodes)
+    held = {id(t) for t in [*gm.state_dict(keep_vars=True).values(), *gm.parameters(), *gm.buffers()]}
+    assert not held & {id(w) for w in dense}
     factors = {id(p) for module in layers.values() for p in (module.down, module.up)}
     read = {id(functools.reduce(getattr, str(n.target).split("."), gm)) for n in gm.graph.nodes if n.op == "get_attr"}
     assert factors <= read  # the graph reads the modules' own factor tensors, not copies
     with torch.no_grad():
         torch.testing.assert_close(gm(x), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["symbolic_trace", "export"])
+def test_release_dense_weights_counts_only_weights_it_released(kind):
+    """A dense weight another node still reads (find_linears marks such a layer not compressible; a user
+    may factor it all the same) stays in the graph and the module, and is not reported."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 24)
+
+        def forward(self, x):
+            return F.linear(x, self.fc.weight, self.fc.bias) + self.fc.weight.sum()
+
+    torch.manual_seed(0)
+    batches = _batches()
+    gm = _graph(kind, Shared().eval(), batches[0])
+    views = find_linears(gm)
+    assert views[0].meta.skip_reason == "weight is shared with another op (tied weights)"
+    _factor(gm, views, {"fc": 8}, "svd")
+    released, _ = release_dense_weights(gm, views, None)
+    assert released == 0
+    assert "fc.weight" in gm.state_dict()
+    assert gm(batches[0]).shape == (4, 24)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_calibrate_exported_hf_model_with_its_constant_keyword_arguments(with_mask):
+    """An HF model exports only with ``use_cache=False``; calibration calls the exported module with the
+    constants it was exported with (and derives an ``attention_mask`` it was exported with), so token
+    batches calibrate it as they are."""
+    model = tiny_rope_model("llama")
+    batches = token_batches(2)
+    kwargs = {"attention_mask": torch.ones_like(batches[0])} if with_mask else {}
+    gm = torch.export.export(model, (batches[0],), kwargs={**kwargs, "use_cache": False}).module()
+    views = _calibrated(gm, batches)
+    assert len(views) == 2 * 7 + 1  # q, k, v, o, gate, up, down in each block, and lm_head
+    assert all(v.meta.stats is not None and v.meta.stats.rows == 2 * 2 * 16 for v in views if v.meta.compressible)
+
+
+def test_calibrate_exported_module_names_an_input_the_batches_do_not_give():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = MLP()
+
+        def forward(self, x, scale):
+            return self.mlp(x) * scale
+
+    torch.manual_seed(0)
+    batches = _batches()
+    scale = torch.full((24,), 2.0)
+    gm = torch.export.export(Scaled().eval(), (batches[0],), kwargs={"scale": scale}).module()
+    views = find_linears(gm, None)
+    runner = CalibrationRunner(gm)
+    insert_observers(gm, views)
+    with pytest.raises(CalibrationError, match="does not give the graph input 'scale'"):
+        calibrate(runner, batches)
+    calibrate(runner, [{"x": b, "scale": scale} for b in batches])
+    collect_stats(gm, views)
+    assert all(v.meta.stats is not None and v.meta.stats.rows == 12 for v in views)
 
 
 def test_closed_form_allocation_from_decomposition_spectra():

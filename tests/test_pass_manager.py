@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from torch import fx, nn
 
 from lrcompile.pass_manager import Pass, PassManager, order_passes
+from lrcompile.passes import (CalibrationRunner, calibrate, collect_stats, decompose, dense_weight, find_linears,
+                              insert_observers, measure_sensitivity)
 
 
 def _noop(ctx):
@@ -133,3 +136,66 @@ def test_pass_manager_without_dump_dir_writes_nothing(tmp_path, monkeypatch):
 def test_pass_manager_rejects_bad_dependencies_at_construction():
     with pytest.raises(ValueError, match="requires"):
         PassManager([Pass("plan", _noop, frozenset({"stats"}))])
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@dataclass
+class Analysis:
+    gm: fx.GraphModule
+    batches: list
+    views: list = field(default_factory=list)
+
+
+def _find(a: Analysis):
+    a.views = find_linears(a.gm, exclude=("fc2",))
+
+
+def _stats(a: Analysis):
+    insert_observers(a.gm, a.views)
+    calibrate(CalibrationRunner(a.gm), a.batches)
+    collect_stats(a.gm, a.views)
+
+
+def _sensitivity(a: Analysis):
+    measure_sensitivity(CalibrationRunner(a.gm), a.views, lambda v: decompose(dense_weight(a.gm, v, {}), "svd"),
+                        [0.5, 0.25], a.batches, 1)
+
+
+def test_dumps_of_analysis_passes_show_the_metadata_they_attach(tmp_path):
+    """Analysis passes leave the code unchanged; each linear's ``node.meta["lowrank"]`` is summarised in a
+    comment above its line, so their before/after dumps differ where they attached something."""
+    torch.manual_seed(0)
+    analysis = Analysis(fx.symbolic_trace(MLP().eval()), [torch.randn(3, 8) for _ in range(2)])
+    passes = [Pass("find_linears", _find, provides=frozenset({"linears"})),
+              Pass("stats", _stats, frozenset({"linears"}), frozenset({"stats"})),
+              Pass("sensitivity", _sensitivity, frozenset({"stats"}))]
+    PassManager(passes, tmp_path).run(analysis, lambda a: a.gm)
+    dump = {p.stem: p.read_text() for p in tmp_path.iterdir()}
+
+    assert "# lowrank" not in dump["00_find_linears_before"]
+    found = dump["00_find_linears_after"].splitlines()
+    fc1 = found.index("        fc1 = self.fc1(x);  x = None")
+    assert found[fc1 - 1] == "        # lowrank fc1: module out=16 in=8 float32 +bias; compressible"
+    fc2 = found.index("        fc2 = self.fc2(relu);  relu = None")
+    assert found[fc2 - 1] == "        # lowrank fc2: module out=4 in=16 float32; not compressible (excluded by pattern 'fc2')"
+
+    assert dump["01_stats_before"] == dump["00_find_linears_after"]
+    assert "tokens" not in dump["01_stats_before"]
+    assert "# lowrank fc1: module out=16 in=8 float32 +bias; compressible; stats: 6 tokens, gram [8, 8]\n" in dump["01_stats_after"]
+    assert dump["01_stats_after"].count("stats:") == 1  # fc2 is not observed
+
+    before, after = dump["02_sensitivity_before"].splitlines(), dump["02_sensitivity_after"].splitlines()
+    changed = [(old, new) for old, new in zip(before, after) if old != new]
+    assert len(before) == len(after) and len(changed) == 1  # fc1's note alone: fc2 is not compressible
+    old, new = changed[0]
+    assert re.fullmatch(re.escape(old) + r"; sensitivity \(ratio: KL\) 0\.25: \S+, 0\.5: \S+", new), new  # ratios sorted
+    assert "tensor(" not in dump["02_sensitivity_after"]

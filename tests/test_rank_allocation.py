@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lrcompile.errors import LowRankConfigError
 from lrcompile.passes.rank_allocation import (
     DENSE_REASON,
     allocate_by_sensitivity,
@@ -247,6 +248,38 @@ def test_allocate_closed_form_scale_invariant_per_layer():
     base = [p.rank for p in allocate_closed_form(metas, spectra, 0.5, 8)]
     scaled = [p.rank for p in allocate_closed_form(metas, {"a": spectra["a"] * 1000, "b": spectra["b"]}, 0.5, 8)]
     assert base == scaled
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _allocate(kind: str, metas, ratio: float, multiple: int = 8):
+    if kind == "uniform":
+        return allocate_uniform(metas, ratio, multiple)
+    if kind == "sensitivity":
+        return allocate_by_sensitivity(metas, ratio, multiple)
+    return allocate_closed_form(metas, {m.name: _spectrum("random", 64, 0) for m in metas}, ratio, multiple)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "sensitivity", "closed_form"])
+@pytest.mark.parametrize("ratio,multiple,match", [(2.0, 8, "param_ratio=2.0 is outside"), (0.0, 8, "param_ratio=0.0"),
+                                                  (-0.5, 8, "param_ratio=-0.5"), (0.5, 0, "rank multiple 0")])
+def test_allocation_refuses_a_ratio_or_multiple_out_of_range(kind, ratio, multiple, match):
+    metas = [_meta("a", 64, 64, {r: 1 - r for r in SENS_RATIOS})]
+    with pytest.raises(LowRankConfigError, match=match):
+        _allocate(kind, metas, ratio, multiple)
+
+
+def test_allocate_by_sensitivity_without_measurements_names_the_layers():
+    metas = [_meta("a", 64, 64, {0.5: 0.1}), _meta("b", 64, 64), _meta("c", 64, 64)]
+    with pytest.raises(ValueError, match=r"no sensitivity on 2 layer\(s\) \(b, c\): run measure_sensitivity"):
+        allocate_by_sensitivity(metas, 0.5, 8)
+
+
+def test_allocate_closed_form_without_a_spectrum_names_the_layers():
+    metas = [_meta("a", 64, 64), _meta("b", 64, 64)]
+    with pytest.raises(ValueError, match=r"no singular values for 1 layer\(s\) \(b\)"):
+        allocate_closed_form(metas, {"a": _spectrum("random", 64, 0)}, 0.5, 8)
 
 
 # --------------------------------------------------------------------------- monotone_sensitivity
