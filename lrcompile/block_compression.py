@@ -70,7 +70,7 @@ from .config import LowRankConfig
 from .errors import CalibrationError, LowRankConfigError, LowRankError
 from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
 from .modules import RECORD, LowRankLinear
-from .runtime.compiled_forward import forward_kwargs
+from .runtime.compiled_forward import check_token_ids, forward_kwargs
 from .types import ActivationStats, CompressionPlan, CompressedLayer, LayerPlan, LayerStatus, LinearMeta, WeightLayout
 from .weight_sources import SAFETENSORS_DTYPES, WeightSource, safetensors_header
 
@@ -85,6 +85,16 @@ DISTILLED_FILE = "lowrank_distilled.safetensors"
 
 class ResumeError(LowRankError):
     """The output folder holds an unfinished run of another model, other options or other calibration data."""
+
+
+def _difference(key: str, saved: Any, current: Any) -> str:
+    """What differs between an unfinished run's recorded ``key`` and this run's: the option names for options."""
+    if key == "fingerprint":
+        return f"another model or other calibration data ({saved!r} there, {current!r} here)"
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(k for k in saved.keys() | current.keys() if saved.get(k, "unset") != current.get(k, "unset"))
+        return ", ".join(f"{k} = {saved.get(k, 'unset')!r} there, {current.get(k, 'unset')!r} here" for k in keys)
+    return f"{saved!r} there, {current!r} here"
 
 
 @dataclass(frozen=True)
@@ -412,6 +422,7 @@ class BlockCompressor:
         self.rank, self.world = _distributed()
         batches = [forward_kwargs(b) for b in batches]  # tensors, tuples or dicts, as LowRankConfig.calibration
         distill_batches = None if distill_batches is None else [forward_kwargs(b) for b in distill_batches]
+        check_token_ids([*batches, *(distill_batches or ())], skeleton.config.vocab_size)
         self.batches = batches[self.rank::self.world]
         # distillation's own batches (None: it trains on the calibration batches)
         self.distill_batches = None if distill_batches is None else distill_batches[self.rank::self.world]
@@ -449,8 +460,8 @@ class BlockCompressor:
                     "world": self.world}
         for key, value in expected.items():
             if progress.get(key) != value:
-                raise ResumeError(f"{str(self.out)!r} holds an unfinished run with other {key} ({progress.get(key)!r}, "
-                                  f"this run: {value!r}); give another --out or remove the folder")
+                raise ResumeError(f"{str(self.out)!r} holds an unfinished run with other {key}: "
+                                  f"{_difference(key, progress.get(key), value)}; give another --out or remove the folder")
         return progress
 
     def _save_progress(self, progress: dict[str, Any]) -> None:

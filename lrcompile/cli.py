@@ -416,7 +416,19 @@ def _compress_blocks(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_finished_output(out: str, overwrite: bool) -> None:
+    """``compress`` does not replace a saved model in ``--out`` unless told to; an unfinished block-by-block run
+    there (its progress file) is resumed instead."""
+    from .block_compression import PROGRESS_FILE
+
+    path = Path(out)
+    if not overwrite and (path / "config.json").is_file() and not (path / PROGRESS_FILE).is_file():
+        raise InputError(f"--out {out!r} already holds a saved model (config.json): give another folder, or "
+                         "--overwrite to replace it")
+
+
 def run_compress(args: argparse.Namespace) -> int:
+    refuse_finished_output(args.out, args.overwrite)
     if args.distill_batches is not None and not args.distill_epochs:
         raise InputError("--distill-batches sets the batches of --distill-epochs N: give that too")
     if args.max_memory is not None or args.finetune_epochs or (args.distill_epochs and args.kv_ratio is None):
@@ -837,6 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="--distill-epochs trains on the first N batches of the calibration file, while "
                           "statistics use the first --max-batches (training gains from more tokens than statistics "
                           "need; default: the --max-batches batches)")
+    compress.add_argument("--overwrite", action="store_true",
+                          help="replace a compressed model already saved in --out (default: refuse)")
     compress.set_defaults(run=run_compress)
     _folder_command(sub, "dump", "compress a model folder, writing only graph dumps (before/after each pass) and the report",
                     "folder for the graph dumps and report").set_defaults(run=run_dump)

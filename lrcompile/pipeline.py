@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from lrcompile.passes import (
@@ -82,11 +83,14 @@ from .hf_quantizer import describe_on_config
 from .modules import RECORD, AQLinear, AQLowRankLinear, GroupedLowRankProjection, LowRankLinear, factor_bytes, module_record
 from .pass_manager import Pass, PassManager
 from .report import CompressionReport, build_report
+from .runtime.compiled_forward import check_token_ids
 from .types import CompressionPlan, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
 
 log = logging.getLogger(__name__)
 
 _graph_ids = itertools.count()
+EMBEDDING_LOOKUPS = (F.embedding, torch.ops.aten.embedding.default)  # (ids, table) and (table, ids)
+RESHAPES = (torch.reshape, torch.ops.aten.view.default, torch.ops.aten.reshape.default)
 
 
 @dataclass
@@ -276,6 +280,7 @@ def _activation_stats(c: GraphCompression) -> None:
         )
     c.runner = CalibrationRunner(c.gm, c.example_inputs)
     c.batches = c.runner.fit(c.config.calibration)
+    check_token_ids(c.batches, _vocabulary_size(c))
     targets = (targets if _observes_weights(c.config) else []) + kv_targets
     if (c.config.method == "svd" and c.config.quantize is None) or not targets:
         return
@@ -286,6 +291,21 @@ def _activation_stats(c: GraphCompression) -> None:
         collect_stats(c.gm, targets, validate=False)  # leave the graph clean; report the real error
         raise
     collect_stats(c.gm, targets)
+
+
+def _vocabulary_size(c: GraphCompression) -> int | None:
+    """Rows of the embedding table the token ids (the runner's primary input) index; None without such a lookup."""
+    primary, values = c.runner.primary, placeholder_values(c.gm, c.example_inputs)
+    for node in c.gm.graph.nodes:
+        if primary is not None and node.op == "call_function" and node.target in EMBEDDING_LOOKUPS:
+            table, ids = node.args[:2] if node.target is torch.ops.aten.embedding.default else node.args[1::-1]
+            weight = node_constant(c.gm, table, values) if isinstance(table, fx.Node) else None
+            while isinstance(ids, fx.Node) and (ids.target in RESHAPES or ids.op == "call_method" and ids.target in
+                                                ("view", "reshape", "contiguous")):  # OPT flattens the ids first
+                ids = ids.args[0]
+            if isinstance(ids, fx.Node) and c.runner.inputs.get(ids) == primary and isinstance(weight, torch.Tensor):
+                return weight.shape[0]
+    return None
 
 
 def _decompose(c: GraphCompression, view: LinearNode) -> LinearDecomposition:

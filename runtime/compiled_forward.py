@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lrcompile.config import LowRankConfig
-from lrcompile.errors import LowRankConfigError
+from lrcompile.errors import CalibrationError, LowRankConfigError
 from lrcompile.modules import model_latent_attention
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,28 @@ def forward_kwargs(batch: Any) -> dict[str, Any]:
     return {"input_ids": batch}
 
 
+def check_token_ids(batches: Any, vocab_size: int | None) -> None:
+    """Refuse calibration token ids outside ``[0, vocab_size)``, naming the batch, before they reach an
+    embedding (whose own error is a bare ``IndexError``)."""
+    if not vocab_size:
+        return
+    for index, batch in enumerate(batches):
+        ids = forward_kwargs(batch).get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab_size:
+                raise CalibrationError(f"calibration batch {index} holds token id {high if high >= vocab_size else low}, "
+                                       f"outside the model's vocabulary [0, {vocab_size}): tokenize with the model's "
+                                       "own tokenizer")
+
+
 def compress_on_first_call(model: nn.Module, config: LowRankConfig, fallback_batch: Any = None) -> None:
     """Run the compiled forward once (``use_cache=False``) on the first calibration batch, or on
     ``fallback_batch`` when the options give none, so that the backend compresses the model."""
     first = config.calibration[0] if config.calibration else fallback_batch
     if first is None:
         raise LowRankConfigError(f"compressing {type(model).__name__} needs option 'calibration' (model inputs)")
+    check_token_ids(config.calibration or [first], getattr(getattr(model, "config", None), "vocab_size", None))
     log.info("compressing %s on its first compiled call (kv_ratio %s)", type(model).__name__, config.kv_ratio)
     with torch.no_grad():
         model(**forward_kwargs(first), use_cache=False)

@@ -120,8 +120,13 @@ def test_refuses_to_resume_with_other_options(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         compress_model_blocks(tiny_model("llama"), calibration, options(), tmp_path)
     monkeypatch.undo()
-    with pytest.raises(ResumeError, match="options"):
+    with pytest.raises(ResumeError) as refused:
         compress_model_blocks(tiny_model("llama"), calibration, options("sequential"), tmp_path)
+    message = str(refused.value)  # names the option that differs, not both whole option sets
+    assert "other options: calibration_order = 'error_feedback' there, 'sequential' here; give another --out" in message
+    assert "param_ratio" not in message
+    with pytest.raises(ResumeError, match="other fingerprint: another model or other calibration data"):
+        compress_model_blocks(tiny_model("llama"), calibration[1:], options(), tmp_path)
 
 
 def test_max_memory_below_one_block_is_refused_before_any_work(tmp_path):

@@ -189,6 +189,18 @@ def test_compress_then_report_then_load(model_dir, calib_file, tmp_path, capsys)
         assert torch.isfinite(compiled(**batch).logits).all()
 
 
+def test_compress_replaces_a_saved_model_only_with_overwrite(model_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "compressed"
+    argv = ["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--param-ratio", "0.8", *SMALL]
+    assert main(argv) == 0
+    saved = (out / "model.safetensors").stat().st_mtime_ns
+    assert main([*argv, "--param-ratio", "0.6"]) == 2
+    assert "--overwrite to replace it" in capsys.readouterr().err
+    assert (out / "model.safetensors").stat().st_mtime_ns == saved
+    assert main([*argv, "--param-ratio", "0.6", "--overwrite"]) == 0
+    assert lrcompile.model_report(load_model_folder(out)[0]).param_ratio < 0.7
+
+
 def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "dump"
     assert main(["dump", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--allocation", "uniform", *SMALL]) == 0
@@ -258,6 +270,8 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
           "--aq-config", "2x6"],
          r"--kv-key-share applies only with --kv-ratio; --aq-config applies only with --quantize aqlm \(without it "
          r"the option would be ignored\)"),
+        (["compress", "{weightless}", "--calib", "{calib}", "--out", "{model}"],
+         r"--out '.*' already holds a saved model \(config\.json\): give another folder, or --overwrite to replace it"),
         (["generate", "{model}", "--load", "{tmp}/missing", "--prompt", "hi"],
          r"--load '.*/missing' is not a folder: give one saved by 'lrcompile compress --kv-ratio \.\.\.'"),
     ],
@@ -266,7 +280,7 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
          "report: no folder", "report: empty", "no tokenizer", "vit", "dump: resnet", "t5", "generate: t5",
          "no model_type", "out is a file", "dump: out under a file", "kv group size", "generate: kv group size",
          "calibration order needs whiten", "distill batches without epochs", "too few distill batches",
-         "options without their parent", "generate: load no folder"],
+         "options without their parent", "out holds a model", "generate: load no folder"],
 )
 def test_bad_input_is_a_clear_error(model_dir, bert_dir, other_dirs, calib_file, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, calib=calib_file, model=model_dir, bert=bert_dir, **other_dirs) for a in argv]

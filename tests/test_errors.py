@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model, token_batches
+from tiny_models import FAMILIES, VOCAB, tiny_model, token_batches
 
 import lrcompile
 from lrcompile.errors import CalibrationError, LowRankConfigError, NoCompressibleLinearError
@@ -85,6 +85,25 @@ def test_calibration_without_an_attention_mask_gets_the_one_generate_would_build
             outputs.append(torch.compile(tiny_model("bert"), backend="lowrank", options=options)(
                 input_ids=ids[1], attention_mask=torch.ones_like(ids[1]))[0])
     assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bad_id", [VOCAB, -1])
+def test_token_ids_outside_the_vocabulary_name_the_batch(family, bad_id):
+    batches = token_batches(2)
+    batches[1][0, 3] = bad_id  # an embedding lookup's own error would be a bare IndexError
+    options = lrcompile.LowRankConfig(param_ratio=0.8, calibration=batches, compiler="eager")
+    with pytest.raises(Exception, match=rf"calibration batch 1 holds token id {bad_id}, outside the model's vocabulary "
+                       rf"\[0, {VOCAB}\): tokenize with the model's own tokenizer") as excinfo:
+        _run(tiny_model(family), options)
+    assert isinstance(_inner(excinfo), CalibrationError)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_block_by_block(tmp_path):
+    batches = token_batches(2)
+    batches[0][1, 0] = VOCAB + 7
+    with pytest.raises(CalibrationError, match=rf"calibration batch 0 holds token id {VOCAB + 7}, outside"):
+        lrcompile.compress_model_blocks(tiny_model("llama"), batches, lrcompile.LowRankConfig(param_ratio=0.8), tmp_path)
 
 
 def test_nan_activations_name_the_first_layer():
