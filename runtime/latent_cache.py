@@ -160,7 +160,7 @@ class LatentKVCache(Cache):
     in this process, or loaded with ``from_pretrained`` (its ``GroupedLowRankProjection`` modules). A model whose
     forward is compiled with ``backend="lowrank"`` and a ``kv_ratio`` but not yet
     compressed is compressed here first (one compiled call on the first calibration
-    batch), so ``model.generate(..., past_key_values=LatentKVCache(model, ...))``
+    batch), so ``model.generate(..., cache=LatentKVCache(model, ...))``
     needs no other step. Reuse across requests: :meth:`reset`.
     """
 
