@@ -52,7 +52,7 @@ def order_passes(passes: Sequence[Pass]) -> list[Pass]:
 
 def _lowrank_note(meta: LinearMeta) -> str:
     """One line of what the passes know of a linear: shape, whether it may be compressed (or why not),
-    statistics observed (counts and shapes, never the tensors) and the sensitivity curve."""
+    statistics observed (counts and shapes, never the tensors), the sensitivity curve and the planned rank."""
     bias = " +bias" if meta.has_bias else ""
     parts = [f"{meta.name}: {meta.layout.value} out={meta.out_features} in={meta.in_features} "
              f"{dtype_name(meta.weight_dtype)}{bias}",
@@ -63,6 +63,10 @@ def _lowrank_note(meta: LinearMeta) -> str:
     if meta.sensitivity:
         curve = ", ".join(f"{ratio:g}: {kl:.3g}" for ratio, kl in sorted(meta.sensitivity.items()))
         parts.append(f"sensitivity (ratio: KL) {curve}")
+    plan = meta.plan
+    if plan is not None:
+        parts.append(f"plan: dense ({plan.reason})" if plan.rank is None else
+                     f"plan: rank {plan.rank}, {plan.params_after / plan.dense_params:.3f} of its parameters")
     return "; ".join(parts)
 
 

@@ -401,6 +401,8 @@ def _allocate_ranks(c: GraphCompression) -> None:
     else:
         layers = allocate_closed_form(metas, _spectra(c, targets), cfg.param_ratio, cfg.rank_multiple)
     c.plan = build_plan(cfg.method, cfg.allocation, cfg.param_ratio, layers, cfg.rank_multiple)
+    for view, layer in zip(targets, c.plan.layers):
+        view.meta.plan = layer  # for graph dumps: the decision beside what it was made from
 
 
 def _spectra(c: GraphCompression, targets: list[LinearNode]) -> dict[str, torch.Tensor]:

@@ -132,6 +132,7 @@ class LinearMeta:
     skip_reason: str = ""
     stats: ActivationStats | None = None
     sensitivity: dict[float, float] = field(default_factory=dict)  # param ratio -> KL
+    plan: LayerPlan | None = None  # the rank allocation's decision for this linear
 
     @property
     def dense_params(self) -> int:

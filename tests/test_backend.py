@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from tiny_models import FAMILIES, first_output, tiny_model, token_batches
@@ -227,6 +229,10 @@ def test_dump_dir_writes_graphs_plan_and_report(tmp_path, monkeypatch):
     before = next(graph_dir.glob("*_factorize_linears_before.py")).read_text()
     after = next(graph_dir.glob("*_rewrite_linears_after.py")).read_text()  # factors replace the linears
     assert "addmm" in before and "lowrank_transformer_h_0_mlp_c_fc_down" in after
+    planned = next(graph_dir.glob("*_allocate_ranks_after.py")).read_text()  # the plan is shown where it is made
+    assert "plan:" not in next(graph_dir.glob("*_allocate_ranks_before.py")).read_text()
+    assert re.search(r"# lowrank transformer\.h\.0\.mlp\.c_fc: addmm out=256 in=64 float32 \+bias; compressible; "
+                     r"plan: rank \d+, 0\.\d{3} of its parameters\n", planned), planned
     report = (graph_dir / "report.md").read_text()
     assert "transformer.h.0.mlp.c_fc" in report and "flops_compressed(T)" in report and "truncation loss" in report
 
