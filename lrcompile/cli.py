@@ -50,6 +50,8 @@ from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
 
 log = logging.getLogger(__name__)
 
+CALIBRATION_FILL = 0.5  # real tokens over batch positions below which --calib's batches are called mostly padding
+
 USER_ERROR_STATUS = 2
 DEFAULT_THREADS = 1
 THREADS_HELP = (
@@ -327,6 +329,21 @@ def model_batches(
     return [{k: v for k, v in batch.items() if k in named} for batch in token_batches(tokenizer, texts, batch_size, seq_len)]
 
 
+def warn_thin_calibration(args: argparse.Namespace, batches: list[dict[str, torch.Tensor]]) -> None:
+    """Warn when --calib fills fewer batches than --max-batches asks, or when its batches are mostly padding
+    (each line is one sample, padded to --seq-len): both leave the statistics on far fewer tokens than asked."""
+    used = batches[:args.max_batches]
+    if len(used) < args.max_batches:
+        log.warning("calibration file %r makes %d of the %d batches --max-batches asks (%d lines each)",
+                    args.calib, len(used), args.max_batches, args.batch_size)
+    masks = [b["attention_mask"] for b in used if isinstance(b.get("attention_mask"), torch.Tensor)]
+    real, positions = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+    if positions and real < CALIBRATION_FILL * positions:
+        log.warning("the calibration batches hold %s real tokens in %s positions (%.0f%%): each line of %r is one "
+                    "sample, padded to --seq-len %d; write lines of about --seq-len tokens (join short ones)",
+                    f"{real:,}", f"{positions:,}", 100 * real / positions, args.calib, args.seq_len)
+
+
 def _calibration_lines(args: argparse.Namespace) -> list[str]:
     """The lines of --calib that the calibration batches and distillation's own (--distill-batches) need."""
     return calibration_texts(args.calib, args.batch_size, max(args.max_batches, getattr(args, "distill_batches", 0) or 0))
@@ -355,7 +372,9 @@ def _compress_folder(args: argparse.Namespace, dump_dir: Path | None) -> Compres
     folder = open_model_folder(args.model_dir, args.command)
     folder.check_kv_group_size(config)
     model = folder.load()
-    batches, distill = _split_batches(args, model_batches(model, folder.tokenizer, texts, args.batch_size, args.seq_len))
+    batches = model_batches(model, folder.tokenizer, texts, args.batch_size, args.seq_len)
+    warn_thin_calibration(args, batches)
+    batches, distill = _split_batches(args, batches)
     result = compress(model, batches, dataclasses.replace(config, distill_epochs=0))
     if config.distill_epochs:
         distill = distill or batches
@@ -398,8 +417,9 @@ def _compress_blocks(args: argparse.Namespace) -> int:
     folder = open_model_folder(args.model_dir, "generate")
     skeleton = skeleton_of(folder.config)
     source = open_weights(folder.path, folder.gguf_file, skeleton)
-    batches, distill = _split_batches(args, model_batches(skeleton, folder.tokenizer, texts, args.batch_size,
-                                                          args.seq_len))
+    batches = model_batches(skeleton, folder.tokenizer, texts, args.batch_size, args.seq_len)
+    warn_thin_calibration(args, batches)
+    batches, distill = _split_batches(args, batches)
     result = BlockCompressor(skeleton, source, batches, config, args.out, folder.tokenizer,
                              args.max_memory, args.device, source_name=str(folder.path / (folder.gguf_file or "")),
                              distill_batches=distill).run()
@@ -508,6 +528,7 @@ def _generation_model(args: argparse.Namespace, config: LowRankConfig) -> tuple[
     model, tokenizer = folder.load(), folder.tokenizer
     if args.load is None:
         batches = model_batches(model, tokenizer, texts, args.batch_size, args.seq_len)
+        warn_thin_calibration(args, batches)
         return model, tokenizer, dataclasses.replace(config, calibration=batches)
     if (Path(args.load) / PLAN_FILE).is_file():  # a folder of an earlier lrcompile: swapped into MODEL_DIR's model
         load_compressed(model, args.load)
@@ -757,7 +778,7 @@ def _calibration_options(parser: argparse.ArgumentParser) -> None:
 def _folder_command(sub: Any, name: str, help_: str, out_help: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_, description=help_)
     parser.add_argument("model_dir", metavar="MODEL_DIR", help=MODEL_HELP)
-    parser.add_argument("--calib", required=True, metavar="TEXT_FILE", help="calibration text, one sample per line")
+    parser.add_argument("--calib", required=True, metavar="TEXT_FILE", help="calibration text, one sample per line (about --seq-len tokens each: shorter lines are padded)")
     parser.add_argument("--out", required=True, metavar="DIR", help=out_help)
     _calibration_options(parser)
     _compression_options(parser, param_ratio=LowRankConfig.param_ratio, allocation=LowRankConfig.allocation,

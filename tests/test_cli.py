@@ -189,6 +189,19 @@ def test_compress_then_report_then_load(model_dir, calib_file, tmp_path, capsys)
         assert torch.isfinite(compiled(**batch).logits).all()
 
 
+@pytest.mark.parametrize("lines,count,warned", [
+    (["word"] * 8, 8, r"the calibration batches hold \d+ real tokens in 128 positions \(\d+%\): each line of '.*' is one "
+                      r"sample, padded to --seq-len 16; write lines of about --seq-len tokens"),
+    (None, 4, r"calibration file '.*' makes 1 of the 2 batches --max-batches asks \(4 lines each\)"),
+], ids=["short lines", "few lines"])
+def test_thin_calibration_is_a_warning_naming_what_is_missing(model_dir, tmp_path, caplog, lines, count, warned):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(lines or stdlib_sentences("calibration", count)[:count]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="lrcompile.cli"):
+        assert main(["compress", str(model_dir), "--calib", str(calib), "--out", str(tmp_path / "o"), *SMALL]) == 0
+    assert any(re.search(warned, r.getMessage()) for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 def test_compress_replaces_a_saved_model_only_with_overwrite(model_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "compressed"
     argv = ["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--param-ratio", "0.8", *SMALL]
