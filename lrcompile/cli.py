@@ -50,6 +50,7 @@ from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
 
 log = logging.getLogger(__name__)
 
+SUB_OPTIONS = ("kv_key_share", "aq_config", "aq_group_size", "aq_beam_size", "aq_tolerance")  # None: not given
 CALIBRATION_FILL = 0.5  # real tokens over batch positions below which --calib's batches are called mostly padding
 
 USER_ERROR_STATUS = 2
@@ -272,16 +273,14 @@ def compress(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], con
 def _config(args: argparse.Namespace, dump_dir: Path | None) -> LowRankConfig:
     """The options from the command line, validated before any model loads; calibration is added later."""
     kv, aq = ("--kv-ratio", args.kv_ratio is not None), ("--quantize aqlm", args.quantize is not None)
-    ignored = [f"{flag} applies only with {parent}" for flag, given, (parent, present) in (
-        ("--kv-key-share", args.kv_key_share != LowRankConfig.kv_key_share, kv),
-        ("--aq-config", args.aq_config != LowRankConfig.aq_config, aq),
-        ("--aq-group-size", args.aq_group_size != LowRankConfig.aq_group_size, aq),
-        ("--aq-beam-size", args.aq_beam_size != LowRankConfig.aq_beam_size, aq),
-        ("--aq-tolerance", args.aq_tolerance != LowRankConfig.aq_tolerance, aq),
-    ) if given and not present]
+    ignored = [f"--{key.replace('_', '-')} applies only with {parent}" for key in SUB_OPTIONS
+               for parent, present in [kv if key.startswith("kv_") else aq]
+               if getattr(args, key) is not None and not present]  # given at all, even at its default value
     if ignored:
         raise InputError("; ".join(ignored) + " (without it the option would be ignored)")
+    given = {key: getattr(args, key) for key in SUB_OPTIONS if getattr(args, key) is not None}
     return LowRankConfig(
+        **given,
         param_ratio=args.param_ratio,
         method=args.method,
         allocation=args.allocation,
@@ -292,14 +291,9 @@ def _config(args: argparse.Namespace, dump_dir: Path | None) -> LowRankConfig:
         kv_ratio=args.kv_ratio,
         kv_group_size=args.kv_group_size,
         kv_allocation=args.kv_allocation,
-        kv_key_share=args.kv_key_share,
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         quantize=args.quantize,
-        aq_config=args.aq_config,
-        aq_group_size=args.aq_group_size,
-        aq_beam_size=args.aq_beam_size,
-        aq_tolerance=args.aq_tolerance,
         finetune_epochs=getattr(args, "finetune_epochs", 0),
         finetune_lr=getattr(args, "finetune_lr", LowRankConfig.finetune_lr),
         distill_epochs=getattr(args, "distill_epochs", 0),
@@ -586,8 +580,8 @@ def run_generate(args: argparse.Namespace) -> int:
         f"over {len(report.attention)} attention blocks; formulas: dense {formulas['kv_cache_bytes_dense(B, T)']}, "
         f"latent {formulas['kv_cache_bytes_latent(B, T)']}\n"
         f"weights: {t['factored']} of {t['linears']} linears factored (param ratio {t['param_ratio']}); "
-        f"{'loaded from ' + args.load if args.load else 'compressed'} and generated {args.max_new_tokens} tokens for "
-        f"{len(args.prompt)} prompts {shape} in {seconds:.1f} s"
+        f"{'loaded from ' + args.load if args.load else 'compressed'} and generated up to {args.max_new_tokens} tokens "
+        f"for each of {len(args.prompt)} prompts {shape} (an answer ends at its end-of-sequence token) in {seconds:.1f} s"
     )
     return 0
 
@@ -748,20 +742,21 @@ def _compression_options(
                         help="KV heads sharing one latent: 1 (per head) ... 'all' (joint) (default: %(default)s)")
     parser.add_argument("--kv-allocation", choices=KV_ALLOCATION_METHODS, default=kv_allocation,
                         help="K/V rank allocation across attention blocks (default: %(default)s)")
-    parser.add_argument("--kv-key-share", type=float, default=LowRankConfig.kv_key_share,
+    parser.add_argument("--kv-key-share", type=float, default=None,
                         help="with --kv-allocation uniform: K's share of each group's K+V latent values, in (0, 1) "
-                        "(default: %(default)s)")
+                        f"(default: {LowRankConfig.kv_key_share})")
     parser.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None,
                         help="quantise the linears after factoring: 'aqlm' (additive multi-codebook codes; at "
                         "--param-ratio 1 every weight, below it the factors; default: none)")
-    parser.add_argument("--aq-config", default=LowRankConfig.aq_config, metavar="MxB",
-                        help="AQLM codebooks x bits per code, e.g. 2x8 or 1x16 (default: %(default)s)")
-    parser.add_argument("--aq-group-size", type=_positive, default=LowRankConfig.aq_group_size,
-                        help="input weights per AQLM code group (default: %(default)s)")
-    parser.add_argument("--aq-beam-size", type=_positive, default=LowRankConfig.aq_beam_size,
-                        help="AQLM beam search width (default: %(default)s)")
-    parser.add_argument("--aq-tolerance", type=float, default=LowRankConfig.aq_tolerance,
-                        help="AQLM stops when a round improves the output error by less than this (default: %(default)s)")
+    parser.add_argument("--aq-config", default=None, metavar="MxB",
+                        help=f"AQLM codebooks x bits per code, e.g. 2x8 or 1x16 (default: {LowRankConfig.aq_config})")
+    parser.add_argument("--aq-group-size", type=_positive, default=None,
+                        help=f"input weights per AQLM code group (default: {LowRankConfig.aq_group_size})")
+    parser.add_argument("--aq-beam-size", type=_positive, default=None,
+                        help=f"AQLM beam search width (default: {LowRankConfig.aq_beam_size})")
+    parser.add_argument("--aq-tolerance", type=float, default=None,
+                        help="AQLM stops when a round improves the output error by less than this "
+                        f"(default: {LowRankConfig.aq_tolerance})")
     parser.add_argument("--threads", type=_positive, default=DEFAULT_THREADS, help=THREADS_HELP)
     parser.add_argument("--include", nargs="+", default=["*"], metavar="GLOB",
                         help="module paths of the linears to compress (default: all)")

@@ -285,6 +285,8 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
          r"the option would be ignored\)"),
         (["compress", "{weightless}", "--calib", "{calib}", "--out", "{model}"],
          r"--out '.*' already holds a saved model \(config\.json\): give another folder, or --overwrite to replace it"),
+        (["compress", "{weightless}", "--calib", "{calib}", "--out", "{tmp}/o", "--aq-config", "2x8"],
+         r"--aq-config applies only with --quantize aqlm \(without it the option would be ignored\)"),
         (["generate", "{model}", "--load", "{tmp}/missing", "--prompt", "hi"],
          r"--load '.*/missing' is not a folder: give one saved by 'lrcompile compress --kv-ratio \.\.\.'"),
     ],
@@ -293,7 +295,7 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
          "report: no folder", "report: empty", "no tokenizer", "vit", "dump: resnet", "t5", "generate: t5",
          "no model_type", "out is a file", "dump: out under a file", "kv group size", "generate: kv group size",
          "calibration order needs whiten", "distill batches without epochs", "too few distill batches",
-         "options without their parent", "out holds a model", "generate: load no folder"],
+         "options without their parent", "option at its default without its parent", "out holds a model", "generate: load no folder"],
 )
 def test_bad_input_is_a_clear_error(model_dir, bert_dir, other_dirs, calib_file, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, calib=calib_file, model=model_dir, bert=bert_dir, **other_dirs) for a in argv]
