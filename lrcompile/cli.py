@@ -323,9 +323,12 @@ def model_batches(
     return [{k: v for k, v in batch.items() if k in named} for batch in token_batches(tokenizer, texts, batch_size, seq_len)]
 
 
-def warn_thin_calibration(args: argparse.Namespace, batches: list[dict[str, torch.Tensor]]) -> None:
-    """Warn when --calib fills fewer batches than --max-batches asks, or when its batches are mostly padding
-    (each line is one sample, padded to --seq-len): both leave the statistics on far fewer tokens than asked."""
+def _calib_file_batches(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any,
+                        texts: list[str]) -> list[dict[str, torch.Tensor]]:
+    """The --calib lines as :func:`model_batches`; warns when they fill fewer batches than --max-batches asks, or
+    when the batches are mostly padding (each line is one sample, padded to --seq-len): both leave the statistics
+    on far fewer tokens than asked."""
+    batches = model_batches(model, tokenizer, texts, args.batch_size, args.seq_len)
     used = batches[:args.max_batches]
     if len(used) < args.max_batches:
         log.warning("calibration file %r makes %d of the %d batches --max-batches asks (%d lines each)",
@@ -336,6 +339,7 @@ def warn_thin_calibration(args: argparse.Namespace, batches: list[dict[str, torc
         log.warning("the calibration batches hold %s real tokens in %s positions (%.0f%%): each line of %r is one "
                     "sample, padded to --seq-len %d; write lines of about --seq-len tokens (join short ones)",
                     f"{real:,}", f"{positions:,}", 100 * real / positions, args.calib, args.seq_len)
+    return batches
 
 
 def _calibration_lines(args: argparse.Namespace) -> list[str]:
@@ -366,9 +370,7 @@ def _compress_folder(args: argparse.Namespace, dump_dir: Path | None) -> Compres
     folder = open_model_folder(args.model_dir, args.command)
     folder.check_kv_group_size(config)
     model = folder.load()
-    batches = model_batches(model, folder.tokenizer, texts, args.batch_size, args.seq_len)
-    warn_thin_calibration(args, batches)
-    batches, distill = _split_batches(args, batches)
+    batches, distill = _split_batches(args, _calib_file_batches(args, model, folder.tokenizer, texts))
     result = compress(model, batches, dataclasses.replace(config, distill_epochs=0))
     if config.distill_epochs:
         distill = distill or batches
@@ -411,9 +413,7 @@ def _compress_blocks(args: argparse.Namespace) -> int:
     folder = open_model_folder(args.model_dir, "generate")
     skeleton = skeleton_of(folder.config)
     source = open_weights(folder.path, folder.gguf_file, skeleton)
-    batches = model_batches(skeleton, folder.tokenizer, texts, args.batch_size, args.seq_len)
-    warn_thin_calibration(args, batches)
-    batches, distill = _split_batches(args, batches)
+    batches, distill = _split_batches(args, _calib_file_batches(args, skeleton, folder.tokenizer, texts))
     result = BlockCompressor(skeleton, source, batches, config, args.out, folder.tokenizer,
                              args.max_memory, args.device, source_name=str(folder.path / (folder.gguf_file or "")),
                              distill_batches=distill).run()
@@ -521,9 +521,7 @@ def _generation_model(args: argparse.Namespace, config: LowRankConfig) -> tuple[
     folder.check_kv_group_size(config)
     model, tokenizer = folder.load(), folder.tokenizer
     if args.load is None:
-        batches = model_batches(model, tokenizer, texts, args.batch_size, args.seq_len)
-        warn_thin_calibration(args, batches)
-        return model, tokenizer, dataclasses.replace(config, calibration=batches)
+        return model, tokenizer, dataclasses.replace(config, calibration=_calib_file_batches(args, model, tokenizer, texts))
     if (Path(args.load) / PLAN_FILE).is_file():  # a folder of an earlier lrcompile: swapped into MODEL_DIR's model
         load_compressed(model, args.load)
     else:

@@ -42,6 +42,10 @@ class ActivationObserver(nn.Module):
         return x
 
 
+def _is_observer(node: fx.Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX)
+
+
 def insert_observers(gm: fx.GraphModule, linears: Iterable[LinearNode], gram: bool = True) -> None:
     """Route the input of every compressible linear through an observer, one per distinct input node.
 
@@ -52,7 +56,7 @@ def insert_observers(gm: fx.GraphModule, linears: Iterable[LinearNode], gram: bo
     still holds observers (no :func:`collect_stats` since) is refused: a second set
     would count every calibration row twice.
     """
-    present = sorted(n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(OBSERVER_PREFIX))
+    present = sorted(n.target for n in gm.graph.nodes if _is_observer(n))
     if present:
         raise CalibrationError(f"the graph already holds {len(present)} observer(s) ({', '.join(present[:3])}"
                                f"{', ...' if len(present) > 3 else ''}): call collect_stats before inserting observers again")
@@ -76,9 +80,7 @@ def collect_stats(gm: fx.GraphModule, linears: Iterable[LinearNode], validate: b
     """
     observers: set[fx.Node] = set()
     for view in linears:
-        observer_node = next(
-            (a for a in view.node.all_input_nodes if a.op == "call_module" and a.target.startswith(OBSERVER_PREFIX)), None
-        )
+        observer_node = next((a for a in view.node.all_input_nodes if _is_observer(a)), None)
         if observer_node is None:
             continue
         view.meta.stats = gm.get_submodule(observer_node.target).stats  # shared by the linears reading this input
