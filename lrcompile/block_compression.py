@@ -43,6 +43,7 @@ makes the same plan and factors; rank 0 writes the model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import hashlib
@@ -926,6 +927,8 @@ class BlockCompressor:
             config = self.skeleton.config
             config.quantization_config = LowRankQuantizationConfig(self.entries)
             config.save_pretrained(self.out)
+            if self.skeleton.can_generate():  # as save_pretrained writes it: generate's defaults (eos, sampling)
+                self.skeleton.generation_config.save_pretrained(self.out)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(self.out)
         _barrier()
@@ -999,4 +1002,6 @@ def compress_model_blocks(model: nn.Module, batches: Sequence[Any], config: LowR
     from .weight_sources import ModuleWeights
 
     skeleton = skeleton_of(model.config, next(model.parameters()).dtype)
+    if getattr(model, "generation_config", None) is not None:
+        skeleton.generation_config = copy.deepcopy(model.generation_config)
     return BlockCompressor(skeleton, ModuleWeights(model), batches, config, out, tokenizer, **kwargs).run()

@@ -50,7 +50,7 @@ from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
 
 log = logging.getLogger(__name__)
 
-SUB_OPTIONS = ("kv_key_share", "aq_config", "aq_group_size", "aq_beam_size", "aq_tolerance")  # None: not given
+SUB_OPTIONS = ("kv_key_share", "kv_unmatched", "aq_config", "aq_group_size", "aq_beam_size", "aq_tolerance")  # None: not given
 CALIBRATION_FILL = 0.5  # real tokens over batch positions below which --calib's batches are called mostly padding
 
 USER_ERROR_STATUS = 2
@@ -403,6 +403,9 @@ def _print_report(result: Compressed) -> None:
 def _compress_blocks(args: argparse.Namespace) -> int:
     """``compress --max-memory`` (or ``--finetune-epochs``, or ``--distill-epochs`` without ``--kv-ratio``): block by
     block from the model's files to the output folder (resumable)."""
+    from transformers import GenerationConfig
+    from transformers.utils import GENERATION_CONFIG_NAME
+
     from .block_compression import BlockCompressor, skeleton_of
     from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
     from .weight_sources import open_weights
@@ -412,6 +415,8 @@ def _compress_blocks(args: argparse.Namespace) -> int:
     texts = _calibration_lines(args)
     folder = open_model_folder(args.model_dir, "generate")
     skeleton = skeleton_of(folder.config)
+    if (folder.path / GENERATION_CONFIG_NAME).is_file() and folder.gguf_file is None:  # as from_pretrained reads it
+        skeleton.generation_config = GenerationConfig.from_pretrained(folder.path, local_files_only=True)
     source = open_weights(folder.path, folder.gguf_file, skeleton)
     batches, distill = _split_batches(args, _calib_file_batches(args, skeleton, folder.tokenizer, texts))
     result = BlockCompressor(skeleton, source, batches, config, args.out, folder.tokenizer,
@@ -519,12 +524,13 @@ def _generation_model(args: argparse.Namespace, config: LowRankConfig) -> tuple[
         texts = calibration_texts(args.calib, args.batch_size, args.max_batches)
     folder = open_model_folder(args.model_dir, "generate")
     folder.check_kv_group_size(config)
-    model, tokenizer = folder.load(), folder.tokenizer
     if args.load is None:
+        model, tokenizer = folder.load(), folder.tokenizer
         return model, tokenizer, dataclasses.replace(config, calibration=_calib_file_batches(args, model, tokenizer, texts))
     if (Path(args.load) / PLAN_FILE).is_file():  # a folder of an earlier lrcompile: swapped into MODEL_DIR's model
+        model, tokenizer = folder.load(), folder.tokenizer
         load_compressed(model, args.load)
-    else:
+    else:  # an ordinary saved folder: MODEL_DIR's dense weights are not needed (a GGUF would be dequantised for nothing)
         saved = open_model_folder(args.load, "generate")
         model, tokenizer = saved.load(), saved.tokenizer
     if next(model_latent_attention(model), None) is None:
@@ -743,6 +749,9 @@ def _compression_options(
     parser.add_argument("--kv-key-share", type=float, default=None,
                         help="with --kv-allocation uniform: K's share of each group's K+V latent values, in (0, 1) "
                         f"(default: {LowRankConfig.kv_key_share})")
+    parser.add_argument("--kv-unmatched", choices=("error", "warn"), default=None,
+                        help="an attention block that cannot be restructured: 'error' stops, 'warn' leaves it dense "
+                        f"and compresses the rest (default: {LowRankConfig.kv_unmatched})")
     parser.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None,
                         help="quantise the linears after factoring: 'aqlm' (additive multi-codebook codes; at "
                         "--param-ratio 1 every weight, below it the factors; default: none)")

@@ -63,6 +63,8 @@ def _lowrank_note(meta: LinearMeta) -> str:
     if meta.sensitivity:
         curve = ", ".join(f"{ratio:g}: {kl:.3g}" for ratio, kl in sorted(meta.sensitivity.items()))
         parts.append(f"sensitivity (ratio: KL) {curve}")
+    if meta.refit_rows:
+        parts.append(f"factored on {meta.refit_rows} tokens of its input with the layers before it compressed")
     plan = meta.plan
     if plan is not None:
         parts.append(f"plan: dense ({plan.reason})" if plan.rank is None else

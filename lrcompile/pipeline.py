@@ -254,7 +254,7 @@ def _find_attention(c: GraphCompression) -> None:
                    "restructured for a latent KV cache and would stay dense: "
                    + "; ".join(f"{u.name}: {u.reason}" for u in c.unmatched_attention))
         if c.config.kv_unmatched == "error":
-            raise LatentCacheError(message + " (option kv_unmatched='warn' compresses the rest and leaves these dense)")
+            raise LatentCacheError(message + " (option kv_unmatched='warn', on the command line --kv-unmatched warn, compresses the rest and leaves these dense)")
         log.warning("%s", message)
 
 
@@ -436,6 +436,7 @@ def _factorize(c: GraphCompression) -> None:
         for step in sequential_steps(c.runner, c.batches, planned, cross=c.config.calibration_order == "error_feedback"):
             whitening = _whitening(c, step)
             for view in step.linears:
+                view.meta.refit_rows = step.stats.rows  # for graph dumps: the statistics are not kept
                 refit[view] = _factors(decompose(dense_weight(c.gm, view, values), c.config.method, step.stats,
                                                  c.config.alpha, view.meta.name, whitening),
                                        plans[view].rank, view)

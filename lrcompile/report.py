@@ -244,14 +244,18 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+QUANTIZED_WHOLE = "kept at full rank, its weight AQLM codes"
+
+
 def layer_report(layer: CompressedLayer, factor_bytes: int = 0) -> LayerReport:
     """``factor_bytes``: the bytes of the factors holding a factored layer (its module's parameters)."""
     plan, aq = layer.plan, layer.quantization
+    whole = layer.status is LayerStatus.QUANTIZED  # the plan's method and reason are about factoring, not done here
     return LayerReport(
         name=plan.name,
         out_features=plan.out_features,
         in_features=plan.in_features,
-        method=layer.method,
+        method="aqlm" if whole else layer.method,
         status=layer.status.value,
         rank=plan.rank,
         params_before=plan.dense_params,
@@ -260,7 +264,7 @@ def layer_report(layer: CompressedLayer, factor_bytes: int = 0) -> LayerReport:
         truncation_loss=plan.truncation_loss,
         dense_bytes=layer.dense_bytes,
         factor_bytes=factor_bytes,
-        reason=plan.reason,
+        reason=QUANTIZED_WHOLE if whole else plan.reason,
         quantization=None if aq is None else f"{aq.spec.name} g={aq.spec.group_size}",
         bits_per_weight=None if aq is None else aq.bits_per_weight,
         output_error=None if aq is None else aq.output_error,

