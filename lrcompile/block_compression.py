@@ -71,7 +71,7 @@ from .config import LowRankConfig
 from .errors import CalibrationError, LowRankConfigError, LowRankError
 from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
 from .modules import RECORD, LowRankLinear
-from .runtime.compiled_forward import check_token_ids, forward_kwargs
+from .runtime.compiled_forward import check_token_ids, forward_kwargs, warn_thin_calibration
 from .types import ActivationStats, CompressionPlan, CompressedLayer, LayerPlan, LayerStatus, LinearMeta, WeightLayout
 from .weight_sources import SAFETENSORS_DTYPES, WeightSource, safetensors_header
 
@@ -432,6 +432,10 @@ class BlockCompressor:
                 raise CalibrationError(f"rank {self.rank} of {self.world} has no {kind} batch: give at least "
                                        f"{self.world} batches")
         self.prefix, self.blocks = decoder_blocks(skeleton)
+        if config.method == "whiten" or config.quantize is not None:
+            name, widest = max(((f"{self.prefix}.{n}", m) for n, m in skeleton.get_submodule(self.prefix).named_modules()
+                                if isinstance(m, nn.Linear)), key=lambda item: item[1].in_features)
+            warn_thin_calibration(batches, widest.in_features, name)
         # the non-block weights, named before any is loaded (loading unties tied embeddings on the skeleton)
         self.rest_names = [name for name, _ in skeleton.named_parameters() if not name.startswith(self.prefix + ".")]
         self.dense_bytes = sum(_meta_bytes(p) for p in skeleton.parameters())  # before blocks are swapped

@@ -82,6 +82,7 @@ def run_chat_demo(model: nn.Module, tokenizer: Any, options: LowRankConfig, *, c
         return model.generate(**b, max_new_tokens=n, do_sample=False)
 
     capacity = batch["input_ids"].shape[1] + max_new_tokens
+    _timed_generate(dense_generate, batch, 2)  # warmed up as the compressed model is below: both timed alike
     dense_out, dense_speed = _timed_generate(dense_generate, batch, max_new_tokens)
     dense_ppl = perplexity(lambda ids: model(ids, use_cache=False), heldout)
     dense_weights = weight_bytes(model)

@@ -83,7 +83,7 @@ from .hf_quantizer import describe_on_config
 from .modules import RECORD, AQLinear, AQLowRankLinear, GroupedLowRankProjection, LowRankLinear, factor_bytes, module_record
 from .pass_manager import Pass, PassManager
 from .report import CompressionReport, build_report
-from .runtime.compiled_forward import check_token_ids
+from .runtime.compiled_forward import check_token_ids, warn_thin_calibration
 from .types import CompressionPlan, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
 
 log = logging.getLogger(__name__)
@@ -281,6 +281,10 @@ def _activation_stats(c: GraphCompression) -> None:
     c.runner = CalibrationRunner(c.gm, c.example_inputs)
     c.batches = c.runner.fit(c.config.calibration)
     check_token_ids(c.batches, _vocabulary_size(c))
+    fit_to_gram = targets + kv_targets if c.config.method == "whiten" else targets if c.config.quantize else []
+    if fit_to_gram:
+        widest = max(fit_to_gram, key=lambda v: v.meta.in_features).meta
+        warn_thin_calibration(c.batches, widest.in_features, widest.name)
     targets = (targets if _observes_weights(c.config) else []) + kv_targets
     if (c.config.method == "svd" and c.config.quantize is None) or not targets:
         return

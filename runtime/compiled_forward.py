@@ -95,6 +95,25 @@ def check_token_ids(batches: Any, vocab_size: int | None) -> None:
                                        "own tokenizer")
 
 
+def warn_thin_calibration(batches: Any, in_features: int, layer: str) -> None:
+    """Warn when the batches hold fewer real tokens than ``layer``'s ``in_features`` inputs (the widest that is
+    whitened or quantised): its Gram ``X^T X`` is then singular, and the fit sees only the directions they span."""
+    tokens = 0
+    for batch in batches:
+        kwargs = forward_kwargs(batch)
+        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+        if isinstance(mask, torch.Tensor):
+            tokens += int(mask.sum())
+        elif isinstance(ids, torch.Tensor):
+            tokens += ids.numel()
+        else:
+            return  # not token batches: rows cannot be counted here
+    if tokens < in_features:
+        log.warning("calibration holds %d real tokens, fewer than the %d inputs of %s: its statistics X^T X are "
+                    "singular and the factors fit only the directions those tokens span; give at least %d tokens "
+                    "(whitening papers use hundreds of thousands)", tokens, in_features, layer, in_features)
+
+
 def compress_on_first_call(model: nn.Module, config: LowRankConfig, fallback_batch: Any = None) -> None:
     """Run the compiled forward once (``use_cache=False``) on the first calibration batch, or on
     ``fallback_batch`` when the options give none, so that the backend compresses the model."""

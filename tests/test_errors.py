@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from tiny_models import FAMILIES, VOCAB, tiny_model, token_batches
@@ -103,6 +105,21 @@ def test_token_ids_outside_the_vocabulary_are_refused_block_by_block(tmp_path):
     batches[0][1, 0] = VOCAB + 7
     with pytest.raises(CalibrationError, match=rf"calibration batch 0 holds token id {VOCAB + 7}, outside"):
         lrcompile.compress_model_blocks(tiny_model("llama"), batches, lrcompile.LowRankConfig(param_ratio=0.8), tmp_path)
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["graph", "block by block"])
+@pytest.mark.parametrize("count,warned", [(1, True), (4, False)])  # 32 / 128 tokens; the widest input: down_proj's 128
+def test_fewer_calibration_tokens_than_inputs_is_a_warning(blocks, count, warned, tmp_path, caplog):
+    model, batches = tiny_model("llama"), token_batches(count)
+    assert model.model.layers[0].mlp.down_proj.in_features == 128
+    options = lrcompile.LowRankConfig(param_ratio=0.8, calibration=batches, compiler="eager")
+    with caplog.at_level(logging.WARNING, logger="lrcompile"):
+        if blocks:
+            lrcompile.compress_model_blocks(model, batches, options, tmp_path)
+        else:
+            _run(model, options)
+    message = "calibration holds 32 real tokens, fewer than the 128 inputs of model.layers.0.mlp.down_proj"
+    assert (message in caplog.text) == warned, caplog.text
 
 
 def test_nan_activations_name_the_first_layer():
