@@ -45,7 +45,7 @@ from .modules import model_latent_attention, weight_bytes
 from .report import model_report
 from .sentence_embeddings import embed, minilm_path
 from .runtime.saved_model import PLAN_FILE, load_compressed, read_factors, read_plan
-from .text_data import read_text_lines, stdlib_sentences, token_batches
+from .text_data import packed_token_batches, read_text_lines, stdlib_sentences, token_batches
 from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
 
 log = logging.getLogger(__name__)
@@ -240,15 +240,20 @@ def check_output_folder(out: str) -> None:
         raise InputError(f"--out {out!r}: no permission to write in {str(existing)!r}")
 
 
-def calibration_texts(path: str | Path, batch_size: int, max_batches: int) -> list[str]:
-    """The first ``batch_size * max_batches`` lines of a text file; at least one full batch."""
+def calibration_texts(path: str | Path, batch_size: int, max_batches: int, pack: bool = False) -> list[str]:
+    """The first ``batch_size * max_batches`` lines of a text file; at least one full batch. ``pack``: every
+    line (they are joined into one token stream, so a batch may take many)."""
     if not Path(path).is_file():
         raise InputError(f"calibration file {str(path)!r} does not exist")
     lines = read_text_lines(path)
+    if pack:
+        if not lines:
+            raise InputError(f"calibration file {str(path)!r} has no non-empty line")
+        return lines
     if len(lines) < batch_size:
         raise InputError(
             f"calibration file {str(path)!r} has {len(lines)} non-empty line{'s' * (len(lines) != 1)}; --batch-size "
-            f"{batch_size} needs at least {batch_size}"
+            f"{batch_size} needs at least {batch_size} (or give --pack to cut windows from the joined text)"
         )
     return lines[: batch_size * max_batches]
 
@@ -328,23 +333,33 @@ def _calib_file_batches(args: argparse.Namespace, model: torch.nn.Module, tokeni
     """The --calib lines as :func:`model_batches`; warns when they fill fewer batches than --max-batches asks, or
     when the batches are mostly padding (each line is one sample, padded to --seq-len): both leave the statistics
     on far fewer tokens than asked."""
-    batches = model_batches(model, tokenizer, texts, args.batch_size, args.seq_len)
+    if args.pack:
+        count = max(args.max_batches, getattr(args, "distill_batches", 0) or 0)
+        batches = packed_token_batches(tokenizer, texts, args.batch_size, args.seq_len, count)
+        if not batches:
+            raise InputError(f"calibration file {args.calib!r} holds fewer tokens than one packed batch of "
+                             f"--batch-size {args.batch_size} x --seq-len {args.seq_len}")
+    else:
+        batches = model_batches(model, tokenizer, texts, args.batch_size, args.seq_len)
     used = batches[:args.max_batches]
     if len(used) < args.max_batches:
-        log.warning("calibration file %r makes %d of the %d batches --max-batches asks (%d lines each)",
-                    args.calib, len(used), args.max_batches, args.batch_size)
+        each = (f"{args.batch_size} x {args.seq_len} tokens" if args.pack else f"{args.batch_size} lines") + " each"
+        log.warning("calibration file %r makes %d of the %d batches --max-batches asks (%s)",
+                    args.calib, len(used), args.max_batches, each)
     masks = [b["attention_mask"] for b in used if isinstance(b.get("attention_mask"), torch.Tensor)]
     real, positions = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
     if positions and real < CALIBRATION_FILL * positions:
         log.warning("the calibration batches hold %s real tokens in %s positions (%.0f%%): each line of %r is one "
-                    "sample, padded to --seq-len %d; write lines of about --seq-len tokens (join short ones)",
+                    "sample, padded to --seq-len %d; give --pack (lines joined, cut into full windows) or lines of about "
+                    "--seq-len tokens",
                     f"{real:,}", f"{positions:,}", 100 * real / positions, args.calib, args.seq_len)
     return batches
 
 
 def _calibration_lines(args: argparse.Namespace) -> list[str]:
     """The lines of --calib that the calibration batches and distillation's own (--distill-batches) need."""
-    return calibration_texts(args.calib, args.batch_size, max(args.max_batches, getattr(args, "distill_batches", 0) or 0))
+    return calibration_texts(args.calib, args.batch_size, max(args.max_batches, getattr(args, "distill_batches", 0) or 0),
+                             args.pack)
 
 
 def _split_batches(args: argparse.Namespace, batches: list[dict[str, torch.Tensor]]
@@ -521,7 +536,7 @@ def _generation_model(args: argparse.Namespace, config: LowRankConfig) -> tuple[
     if args.load is not None and not Path(args.load).is_dir():
         raise InputError(f"--load {args.load!r} is not a folder: give one saved by 'lrcompile compress --kv-ratio ...'")
     if args.calib is not None:
-        texts = calibration_texts(args.calib, args.batch_size, args.max_batches)
+        texts = calibration_texts(args.calib, args.batch_size, args.max_batches, args.pack)
     folder = open_model_folder(args.model_dir, "generate")
     folder.check_kv_group_size(config)
     if args.load is None:
@@ -775,12 +790,16 @@ def _calibration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=_positive, default=128, help="tokens per calibration sample (default: %(default)s)")
     parser.add_argument("--batch-size", type=_positive, default=4, help="samples per calibration batch (default: %(default)s)")
     parser.add_argument("--max-batches", type=_positive, default=16, help="calibration batches used at most (default: %(default)s)")
+    parser.add_argument("--pack", action="store_true",
+                        help="join the --calib lines into one token stream cut into full --seq-len windows (no "
+                        "padding: every position a real token) instead of one padded sample per line")
 
 
 def _folder_command(sub: Any, name: str, help_: str, out_help: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_, description=help_)
     parser.add_argument("model_dir", metavar="MODEL_DIR", help=MODEL_HELP)
-    parser.add_argument("--calib", required=True, metavar="TEXT_FILE", help="calibration text, one sample per line (about --seq-len tokens each: shorter lines are padded)")
+    parser.add_argument("--calib", required=True, metavar="TEXT_FILE", help="calibration text, one sample per line (about --seq-len tokens each: shorter lines are padded; "
+                        "or give --pack)")
     parser.add_argument("--out", required=True, metavar="DIR", help=out_help)
     _calibration_options(parser)
     _compression_options(parser, param_ratio=LowRankConfig.param_ratio, allocation=LowRankConfig.allocation,

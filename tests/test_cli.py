@@ -195,7 +195,7 @@ def test_compress_then_report_then_load(model_dir, calib_file, tmp_path, capsys)
 
 @pytest.mark.parametrize("lines,count,warned", [
     (["word"] * 8, 8, r"the calibration batches hold \d+ real tokens in 128 positions \(\d+%\): each line of '.*' is one "
-                      r"sample, padded to --seq-len 16; write lines of about --seq-len tokens"),
+                      r"sample, padded to --seq-len 16; give --pack \(lines joined, cut into full windows\)"),
     (None, 4, r"calibration file '.*' makes 1 of the 2 batches --max-batches asks \(4 lines each\)"),
 ], ids=["short lines", "few lines"])
 def test_thin_calibration_is_a_warning_naming_what_is_missing(model_dir, tmp_path, caplog, lines, count, warned):
@@ -204,6 +204,31 @@ def test_thin_calibration_is_a_warning_naming_what_is_missing(model_dir, tmp_pat
     with caplog.at_level(logging.WARNING, logger="lrcompile.cli"):
         assert main(["compress", str(model_dir), "--calib", str(calib), "--out", str(tmp_path / "o"), *SMALL]) == 0
     assert any(re.search(warned, r.getMessage()) for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_pack_cuts_full_windows_from_the_joined_lines(model_dir, tmp_path, monkeypatch, caplog):
+    """--pack: three lines (fewer than --batch-size) fill every position of every batch; without it the same
+    file is refused."""
+    from lrcompile import cli
+
+    class Compressed(Exception):
+        pass
+
+    def record(model, batches, config):
+        seen.extend(batches)
+        raise Compressed
+
+    calib = tmp_path / "calib.txt"
+    sentences = stdlib_sentences("calibration", 30)
+    calib.write_text("\n".join(" ".join(sentences[i::3]) for i in range(3)) + "\n")
+    argv = ["compress", str(model_dir), "--calib", str(calib), "--out", str(tmp_path / "o"), *SMALL]
+    assert main(argv) == 2
+    seen: list = []
+    monkeypatch.setattr(cli, "compress", record)
+    with caplog.at_level(logging.WARNING, logger="lrcompile.cli"), pytest.raises(Compressed):
+        main([*argv, "--pack"])
+    assert len(seen) == 2 and all(b["input_ids"].shape == (4, 16) and bool(b["attention_mask"].all()) for b in seen)
+    assert "real tokens" not in caplog.text and "batches --max-batches asks" not in caplog.text
 
 
 def test_compress_replaces_a_saved_model_only_with_overwrite(model_dir, calib_file, tmp_path, capsys):
