@@ -188,6 +188,17 @@ def _is_rotate_half(node, x: fx.Node) -> bool:
             and low.start in (None, 0) and low.stop == half)
 
 
+def _number(arg: object) -> float | None:
+    """A Python number, or a node holding a symbolic one (``torch.compile(dynamic=True)`` lifts a module's float
+    attributes, e.g. ``attention_scaling``, to graph inputs) taken at its value when captured; else None."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg)
+    value = arg.meta.get("example_value") if isinstance(arg, fx.Node) else None
+    if isinstance(value, (torch.SymFloat, torch.SymInt)) and value.node.has_hint():
+        return float(value.node.hint)
+    return None
+
+
 def _rotary_table(node: fx.Node, fn: str) -> tuple[fx.Node, float]:
     """``(emb.<fn>() * scale).to(dtype).unsqueeze(1)`` -> ``(emb, scale)``."""
     if not (_is_method(node, "unsqueeze") and _arg(node, 1, "dim") == 1):
@@ -196,8 +207,8 @@ def _rotary_table(node: fx.Node, fn: str) -> tuple[fx.Node, float]:
     scale = 1.0
     if _is_fn(node, operator.mul, torch.mul):
         a, b = node.args
-        node, scale = (a, b) if isinstance(b, (int, float)) else (b, a)
-        if not isinstance(scale, (int, float)) or not isinstance(node, fx.Node):
+        node, scale = (a, _number(b)) if _number(b) is not None else (b, _number(a))
+        if scale is None or not isinstance(node, fx.Node):
             raise NoMatch("rotary table is scaled by a tensor, not a number")
     if not (_is_method(node, fn) or _is_fn(node, getattr(torch, fn))):
         raise NoMatch(f"rotary table {node.name} is not a {fn}")
@@ -268,7 +279,10 @@ def _sdpa_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | Non
     q, k, v = node.args[:3]
     if _arg(node, 4, "dropout_p", 0.0) not in (0, 0.0):
         raise NoMatch("attention dropout is on")
-    return q, k, v, _arg(node, 3, "attn_mask"), bool(_arg(node, 5, "is_causal", False)), _arg(node, 6, "scale")
+    scale = _arg(node, 6, "scale")
+    if scale is not None and _number(scale) is None:
+        raise NoMatch(f"{node.name}'s scale is not a number")
+    return q, k, v, _arg(node, 3, "attn_mask"), bool(_arg(node, 5, "is_causal", False)), _number(scale)
 
 
 def _eager_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | None, bool, float]:
@@ -284,7 +298,8 @@ def _eager_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | No
     if _is_fn(scores, operator.add):
         scores, mask = scores.args
     product, scale = _mul_operands(scores)
-    if not isinstance(scale, (int, float)) or not _is_fn(product, torch.matmul):
+    scale = _number(scale)
+    if scale is None or not _is_fn(product, torch.matmul):
         raise NoMatch("eager attention scores are not matmul(q, k^T) * scale")
     q, kt = product.args
     if not (_is_method(kt, "transpose") and sorted(kt.args[1:3]) == [2, 3]):

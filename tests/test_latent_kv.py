@@ -184,13 +184,16 @@ def test_attention_kernel_the_matcher_does_not_know_is_named():
 # --------------------------------------------------------------------------- restructure
 
 
-@pytest.mark.parametrize("family", ROPE_FAMILIES)
-def test_kv_ratio_one_is_exact_without_cache(family):
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])  # dynamic: the RoPE and SDPA scales
+@pytest.mark.parametrize("family", ROPE_FAMILIES)                           # are symbolic floats in the graph
+def test_kv_ratio_one_is_exact_without_cache(family, dynamic):
     model = tiny_rope_model(family)
-    ids = token_batches(1, seq=12)[0]
+    ids, other = token_batches(1, seq=12)[0], token_batches(1, batch=3, seq=7, seed=5)[0]
     with torch.no_grad():
-        dense = model(ids, use_cache=False).logits
-        out = torch.compile(model, backend="lowrank", options=_config())(ids, use_cache=False).logits
+        dense, dense_other = model(ids, use_cache=False).logits, model(other, use_cache=False).logits
+        compiled = torch.compile(model, backend="lowrank", dynamic=dynamic, options=_config())
+        out = compiled(ids, use_cache=False).logits
+        assert (compiled(other, use_cache=False).logits - dense_other).abs().max() < 1e-5
     assert (out - dense).abs().max() < 1e-5
     latent = dict(model_latent_attention(model))
     assert len(latent) == 2 and all(layer.latent_width == layer.dense_width for layer in latent.values())
