@@ -20,6 +20,7 @@ from .errors import (
     LowRankError,
     NoCompressibleLinearError,
     SavedPlanError,
+    WeightError,
 )
 from .hf_quantizer import LowRankQuantizationConfig
 from .types import CompressedLayer, CompressionPlan, LayerPlan, LayerStatus
@@ -52,6 +53,7 @@ __all__ = [
     "LowRankError",
     "NoCompressibleLinearError",
     "SavedPlanError",
+    "WeightError",
     *_LAZY,
 ]
 

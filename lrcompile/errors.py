@@ -16,6 +16,10 @@ class CalibrationError(LowRankError, ValueError):
     """Calibration data is missing, empty, does not fit the graph, or produced NaN/Inf."""
 
 
+class WeightError(LowRankError, ValueError):
+    """A layer's weight cannot be factored or quantised: it holds NaN or Inf."""
+
+
 class NoCompressibleLinearError(LowRankError):
     """A graph holds parameters but no linear layer that may be compressed."""
 

@@ -39,7 +39,7 @@ from lrcompile.passes import (
 )
 from lrcompile.passes.attention_blocks import AttentionBlock, UnmatchedAttention, find_attention_blocks
 from lrcompile.passes.calibration_runner import is_state_input
-from lrcompile.passes.decomposition import LinearDecomposition, Whitening, shared_whitening
+from lrcompile.passes.decomposition import LinearDecomposition, Whitening, check_finite_weight, shared_whitening
 from lrcompile.passes.find_linears import (
     ModuleSlot,
     dynamo_frame_locals,
@@ -278,6 +278,9 @@ def _activation_stats(c: GraphCompression) -> None:
             f"kv_allocation={c.config.kv_allocation!r}: pass an iterable of model inputs (only method='svd' with "
             "allocation='uniform' and kv_allocation='uniform' needs none)"
         )
+    kv_linears = [view for block in c.new_blocks() for view in (block.k_linear, block.v_linear)] if kv_targets else []
+    for view in targets + kv_linears:  # before calibration: a NaN weight would surface as NaN activations further on
+        check_finite_weight(c.weight(view), view.meta.name)
     c.runner = CalibrationRunner(c.gm, c.example_inputs)
     c.batches = c.runner.fit(c.config.calibration)
     check_token_ids(c.batches, _vocabulary_size(c))

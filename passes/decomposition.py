@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lrcompile.errors import CalibrationError, LowRankConfigError
+from lrcompile.errors import CalibrationError, LowRankConfigError, WeightError
 from lrcompile.types import FACTOR_METHODS, ActivationStats, accumulation_dtype
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,13 @@ def shared_whitening(method: str, stats: ActivationStats | None, layer: str, cro
     return Whitening.of(stats, layer, cross) if method == "whiten" else None
 
 
+def check_finite_weight(weight: torch.Tensor, layer: str) -> None:
+    """Refuse a weight holding NaN or Inf by its layer's name (an SVD of it fails without one)."""
+    if not bool(torch.isfinite(weight).all()):
+        raise WeightError(f"layer {layer!r}: its weight holds NaN or Inf, which no factorisation can represent; "
+                          "check the checkpoint (or leave the layer out with option 'exclude')")
+
+
 def decompose(
     weight: torch.Tensor,
     method: str,
@@ -146,6 +153,7 @@ def decompose(
         raise LowRankConfigError(f"layer {layer!r}: unknown factoring method {method!r}; expected one of "
                                  f"{', '.join(map(repr, FACTOR_METHODS))}")
     w = weight.detach().to(accumulation_dtype(weight.device))  # on the weight's device
+    check_finite_weight(w, layer)
     if method != "svd" and stats is None and whitening is None:
         raise CalibrationError(f"layer {layer!r}: method {method!r} needs activation statistics")
     if (whitening is not None or output_metric is not None) and method != "whiten":

@@ -122,6 +122,21 @@ def test_fewer_calibration_tokens_than_inputs_is_a_warning(blocks, count, warned
     assert (message in caplog.text) == warned, caplog.text
 
 
+@pytest.mark.parametrize("options", [dict(), dict(method="svd"), dict(calibration_order="sequential"),
+                                     dict(kv_ratio=0.5, param_ratio=1.0)],
+                         ids=["error feedback", "svd", "sequential", "latent kv"])
+def test_a_non_finite_weight_names_its_layer(options):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("nan")
+    options = lrcompile.LowRankConfig(**{"param_ratio": 0.5, "calibration": token_batches(4), "compiler": "eager",
+                                         **options})
+    layer = r"model\.layers\.0\.self_attn\.v_proj(\[group 0\])?"
+    with pytest.raises(Exception, match=rf"layer '{layer}': its weight holds NaN or Inf") as excinfo:
+        _run(model, options, use_cache=False)
+    assert isinstance(_inner(excinfo), lrcompile.WeightError)
+
+
 def test_nan_activations_name_the_first_layer():
     model = tiny_model("llama")
     with torch.no_grad():
