@@ -43,9 +43,10 @@ from lrcompile.passes.decomposition import LinearDecomposition, Whitening, check
 from lrcompile.passes.find_linears import (
     ModuleSlot,
     dynamo_frame_locals,
-    parameter_owner,
     node_constant,
+    parameter_owner,
     placeholder_values,
+    unrecognised_linears,
     weight_owner,
     weight_tensor,
 )
@@ -198,7 +199,10 @@ def _find_linears(c: GraphCompression) -> None:
         c.owners[view] = slot
         if record is not None and _reusable(c, view.meta.name, record.options, dense_held=True):
             c.recorded[view] = record
-    if not c.linears:  # a graph-break fragment (embeddings, mask building) or a model without linears
+    unknown = unrecognised_linears(c.gm, c.linears, c.frame_locals)
+    unknown_text = (f"{len(unknown)} nn.Linear module(s) use their weight in an op other than a linear (e.g. x @ W.T) "
+                    f"and stay dense: {', '.join(unknown[:4])}{', ...' * (len(unknown) > 4)}")
+    if not c.linears and not unknown:  # a graph-break fragment (embeddings, mask building) or a model without linears
         log.warning("a captured graph has no linear layer: nothing to compress in it")
     elif not compressed and not any(v.meta.compressible for v in c.linears):
         shown = 6
@@ -206,9 +210,11 @@ def _find_linears(c: GraphCompression) -> None:
         if len(c.linears) > shown:
             found += f"; and {len(c.linears) - shown} more"
         raise NoCompressibleLinearError(
-            f"the captured graph has no compressible linear layer (linears found: {found}); "
-            f"include={list(c.config.include)}, exclude={list(c.config.exclude)}"
+            f"the captured graph has no compressible linear layer (linears found: {found or 'none'}"
+            f"{'; ' + unknown_text if unknown else ''}); include={list(c.config.include)}, exclude={list(c.config.exclude)}"
         )
+    elif unknown:
+        log.warning("%s", unknown_text)
 
 
 def _check_installed_aq(c: GraphCompression) -> bool:

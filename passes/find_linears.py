@@ -1,8 +1,9 @@
 """Analysis pass: find every matmul-with-a-weight node and name it by module path.
 
 Recognised forms: ``F.linear`` / ``aten.linear`` (weight ``[out, in]``),
-``addmm(bias, x, W[in, out])`` (HF ``Conv1D``, GPT-2) and ``call_module`` of an
-``nn.Linear`` (``symbolic_trace``). Each found node gets a
+``x @ W.T`` (Falcon's ``FalconLinear``; a bias added after it stays the graph's
+own add), ``addmm(bias, x, W[in, out])`` (HF ``Conv1D``, GPT-2) and
+``call_module`` of an ``nn.Linear`` (``symbolic_trace``). Each found node gets a
 :class:`~lrcompile.types.LinearMeta` under ``node.meta["lowrank"]``; a node that
 is found but may not be compressed says why in ``skip_reason``.
 """
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
 ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
+MATMUL_TARGETS = (operator.matmul, torch.matmul)
+WEIGHT_SOURCE = "._parameters['weight']"  # the end of a Dynamo source naming a module's weight
 _MODULE_PATH = re.compile(r"_modules\['([^']*)'\]")
 _PARAMETER_SOURCE = re.compile(r"^L\['([^']+)'\]((?:\[\d+\])*)((?:\._modules\['[^']+'\])+)\._parameters\['[^']+'\]$")
 
@@ -47,6 +51,22 @@ class LinearNode:
         return self.node.meta[META_KEY]
 
 
+def _transposed_source(node: Any) -> fx.Node | None:
+    """``W`` of ``W.T`` / ``W.t()`` / ``torch.t(W)`` / ``W.transpose(0, 1)`` when ``W`` is a parameter node."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1:
+        return None
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("T",):
+        source = node.args[0]
+    elif (node.op == "call_method" and node.target == "t") or (node.op == "call_function" and node.target is torch.t):
+        source = node.args[0]
+    elif node.op == "call_method" and node.target == "transpose" and sorted(node.args[1:]) in ([0, 1], [-2, -1]):
+        source = node.args[0]
+    else:
+        return None
+    is_parameter = source.op == "get_attr" or (source.op == "placeholder" and "grapharg" in source.meta)
+    return source if isinstance(source, fx.Node) and is_parameter and len(source.users) == 1 else None
+
+
 def linear_view(gm: fx.GraphModule, node: fx.Node) -> LinearNode | None:
     """The :class:`LinearNode` of ``node``, or None when it is no recognised linear."""
     if node.op == "call_function" and node.target in LINEAR_TARGETS:
@@ -59,6 +79,11 @@ def linear_view(gm: fx.GraphModule, node: fx.Node) -> LinearNode | None:
         bias, x, weight = node.args
         if all(isinstance(a, fx.Node) for a in (bias, x, weight)):
             return LinearNode(node, WeightLayout.ADDMM, x, weight, bias)
+    elif node.op == "call_function" and node.target in MATMUL_TARGETS and len(node.args) == 2 and not node.kwargs:
+        x, transposed = node.args
+        weight = _transposed_source(transposed)
+        if isinstance(x, fx.Node) and weight is not None:  # x @ W.T: F.linear(x, W) without bias (Falcon)
+            return LinearNode(node, WeightLayout.LINEAR, x, weight, None)
     elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
         return LinearNode(node, WeightLayout.MODULE, node.args[0], None, None)
     return None
@@ -126,6 +151,29 @@ def parameter_owner(gm: fx.GraphModule, node: fx.Node, frame_locals: Mapping[str
     for index in re.findall(r"\d+", match.group(2)):
         root = root[int(index)]
     return _slot(root, _MODULE_PATH.findall(match.group(3)))
+
+
+def unrecognised_linears(gm: fx.GraphModule, linears: Sequence[LinearNode],
+                         frame_locals: Mapping[str, Any] | None) -> list[str]:
+    """Module paths of the ``nn.Linear`` modules (subclasses included) whose weight ``gm`` reads other than
+    as a recognised linear (e.g. in an einsum): they stay dense. Found where the graph's parameter sources lead
+    to the model's modules (Dynamo); a ``symbolic_trace`` graph keeps such a weight on a plain ``Module``."""
+    recognised = {view.weight for view in linears if view.layout is not WeightLayout.MODULE}
+    found = []
+    for node in gm.graph.nodes:
+        if node in recognised:
+            continue
+        grapharg = node.meta.get("grapharg") if node.op == "placeholder" else None
+        if node.op == "get_attr" and str(node.target).endswith(".weight"):
+            path = str(node.target).removesuffix(".weight")
+        elif grapharg is not None and grapharg.source.name.endswith(WEIGHT_SOURCE):
+            path = module_path(grapharg.source.name.removesuffix(WEIGHT_SOURCE))
+        else:
+            continue
+        slot = parameter_owner(gm, node, frame_locals)
+        if slot is not None and isinstance(slot.module, nn.Linear):
+            found.append(path)
+    return found
 
 
 def placeholder_values(gm: fx.GraphModule, example_inputs: list[Any] | None) -> dict[fx.Node, Any]:

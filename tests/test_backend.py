@@ -48,7 +48,7 @@ def test_ratio_one_reproduces_dense(family):
 
 @pytest.mark.parametrize(
     ("family", "method"),
-    [(f, m) for f in ("llama", "gpt2") for m in ("svd", "asvd", "whiten")] + [(f, "whiten") for f in ("qwen2", "opt", "bert")],
+    [(f, m) for f in ("llama", "gpt2") for m in ("svd", "asvd", "whiten")] + [(f, "whiten") for f in ("qwen2", "opt", "falcon", "bert")],
 )
 def test_full_rank_factoring_is_exact_on_dynamo_graphs(family, method):
     """Every linear of the captured graph factored at full rank: logits within float32 round-off."""

@@ -359,3 +359,46 @@ def test_dynamo_conv1d_model():
 def test_weight_dtype_recorded(dtype):
     views = find_linears(fx.symbolic_trace(Net().to(dtype)))
     assert all(v.meta.weight_dtype == dtype for v in views)
+
+
+class TransposedMatmulNet(nn.Module):
+    """Linear subclasses computing ``x @ W.T`` (Falcon's ``FalconLinear``) in the three spellings of the transpose,
+    and one whose weight enters an einsum, which is no recognised linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(8, 16), nn.Linear(16, 12), nn.Linear(12, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x @ self.a.weight.T + self.a.bias
+        x = torch.matmul(x, self.b.weight.t())
+        x = x @ self.c.weight.transpose(0, 1)
+        return torch.einsum("bi,oi->bo", x, self.d.weight)
+
+
+@pytest.mark.parametrize("capture", ["symbolic_trace", "dynamo"])
+def test_x_times_w_transposed_is_a_linear_and_an_unrecognised_use_is_named(capture):
+    from lrcompile.passes.find_linears import dynamo_frame_locals, unrecognised_linears
+
+    torch.manual_seed(0)
+    net, x = TransposedMatmulNet().eval(), torch.randn(3, 8)
+    found = {}
+
+    def backend(gm, example_inputs):
+        views = find_linears(gm, example_inputs)
+        values = placeholder_values(gm, example_inputs)
+        found["linears"] = {v.meta.name: (v.layout, v.bias, dense_weight(gm, v, values)) for v in views}
+        found["unknown"] = unrecognised_linears(gm, views, dynamo_frame_locals(gm))
+        return gm.forward
+
+    if capture == "dynamo":
+        torch.compile(net, backend=backend, fullgraph=True)(x)
+    else:
+        gm = fx.symbolic_trace(net)
+        backend(gm, [x])
+    assert set(found["linears"]) == {"a", "b", "c"}
+    # a symbolic_trace GraphModule keeps d's weight on a plain Module: only Dynamo's sources name the nn.Linear
+    assert found["unknown"] == (["d"] if capture == "dynamo" else [])
+    for name, (layout, bias, weight) in found["linears"].items():
+        assert layout is WeightLayout.LINEAR and bias is None  # a's bias stays the graph's own add
+        assert torch.equal(weight, getattr(net, name).weight)

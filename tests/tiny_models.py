@@ -1,4 +1,4 @@
-"""Tiny Hugging Face models of the five supported families, built from configs (no downloads)."""
+"""Tiny Hugging Face models of the supported families, built from configs (no downloads)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     BertConfig,
+    FalconConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -25,6 +26,8 @@ CONFIGS = {
                              word_embed_proj_dim=64, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
                                eos_token_id=1),
+    "falcon": lambda: FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   bias=True),  # FalconLinear: x @ W.T + b
     "bert": lambda: BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, max_position_embeddings=64),
 }
