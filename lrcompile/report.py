@@ -179,10 +179,22 @@ class CompressionReport:
         summary = (
             f"\n**Totals:** {t['factored']} of {t['linears']} linears factored; parameters {t['params_before']:,} -> "
             f"{t['params_after']:,} (ratio {t['param_ratio']}); weight bytes measured {t['weight_bytes_before']:,} -> "
-            f"{t['weight_bytes_after']:,} (ratio {t['weight_bytes_ratio']}).\n\n**Cost formulas (T = tokens):**\n\n"
+            f"{t['weight_bytes_after']:,} (ratio {t['weight_bytes_ratio']}).{self._latent_note()}\n\n"
+            "**Cost formulas (T = tokens):**\n\n"
         )
         formulas = "\n".join(f"- `{k}` = `{v}`" for k, v in self.formulas().items())
         return "\n".join(rows) + "\n" + summary + formulas + "\n" + self._quantization_markdown() + self._attention_markdown()
+
+    def _latent_note(self) -> str:
+        """Where the weights of latent attention are counted, which the totals leave out."""
+        kept = [layer for layer in self.layers if layer.status == LayerStatus.LATENT.value]
+        if not kept and not self.attention:
+            return ""
+        before = sum(a.weight_bytes_before for a in self.attention)
+        after = sum(a.weight_bytes_after for a in self.attention)
+        return (f" Not in these totals: the K/V projections of latent attention ({before:,} -> {after:,} bytes, "
+                f"section Latent KV cache) and its {len(kept)} output projection(s), kept dense "
+                f"({sum(layer.dense_bytes for layer in kept):,} bytes).")
 
     def _quantization_markdown(self) -> str:
         quantized = [layer for layer in self.layers if layer.quantization is not None]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -435,6 +437,15 @@ def test_report_shows_kv_ranks_formulas_and_measured_bytes(tmp_path):
     assert formulas["kv_cache_bytes_latent(B, T)"] == "264*B*T"  # 2 x 32 x 4 + 8 position bytes
     assert report.kv_bytes_measured == (cache.latent_bytes, 512 * 16)
     assert "## Latent KV cache" in report.to_markdown()
+    # the totals, the attention section and the dense output projections add up to every projection's bytes
+    linears = [m for name, m in model.named_modules() if name.startswith("model.layers.") and not list(m.children())
+               and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
+    held = sum(p.numel() * p.element_size() for m in linears for p in m.parameters(recurse=False) if p.dim() >= 2)
+    kept = sum(a.weight_bytes_after for a in report.attention)
+    note = re.search(r"Not in these totals: .* \((\d[\d,]*) -> ([\d,]+) bytes, .* 2 output projection\(s\), kept dense "
+                     r"\(([\d,]+) bytes\)", report.to_markdown())
+    assert note and int(note[2].replace(",", "")) == kept
+    assert report.bytes_after + kept + int(note[3].replace(",", "")) == held
     graph_dir = next(tmp_path.glob("graph_*"))  # the first (stateless) graph compressed the model
     dumps = sorted(p.name for p in graph_dir.glob("*restructure_attention*"))
     assert [name[3:] for name in dumps] == ["restructure_attention_after.py", "restructure_attention_before.py"]
