@@ -7,6 +7,7 @@ import difflib
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -275,6 +276,11 @@ class LowRankConfig:
             set_(self, "dump_dir", os.environ[DUMP_ENV])
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise LowRankConfigError(f"option 'dump_dir'={self.dump_dir!r}: expected a folder path")
+        if self.dump_dir is not None:
+            existing = next(p for p in (Path(self.dump_dir), *Path(self.dump_dir).absolute().parents) if p.exists())
+            if not existing.is_dir():
+                raise LowRankConfigError(f"option 'dump_dir'={str(self.dump_dir)!r}: {str(existing)!r} is a file, not "
+                                         "a folder")
 
     @property
     def needs_calibration(self) -> bool:

@@ -237,6 +237,10 @@ def _find_attention(c: GraphCompression) -> None:
     A block whose K and V are grouped projections was restructured earlier: its record comes from them.
     """
     blocks, c.unmatched_attention = find_attention_blocks(c.gm, c.linears)
+    if c.config.kv_ratio is not None and not blocks and not c.unmatched_attention and c.owners:
+        log.warning("kv_ratio=%s: the captured graph has linears but no attention block, so no KV cache to "
+                    "compress in it (a model without attention, or attention in another graph after a graph break)",
+                    c.config.kv_ratio)
     for block in blocks:
         if block.restructured:
             c.blocks.append((block, module_record(weight_owner(c.gm, block.k_linear.latent, c.frame_locals).module)))

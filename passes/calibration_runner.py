@@ -242,7 +242,8 @@ class CalibrationRunner:
         A graph captured with static shapes runs only on its captured
         ``[batch, length]`` (``model.generate`` compiles the prompt's shape). Batches
         of another shape are re-cut into windows of that shape, their 2-D inputs
-        (ids, mask, token types) alike, so every calibration token is still used.
+        (ids, mask, token types) alike; a row's tail shorter than a window, and
+        windows beyond a whole batch, are dropped (the warning counts them).
         """
         primary = self.primary
         node = next((n for n, i in self.inputs.items() if i == primary and self._user_label(n) == i.source), None)
@@ -270,8 +271,10 @@ class CalibrationRunner:
                 f"the graph was captured for inputs of shape {shape} and the calibration batches hold fewer than "
                 f"{rows} windows of {length} tokens; give longer calibration batches or compile with dynamic=True"
             )
-        log.warning("graph captured for the static shape %s: calibration re-cut into %d batches of that shape "
-                    "(compile with dynamic=True to calibrate on the batches as given)", shape, count)
+        given = sum(t.numel() for t in ids)
+        log.warning("graph captured for the static shape %s: calibration re-cut into %d batches of that shape, "
+                    "using %d of the %d token positions given (compile with dynamic=True to calibrate on the batches "
+                    "as given)", shape, count, count * rows * length, given)
         return [{key: torch.stack(parts[k * rows:(k + 1) * rows]) for key, parts in windows.items()} for k in range(count)]
 
     def _user_value(self, node: fx.Node, env: Mapping[str, Any]) -> Any:

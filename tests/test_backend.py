@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -338,7 +339,7 @@ def test_same_options_after_reset_reuse_the_records():
     assert torch.equal(first, again)
 
 
-def test_model_generate_on_a_lowrank_compiled_forward():
+def test_model_generate_on_a_lowrank_compiled_forward(caplog):
     """transformers' own generate: the first compiled call has generate's inputs (position_ids, cache, ...) and the
     prompt's static shape; tensor calibration batches of another shape bind to input_ids and are re-cut to fit."""
     from tiny_models import tiny_rope_model
@@ -347,9 +348,11 @@ def test_model_generate_on_a_lowrank_compiled_forward():
     model.forward = torch.compile(model.forward, backend="lowrank", options=lrcompile.LowRankConfig(
         calibration=token_batches(3, seq=16), param_ratio=0.5, allocation="uniform", compiler="eager"))
     prompt = token_batches(1, batch=1, seq=6, seed=5)[0]
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="lrcompile"):
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
         logits = model(out, use_cache=False).logits
+    # 3 batches x 2 rows x 16 tokens: 2 windows of 6 per row, 12 windows of [1, 6]; each row's last 4 tokens dropped
+    assert "re-cut into 12 batches of that shape, using 72 of the 96 token positions given" in caplog.text
     assert lrcompile.model_report(model).param_ratio <= 0.5
     assert torch.equal(logits[0, 5:-1].argmax(-1), out[0, 6:])  # cached decode agrees with a full recompute
 

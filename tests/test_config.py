@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -108,6 +109,13 @@ def test_other_bad_values_name_key_and_value(key, value):
     assert repr(key) in message
     shown = value[1] if key == "sensitivity_ratios" and isinstance(value, list) and value else value
     assert repr(shown) in message
+
+
+@pytest.mark.parametrize("under", ["", "/graphs"], ids=["the file", "under the file"])
+def test_dump_dir_at_a_file_is_refused(tmp_path, under):
+    (tmp_path / "notes.txt").write_text("x")
+    message = _error(_opts(dump_dir=f"{tmp_path}/notes.txt{under}"))
+    assert re.search(r"option 'dump_dir'='.*notes\.txt(/graphs)?': '.*notes\.txt' is a file, not a folder", message), message
 
 
 def test_valid_values_are_normalised():

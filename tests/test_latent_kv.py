@@ -175,6 +175,14 @@ def test_kv_unmatched_warn_leaves_those_blocks_dense_and_says_why(caplog):
     assert list(model_latent_attention(model)) == []
 
 
+def test_kv_ratio_on_a_graph_without_attention_is_a_warning(caplog):
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).eval()
+    with torch.no_grad():
+        torch.compile(mlp, backend="lowrank", options=_config(kv_ratio=0.5, calibration=[torch.randn(8, 64)]))(
+            torch.randn(8, 64))
+    assert "kv_ratio=0.5: the captured graph has linears but no attention block" in caplog.text
+
+
 def test_attention_kernel_the_matcher_does_not_know_is_named():
     """flex attention (or any attention op other than SDPA / eager softmax) is not silently weight-factored."""
     model = tiny_rope_model("llama", attn_implementation="flex_attention")
