@@ -42,7 +42,7 @@ import torch
 from .config import CALIBRATION_ORDERS, COMPILERS, DEFAULT_EXCLUDE, QUANTIZE_METHODS, LowRankConfig
 from .errors import LowRankError
 from .modules import model_latent_attention, weight_bytes
-from .report import model_report
+from .report import CompressionReport, model_report
 from .sentence_embeddings import embed, minilm_path
 from .runtime.saved_model import PLAN_FILE, load_compressed, read_factors, read_plan
 from .text_data import packed_token_batches, read_text_lines, stdlib_sentences, token_batches
@@ -422,7 +422,6 @@ def _compress_blocks(args: argparse.Namespace) -> int:
     from transformers.utils import GENERATION_CONFIG_NAME
 
     from .block_compression import BlockCompressor, skeleton_of
-    from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
     from .weight_sources import open_weights
 
     config = _config(args, dump_dir=None)
@@ -437,10 +436,7 @@ def _compress_blocks(args: argparse.Namespace) -> int:
     result = BlockCompressor(skeleton, source, batches, config, args.out, folder.tokenizer,
                              args.max_memory, args.device, source_name=str(folder.path / (folder.gguf_file or "")),
                              distill_batches=distill).run()
-    saved = skeleton_of(folder.config)  # the report reads the saved description, blocks resumed included
-    build_compressed_modules(saved, LowRankQuantizationConfig.from_dict(
-        json.loads((Path(args.out) / "config.json").read_text())["quantization_config"]))
-    report = model_report(saved)
+    report = saved_report(folder.config, Path(args.out))  # the saved description, blocks resumed included
     print(report.to_markdown())
     report.save(args.out)
     resumed = f", {result.blocks_resumed} blocks resumed from an earlier run" if result.blocks_resumed else ""
@@ -488,19 +484,36 @@ def run_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def saved_report(config: Any, folder: Path) -> CompressionReport:
+    """The report of the compressed model saved in ``folder`` (``config``: its model config), read from the
+    ``quantization_config`` of its config.json on a weightless skeleton: no weight is loaded."""
+    from .block_compression import skeleton_of
+    from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
+
+    skeleton = skeleton_of(config)
+    build_compressed_modules(skeleton, LowRankQuantizationConfig.from_dict(
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))["quantization_config"]))
+    return model_report(skeleton)
+
+
 def run_report(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
+    if folder.is_file():
+        raise InputError(f"{args.dir!r} is a file: give the folder written by 'lrcompile compress' or save_pretrained")
     if not folder.is_dir():
         raise InputError(f"folder {args.dir!r} does not exist")
-    report_md, plan_json = folder / "report.md", folder / PLAN_FILE
-    if not report_md.is_file() and not plan_json.is_file():
-        raise InputError(
-            f"folder {args.dir!r} holds neither report.md nor {PLAN_FILE}: not written by 'lrcompile compress' or 'dump'"
-        )
-    config_json = folder / "config.json"
+    report_md, plan_json, config_json = folder / "report.md", folder / PLAN_FILE, folder / "config.json"
     described = json.loads(config_json.read_text(encoding="utf-8")).get("quantization_config") if config_json.is_file() else None
+    lowrank = isinstance(described, dict) and described.get("quant_method") == "lowrank"
+    if not report_md.is_file() and not plan_json.is_file() and not lowrank:
+        raise InputError(f"folder {args.dir!r} holds neither report.md, {PLAN_FILE} nor a config.json with a "
+                         "'lowrank' quantization_config: not written by 'lrcompile compress', 'dump' or save_pretrained")
     if report_md.is_file():
         print(report_md.read_text(encoding="utf-8"))
+    elif lowrank:  # saved by model.save_pretrained: the report is rebuilt from the saved description
+        from transformers import AutoConfig
+
+        print(saved_report(AutoConfig.from_pretrained(folder, local_files_only=True), folder).to_markdown())
     if plan_json.is_file():
         saved = read_plan(folder)
         factors = read_factors(saved)
@@ -511,7 +524,7 @@ def run_report(args: argparse.Namespace) -> int:
             f"(ratio {t['param_ratio']}); {2 * len(factors)} factor tensors checked"
             + (f", and the tensors of {len(saved.attention)} latent attention blocks" if saved.attention else "")
         )
-    if isinstance(described, dict) and described.get("quant_method") == "lowrank":
+    if lowrank:
         linears = described.get("linears", {})
         factored = sum(entry.get("status") == "factored" for entry in linears.values())
         print(f"saved model {config_json}: quantization_config 'lowrank' describes {len(linears)} linears ({factored} "

@@ -183,6 +183,10 @@ def test_compress_then_report_then_load(model_dir, calib_file, tmp_path, capsys)
     assert "| model.layers.1.mlp.down_proj | 32 x 64 |" in printed
     factored = int(re.search(r"quantization_config 'lowrank' describes 14 linears \((\d+) factored\)", printed).group(1))
     assert factored > 0
+    (out / "report.md").unlink()  # as model.save_pretrained leaves it: the report is rebuilt from config.json
+    assert main(["report", str(out)]) == 0
+    rebuilt = capsys.readouterr().out
+    assert "| model.layers.1.mlp.down_proj | 32 x 64 |" in rebuilt and f"**Totals:** {factored} of 14 linears" in rebuilt
 
     # the saved folder is a model folder: from_pretrained builds it compressed; it compiles without calibration
     model, tokenizer = load_model_folder(out)
@@ -272,7 +276,9 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
         (["generate", "{model}", "--load", "{tmp}", "--prompt", "hi"],
          r"model '.*' has no config\.json: expected a Hugging Face model folder"),
         (["report", "{tmp}/missing"], r"folder '.*/missing' does not exist"),
-        (["report", "{tmp}"], r"folder '.*' holds neither report\.md nor plan\.json"),
+        (["report", "{tmp}"], r"folder '.*' holds neither report\.md, plan\.json nor a config\.json with a 'lowrank' "
+                              r"quantization_config"),
+        (["report", "{calib}"], r"'.*calib\.txt' is a file: give the folder written by 'lrcompile compress'"),
         # checked before any weight loads (the weightless folders have none)
         (["compress", "{no_tokenizer}", "--calib", "{calib}", "--out", "{tmp}/o"],
          r"model '.*no_tokenizer.*' has no usable tokenizer: .*; save the model's tokenizer in it"),
@@ -321,7 +327,7 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
     ],
     ids=["no model folder", "no config", "no calib file", "too few lines", "bad ratio", "bad kv ratio",
          "generate: bad kv ratio", "generate: not a causal LM", "generate: no calib nor load", "generate: load no plan",
-         "report: no folder", "report: empty", "no tokenizer", "vit", "dump: resnet", "t5", "generate: t5",
+         "report: no folder", "report: empty", "report: a file", "no tokenizer", "vit", "dump: resnet", "t5", "generate: t5",
          "no model_type", "out is a file", "dump: out under a file", "kv group size", "generate: kv group size",
          "calibration order needs whiten", "distill batches without epochs", "too few distill batches",
          "options without their parent", "option at its default without its parent", "out holds a model", "generate: load no folder"],
