@@ -114,6 +114,11 @@ class _Input:
     name: str | None
     position: int | None
 
+    @property
+    def label(self) -> str:
+        """How a message names it: ``input_ids``, or ``positional input 0``."""
+        return self.name if self.name is not None else f"positional input {self.position}"
+
 
 def _top_input(node: fx.Node, order: int, positional: int) -> _Input:
     """The call argument a user placeholder reads (``kwargs[k]``, a named local, ``args[i]``); ``positional``:
@@ -199,17 +204,24 @@ class CalibrationRunner:
         grapharg = node.meta.get("grapharg")
         return grapharg.source.name if grapharg is not None else str(node.target)
 
+    def _labels(self) -> list[str]:
+        """The graph's user inputs as messages name them, each once."""
+        return list(dict.fromkeys(self.inputs[n].label for n in self.user))
+
     def _given(self, batch: Any, index: int) -> dict[_Input, Any]:
         """The batch's values keyed by the top-level inputs they fill."""
         if isinstance(batch, Mapping):
             return {i: batch[i.name] for i in self.top_inputs if i.name in batch}
         if isinstance(batch, torch.Tensor):
             batch = (batch,)
+        if isinstance(batch, (list, tuple)) and batch and all(isinstance(x, (int, float, list)) for x in batch):
+            raise CalibrationError(f"calibration batch {index} is a Python list of numbers: give token ids as a "
+                                   "tensor (torch.tensor(batch)), or a dict of tensors by input name")
         positional = self.positional or ([self.primary] if self.primary is not None else [])
         if len(batch) > len(positional):
             raise CalibrationError(
                 f"calibration batch {index} gives {len(batch)} positional inputs, the captured graph takes "
-                f"{len(positional)} ({', '.join(i.source for i in positional) or 'none'}); give a dict of inputs by name"
+                f"{len(positional)} ({', '.join(i.label for i in positional) or 'none'}); give a dict of inputs by name"
             )
         return dict(zip(positional, batch))
 
@@ -309,7 +321,7 @@ class CalibrationRunner:
                 except (_Missing, KeyError, IndexError) as err:
                     raise CalibrationError(
                         f"calibration batch {index} does not give the graph input {self._user_label(node)!r}; "
-                        f"the graph was captured with inputs {', '.join(self._user_label(n) for n in self.user)}. "
+                        f"the graph was captured with inputs {', '.join(self._labels())}. "
                         "Give calibration batches with the same inputs as the compiled call."
                     ) from err
         self._check_extra_keys(batch, index)
@@ -319,7 +331,7 @@ class CalibrationRunner:
         expected = node.meta.get("example_value", node.meta.get("val"))
         if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor):
             return value
-        label = self._user_label(node)
+        label = self.inputs[node].label
         if value.dtype != expected.dtype:
             raise CalibrationError(
                 f"calibration batch {index}: input {label!r} has dtype {value.dtype}, the graph takes {expected.dtype}"
@@ -342,7 +354,7 @@ class CalibrationRunner:
         if extra:
             raise CalibrationError(
                 f"calibration batch {index} gives {extra}, which the captured graph does not take "
-                f"(its inputs: {', '.join(self._user_label(n) for n in self.user)}); call the compiled "
+                f"(its inputs: {', '.join(self._labels())}); call the compiled "
                 "model with the same inputs as the calibration batches."
             )
 

@@ -65,14 +65,22 @@ def test_calibration_shape_does_not_fit_static_graph():
 
 def test_calibration_dtype_does_not_fit():
     options = lrcompile.LowRankConfig(calibration=[torch.zeros(2, 16)], compiler="eager")
-    with pytest.raises(Exception, match="calibration batch 0: input .* has dtype torch.float32, the graph takes torch.int64"):
+    with pytest.raises(Exception, match="calibration batch 0: input 'input_ids' has dtype torch.float32, the graph takes "
+                       "torch.int64"):
+        _run(tiny_model("llama"), options)
+
+
+def test_calibration_batch_as_a_python_list_is_named():
+    options = lrcompile.LowRankConfig(calibration=[token_batches(1)[0].tolist()], compiler="eager")
+    with pytest.raises(Exception, match=r"calibration batch 0 is a Python list of numbers: give token ids as a tensor"):
         _run(tiny_model("llama"), options)
 
 
 def test_calibration_dict_with_input_the_graph_does_not_take():
     ids = token_batches(1)[0]
     options = lrcompile.LowRankConfig(calibration=[{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], compiler="eager")
-    with pytest.raises(Exception, match=r"calibration batch 0 gives \['attention_mask'\], which the captured graph does not take"):
+    with pytest.raises(Exception, match=r"calibration batch 0 gives \['attention_mask'\], which the captured graph does not take "
+                       r"\(its inputs: input_ids\)"):
         _run(tiny_model("llama"), options)
 
 
