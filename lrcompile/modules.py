@@ -215,6 +215,14 @@ def compressed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+LEFT_DENSE = "lowrank_left_dense"  # on an attention module kv_unmatched="warn" left dense: why
+
+
+def attention_left_dense(model: nn.Module) -> list[tuple[str, str]]:
+    """``(block path, reason)`` of every attention block a ``kv_ratio`` compile left dense (``kv_unmatched="warn"``)."""
+    return [(name, getattr(module, LEFT_DENSE)) for name, module in model.named_modules() if hasattr(module, LEFT_DENSE)]
+
+
 def model_latent_attention(model: nn.Module) -> Iterator[tuple[str, LatentAttention]]:
     """``(block path, record)`` of every attention block restructured for a latent KV cache, in module order."""
     seen = set()

@@ -81,7 +81,16 @@ from lrcompile.passes.latent_kv import (
 from .config import LowRankConfig
 from .errors import CalibrationError, LatentCacheError, LowRankConfigError, LowRankError, NoCompressibleLinearError
 from .hf_quantizer import describe_on_config
-from .modules import RECORD, AQLinear, AQLowRankLinear, GroupedLowRankProjection, LowRankLinear, factor_bytes, module_record
+from .modules import (
+    LEFT_DENSE,
+    RECORD,
+    AQLinear,
+    AQLowRankLinear,
+    GroupedLowRankProjection,
+    LowRankLinear,
+    factor_bytes,
+    module_record,
+)
 from .pass_manager import Pass, PassManager
 from .report import CompressionReport, build_report
 from .runtime.compiled_forward import check_token_ids, warn_thin_calibration
@@ -264,8 +273,15 @@ def _find_attention(c: GraphCompression) -> None:
                    "restructured for a latent KV cache and would stay dense: "
                    + "; ".join(f"{u.name}: {u.reason}" for u in c.unmatched_attention))
         if c.config.kv_unmatched == "error":
-            raise LatentCacheError(message + " (option kv_unmatched='warn', on the command line --kv-unmatched warn, compresses the rest and leaves these dense)")
-        log.warning("%s", message)
+            raise LatentCacheError(message + " (option kv_unmatched='warn', on the command line --kv-unmatched warn, "
+                                   "compresses the rest and leaves these dense)")
+        root = next((slot.root for slot in c.owners.values()), None)
+        modules = dict(root.named_modules()) if root is not None else {}
+        if any(not hasattr(modules.get(u.name), LEFT_DENSE) for u in c.unmatched_attention):  # once, not per recompile
+            log.warning("%s", message)
+        for u in c.unmatched_attention:  # on the model, for its report
+            if u.name in modules:
+                setattr(modules[u.name], LEFT_DENSE, u.reason)
 
 
 def _observes_weights(config: LowRankConfig) -> bool:

@@ -309,7 +309,13 @@ def build_report(
 def model_report(model: nn.Module, cache: Any = None) -> CompressionReport:
     """The report of every layer of ``model`` compressed so far, read from its modules in the dtype they hold
     now; with a :class:`~lrcompile.LatentKVCache`, also the KV-cache bytes it actually allocated."""
-    from lrcompile.modules import GroupedLowRankProjection, compressed_modules, current_record, factor_bytes
+    from lrcompile.modules import (
+        GroupedLowRankProjection,
+        attention_left_dense,
+        compressed_modules,
+        current_record,
+        factor_bytes,
+    )
 
     layers, blocks = [], {}
     for _, module in compressed_modules(model):
@@ -320,7 +326,7 @@ def model_report(model: nn.Module, cache: Any = None) -> CompressionReport:
         else:
             held = record.status in (LayerStatus.FACTORED, LayerStatus.QUANTIZED)
             layers.append((record, factor_bytes(module) if held else 0))
-    report = build_report(layers, attention=list(blocks.values()))
+    report = build_report(layers, attention=list(blocks.values()), attention_left_dense=attention_left_dense(model))
     if cache is not None:
         report.kv_bytes_measured = (cache.latent_bytes, cache.dense_bytes())
     return report

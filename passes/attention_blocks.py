@@ -154,6 +154,10 @@ def _head_split(node: fx.Node, linears: dict[fx.Node, Projection]) -> Projection
 
 def _rope_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
     """``x * cos + rotate_half(x) * sin`` -> ``(x, cos, sin)``."""
+    parts = node.args[0] if _is_fn(node, torch.cat) and node.args else ()
+    if isinstance(parts, (list, tuple)) and len(parts) == 2 and _is_fn(parts[0], operator.add, torch.add):
+        raise NoMatch(f"{node.name} applies RoPE as cat(rotated part, pass-through part) of each head (partial "
+                      "rotary, as Phi-3 and GPT-NeoX do); only RoPE over the whole head is restructured")
     if not _is_fn(node, operator.add, torch.add) or len(node.args) != 2:
         raise NoMatch(f"{node.name} has no RoPE (x * cos + rotate_half(x) * sin); only RoPE attention is restructured")
     for plain, rotated in (node.args, node.args[::-1]):

@@ -469,7 +469,7 @@ def test_kv_unmatched_warn_compresses_what_it_can(calib_file, tmp_path, capsys, 
         assert main([*argv, "--kv-unmatched", "warn"]) == 0
     assert "2 attention block(s) cannot be restructured" in caplog.text
     report = (tmp_path / "o" / "report.md").read_text()
-    assert "| factored |" in report and "## Latent KV cache" not in report, report
+    assert "| factored |" in report and "- left dense: transformer.h.1.attn: " in report, report
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two"])

@@ -141,6 +141,17 @@ def test_attention_without_rope_is_left_alone_with_a_reason(family):
     assert len(unmatched) == 2 and all("no RoPE" in u.reason for u in unmatched)
 
 
+def test_partial_rotary_attention_is_left_alone_with_that_reason():
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                           num_hidden_layers=2, num_attention_heads=4)).eval()
+    blocks, unmatched, _ = _blocks(model)
+    assert blocks == [] and len(unmatched) == 2
+    assert all("applies RoPE as cat(rotated part, pass-through part)" in u.reason for u in unmatched)
+
+
 def test_a_latent_model_also_runs_compiled_with_transformers_own_cache():
     """Once restructured, calls with a dense KV cache (``use_cache=True``, the default) recompile without a
     ``kv_ratio`` error: the restructured blocks run as eager calls do, K/V rebuilt from the latents."""
@@ -173,6 +184,14 @@ def test_kv_unmatched_warn_leaves_those_blocks_dense_and_says_why(caplog):
     assert torch.equal(out, dense)
     assert "cannot be restructured" in caplog.text and "transformer.h.0.attn" in caplog.text
     assert list(model_latent_attention(model)) == []
+    left = lrcompile.model_report(model).attention_left_dense  # on the model: in every report of it
+    assert [name for name, _ in left] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert "- left dense: transformer.h.0.attn: " in lrcompile.model_report(model).to_markdown()
+    caplog.clear()
+    torch._dynamo.reset()  # a recompile over the same model does not warn again
+    with torch.no_grad():
+        torch.compile(model, backend="lowrank", options=_config(kv_unmatched="warn"))(ids, use_cache=False)
+    assert "cannot be restructured" not in caplog.text
 
 
 def test_kv_ratio_on_a_graph_without_attention_is_a_warning(caplog):
