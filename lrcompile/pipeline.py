@@ -208,6 +208,7 @@ def _find_linears(c: GraphCompression) -> None:
         c.owners[view] = slot
         if record is not None and _reusable(c, view.meta.name, record.options, dense_held=True):
             c.recorded[view] = record
+            view.meta.plan = record.plan  # for graph dumps: the decision an earlier compile made
     unknown = unrecognised_linears(c.gm, c.linears, c.frame_locals)
     unknown_text = (f"{len(unknown)} nn.Linear module(s) use their weight in an op other than a linear (e.g. x @ W.T) "
                     f"and stay dense: {', '.join(unknown[:4])}{', ...' * (len(unknown) > 4)}")
@@ -668,7 +669,7 @@ def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config:
                                       [(u.name, u.reason) for u in compression.unmatched_attention])
     compression.report.log()
     if dump_dir is not None:
-        if compression.plan is not None:
+        if compression.plan is not None and compression.plan.layers:  # not a recompile over recorded layers
             (dump_dir / "plan.json").write_text(json.dumps(plan_to_json(compression.plan), indent=2))
         compression.report.save(dump_dir)
     return compression

@@ -473,6 +473,11 @@ def test_report_shows_kv_ranks_formulas_and_measured_bytes(tmp_path):
                      r"\(([\d,]+) bytes\)", report.to_markdown())
     assert note and int(note[2].replace(",", "")) == kept
     assert report.bytes_after + kept + int(note[3].replace(",", "")) == held
+    later = sorted(tmp_path.glob("graph_*"))[1:]  # recompiles over the compressed model (prefill, decode)
+    assert later and not any((g / "plan.json").exists() for g in later)  # they plan nothing: no empty plan
+    found = next(later[0].glob("*_find_linears_after.py")).read_text()
+    assert "self_attn.o_proj: linear out=64 in=64 float32; compressible; plan: dense (output projection of latent " \
+           "attention model.layers.0.self_attn)" in found, found  # the earlier compile's decision, read back
     graph_dir = next(tmp_path.glob("graph_*"))  # the first (stateless) graph compressed the model
     dumps = sorted(p.name for p in graph_dir.glob("*restructure_attention*"))
     assert [name[3:] for name in dumps] == ["restructure_attention_after.py", "restructure_attention_before.py"]
