@@ -332,6 +332,10 @@ class CalibrationRunner:
         if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor):
             return value
         label = self.inputs[node].label
+        integers = not (value.is_floating_point() or value.is_complex() or expected.is_floating_point()
+                        or expected.is_complex() or torch.bool in (value.dtype, expected.dtype))
+        if value.dtype != expected.dtype and integers and torch.iinfo(value.dtype).bits <= torch.iinfo(expected.dtype).bits:
+            value = value.to(expected.dtype)  # e.g. int32 token ids for a graph captured with int64: exact
         if value.dtype != expected.dtype:
             raise CalibrationError(
                 f"calibration batch {index}: input {label!r} has dtype {value.dtype}, the graph takes {expected.dtype}"

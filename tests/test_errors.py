@@ -70,6 +70,16 @@ def test_calibration_dtype_does_not_fit():
         _run(tiny_model("llama"), options)
 
 
+def test_int32_token_ids_calibrate_as_int64():
+    batches = token_batches(2)
+    outputs = []
+    for calib in (batches, [b.to(torch.int32) for b in batches]):
+        torch._dynamo.reset()
+        options = lrcompile.LowRankConfig(calibration=calib, param_ratio=0.6, compiler="eager")
+        outputs.append(_run(tiny_model("llama"), options).logits)
+    assert torch.equal(*outputs)
+
+
 def test_calibration_batch_as_a_python_list_is_named():
     options = lrcompile.LowRankConfig(calibration=[token_batches(1)[0].tolist()], compiler="eager")
     with pytest.raises(Exception, match=r"calibration batch 0 is a Python list of numbers: give token ids as a tensor"):
