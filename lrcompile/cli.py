@@ -379,8 +379,8 @@ def _compress_folder(args: argparse.Namespace, dump_dir: Path | None) -> Compres
     against a second, dense load of the model (:func:`~lrcompile.block_compression.distill_model`)."""
     from .block_compression import distill_model
 
+    check_output_folder(args.out)  # first: the dump folder lies in it
     config = _config(args, dump_dir)
-    check_output_folder(args.out)
     texts = _calibration_lines(args)
     folder = open_model_folder(args.model_dir, args.command)
     folder.check_kv_group_size(config)
