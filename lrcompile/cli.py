@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .config import CALIBRATION_ORDERS, COMPILERS, DEFAULT_EXCLUDE, QUANTIZE_METHODS, LowRankConfig
+from .config import CALIBRATION_ORDERS, COMPILERS, DEFAULT_EXCLUDE, QUANTIZE_METHODS, LowRankConfig, nearest_existing
 from .errors import LowRankError
 from .modules import model_latent_attention, weight_bytes
 from .report import CompressionReport, model_report
@@ -231,7 +231,7 @@ def load_model_folder(folder: str | Path) -> tuple[torch.nn.Module, Any]:
 def check_output_folder(out: str) -> None:
     """Fail before any work when ``--out`` cannot become a folder: an existing file, or under one, or not writable."""
     path = Path(out)
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = nearest_existing(path)
     if existing == path and not path.is_dir():
         raise InputError(f"--out {out!r} is an existing file: give a folder (created if missing)")
     if not existing.is_dir():
@@ -334,8 +334,7 @@ def _calib_file_batches(args: argparse.Namespace, model: torch.nn.Module, tokeni
     when the batches are mostly padding (each line is one sample, padded to --seq-len): both leave the statistics
     on far fewer tokens than asked."""
     if args.pack:
-        count = max(args.max_batches, getattr(args, "distill_batches", 0) or 0)
-        batches = packed_token_batches(tokenizer, texts, args.batch_size, args.seq_len, count)
+        batches = packed_token_batches(tokenizer, texts, args.batch_size, args.seq_len, _batches_wanted(args))
         if not batches:
             raise InputError(f"calibration file {args.calib!r} holds fewer tokens than one packed batch of "
                              f"--batch-size {args.batch_size} x --seq-len {args.seq_len}")
@@ -356,10 +355,14 @@ def _calib_file_batches(args: argparse.Namespace, model: torch.nn.Module, tokeni
     return batches
 
 
+def _batches_wanted(args: argparse.Namespace) -> int:
+    """The calibration batches a command reads: --max-batches, or distillation's own (--distill-batches) if more."""
+    return max(args.max_batches, getattr(args, "distill_batches", 0) or 0)
+
+
 def _calibration_lines(args: argparse.Namespace) -> list[str]:
     """The lines of --calib that the calibration batches and distillation's own (--distill-batches) need."""
-    return calibration_texts(args.calib, args.batch_size, max(args.max_batches, getattr(args, "distill_batches", 0) or 0),
-                             args.pack)
+    return calibration_texts(args.calib, args.batch_size, _batches_wanted(args), args.pack)
 
 
 def _split_batches(args: argparse.Namespace, batches: list[dict[str, torch.Tensor]]
@@ -811,8 +814,9 @@ def _calibration_options(parser: argparse.ArgumentParser) -> None:
 def _folder_command(sub: Any, name: str, help_: str, out_help: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_, description=help_)
     parser.add_argument("model_dir", metavar="MODEL_DIR", help=MODEL_HELP)
-    parser.add_argument("--calib", required=True, metavar="TEXT_FILE", help="calibration text, one sample per line (about --seq-len tokens each: shorter lines are padded; "
-                        "or give --pack)")
+    parser.add_argument("--calib", required=True, metavar="TEXT_FILE",
+                        help="calibration text, one sample per line (about --seq-len tokens each: shorter lines are "
+                        "padded; or give --pack)")
     parser.add_argument("--out", required=True, metavar="DIR", help=out_help)
     _calibration_options(parser)
     _compression_options(parser, param_ratio=LowRankConfig.param_ratio, allocation=LowRankConfig.allocation,

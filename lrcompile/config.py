@@ -105,6 +105,11 @@ def _inductor_config(mode: Any, options: Any) -> dict[str, Any]:
     return patches
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` itself or its nearest ancestor that exists: what decides whether it can become a folder."""
+    return next(p for p in (Path(path), *Path(path).parents) if p.exists())  # a relative path ends at "."
+
+
 @dataclass(frozen=True, eq=False)
 class LowRankConfig:
     """Options of ``torch.compile(model, backend="lowrank", options=...)``.
@@ -277,7 +282,7 @@ class LowRankConfig:
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise LowRankConfigError(f"option 'dump_dir'={self.dump_dir!r}: expected a folder path")
         if self.dump_dir is not None:
-            existing = next(p for p in (Path(self.dump_dir), *Path(self.dump_dir).absolute().parents) if p.exists())
+            existing = nearest_existing(self.dump_dir)
             if not existing.is_dir():
                 raise LowRankConfigError(f"option 'dump_dir'={str(self.dump_dir)!r}: {str(existing)!r} is a file, not "
                                          "a folder")

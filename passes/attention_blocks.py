@@ -211,7 +211,8 @@ def _rotary_table(node: fx.Node, fn: str) -> tuple[fx.Node, float]:
     scale = 1.0
     if _is_fn(node, operator.mul, torch.mul):
         a, b = node.args
-        node, scale = (a, _number(b)) if _number(b) is not None else (b, _number(a))
+        scale_b = _number(b)
+        node, scale = (a, scale_b) if scale_b is not None else (b, _number(a))
         if scale is None or not isinstance(node, fx.Node):
             raise NoMatch("rotary table is scaled by a tensor, not a number")
     if not (_is_method(node, fn) or _is_fn(node, getattr(torch, fn))):
@@ -283,10 +284,11 @@ def _sdpa_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | Non
     q, k, v = node.args[:3]
     if _arg(node, 4, "dropout_p", 0.0) not in (0, 0.0):
         raise NoMatch("attention dropout is on")
-    scale = _arg(node, 6, "scale")
-    if scale is not None and _number(scale) is None:
+    given = _arg(node, 6, "scale")
+    scale = None if given is None else _number(given)
+    if given is not None and scale is None:
         raise NoMatch(f"{node.name}'s scale is not a number")
-    return q, k, v, _arg(node, 3, "attn_mask"), bool(_arg(node, 5, "is_causal", False)), _number(scale)
+    return q, k, v, _arg(node, 3, "attn_mask"), bool(_arg(node, 5, "is_causal", False)), scale
 
 
 def _eager_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | None, bool, float]:

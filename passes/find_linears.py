@@ -63,8 +63,10 @@ def _transposed_source(node: Any) -> fx.Node | None:
         source = node.args[0]
     else:
         return None
+    if not isinstance(source, fx.Node) or len(source.users) != 1:
+        return None
     is_parameter = source.op == "get_attr" or (source.op == "placeholder" and "grapharg" in source.meta)
-    return source if isinstance(source, fx.Node) and is_parameter and len(source.users) == 1 else None
+    return source if is_parameter else None
 
 
 def linear_view(gm: fx.GraphModule, node: fx.Node) -> LinearNode | None:
