@@ -140,7 +140,8 @@ class CompressionReport:
 
     def totals(self) -> dict[str, Any]:
         return {
-            "linears": len(self.layers),
+            "linears": len(self._compressible()),  # those the parameter budget covers
+            "skipped": sum(layer.status == LayerStatus.SKIPPED.value for layer in self.layers),
             "factored": sum(layer.status == "factored" for layer in self.layers),
             "quantized": sum(layer.quantization is not None for layer in self.layers),
             "params_before": self.params_before,
@@ -177,7 +178,7 @@ class CompressionReport:
             )
         t = self.totals()
         summary = (
-            f"\n**Totals:** {t['factored']} of {t['linears']} linears factored; parameters {t['params_before']:,} -> "
+            f"\n**Totals:** {t['factored']} of {t['linears']} linears factored{_skipped(t['skipped'])}; parameters {t['params_before']:,} -> "
             f"{t['params_after']:,} (ratio {t['param_ratio']}); weight bytes measured {t['weight_bytes_before']:,} -> "
             f"{t['weight_bytes_after']:,} (ratio {t['weight_bytes_ratio']}).{self._latent_note()}\n\n"
             "**Cost formulas (T = tokens):**\n\n"
@@ -250,6 +251,10 @@ class CompressionReport:
                      layer.params_before, layer.params_after, layer.reason,
                      "" if layer.quantization is None else f" aq {layer.quantization} {layer.bits_per_weight:.3f} "
                      f"bits/weight output error {_num(layer.output_error)}")
+
+
+def _skipped(count: int) -> str:
+    return f" ({count} more skipped, not in these totals)" if count else ""
 
 
 def _num(value: float | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -239,6 +240,11 @@ def test_dump_dir_writes_graphs_plan_and_report(tmp_path, monkeypatch):
            "layers before it compressed; plan: rank" in factored, factored
     report = (graph_dir / "report.md").read_text()
     assert "transformer.h.0.mlp.c_fc" in report and "flops_compressed(T)" in report and "truncation loss" in report
+    dumped = json.loads((graph_dir / "report.json").read_text())  # the tied lm_head is skipped: listed, not counted
+    assert [layer["name"] for layer in dumped["layers"] if layer["status"] == "skipped"] == ["transformer.wte"]
+    totals = lrcompile.model_report(model).totals()
+    assert (dumped["totals"]["linears"], dumped["totals"]["factored"]) == (totals["linears"], totals["factored"]) == (8, 8)
+    assert dumped["totals"]["skipped"] == 1 and "1 more skipped, not in these totals" in report
 
 
 @pytest.mark.inductor

@@ -86,12 +86,25 @@ def test_calibration_batch_as_a_python_list_is_named():
         _run(tiny_model("llama"), options)
 
 
-def test_calibration_dict_with_input_the_graph_does_not_take():
+def test_calibration_dict_with_a_padding_mask_the_graph_does_not_take():
     ids = token_batches(1)[0]
-    options = lrcompile.LowRankConfig(calibration=[{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], compiler="eager")
+    mask = torch.ones_like(ids)
+    mask[:, -3:] = 0
+    options = lrcompile.LowRankConfig(calibration=[{"input_ids": ids, "attention_mask": mask}], compiler="eager")
     with pytest.raises(Exception, match=r"calibration batch 0 gives \['attention_mask'\], which the captured graph does not take "
-                       r"\(its inputs: input_ids\)"):
+                       r"\(its attention_mask marks padding, which the graph cannot see\) \(its inputs: input_ids\)"):
         _run(tiny_model("llama"), options)
+
+
+def test_calibration_dict_with_an_all_ones_mask_calibrates_a_graph_without_one():
+    """A tokenizer's mask for unpadded text changes nothing: a call without attention_mask takes such batches."""
+    batches = token_batches(2)
+    outputs = []
+    for calib in (batches, [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches]):
+        torch._dynamo.reset()
+        options = lrcompile.LowRankConfig(calibration=calib, param_ratio=0.6, compiler="eager")
+        outputs.append(_run(tiny_model("llama"), options).logits)
+    assert torch.equal(*outputs)
 
 
 def test_calibration_without_an_attention_mask_gets_the_one_generate_would_build():
