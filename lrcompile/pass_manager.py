@@ -90,24 +90,42 @@ def readable_graph(gm: fx.GraphModule) -> str:
 
 
 class PassManager(Generic[Context]):
-    """Runs ordered passes on a context holding ``gm``; records each pass's wall time."""
+    """Runs ordered passes on a context holding ``gm``; records each pass's wall time.
+
+    With a ``dump_dir``, a pass that changed the graph or its ``# lowrank`` notes leaves its graph before and
+    after it (``NN_name_before.py`` / ``_after.py``); a failing pass leaves its ``before``; ``passes.txt``
+    lists every pass run, whether it changed anything, and its time."""
 
     def __init__(self, passes: Sequence[Pass[Context]], dump_dir: Path | None = None):
         self.passes = order_passes(passes)
         self.dump_dir = dump_dir
         self.timings: dict[str, float] = {}
 
-    def _dump(self, index: int, name: str, when: str, gm: fx.GraphModule) -> None:
-        if self.dump_dir is not None:
-            (self.dump_dir / f"{index:02d}_{name}_{when}.py").write_text(readable_graph(gm))
-
     def run(self, context: Context, graph_of: Callable[[Context], fx.GraphModule]) -> None:
-        if self.dump_dir is not None:
-            self.dump_dir.mkdir(parents=True, exist_ok=True)
-        for i, p in enumerate(self.passes):
-            self._dump(i, p.name, "before", graph_of(context))
-            start = time.perf_counter()
-            p.run(context)
-            self.timings[p.name] = time.perf_counter() - start
-            self._dump(i, p.name, "after", graph_of(context))
-            log.info("pass %s: %.2f s", p.name, self.timings[p.name])
+        if self.dump_dir is None:
+            for p in self.passes:
+                self._run(p, context)
+            return
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        summary = []
+        try:
+            for i, p in enumerate(self.passes):
+                before = readable_graph(graph_of(context))
+                path = self.dump_dir / f"{i:02d}_{p.name}_before.py"
+                path.write_text(before)
+                self._run(p, context)
+                after = readable_graph(graph_of(context))
+                if after == before:
+                    path.unlink()
+                else:
+                    (self.dump_dir / f"{i:02d}_{p.name}_after.py").write_text(after)
+                summary.append(f"{i:02d} {p.name}: {'changed' if after != before else 'no change'}, "
+                               f"{self.timings[p.name]:.3f} s")
+        finally:
+            (self.dump_dir / "passes.txt").write_text("\n".join(summary) + "\n")
+
+    def _run(self, p: Pass[Context], context: Context) -> None:
+        start = time.perf_counter()
+        p.run(context)
+        self.timings[p.name] = time.perf_counter() - start
+        log.info("pass %s: %.2f s", p.name, self.timings[p.name])

@@ -41,8 +41,9 @@ from lrcompile.passes.attention_blocks import AttentionBlock, UnmatchedAttention
 from lrcompile.passes.calibration_runner import is_state_input
 from lrcompile.passes.decomposition import LinearDecomposition, Whitening, check_finite_weight, shared_whitening
 from lrcompile.passes.find_linears import (
+    CapturedFrame,
     ModuleSlot,
-    dynamo_frame_locals,
+    captured_frame,
     node_constant,
     parameter_owner,
     placeholder_values,
@@ -98,7 +99,6 @@ from .types import CompressionPlan, CompressedLayer, LatentAttention, LayerPlan,
 
 log = logging.getLogger(__name__)
 
-_graph_ids = itertools.count()
 EMBEDDING_LOOKUPS = (F.embedding, torch.ops.aten.embedding.default)  # (ids, table) and (table, ids)
 RESHAPES = (torch.reshape, torch.ops.aten.view.default, torch.ops.aten.reshape.default)
 
@@ -110,7 +110,7 @@ class GraphCompression:
     gm: fx.GraphModule
     example_inputs: list[Any]
     config: LowRankConfig
-    frame_locals: Mapping[str, Any] | None = None  # the captured frame's locals: where the model's modules are found
+    frame: CapturedFrame | None = None  # Dynamo's frame: its locals hold the model's modules
     linears: list[LinearNode] = field(default_factory=list)
     owners: dict[LinearNode, ModuleSlot] = field(default_factory=dict)
     latent_projections: set[LinearNode] = field(default_factory=set)  # down linears of grouped K/V on the model
@@ -132,6 +132,14 @@ class GraphCompression:
     records: list[tuple[nn.Module, CompressedLayer]] = field(default_factory=list)  # records for linears kept dense
     report: CompressionReport | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def frame_locals(self) -> Mapping[str, Any] | None:
+        return None if self.frame is None else self.frame.locals
+
+    @property
+    def after_graph_break(self) -> bool:
+        return self.frame is not None and self.frame.after_graph_break
 
     def to_compress(self) -> list[LinearNode]:
         """Compressible linears with no recorded outcome: these need calibration and planning."""
@@ -183,6 +191,10 @@ def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None,
     )
 
 
+AFTER_GRAPH_BREAK = ("its graph starts after a graph break and takes the model's intermediate values as inputs, "
+                     "which calibration batches (the model's inputs) cannot give")
+
+
 def _find_linears(c: GraphCompression) -> None:
     """Find the linears and their modules; those the model holds compressed already are reused as they are."""
     c.linears = find_linears(c.gm, c.example_inputs, c.config.include, c.config.exclude)
@@ -205,6 +217,9 @@ def _find_linears(c: GraphCompression) -> None:
         if slot is None:
             view.meta.compressible, view.meta.skip_reason = False, "its weight is not a parameter of a model module"
             continue
+        if c.after_graph_break and c.config.needs_calibration:
+            view.meta.compressible, view.meta.skip_reason = False, AFTER_GRAPH_BREAK
+            continue
         c.owners[view] = slot
         if record is not None and _reusable(c, view.meta.name, record.options, dense_held=True):
             c.recorded[view] = record
@@ -212,9 +227,21 @@ def _find_linears(c: GraphCompression) -> None:
     unknown = unrecognised_linears(c.gm, c.linears, c.frame_locals)
     unknown_text = (f"{len(unknown)} nn.Linear module(s) use their weight in an op other than a linear (e.g. x @ W.T) "
                     f"and stay dense: {', '.join(unknown[:4])}{', ...' * (len(unknown) > 4)}")
-    if not c.linears and not unknown:  # a graph-break fragment (embeddings, mask building) or a model without linears
+    held = sum(v.meta.skip_reason.startswith("compressed already") for v in c.linears)
+    if held:
+        log.info("%d of the linears found are compressed already (the model holds their outcome)", held)
+    broken = [v.meta.name for v in c.linears if v.meta.skip_reason == AFTER_GRAPH_BREAK]
+    nothing = not compressed and not any(v.meta.compressible for v in c.linears)
+    if broken:
+        log.warning("graph %r (Dynamo's frame): %s, so its %d linear(s) stay dense: %s%s. Remove the break "
+                    "(torch._dynamo.explain(model)(...) lists breaks) to compress them", c.frame.name,
+                    AFTER_GRAPH_BREAK, len(broken), ", ".join(broken[:4]), ", ..." * (len(broken) > 4))
+    elif not c.linears and not unknown:  # a graph-break fragment (embeddings, mask building) or a model without linears
         log.warning("a captured graph has no linear layer: nothing to compress in it")
-    elif not compressed and not any(v.meta.compressible for v in c.linears):
+    elif nothing and c.after_graph_break:  # e.g. only the lm_head, which the defaults exclude
+        log.warning("graph %r after a graph break has no compressible linear layer: nothing to compress in it",
+                    c.frame.name)
+    elif nothing:
         shown = 6
         found = "; ".join(f"{v.meta.name}: {v.meta.skip_reason}" for v in c.linears[:shown])
         if len(c.linears) > shown:
@@ -223,7 +250,7 @@ def _find_linears(c: GraphCompression) -> None:
             f"the captured graph has no compressible linear layer (linears found: {found or 'none'}"
             f"{'; ' + unknown_text if unknown else ''}); include={list(c.config.include)}, exclude={list(c.config.exclude)}"
         )
-    elif unknown:
+    if unknown and not nothing:
         log.warning("%s", unknown_text)
 
 
@@ -261,6 +288,9 @@ def _find_attention(c: GraphCompression) -> None:
                     f"{block.name} writes a latent KV cache, but the model has no latent-KV plan: compress it with "
                     "a kv_ratio option first"
                 )
+            continue
+        if c.after_graph_break and c.config.kv_needs_calibration:
+            c.unmatched_attention.append(UnmatchedAttention(block.name, AFTER_GRAPH_BREAK))
             continue
         if any(view not in c.owners for view in (block.k_linear, block.v_linear)):
             c.unmatched_attention.append(UnmatchedAttention(block.name, "its K/V weights are not module parameters"))
@@ -645,6 +675,11 @@ PASSES: tuple[Pass[GraphCompression], ...] = (
 )
 
 
+def _new_dump_folder(root: Path) -> Path:
+    """``root/graph_NNN`` with the first number no earlier graph (of this run or another) took."""
+    return next(folder for i in itertools.count() if not (folder := root / f"graph_{i:03d}").exists())
+
+
 def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config: LowRankConfig) -> GraphCompression:
     """Run every pass on ``gm``; the result holds the rewritten graph, the plan, the report and the modules
     to install on the model (:func:`install`). Called from a Dynamo backend, the model's modules are found
@@ -658,9 +693,8 @@ def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config:
                 f"lrcompile.compress_model_blocks(model, batches, config, out) or `lrcompile compress MODEL "
                 f"--{stage}-epochs N`, or set {stage}_epochs=0 for torch.compile"
                 + (" and call lrcompile.distill_model on the compressed model" if stage == "distill" else ""))
-    graph_id = next(_graph_ids)
-    dump_dir = Path(config.dump_dir) / f"graph_{graph_id:03d}" if config.dump_dir else None
-    compression = GraphCompression(gm, list(example_inputs or []), config, dynamo_frame_locals(gm))
+    dump_dir = _new_dump_folder(Path(config.dump_dir)) if config.dump_dir else None
+    compression = GraphCompression(gm, list(example_inputs or []), config, captured_frame(gm))
     manager = PassManager(PASSES, dump_dir)
     manager.run(compression, lambda c: c.gm)
     compression.timings = manager.timings

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 META_KEY = "lowrank"
+FACTOR_OF_KEY = "lowrank_factor_of"  # on the nodes a rewrite put in a layer's place: the layer's name
 
 FactorMethod = Literal["svd", "asvd", "whiten"]
 AllocationMethod = Literal["uniform", "sensitivity", "closed_form"]

@@ -441,7 +441,7 @@ def find_attention_blocks(
                 log.info("attention %s, restructured already, runs with a dense KV cache", name)
                 continue
             unmatched.append(UnmatchedAttention(name, str(reason)))
-            log.info("attention %s left dense: %s", unmatched[-1].name, reason)
+            log.info("attention %s not recognised for a latent KV cache: %s", unmatched[-1].name, reason)
     seen = {b.name for b in blocks} | {u.name for u in unmatched} | dense_cache
     modules = _attention_modules(linears)
     related = lambda a, b: a == b or a.startswith(b + ".") or b.startswith(a + ".")  # noqa: E731
@@ -450,7 +450,7 @@ def find_attention_blocks(
         unmatched.append(UnmatchedAttention(name, "its attention is computed by an op the matcher does not know (only "
                                             "scaled_dot_product_attention and eager softmax attention are recognised: "
                                             "load the model with attn_implementation='sdpa' or 'eager')"))
-        log.info("attention %s left dense: %s", name, unmatched[-1].reason)
+        log.info("attention %s not recognised for a latent KV cache: %s", name, unmatched[-1].reason)
     markers = {n for n in gm.graph.nodes if _is_fn(n, MARKER)}
     for stray in markers - {b.marker for b in blocks}:
         unmatched.append(UnmatchedAttention(_module_name(stray), "latent cache marker without a recognised attention",

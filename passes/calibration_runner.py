@@ -273,6 +273,8 @@ class CalibrationRunner:
         for batch, batch_ids in zip(named, ids):
             if not isinstance(batch_ids, torch.Tensor) or batch_ids.dim() != 2:
                 return list(batches)  # not token batches: bind() reports what does not fit
+            if expected.is_floating_point() and batch_ids.shape[1] != length:
+                return list(batches)  # [rows, features]: a row is no window of tokens; bind() names the width
             usable = batch_ids.shape[1] // length * length
             for key, value in batch.items():
                 if isinstance(value, torch.Tensor) and value.shape[:2] == batch_ids.shape:

@@ -30,6 +30,7 @@ whatever the weight dtype; factors come back there, in the weight's dtype, with
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,9 @@ class LinearDecomposition:
         return self.s.numel()
 
     def factors(self, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(down [rank, in], up [out, rank])`` with ``up @ down ~ W``."""
+        """``(down [rank, in], up [out, rank])`` with ``up @ down ~ W``; ``rank`` in ``[1, full_rank]``."""
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= self.full_rank:
+            raise ValueError(f"rank={rank!r}: expected an integer in [1, {self.full_rank}] (the weight's full rank)")
         root = self.s[:rank].sqrt()
         down = root[:, None] * self.vt[:rank]
         up = self.u[:, :rank] * root[None, :]

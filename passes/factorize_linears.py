@@ -22,7 +22,7 @@ from torch import fx, nn
 from torch._dynamo.source import ConstantSource
 
 from lrcompile.modules import LowRankLinear
-from lrcompile.types import WeightLayout
+from lrcompile.types import FACTOR_OF_KEY, WeightLayout
 
 from .find_linears import LinearNode, placeholder_values, weight_tensor
 
@@ -55,7 +55,7 @@ def factorize_linear(gm: fx.GraphModule, view: LinearNode, module: LowRankLinear
     name = view.meta.name
     down_name = add_frozen_parameter(gm, name, "down", module.down)
     up_name = add_frozen_parameter(gm, name, "up", module.up)
-    target = torch.ops.aten.linear.default if node.target in (torch.ops.aten.linear.default, torch.ops.aten.addmm.default) else F.linear
+    target = torch.ops.aten.linear.default if isinstance(node.target, torch._ops.OpOverload) else F.linear  # aten graphs stay aten
     with graph.inserting_before(node):
         bias: Any = view.bias
         if view.layout is WeightLayout.MODULE:
@@ -65,9 +65,29 @@ def factorize_linear(gm: fx.GraphModule, view: LinearNode, module: LowRankLinear
         up = graph.get_attr(up_name)
         latent = graph.call_function(target, (view.input, down))
         out = graph.call_function(target, (latent, up, bias))
-    out.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
+    replace_linear(view, out, latent, module.rank)
+
+
+def replace_linear(view: LinearNode, out: fx.Node, latent: fx.Node | None = None, rank: int | None = None) -> None:
+    """Put ``out`` (after ``latent``, the ``[..., rank]`` activation of a factored layer) in the place of
+    ``view.node``. They take its source location and output shapes, as later passes and graph dumps read
+    them, and are marked as the layer's factors, which :func:`find_linears` does not compress again."""
+    node = view.node
+    for new in (out, latent):
+        if new is not None:
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            new.meta[FACTOR_OF_KEY] = view.meta.name
+    out.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val")})
+    for key in ("example_value", "val") if latent is not None else ():
+        value = view.input.meta.get(key)
+        if isinstance(value, torch.Tensor):  # a fake tensor: an empty one of the latent's shape
+            latent.meta[key] = value.new_empty((*value.shape[:-1], rank))
+    inputs = node.all_input_nodes
     node.replace_all_uses_with(out)
-    graph.erase_node(node)
+    node.graph.erase_node(node)
+    for dead in inputs:  # the weight's transpose (x @ W.T, addmm(b, x, W.t())): it would keep W in the graph
+        if not dead.users and dead.op in ("call_function", "call_method"):
+            node.graph.erase_node(dead)
 
 
 def factorize_linears(gm: fx.GraphModule, modules: Mapping[LinearNode, LowRankLinear]) -> None:

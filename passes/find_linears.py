@@ -14,6 +14,7 @@ import fnmatch
 import logging
 import operator
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +25,13 @@ from torch import fx, nn
 
 from lrcompile.config import DEFAULT_EXCLUDE
 from lrcompile.errors import LowRankError
-from lrcompile.types import META_KEY, LinearMeta, WeightLayout
+from lrcompile.types import FACTOR_OF_KEY, META_KEY, LinearMeta, WeightLayout
 
 log = logging.getLogger(__name__)
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
 ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
-MATMUL_TARGETS = (operator.matmul, torch.matmul)
+MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.ops.aten.mm.default)
 WEIGHT_SOURCE = "._parameters['weight']"  # the end of a Dynamo source naming a module's weight
 _MODULE_PATH = re.compile(r"_modules\['([^']*)'\]")
 _PARAMETER_SOURCE = re.compile(r"^L\['([^']+)'\]((?:\[\d+\])*)((?:\._modules\['[^']+'\])+)\._parameters\['[^']+'\]$")
@@ -42,9 +43,14 @@ class LinearNode:
 
     node: fx.Node
     layout: WeightLayout
-    input: fx.Node
     weight: fx.Node | None  # None for call_module (the weight lives on the module)
     bias: fx.Node | None
+
+    @property
+    def input(self) -> fx.Node:
+        """The node feeding the layer now: read from its arguments, since rewriting an earlier linear
+        (``Linear -> Linear``) replaces the node this one reads."""
+        return self.node.args[1 if self.node.target in ADDMM_TARGETS else 0]
 
     @property
     def meta(self) -> LinearMeta:
@@ -52,14 +58,18 @@ class LinearNode:
 
 
 def _transposed_source(node: Any) -> fx.Node | None:
-    """``W`` of ``W.T`` / ``W.t()`` / ``torch.t(W)`` / ``W.transpose(0, 1)`` when ``W`` is a parameter node."""
-    if not isinstance(node, fx.Node) or len(node.users) != 1:
+    """``W`` of ``W.T`` / ``W.t()`` / ``torch.t(W)`` / ``W.transpose(0, 1)`` (or their aten ops, as ``make_fx``
+    and AOT graphs hold them) when ``W`` is a parameter node."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1 or node.op not in ("call_function", "call_method"):
         return None
-    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("T",):
+    swap = sorted(node.args[1:]) in ([0, 1], [-2, -1])
+    if node.target is getattr and node.args[1:] == ("T",):
         source = node.args[0]
-    elif (node.op == "call_method" and node.target == "t") or (node.op == "call_function" and node.target is torch.t):
+    elif node.target in ("t", torch.t, torch.ops.aten.t.default, torch.ops.aten.numpy_T.default):
         source = node.args[0]
-    elif node.op == "call_method" and node.target == "transpose" and sorted(node.args[1:]) in ([0, 1], [-2, -1]):
+    elif node.target in ("transpose", torch.ops.aten.transpose.int) and swap:
+        source = node.args[0]
+    elif node.target is torch.ops.aten.permute.default and list(node.args[1]) == [1, 0]:
         source = node.args[0]
     else:
         return None
@@ -76,18 +86,20 @@ def linear_view(gm: fx.GraphModule, node: fx.Node) -> LinearNode | None:
         weight = node.kwargs.get("weight", args[1])
         bias = node.kwargs.get("bias", args[2])
         if isinstance(args[0], fx.Node) and isinstance(weight, fx.Node):
-            return LinearNode(node, WeightLayout.LINEAR, args[0], weight, bias)
+            return LinearNode(node, WeightLayout.LINEAR, weight, bias)
     elif node.op == "call_function" and node.target in ADDMM_TARGETS and len(node.args) == 3:
         bias, x, weight = node.args
-        if all(isinstance(a, fx.Node) for a in (bias, x, weight)):
-            return LinearNode(node, WeightLayout.ADDMM, x, weight, bias)
+        transposed = _transposed_source(weight)
+        if all(isinstance(a, fx.Node) for a in (bias, x, weight)):  # addmm(b, x, W.t()): linear(x, W, b), as AOT has it
+            return LinearNode(node, WeightLayout.ADDMM, weight, bias) if transposed is None else \
+                LinearNode(node, WeightLayout.LINEAR, transposed, bias)
     elif node.op == "call_function" and node.target in MATMUL_TARGETS and len(node.args) == 2 and not node.kwargs:
         x, transposed = node.args
         weight = _transposed_source(transposed)
         if isinstance(x, fx.Node) and weight is not None:  # x @ W.T: F.linear(x, W) without bias (Falcon)
-            return LinearNode(node, WeightLayout.LINEAR, x, weight, None)
+            return LinearNode(node, WeightLayout.LINEAR, weight, None)
     elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
-        return LinearNode(node, WeightLayout.MODULE, node.args[0], None, None)
+        return LinearNode(node, WeightLayout.MODULE, None, None)
     return None
 
 
@@ -114,18 +126,36 @@ def _slot(root: Any, path: list[str]) -> ModuleSlot | None:
     return ModuleSlot(root, parent, path[-1]) if isinstance(parent, nn.Module) and hasattr(parent, path[-1]) else None
 
 
-def dynamo_frame_locals(gm: fx.GraphModule) -> Mapping[str, Any] | None:
-    """The locals of the frame Dynamo is compiling into ``gm`` (where its ``L[...]`` sources live), or None
-    for a graph Dynamo did not capture. Dynamo's private API, checked on torch 2.11-2.13; used nowhere else."""
+@dataclass(frozen=True)
+class CapturedFrame:
+    """The Python frame Dynamo is compiling into a graph."""
+
+    name: str  # its code's name: ``forward``, or Dynamo's ``torch_dynamo_resume_in_...`` after a graph break
+    locals: Mapping[str, Any]  # where the graph's ``L[...]`` sources live
+    after_graph_break: bool  # it runs inside code Dynamo compiled: its inputs are the model's intermediate values
+
+
+def captured_frame(gm: fx.GraphModule) -> CapturedFrame | None:
+    """The frame Dynamo is compiling into ``gm``, or None for a graph Dynamo did not capture.
+
+    A frame that starts inside another compiled frame's code (the rest of a call a graph break split, or a
+    submodule's ``forward`` called between two graphs) takes intermediate values as its inputs, not the
+    model's. Dynamo's private API (the tracer and the set of code objects it emitted), checked on torch
+    2.11-2.13; used nowhere else."""
     if not any("grapharg" in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
         return None
     try:
+        from torch._dynamo.convert_frame import output_codes
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        return InstructionTranslator.current_tx().f_locals
+        tx = InstructionTranslator.current_tx()
+        caller = sys._getframe(1)
+        while caller is not None and caller.f_code not in output_codes:
+            caller = caller.f_back
+        return CapturedFrame(tx.f_code.co_name, tx.f_locals, caller is not None)
     except Exception as err:  # noqa: BLE001  (any change of that API)
         raise LowRankError(
-            f"cannot read the compiled frame's locals from Dynamo ({type(err).__name__}: {err}), which name the "
+            f"cannot read the compiled frame from Dynamo ({type(err).__name__}: {err}), whose locals name the "
             f"model's modules; this torch ({torch.__version__}) is outside the versions lrcompile supports "
             "(pyproject.toml), or the graph is compressed outside a Dynamo backend call"
         ) from err
@@ -238,6 +268,8 @@ def module_path(source: str) -> str:
 
 
 def _skip_reason(gm: fx.GraphModule, view: LinearNode, weight: torch.Tensor, name: str, include, exclude) -> str:
+    if FACTOR_OF_KEY in view.node.meta:
+        return f"a factor of {view.node.meta[FACTOR_OF_KEY]} (compressed already)"
     if not any(fnmatch.fnmatchcase(name, p) for p in include):
         return "not matched by include patterns"
     matched = next((p for p in exclude if fnmatch.fnmatchcase(name, p)), None)
@@ -248,8 +280,10 @@ def _skip_reason(gm: fx.GraphModule, view: LinearNode, weight: torch.Tensor, nam
     if view.layout is WeightLayout.MODULE:
         if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == view.node.target) > 1:
             return "module is called more than once"
+        if sum(p is weight for _, p in gm.named_parameters(remove_duplicate=False)) > 1:
+            return "weight is shared with another module (tied weights)"
     elif len(view.weight.users) > 1:
-        return "weight is shared with another op (tied weights)"
+        return "weight is read by another op too (tied weights, or a module called more than once)"
     if view.layout is WeightLayout.ADDMM and (view.node.kwargs.get("beta", 1) != 1 or view.node.kwargs.get("alpha", 1) != 1):
         return "addmm with beta/alpha other than 1 is not recognised"
     return ""

@@ -24,7 +24,7 @@ from lrcompile.modules import AQLinear, AQLowRankLinear, factor_bytes
 from lrcompile.types import AQRecord, AQSpec, CompressedLayer, LayerPlan, LayerStatus, WeightLayout
 
 from .additive_quantization import check_shape, fit_additive_quantization, relative_error
-from .factorize_linears import add_frozen_parameter
+from .factorize_linears import add_frozen_parameter, replace_linear
 from .find_linears import LinearNode
 
 log = logging.getLogger(__name__)
@@ -118,11 +118,9 @@ def quantize_linear(gm: fx.GraphModule, view: LinearNode, module: AQLinear | AQL
         if isinstance(module, AQLowRankLinear):
             latent = _aq_call(graph, gm, name + "_down", view.input, module.down, None)
             out = _aq_call(graph, gm, name + "_up", latent, module.up, bias)
+            replace_linear(view, out, latent, module.rank)
         else:
-            out = _aq_call(graph, gm, name, view.input, module, bias)
-    out.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
-    node.replace_all_uses_with(out)
-    graph.erase_node(node)
+            replace_linear(view, _aq_call(graph, gm, name, view.input, module, bias))
 
 
 def quantize_linears(gm: fx.GraphModule, modules: Mapping[LinearNode, AQLinear | AQLowRankLinear]) -> None:

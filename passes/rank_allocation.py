@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from lrcompile.errors import LowRankConfigError
-from lrcompile.types import CompressionPlan, LayerPlan, LinearMeta, accumulation_dtype
+from lrcompile.types import ALLOCATION_METHODS, FACTOR_METHODS, CompressionPlan, LayerPlan, LinearMeta, accumulation_dtype
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +164,15 @@ def energy_share(singular_values: torch.Tensor) -> torch.Tensor:
 def build_plan(method: str, allocation: str, param_ratio: float, layers: list[LayerPlan], rank_multiple: int) -> CompressionPlan:
     """The plan of ``layers`` (ranks aligned to ``rank_multiple``); warns when its parameter ratio misses
     ``param_ratio`` by more than ``RATIO_TOLERANCE`` (relative), as rank alignment does on small layers."""
+    for option, value, known in (("method", method, FACTOR_METHODS), ("allocation", allocation, ALLOCATION_METHODS)):
+        if value not in known:
+            raise ValueError(f"{option}={value!r}: expected one of {', '.join(known)}")
     plan = CompressionPlan(method, allocation, param_ratio, tuple(layers))
     factored = sum(layer.rank is not None for layer in layers)
     achieved = plan.achieved_ratio
-    log.info(
-        "plan (%s, %s): %d of %d linears factored, parameters %.3f of dense (target %.3f)",
-        method, allocation, factored, len(layers), achieved, param_ratio,
-    )
+    if layers:  # none on a recompile over layers compressed already
+        log.info("plan (%s, %s): %d of %d linears factored, parameters %.3f of dense (target %.3f)",
+                 method, allocation, factored, len(layers), achieved, param_ratio)
     if layers and abs(achieved - param_ratio) > RATIO_TOLERANCE * param_ratio:
         cause = (
             f"a factored linear keeps at least rank_multiple={rank_multiple} ranks, and one whose factors would not "

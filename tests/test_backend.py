@@ -11,8 +11,9 @@ import torch
 from tiny_models import FAMILIES, first_output, tiny_model, token_batches
 
 import lrcompile
+import lrcompile.backend
 from lrcompile.passes import decompose, dense_weight, factorize_linears, find_linears
-from lrcompile.passes.find_linears import placeholder_values
+from lrcompile.passes.find_linears import module_path, placeholder_values
 from lrcompile.modules import LowRankLinear
 from lrcompile.pipeline import compress_graph
 from lrcompile.types import CompressedLayer, LayerPlan, LayerStatus
@@ -85,10 +86,15 @@ def test_full_rank_factoring_is_exact_on_dynamo_graphs(family, method):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_ratio_08_replaces_factored_linears_by_their_factors(family):
+def test_ratio_08_replaces_factored_linears_by_their_factors(family, monkeypatch):
     model = tiny_model(family)
     bytes_before = lrcompile.weight_bytes(model)
     ids = token_batches(1, seed=7)[0]
+    sources = []  # the graph inputs the downstream compiler gets, read as it gets them (Dynamo drops them after)
+    compile_downstream = lrcompile.backend.compile_downstream
+    monkeypatch.setattr(lrcompile.backend, "compile_downstream", lambda compression, config: sources.extend(
+        n.meta["grapharg"].source.name for n in compression.gm.graph.nodes if "grapharg" in n.meta
+    ) or compile_downstream(compression, config))
     with torch.no_grad():
         out = first_output(_compile(model, calibration=token_batches(2), param_ratio=0.8, allocation="uniform")(input_ids=ids))
     assert torch.isfinite(out).all()
@@ -102,6 +108,9 @@ def test_ratio_08_replaces_factored_linears_by_their_factors(family):
     added = sum(layer.factor_bytes for layer in factored)
     assert lrcompile.weight_bytes(model) == bytes_before - freed + added
     assert totals["weight_bytes_after"] <= 0.8 * totals["weight_bytes_before"]
+    read = {module_path(source) for source in sources if source.endswith("._parameters['weight']")}
+    assert read  # the layers left dense
+    assert not read & {layer.name for layer in factored}  # the downstream compiler gets no dense weight of theirs
     modules = _factored_modules(model)
     assert len(modules) == totals["factored"] and all(m.down.dtype == torch.float32 for m in modules)
     state = model.state_dict()  # the factors, and no dense weight of a factored layer
@@ -258,6 +267,89 @@ def test_inductor_compiles_the_rewritten_graph():
         out = first_output(_compile(inductor_model, compiler="inductor", **options)(input_ids=ids))
     assert torch.allclose(out, reference, atol=1e-4)
     assert lrcompile.model_report(inductor_model).param_ratio <= 0.7
+
+
+def test_back_to_back_linears_are_factored_through_the_backend():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 64)).eval()
+    calibration = [torch.randn(64, 64) for _ in range(3)]
+    x = torch.randn(64, 64)
+    with torch.no_grad():
+        out = _compile(model, calibration=calibration, param_ratio=0.5, allocation="uniform")(x)
+        torch.testing.assert_close(out, model(x))  # the model now holds the factors the graph runs
+    assert lrcompile.model_report(model).totals()["factored"] == 3
+
+
+def test_factors_are_frozen_and_train_when_unfrozen():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+    compiled = _compile(model, calibration=[torch.randn(64, 64)], param_ratio=0.5, allocation="uniform",
+                        compiler="aot_eager")
+    with torch.no_grad():
+        compiled(torch.randn(64, 64))
+    assert not any(p.requires_grad for m in (model[0], model[2]) for p in (m.down, m.up))  # frozen, as the README says
+    model.requires_grad_(True)
+    compiled(torch.randn(64, 64)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (model[0].down, model[0].up, model[2].up))
+
+
+class _Broken(torch.nn.Module):
+    """Linears on both sides of a graph break; the later ones read an intermediate value, not the model's input."""
+
+    def __init__(self, nested: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.lm_head = (torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 100))
+        self.nested = nested
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)) * 3
+        if self.nested:  # the break inside a submodule: Dynamo compiles its forward as a frame of its own
+            return self.inner(h)
+        torch._dynamo.graph_break()
+        return self.lm_head(torch.relu(self.b(h)))
+
+
+class _Tail(torch.nn.Module):
+    def __init__(self, outer):
+        super().__init__()
+        self.b, self.lm_head = outer.b, outer.lm_head
+
+    def forward(self, h):
+        h = torch.relu(self.b(h))
+        torch._dynamo.graph_break()
+        return self.lm_head(h)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_linears_after_a_graph_break_stay_dense_when_calibration_cannot_reach_them(nested, caplog):
+    model = _Broken(nested).eval()
+    if nested:
+        model.inner = _Tail(model)
+    options = lrcompile.LowRankConfig(calibration=[torch.randn(16, 64) for _ in range(4)], param_ratio=0.6,
+                                      method="whiten", calibration_order="independent", compiler="eager")
+    x = torch.randn(16, 64)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="lrcompile"):
+        out = torch.compile(model, backend="lowrank", options=options)(x)  # lm_head alone after the break: no error
+        torch.testing.assert_close(out, model(x))
+    assert isinstance(model.a, lrcompile.modules.LowRankLinear)  # the first graph takes the model's input
+    assert type(model.b) is torch.nn.Linear
+    assert re.search(r"graph '\w+' \(Dynamo's frame\): its graph starts after a graph break and takes the model's "
+                     r"intermediate values as inputs, .* its 1 linear\(s\) stay dense: b\.", caplog.text), caplog.text
+
+
+def test_data_free_compression_reaches_linears_after_a_graph_break():
+    model = _Broken(nested=False).eval()
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        out = _compile_broken(model, method="svd", allocation="uniform", param_ratio=0.6)(x)
+        torch.testing.assert_close(out, model(x))
+    assert isinstance(model.a, lrcompile.modules.LowRankLinear) and isinstance(model.b, lrcompile.modules.LowRankLinear)
+
+
+def _compile_broken(model, **options):
+    return torch.compile(model, backend="lowrank", options=lrcompile.LowRankConfig(compiler="eager", **options))
 
 
 def test_two_instances_of_one_class_get_their_own_factors():

@@ -34,6 +34,13 @@ def _sample(out_f: int, in_f: int, rows: int, seed: int, dtype=torch.float32):
 # --------------------------------------------------------------------------- full rank
 
 
+@pytest.mark.parametrize("rank", [0, -1, 25, 2.0, True])
+def test_factors_refuse_a_rank_outside_the_weight(rank):
+    w, x = _sample(24, 40, 128, seed=1)
+    with pytest.raises(ValueError, match=rf"rank={rank!r}: expected an integer in \[1, 24\]"):
+        decompose(w, "svd", None, alpha=0.5, layer="fc").factors(rank, torch.float32)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_full_rank_reconstructs_weight_float32(method):
     w, x = _sample(24, 40, 128, seed=1)

@@ -63,6 +63,17 @@ def test_calibration_shape_does_not_fit_static_graph():
     assert isinstance(_inner(excinfo), CalibrationError)
 
 
+def test_feature_batches_of_another_width_are_refused_not_re_cut():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).eval()
+    options = lrcompile.LowRankConfig(calibration=[torch.randn(8, 128)] * 2, param_ratio=0.5, compiler="eager")
+    with pytest.raises(Exception, match=r"calibration batch 0: input 'positional input 0' has shape \(8, 128\), but the "
+                       r"graph was captured for shape \(8, 64\)") as excinfo:
+        with torch.no_grad():
+            torch.compile(model, backend="lowrank", options=options)(torch.randn(8, 64))
+    assert isinstance(_inner(excinfo), CalibrationError)
+
+
 def test_calibration_dtype_does_not_fit():
     options = lrcompile.LowRankConfig(calibration=[torch.zeros(2, 16)], compiler="eager")
     with pytest.raises(Exception, match="calibration batch 0: input 'input_ids' has dtype torch.float32, the graph takes "

@@ -199,7 +199,23 @@ def test_tied_weight_used_twice_is_skipped():
     views = find_linears(fx.symbolic_trace(Tied()))
     assert [v.meta.name for v in views] == ["proj", "proj", "free"]
     assert views[0].weight is views[1].weight  # one get_attr node used by both
-    assert [v.meta.skip_reason for v in views[:2]] == ["weight is shared with another op (tied weights)"] * 2
+    assert [v.meta.skip_reason for v in views[:2]] == ["weight is read by another op too (tied weights, or a module called more than once)"] * 2
+    assert views[2].meta.compressible
+
+
+def test_modules_sharing_one_weight_are_skipped():
+    class TiedModules(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.free = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.free(self.b(torch.relu(self.a(x))))
+
+    views = find_linears(fx.symbolic_trace(TiedModules()))
+    assert [(v.meta.name, v.meta.skip_reason) for v in views[:2]] == [
+        (name, "weight is shared with another module (tied weights)") for name in ("a", "b")]
     assert views[2].meta.compressible
 
 
@@ -336,7 +352,7 @@ def test_dynamo_tied_embedding_and_repeated_module():
         return [(v.meta.name, v.meta.compressible, v.meta.skip_reason) for v in find_linears(gm, ex)]
 
     _, _, rows = _dynamo_capture(net, torch.randint(0, 16, (2, 5)), inspect=inspect)
-    tied = "weight is shared with another op (tied weights)"
+    tied = "weight is read by another op too (tied weights, or a module called more than once)"
     assert rows[:3] == [("mlp", False, tied), ("mlp", False, tied), ("proj", True, "")]
     # the tied head is skipped; Dynamo gives the shared placeholder the embedding's source, so the
     # name may be either owner's path (currently "embed")
@@ -378,7 +394,7 @@ class TransposedMatmulNet(nn.Module):
 
 @pytest.mark.parametrize("capture", ["symbolic_trace", "dynamo"])
 def test_x_times_w_transposed_is_a_linear_and_an_unrecognised_use_is_named(capture):
-    from lrcompile.passes.find_linears import dynamo_frame_locals, unrecognised_linears
+    from lrcompile.passes.find_linears import captured_frame, unrecognised_linears
 
     torch.manual_seed(0)
     net, x = TransposedMatmulNet().eval(), torch.randn(3, 8)
@@ -388,7 +404,8 @@ def test_x_times_w_transposed_is_a_linear_and_an_unrecognised_use_is_named(captu
         views = find_linears(gm, example_inputs)
         values = placeholder_values(gm, example_inputs)
         found["linears"] = {v.meta.name: (v.layout, v.bias, dense_weight(gm, v, values)) for v in views}
-        found["unknown"] = unrecognised_linears(gm, views, dynamo_frame_locals(gm))
+        frame = captured_frame(gm)  # None for symbolic_trace
+        found["unknown"] = unrecognised_linears(gm, views, frame and frame.locals)
         return gm.forward
 
     if capture == "dynamo":

@@ -113,6 +113,41 @@ def test_full_rank_factors_reproduce_outputs(kind, method):
 
 
 @pytest.mark.parametrize("kind", ["symbolic_trace", "export"])
+def test_back_to_back_linears_are_all_factored(kind):
+    """A linear reading another linear's output: the second is rewritten onto the first one's factors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 24)).eval()
+    batches = _batches()
+    x = torch.randn(4, 32)
+    ref = model(x).detach()
+    gm = _graph(kind, model, batches[0])
+    views = _calibrated(gm, batches)
+    assert len(_factor(gm, views, {"0": 32, "1": 32, "3": 24}, "whiten")) == 3
+    linears = _linear_nodes(gm)
+    assert len(linears) == 6 and linears[2].args[0] is linears[1]  # 1's down reads 0's up
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ref, rtol=0, atol=1e-5)
+
+
+def test_make_fx_graph_linears_are_found_and_factored():
+    """AOT-level graphs hold a linear as addmm(b, x, t(W)) (mm without bias): found, factored, W released."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = _model()
+    x = torch.randn(4, 32)
+    gm = make_fx(model)(x)
+    views = _calibrated(gm, _batches())
+    assert [(v.layout, v.meta.out_features, v.meta.in_features, v.meta.compressible) for v in views] == [
+        (WeightLayout.LINEAR, 64, 32, True), (WeightLayout.LINEAR, 24, 64, True)]
+    _factor(gm, views, {v.meta.name: min(v.meta.out_features, v.meta.in_features) for v in views}, "whiten")
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-5)
+    released, _ = release_dense_weights(gm, views, None)
+    assert released == (64 * 32 + 24 * 64) * 4  # no transpose left reading them
+    assert not any(n.target is torch.ops.aten.t.default for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("kind", ["symbolic_trace", "export"])
 def test_reduced_rank_rewrites_graph_and_changes_outputs(kind):
     model = _model()
     batches = _batches()
@@ -138,6 +173,26 @@ def test_reduced_rank_rewrites_graph_and_changes_outputs(kind):
     assert out.shape == ref.shape
     assert (out - ref).abs().max() > 1e-3
     assert (out - ref).norm() / ref.norm() < 1.0  # still an approximation
+
+
+@pytest.mark.parametrize("kind", ["symbolic_trace", "export"])
+def test_passes_run_again_find_the_factors_compressed_already(kind):
+    model = _model()
+    batches = _batches()
+    gm = _graph(kind, model, batches[0])
+    _factor(gm, _calibrated(gm, batches), {"fc1": 8, "fc2": 8}, "asvd")
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        before = gm(x)
+    again = find_linears(gm)
+    assert [(v.meta.compressible, v.meta.skip_reason) for v in again] == [
+        (False, f"a factor of {name} (compressed already)") for name in ("fc1", "fc1", "fc2", "fc2")]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), before, rtol=0, atol=0)
+    if kind == "export":  # the new nodes carry the shapes and source lines later passes read
+        down, up = _linear_nodes(gm)[:2]
+        assert tuple(down.meta["val"].shape) == (4, 8) and tuple(up.meta["val"].shape) == (4, 64)
+        assert "fc1" in down.meta["stack_trace"] or "forward" in down.meta["stack_trace"]
 
 
 @pytest.mark.parametrize("kind", ["symbolic_trace", "export"])
@@ -189,7 +244,7 @@ def test_release_dense_weights_counts_only_weights_it_released(kind):
     batches = _batches()
     gm = _graph(kind, Shared().eval(), batches[0])
     views = find_linears(gm)
-    assert views[0].meta.skip_reason == "weight is shared with another op (tied weights)"
+    assert views[0].meta.skip_reason == "weight is read by another op too (tied weights, or a module called more than once)"
     _factor(gm, views, {"fc": 8}, "svd")
     released, _ = release_dense_weights(gm, views, None)
     assert released == 0

@@ -115,14 +115,25 @@ def test_pass_manager_runs_in_order_times_and_dumps(tmp_path):
     assert set(manager.timings) == {"add_relu", "record"}
     assert all(t >= 0 for t in manager.timings.values())
     files = sorted(p.name for p in dump.iterdir())
-    assert files == ["00_add_relu_after.py", "00_add_relu_before.py", "01_record_after.py", "01_record_before.py"]
+    assert files == ["00_add_relu_after.py", "00_add_relu_before.py", "passes.txt"]  # record changed nothing
     before = (dump / "00_add_relu_before.py").read_text()
     after = (dump / "00_add_relu_after.py").read_text()
     assert "add" in before and "relu" not in before
     assert "torch.relu" in after
-    assert (dump / "01_record_before.py").read_text() == after
-    assert (dump / "01_record_after.py").read_text() == after
+    summary = (dump / "passes.txt").read_text().splitlines()
+    assert [line.split(",")[0] for line in summary] == ["00 add_relu: changed", "01 record: no change"]
     assert torch.equal(ctx.gm(torch.tensor([-3.0, 1.0])), torch.tensor([0.0, 2.0]))
+
+
+def test_a_failing_pass_leaves_its_graph_before_it(tmp_path):
+    def fail(ctx):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        PassManager([Pass("add_relu", _add_relu), Pass("fail", fail)], tmp_path).run(Ctx(fx.symbolic_trace(Tiny())),
+                                                                                    lambda c: c.gm)
+    assert "torch.relu" in (tmp_path / "01_fail_before.py").read_text()
+    assert (tmp_path / "passes.txt").read_text().startswith("00 add_relu: changed")
 
 
 def test_pass_manager_without_dump_dir_writes_nothing(tmp_path, monkeypatch):

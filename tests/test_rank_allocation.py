@@ -326,6 +326,12 @@ def test_build_plan_is_quiet_near_the_target(caplog):
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
+@pytest.mark.parametrize("method,allocation,bad", [("foo", "uniform", "method='foo'"), ("asvd", "greedy", "allocation='greedy'")])
+def test_build_plan_names_an_unknown_method_or_allocation(method, allocation, bad):
+    with pytest.raises(ValueError, match=f"{bad}: expected one of "):
+        build_plan(method, allocation, 0.5, [], 8)
+
+
 def test_build_plan_totals():
     metas = [_meta("a", 256, 256), _meta("b", 8, 8)]
     plan = build_plan("asvd", "uniform", 0.5, allocate_uniform(metas, 0.5, 8), 8)
