@@ -277,7 +277,7 @@ def _fewest_over_ranks(count: int, device: torch.device) -> int:
     return int(value)
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if _distributed()[1] > 1:
         dist.barrier()
 
@@ -472,7 +472,7 @@ class BlockCompressor:
     def _save_progress(self, progress: dict[str, Any]) -> None:
         if self.rank == 0:
             _atomic_json(self.out / PROGRESS_FILE, progress)
-        _barrier()
+        barrier()
 
     def _activation_file(self) -> Path:
         return self.out / f"lowrank_activations.rank{self.rank}.safetensors"
@@ -842,7 +842,7 @@ class BlockCompressor:
             for index in range(len(self.blocks)):
                 file = self.out / BLOCKS_DIR / f"block_{index:05d}.safetensors"
                 write_safetensors(file, ((name, tensors[name]) for name in safetensors_header(file)[1]))
-        _barrier()
+        barrier()
 
     def _whole_compressed_model(self) -> tuple[nn.Module, dict[str, torch.dtype]]:
         """The skeleton with every compressed block and the non-block weights loaded, in float32 (for training),
@@ -874,7 +874,7 @@ class BlockCompressor:
         start = time.perf_counter()
         if self.rank == 0:
             (self.out / BLOCKS_DIR).mkdir(parents=True, exist_ok=True)
-        _barrier()
+        barrier()
         progress = self._progress()
         streams, teacher = self._catch_inputs()
         plan = self._plan(streams, progress)
@@ -935,9 +935,9 @@ class BlockCompressor:
                 self.skeleton.generation_config.save_pretrained(self.out)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(self.out)
-        _barrier()
+        barrier()
         self._activation_file().unlink(missing_ok=True)
-        _barrier()
+        barrier()
         if self.rank == 0:
             (self.out / DISTILLED_FILE).unlink(missing_ok=True)
             (self.out / PROGRESS_FILE).unlink(missing_ok=True)

@@ -244,7 +244,8 @@ def calibration_texts(path: str | Path, batch_size: int, max_batches: int, pack:
     """The first ``batch_size * max_batches`` lines of a text file; at least one full batch. ``pack``: every
     line (they are joined into one token stream, so a batch may take many)."""
     if not Path(path).is_file():
-        raise InputError(f"calibration file {str(path)!r} does not exist")
+        raise InputError(f"calibration file {str(path)!r} " + ("is a folder: give a text file" if Path(path).is_dir()
+                                                                 else "does not exist"))
     lines = read_text_lines(path)
     if pack:
         if not lines:
@@ -418,18 +419,21 @@ def _print_report(result: Compressed) -> None:
 # ---------------------------------------------------------------------------- commands
 
 
-def _compress_blocks(args: argparse.Namespace) -> int:
+def _compress_blocks(args: argparse.Namespace, rank: int) -> int:
     """``compress --max-memory`` (or ``--finetune-epochs``, or ``--distill-epochs`` without ``--kv-ratio``): block by
-    block from the model's files to the output folder (resumable)."""
+    block from the model's files to the output folder (resumable). Under torchrun every rank calibrates on its
+    share and rank 0 writes."""
     from transformers import GenerationConfig
     from transformers.utils import GENERATION_CONFIG_NAME
 
-    from .block_compression import BlockCompressor, skeleton_of
+    from .block_compression import BlockCompressor, barrier, skeleton_of
     from .weight_sources import open_weights
 
     config = _config(args, dump_dir=None)
-    check_output_folder(args.out)
     texts = _calibration_lines(args)
+    if args.overwrite and rank == 0:
+        clear_output(args.out)
+    barrier()
     folder = open_model_folder(args.model_dir, "generate")
     skeleton = skeleton_of(folder.config)
     if (folder.path / GENERATION_CONFIG_NAME).is_file() and folder.gguf_file is None:  # as from_pretrained reads it
@@ -439,6 +443,8 @@ def _compress_blocks(args: argparse.Namespace) -> int:
     result = BlockCompressor(skeleton, source, batches, config, args.out, folder.tokenizer,
                              args.max_memory, args.device, source_name=str(folder.path / (folder.gguf_file or "")),
                              distill_batches=distill).run()
+    if rank:
+        return 0  # rank 0 reports
     report = saved_report(folder.config, Path(args.out))  # the saved description, blocks resumed included
     print(report.to_markdown())
     report.save(args.out)
@@ -449,31 +455,107 @@ def _compress_blocks(args: argparse.Namespace) -> int:
     return 0
 
 
-def refuse_finished_output(out: str, overwrite: bool) -> None:
-    """``compress`` does not replace a saved model in ``--out`` unless told to; an unfinished block-by-block run
-    there (its progress file) is resumed instead."""
+def _output_artefacts() -> tuple[str, ...]:
+    """Glob patterns of what a saved model, ``compress`` or ``save_pretrained`` writes in a folder."""
+    from .block_compression import BLOCKS_DIR, DISTILLED_FILE, PROGRESS_FILE
+
+    return ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+            "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "*.tmp",
+            "report.md", "report.json", PLAN_FILE, "factors.safetensors", "tokenizer*", "special_tokens_map.json",
+            "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", PROGRESS_FILE, DISTILLED_FILE, BLOCKS_DIR)
+
+
+def check_compress_output(args: argparse.Namespace, by_blocks: bool) -> None:
+    """Fail before any work when ``--out`` cannot take this run's model. A folder that holds anything is refused
+    unless ``--overwrite`` is given, or it holds an unfinished block-by-block run that this one resumes; MODEL's own
+    folder always is (its weights would be replaced while they are read)."""
     from .block_compression import PROGRESS_FILE
 
-    path = Path(out)
-    if not overwrite and (path / "config.json").is_file() and not (path / PROGRESS_FILE).is_file():
-        raise InputError(f"--out {out!r} already holds a saved model (config.json): give another folder, or "
-                         "--overwrite to replace it")
+    check_output_folder(args.out)
+    path, source = Path(args.out), Path(args.model_dir)
+    if path.is_dir() and source.exists() and path.resolve() == (source if source.is_dir() else source.parent).resolve():
+        raise InputError(f"--out {args.out!r} is MODEL's own folder: give another folder (the compressed model "
+                         "would replace the weights it is read from)")
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not entries or args.overwrite:
+        return
+    if (path / PROGRESS_FILE).is_file():
+        if by_blocks:
+            return  # resumed, once the options are checked against the run's
+        raise InputError(f"--out {args.out!r} holds an unfinished block-by-block run ({PROGRESS_FILE}): give the "
+                         "options it was started with (--max-memory ...) to resume it, or --overwrite to start over")
+    held = ("a saved model (config.json)" if "config.json" in entries else
+            f"{len(entries)} file(s): {', '.join(entries[:4])}{', ...' * (len(entries) > 4)}")
+    raise InputError(f"--out {args.out!r} already holds {held}: give a new or empty folder, or --overwrite to "
+                     "replace what an earlier run wrote there")
+
+
+def clear_output(out: str) -> None:
+    """``--overwrite``: remove what a saved model or an earlier run left in ``out`` (weights, index, blocks,
+    progress, reports, tokenizer), so that none of it mixes with the new run's files; other files stay."""
+    import shutil
+
+    removed = 0
+    for pattern in _output_artefacts():
+        for path in Path(out).glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed += 1
+    if removed:
+        print(f"--overwrite: removed {removed} file(s) or folder(s) an earlier run left in {out}")
+
+
+def _torchrun_rank(args: argparse.Namespace, by_blocks: bool) -> int:
+    """This process's rank under ``torchrun`` (0 otherwise), after joining the process group block compression
+    reduces its statistics over (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0
+    if not by_blocks:
+        raise InputError(f"under torchrun (WORLD_SIZE={world}) compress calibrates data-parallel block by block: "
+                         "give --max-memory (an in-memory run would have every rank write --out)")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank()
+
+
+def check_device(device: str) -> None:
+    """``--device`` names a device this torch can compute on."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise InputError(f"--device {device!r}: {err}") from None
+    backend = getattr(torch, parsed.type, None)
+    if parsed.type == "meta" or (parsed.type != "cpu" and not getattr(backend, "is_available", lambda: False)()):
+        raise InputError(f"--device {device!r}: this torch ({torch.__version__}) cannot compute on it; "
+                         f"give cpu{' or cuda' * torch.cuda.is_available()}")
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    refuse_finished_output(args.out, args.overwrite)
+    by_blocks = args.max_memory is not None or bool(args.finetune_epochs) or bool(args.distill_epochs and args.kv_ratio is None)
+    check_device(args.device)
+    rank = _torchrun_rank(args, by_blocks)
+    check_compress_output(args, by_blocks)
     if args.distill_batches is not None and not args.distill_epochs:
         raise InputError("--distill-batches sets the batches of --distill-epochs N: give that too")
-    if args.max_memory is not None or args.finetune_epochs or (args.distill_epochs and args.kv_ratio is None):
-        return _compress_blocks(args)
+    if by_blocks:
+        try:
+            return _compress_blocks(args, rank)
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
     result = _compress_folder(args, dump_dir=None)
     _print_report(result)
     out = Path(args.out)
+    if args.overwrite:
+        clear_output(args.out)
     save_model_folder(result.model, result.tokenizer, out)
     model_report(result.model).save(out)
     t = model_report(result.model).totals()
-    print(f"saved the compressed model ({t['factored']} of {t['linears']} linears factored) with save_pretrained "
-          f"to {out}; load it with from_pretrained after import lrcompile")
+    quantized = f", {t['quantized']} AQLM-quantised" if t["quantized"] else ""
+    print(f"saved the compressed model ({t['factored']} of {t['linears']} linears factored{quantized}) with "
+          f"save_pretrained to {out}; load it with from_pretrained after import lrcompile")
     return 0
 
 
@@ -546,11 +628,11 @@ def _generation_model(args: argparse.Namespace, config: LowRankConfig) -> tuple[
     """``(model, tokenizer, options)`` for ``generate``: loaded from ``--load`` or set to calibrate on ``--calib``."""
     if args.load is None and args.calib is None:
         raise InputError("generate needs --calib TEXT_FILE (to compress the model) or --load DIR (a folder saved by "
-                         "'lrcompile compress --kv-ratio ...')")
+                         "'lrcompile compress')")
     if args.load is not None and args.calib is not None:
         raise InputError("give either --calib (compress now) or --load (a saved compressed model), not both")
     if args.load is not None and not Path(args.load).is_dir():
-        raise InputError(f"--load {args.load!r} is not a folder: give one saved by 'lrcompile compress --kv-ratio ...'")
+        raise InputError(f"--load {args.load!r} is not a folder: give one saved by 'lrcompile compress'")
     if args.calib is not None:
         texts = calibration_texts(args.calib, args.batch_size, args.max_batches, args.pack)
     folder = open_model_folder(args.model_dir, "generate")
@@ -564,9 +646,6 @@ def _generation_model(args: argparse.Namespace, config: LowRankConfig) -> tuple[
     else:  # an ordinary saved folder: MODEL_DIR's dense weights are not needed (a GGUF would be dequantised for nothing)
         saved = open_model_folder(args.load, "generate")
         model, tokenizer = saved.load(), saved.tokenizer
-    if next(model_latent_attention(model), None) is None:
-        raise InputError(f"{args.load!r} holds no attention restructured for a latent KV cache: save it with "
-                         "'lrcompile compress --kv-ratio R'")
     return model, tokenizer, config
 
 
@@ -597,24 +676,34 @@ def run_generate(args: argparse.Namespace) -> int:
         sampling["top_k"] = args.top_k
     torch.manual_seed(args.seed)
     start = time.perf_counter()
+    latent_kv = args.load is None or next(model_latent_attention(model), None) is not None
     with torch.no_grad():
-        out = generate(model, ids, mask, options=config, max_new_tokens=args.max_new_tokens,
+        if latent_kv:
+            out = generate(model, ids, mask, options=config, max_new_tokens=args.max_new_tokens,
+                           pad_token_id=tokenizer.pad_token_id, **sampling)
+        else:  # a saved model compressed in its weights only: transformers' own generation and dense cache
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id, **sampling)
     seconds = time.perf_counter() - start
     for i, (prompt, new) in enumerate(zip(args.prompt, out[:, ids.shape[1]:]), start=1):
         print(f"prompt {i}: {prompt}")
         print(f"continuation {i}: {tokenizer.decode(new, skip_special_tokens=True)}")
     report = model_report(model)
-    formulas = report.formulas()
-    dense = _per_token_kv_bytes(formulas["kv_cache_bytes_dense(B, T)"])
-    latent = _per_token_kv_bytes(formulas["kv_cache_bytes_latent(B, T)"])
     t = report.totals()
     shape = "as chat turns (the tokenizer's template)" if chat else "as raw text"
+    if latent_kv:
+        formulas = report.formulas()
+        dense = _per_token_kv_bytes(formulas["kv_cache_bytes_dense(B, T)"])
+        latent = _per_token_kv_bytes(formulas["kv_cache_bytes_latent(B, T)"])
+        cache = (f"KV cache per token: {dense:,} bytes dense -> {latent:,} bytes latent (ratio "
+                 f"{latent / max(dense, 1):.3f}) over {len(report.attention)} attention blocks; formulas: dense "
+                 f"{formulas['kv_cache_bytes_dense(B, T)']}, latent {formulas['kv_cache_bytes_latent(B, T)']}")
+    else:
+        cache = f"KV cache: dense ({args.load!r} has no latent attention: compress with --kv-ratio R for one)"
+    quantized = f", {t['quantized']} AQLM-quantised" if t["quantized"] else ""
     print(
-        f"KV cache per token: {dense:,} bytes dense -> {latent:,} bytes latent (ratio {latent / max(dense, 1):.3f}) "
-        f"over {len(report.attention)} attention blocks; formulas: dense {formulas['kv_cache_bytes_dense(B, T)']}, "
-        f"latent {formulas['kv_cache_bytes_latent(B, T)']}\n"
-        f"weights: {t['factored']} of {t['linears']} linears factored (param ratio {t['param_ratio']}); "
+        f"{cache}\n"
+        f"weights: {t['factored']} of {t['linears']} linears factored{quantized} (param ratio {t['param_ratio']}); "
         f"{'loaded from ' + args.load if args.load else 'compressed'} and generated up to {args.max_new_tokens} tokens "
         f"for each of {len(args.prompt)} prompts {shape} (an answer ends at its end-of-sequence token) in {seconds:.1f} s"
     )

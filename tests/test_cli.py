@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import re
+import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -241,10 +245,64 @@ def test_compress_replaces_a_saved_model_only_with_overwrite(model_dir, calib_fi
     assert main(argv) == 0
     saved = (out / "model.safetensors").stat().st_mtime_ns
     assert main([*argv, "--param-ratio", "0.6"]) == 2
-    assert "--overwrite to replace it" in capsys.readouterr().err
+    assert "--overwrite to replace what an earlier run wrote there" in capsys.readouterr().err
     assert (out / "model.safetensors").stat().st_mtime_ns == saved
-    assert main([*argv, "--param-ratio", "0.6", "--overwrite"]) == 0
+    (out / "notes.txt").write_text("mine")
+    # block by block over an in-memory output: its model.safetensors would shadow the new index and blocks
+    assert main([*argv, "--param-ratio", "0.6", "--overwrite", "--max-memory", "12MB"]) == 0
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").is_file()
     assert lrcompile.model_report(load_model_folder(out)[0]).param_ratio < 0.7
+    assert main([*argv, "--param-ratio", "0.7", "--overwrite"]) == 0  # and back: no index or blocks left over
+    assert not (out / "blocks").exists() and not (out / "model.safetensors.index.json").exists()
+    assert 0.65 < lrcompile.model_report(load_model_folder(out)[0]).param_ratio < 0.8
+    assert (out / "notes.txt").read_text() == "mine"  # not the run's: kept
+
+
+def test_compress_refuses_a_folder_of_other_files_and_the_models_own(model_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "junk"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["compress", str(model_dir), "--calib", str(calib_file), *SMALL]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "already holds 1 file(s): notes.txt: give a new or empty folder" in capsys.readouterr().err
+    assert main([*argv, "--out", str(model_dir), "--overwrite"]) == 2
+    assert "is MODEL's own folder" in capsys.readouterr().err
+    assert (model_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("device", ["meta", "nonsense"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_compress_names_a_device_it_cannot_use(model_dir, calib_file, tmp_path, capsys, device):
+    argv = ["compress", str(model_dir), "--calib", str(calib_file), "--out", str(tmp_path / "o"), "--max-memory",
+            "12MB", "--device", device, *SMALL]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: --device {device!r}" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_in_memory_compress_under_torchrun_is_refused(model_dir, calib_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(tmp_path / "o"), *SMALL]) == 2
+    assert "under torchrun (WORLD_SIZE=2) compress calibrates data-parallel block by block: give --max-memory" in \
+        capsys.readouterr().err
+
+
+def test_compress_under_torchrun_joins_the_group_and_rank_0_writes(model_dir, calib_file, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    argv = ["compress", str(model_dir), "--calib", str(calib_file), "--max-memory", "12MB", "--param-ratio", "0.8",
+            *SMALL]
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            f"--master-port={port}", "-m", "lrcompile", *argv, "--out", str(tmp_path / "two")],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert ranks.stdout.count("block by block; load it with from_pretrained") == 1  # rank 0 reports
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    two, one = load_model_folder(tmp_path / "two")[0], load_model_folder(tmp_path / "one")[0]
+    assert {n: e["rank"] for n, e in two.config.quantization_config.linears.items()} == \
+        {n: e["rank"] for n, e in one.config.quantization_config.linears.items()}  # the same data, summed over ranks
 
 
 def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
@@ -319,11 +377,12 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
          r"--kv-key-share applies only with --kv-ratio; --aq-config applies only with --quantize aqlm \(without it "
          r"the option would be ignored\)"),
         (["compress", "{weightless}", "--calib", "{calib}", "--out", "{model}"],
-         r"--out '.*' already holds a saved model \(config\.json\): give another folder, or --overwrite to replace it"),
+         r"--out '.*' already holds a saved model \(config\.json\): give a new or empty folder, or --overwrite to "
+         r"replace what an earlier run wrote there"),
         (["compress", "{weightless}", "--calib", "{calib}", "--out", "{tmp}/o", "--aq-config", "2x8"],
          r"--aq-config applies only with --quantize aqlm \(without it the option would be ignored\)"),
         (["generate", "{model}", "--load", "{tmp}/missing", "--prompt", "hi"],
-         r"--load '.*/missing' is not a folder: give one saved by 'lrcompile compress --kv-ratio \.\.\.'"),
+         r"--load '.*/missing' is not a folder: give one saved by 'lrcompile compress'"),
     ],
     ids=["no model folder", "no config", "no calib file", "too few lines", "bad ratio", "bad kv ratio",
          "generate: bad kv ratio", "generate: not a causal LM", "generate: no calib nor load", "generate: load no plan",
@@ -452,6 +511,19 @@ def test_compress_with_kv_ratio_then_generate_from_saved(model_dir, calib_file, 
     assert "continuation 1: " in printed and "continuation 2: " in printed
     assert re.search(r"KV cache per token: 256 bytes dense -> 136 bytes latent .* over 2 attention blocks", printed), printed
     assert f"loaded from {out}" in printed
+
+
+def test_generate_from_a_folder_compressed_in_its_weights_only(model_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "weights"
+    assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--param-ratio", "0.8",
+                 *SMALL]) == 0
+    capsys.readouterr()
+    torch._dynamo.reset()
+    argv = ["generate", str(model_dir), "--load", str(out), "--prompt", PROMPTS[0], "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "continuation 1: " in printed and "KV cache: dense (" in printed and "has no latent attention" in printed
+    assert re.search(r"weights: \d+ of 14 linears factored \(param ratio 0\.[0-7]", printed), printed
 
 
 def test_kv_unmatched_warn_compresses_what_it_can(calib_file, tmp_path, capsys, caplog):
