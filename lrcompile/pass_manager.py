@@ -94,11 +94,13 @@ class PassManager(Generic[Context]):
 
     With a ``dump_dir``, a pass that changed the graph or its ``# lowrank`` notes leaves its graph before and
     after it (``NN_name_before.py`` / ``_after.py``); a failing pass leaves its ``before``; ``passes.txt``
-    lists every pass run, whether it changed anything, and its time."""
+    says where the graph came from (``source``), then lists every pass run, whether it changed anything, and its
+    time."""
 
-    def __init__(self, passes: Sequence[Pass[Context]], dump_dir: Path | None = None):
+    def __init__(self, passes: Sequence[Pass[Context]], dump_dir: Path | None = None, source: str = ""):
         self.passes = order_passes(passes)
         self.dump_dir = dump_dir
+        self.source = source
         self.timings: dict[str, float] = {}
 
     def run(self, context: Context, graph_of: Callable[[Context], fx.GraphModule]) -> None:
@@ -107,7 +109,7 @@ class PassManager(Generic[Context]):
                 self._run(p, context)
             return
         self.dump_dir.mkdir(parents=True, exist_ok=True)
-        summary = []
+        summary = [f"# {self.source}"] if self.source else []
         try:
             for i, p in enumerate(self.passes):
                 before = readable_graph(graph_of(context))

@@ -695,7 +695,10 @@ def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config:
                 + (" and call lrcompile.distill_model on the compressed model" if stage == "distill" else ""))
     dump_dir = _new_dump_folder(Path(config.dump_dir)) if config.dump_dir else None
     compression = GraphCompression(gm, list(example_inputs or []), config, captured_frame(gm))
-    manager = PassManager(PASSES, dump_dir)
+    frame = compression.frame
+    source = ("a graph not captured by Dynamo" if frame is None else f"Dynamo's frame {frame.name!r} ({frame.location})"
+              + (", which starts after a graph break" if frame.after_graph_break else ""))
+    manager = PassManager(PASSES, dump_dir, source)
     manager.run(compression, lambda c: c.gm)
     compression.timings = manager.timings
     compression.report = build_report(_layer_bytes(compression), config.to_json(), manager.timings,

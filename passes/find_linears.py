@@ -131,6 +131,7 @@ class CapturedFrame:
     """The Python frame Dynamo is compiling into a graph."""
 
     name: str  # its code's name: ``forward``, or Dynamo's ``torch_dynamo_resume_in_...`` after a graph break
+    location: str  # ``file:line`` of that code
     locals: Mapping[str, Any]  # where the graph's ``L[...]`` sources live
     after_graph_break: bool  # it runs inside code Dynamo compiled: its inputs are the model's intermediate values
 
@@ -152,7 +153,8 @@ def captured_frame(gm: fx.GraphModule) -> CapturedFrame | None:
         caller = sys._getframe(1)
         while caller is not None and caller.f_code not in output_codes:
             caller = caller.f_back
-        return CapturedFrame(tx.f_code.co_name, tx.f_locals, caller is not None)
+        code = tx.f_code
+        return CapturedFrame(code.co_name, f"{code.co_filename}:{code.co_firstlineno}", tx.f_locals, caller is not None)
     except Exception as err:  # noqa: BLE001  (any change of that API)
         raise LowRankError(
             f"cannot read the compiled frame from Dynamo ({type(err).__name__}: {err}), whose locals name the "
