@@ -37,6 +37,7 @@ from lrcompile.passes import (
     measure_sensitivity,
     release_dense_weights,
 )
+from lrcompile.passes.additive_quantization import check_shape
 from lrcompile.passes.attention_blocks import AttentionBlock, UnmatchedAttention, find_attention_blocks
 from lrcompile.passes.calibration_runner import is_state_input
 from lrcompile.passes.decomposition import LinearDecomposition, Whitening, check_finite_weight, shared_whitening
@@ -338,6 +339,8 @@ def _activation_stats(c: GraphCompression) -> None:
     kv_linears = [view for block in c.new_blocks() for view in (block.k_linear, block.v_linear)] if kv_targets else []
     for view in targets + kv_linears:  # before calibration: a NaN weight would surface as NaN activations further on
         check_finite_weight(c.weight(view), view.meta.name)
+    for view in targets if c.config.aq_spec is not None else ():  # a group size the layers refuse, before calibrating
+        check_shape(c.config.aq_spec, view.meta.out_features, view.meta.in_features, view.meta.name)
     c.runner = CalibrationRunner(c.gm, c.example_inputs)
     c.batches = c.runner.fit(c.config.calibration)
     check_token_ids(c.batches, _vocabulary_size(c))

@@ -252,10 +252,15 @@ def test_bad_quantisation_options_are_config_errors(options, message):
         lrcompile.LowRankConfig(**options)
 
 
-def test_a_group_size_not_dividing_a_layer_names_it():
+def test_a_group_size_not_dividing_a_layer_names_it_before_calibrating(monkeypatch):
+    from lrcompile.passes.calibration_runner import CalibrationRunner
+
+    runs = []
+    monkeypatch.setattr(CalibrationRunner, "run", lambda self, *args, **kwargs: runs.append(args))
     with pytest.raises(Exception, match=r"aq_group_size=12 does not divide the input width 64 of layer "
                                         r"'model.layers.0.self_attn.q_proj'") as info:
         _quantized(1.0, aq_group_size=12)
+    assert not runs
     chain = [info.value, info.value.__cause__, info.value.__context__]
     assert any(isinstance(e, LowRankConfigError) for e in chain)
 
