@@ -15,6 +15,7 @@ from typing import Any
 from .config import LowRankConfig
 from .errors import (
     CalibrationError,
+    GraphBreakError,
     LatentCacheError,
     LowRankConfigError,
     LowRankError,
@@ -44,6 +45,7 @@ __all__ = [
     "CalibrationError",
     "CompressedLayer",
     "CompressionPlan",
+    "GraphBreakError",
     "LayerPlan",
     "LatentCacheError",
     "LayerStatus",

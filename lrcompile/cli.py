@@ -924,8 +924,9 @@ def _generate_command(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help=MODEL_HELP)
     parser.add_argument("--calib", metavar="TEXT_FILE", help="calibration text, one sample per line (or give --load)")
     parser.add_argument("--load", metavar="DIR",
-                        help="folder saved by 'lrcompile compress --kv-ratio ...' (loaded with from_pretrained; a folder "
-                        "of an earlier lrcompile is read into MODEL_DIR's model): no calibration")
+                        help="folder saved by 'lrcompile compress' (loaded with from_pretrained; a folder of an "
+                        "earlier lrcompile is read into MODEL_DIR's model): no calibration, and the compression it was "
+                        "saved with (a latent KV cache only if compressed with --kv-ratio)")
     parser.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                         help="a prompt to continue; repeat for a batch of prompts")
     parser.add_argument("--raw", action="store_true",

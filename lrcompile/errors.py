@@ -24,6 +24,10 @@ class NoCompressibleLinearError(LowRankError):
     """A graph holds parameters but no linear layer that may be compressed."""
 
 
+class GraphBreakError(LowRankError):
+    """Layers to compress lie in a graph Dynamo starts after a graph break, out of calibration's reach."""
+
+
 class SavedPlanError(LowRankError):
     """A saved compressed model is missing, corrupted or does not match the model."""
 

@@ -81,7 +81,8 @@ from lrcompile.passes.latent_kv import (
 )
 
 from .config import LowRankConfig
-from .errors import CalibrationError, LatentCacheError, LowRankConfigError, LowRankError, NoCompressibleLinearError
+from .errors import (CalibrationError, GraphBreakError, LatentCacheError, LowRankConfigError, LowRankError,
+                     NoCompressibleLinearError)
 from .hf_quantizer import describe_on_config
 from .modules import (
     LEFT_DENSE,
@@ -192,10 +193,6 @@ def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None,
     )
 
 
-AFTER_GRAPH_BREAK = ("its graph starts after a graph break and takes the model's intermediate values as inputs, "
-                     "which calibration batches (the model's inputs) cannot give")
-
-
 def _find_linears(c: GraphCompression) -> None:
     """Find the linears and their modules; those the model holds compressed already are reused as they are."""
     c.linears = find_linears(c.gm, c.example_inputs, c.config.include, c.config.exclude)
@@ -218,26 +215,19 @@ def _find_linears(c: GraphCompression) -> None:
         if slot is None:
             view.meta.compressible, view.meta.skip_reason = False, "its weight is not a parameter of a model module"
             continue
-        if c.after_graph_break and c.config.needs_calibration:
-            view.meta.compressible, view.meta.skip_reason = False, AFTER_GRAPH_BREAK
-            continue
         c.owners[view] = slot
         if record is not None and _reusable(c, view.meta.name, record.options, dense_held=True):
             c.recorded[view] = record
             view.meta.plan = record.plan  # for graph dumps: the decision an earlier compile made
+    _refuse_graph_break(c)
     unknown = unrecognised_linears(c.gm, c.linears, c.frame_locals)
     unknown_text = (f"{len(unknown)} nn.Linear module(s) use their weight in an op other than a linear (e.g. x @ W.T) "
                     f"and stay dense: {', '.join(unknown[:4])}{', ...' * (len(unknown) > 4)}")
     held = sum(v.meta.skip_reason.startswith("compressed already") for v in c.linears)
     if held:
         log.info("%d of the linears found are compressed already (the model holds their outcome)", held)
-    broken = [v.meta.name for v in c.linears if v.meta.skip_reason == AFTER_GRAPH_BREAK]
     nothing = not compressed and not any(v.meta.compressible for v in c.linears)
-    if broken:
-        log.warning("graph %r (Dynamo's frame): %s, so its %d linear(s) stay dense: %s%s. Remove the break "
-                    "(torch._dynamo.explain(model)(...) lists breaks) to compress them", c.frame.name,
-                    AFTER_GRAPH_BREAK, len(broken), ", ".join(broken[:4]), ", ..." * (len(broken) > 4))
-    elif not c.linears and not unknown:  # a graph-break fragment (embeddings, mask building) or a model without linears
+    if not c.linears and not unknown:  # a graph-break fragment (embeddings, mask building) or a model without linears
         log.warning("a captured graph has no linear layer: nothing to compress in it")
     elif nothing and c.after_graph_break:  # e.g. only the lm_head, which the defaults exclude
         log.warning("graph %r after a graph break has no compressible linear layer: nothing to compress in it",
@@ -253,6 +243,24 @@ def _find_linears(c: GraphCompression) -> None:
         )
     if unknown and not nothing:
         log.warning("%s", unknown_text)
+
+
+def _refuse_graph_break(c: GraphCompression) -> None:
+    """A graph Dynamo starts after a graph break cannot be compressed: it takes the model's intermediate values
+    (calibration batches give its inputs), runs in a submodule's frame (its layers have no path from the model's
+    root, by which they are saved) and Dynamo reuses it for every layer whose code resumes there. Layers to
+    compress there are an error; a fragment holding only layers left alone (the output head) passes."""
+    asked = c.config.param_ratio < 1.0 or c.config.quantize is not None or c.config.kv_ratio is not None
+    pending = [v.meta.name for v in c.linears if v in c.owners and v not in c.recorded]
+    if not (c.after_graph_break and asked and pending):
+        return
+    raise GraphBreakError(
+        f"a graph break splits the compiled model: Dynamo's frame {c.frame.name!r} ({c.frame.location}) starts after "
+        f"it and holds {len(pending)} linear(s) to compress ({', '.join(pending[:4])}{', ...' * (len(pending) > 4)}, "
+        "named within that frame), which lrcompile cannot reach from the model's inputs. Remove the break (compile "
+        "with fullgraph=True to see where it is, or torch._dynamo.explain(model)(*inputs)) and load the model again: "
+        "layers before the break may be compressed already"
+    )
 
 
 def _check_installed_aq(c: GraphCompression) -> bool:
@@ -289,9 +297,6 @@ def _find_attention(c: GraphCompression) -> None:
                     f"{block.name} writes a latent KV cache, but the model has no latent-KV plan: compress it with "
                     "a kv_ratio option first"
                 )
-            continue
-        if c.after_graph_break and c.config.kv_needs_calibration:
-            c.unmatched_attention.append(UnmatchedAttention(block.name, AFTER_GRAPH_BREAK))
             continue
         if any(view not in c.owners for view in (block.k_linear, block.v_linear)):
             c.unmatched_attention.append(UnmatchedAttention(block.name, "its K/V weights are not module parameters"))
@@ -654,8 +659,10 @@ def _instance_input(c: GraphCompression) -> tuple[int, str, torch.Tensor] | None
     kept = c.kept_inputs if c.kept_inputs is not None else range(len(c.example_inputs))
     placeholders = [n for n in c.gm.graph.nodes if n.op == "placeholder"]
     for position, (node, index) in enumerate(zip(placeholders, kept)):
-        if is_state_input(node) and isinstance(c.example_inputs[index], torch.Tensor):
-            return position, node.meta["grapharg"].source.name, c.example_inputs[index]
+        source = node.meta["grapharg"].source.name if is_state_input(node) else ""
+        # a parameter or buffer: the same tensor at every call (a float attribute lifted under dynamic=True is not)
+        if ("._parameters[" in source or "._buffers[" in source) and isinstance(c.example_inputs[index], torch.Tensor):
+            return position, source, c.example_inputs[index]
     return None
 
 
