@@ -254,12 +254,16 @@ def _refuse_graph_break(c: GraphCompression) -> None:
     pending = [v.meta.name for v in c.linears if v in c.owners and v not in c.recorded]
     if not (c.after_graph_break and asked and pending):
         return
+    owner = c.frame.locals.get("self")
+    attention = getattr(getattr(owner, "config", None), "_attn_implementation", None)
+    hint = (f" (this model runs attn_implementation={attention!r}, whose masks break the graph: load it with "
+            "attn_implementation='sdpa')" if attention not in (None, "sdpa", "eager") else "")
     raise GraphBreakError(
         f"a graph break splits the compiled model: Dynamo's frame {c.frame.name!r} ({c.frame.location}) starts after "
         f"it and holds {len(pending)} linear(s) to compress ({', '.join(pending[:4])}{', ...' * (len(pending) > 4)}, "
-        "named within that frame), which lrcompile cannot reach from the model's inputs. Remove the break (compile "
-        "with fullgraph=True to see where it is, or torch._dynamo.explain(model)(*inputs)) and load the model again: "
-        "layers before the break may be compressed already"
+        f"named within that frame), which lrcompile cannot reach from the model's inputs{hint}. Remove the break "
+        "(compile with fullgraph=True to see where it is, or torch._dynamo.explain(model)(*inputs)) and load the model "
+        "again: layers before the break may be compressed already"
     )
 
 
