@@ -62,12 +62,11 @@ def _transposed_source(node: Any) -> fx.Node | None:
     and AOT graphs hold them) when ``W`` is a parameter node."""
     if not isinstance(node, fx.Node) or len(node.users) != 1 or node.op not in ("call_function", "call_method"):
         return None
-    swap = sorted(node.args[1:]) in ([0, 1], [-2, -1])
     if node.target is getattr and node.args[1:] == ("T",):
         source = node.args[0]
     elif node.target in ("t", torch.t, torch.ops.aten.t.default, torch.ops.aten.numpy_T.default):
         source = node.args[0]
-    elif node.target in ("transpose", torch.ops.aten.transpose.int) and swap:
+    elif node.target in ("transpose", torch.ops.aten.transpose.int) and set(node.args[1:]) in ({0, 1}, {-2, -1}):
         source = node.args[0]
     elif node.target is torch.ops.aten.permute.default and list(node.args[1]) == [1, 0]:
         source = node.args[0]

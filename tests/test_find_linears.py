@@ -219,6 +219,18 @@ def test_modules_sharing_one_weight_are_skipped():
     assert views[2].meta.compressible
 
 
+def test_a_matmul_with_a_computed_operand_of_several_inputs_is_left_alone():
+    class Selected(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x, pick):
+            return x @ torch.where(pick, self.a, self.b)  # where(c, a, b): two node arguments after the first
+
+    assert find_linears(fx.symbolic_trace(Selected())) == []
+
+
 def test_computed_weight_is_left_alone():
     class Computed(nn.Module):
         def __init__(self):
