@@ -649,11 +649,19 @@ def _generation_model(args: argparse.Namespace, config: LowRankConfig) -> tuple[
     return model, tokenizer, config
 
 
+GENERATE_KV_RATIO = 0.5  # generate compresses the KV cache (its point) when not told otherwise
+
+
 def run_generate(args: argparse.Namespace) -> int:
     if not args.sample and (args.temperature is not None or args.top_k is not None):
         raise InputError("--temperature and --top-k apply only with --sample")
     if args.temperature is not None and args.temperature <= 0:
         raise InputError(f"--temperature {args.temperature}: expected a positive number")
+    if args.load is not None and args.kv_ratio is not None:
+        raise InputError(f"--kv-ratio applies when compressing with --calib: the folder {args.load!r} keeps the "
+                         "compression it was saved with")
+    if args.load is None and args.kv_ratio is None:
+        args.kv_ratio = GENERATE_KV_RATIO
     config = _config(args, dump_dir=None)
     from .runtime.generation import generate  # loads the latent-attention kernels: only for this command
 
@@ -842,8 +850,10 @@ def _compression_options(
     parser: argparse.ArgumentParser, *, param_ratio: float | None, allocation: str | None, sensitivity_batches: int,
     kv_ratio: float | None = None, method: str | None = LowRankConfig.method, compiler: str | None = "eager",
     kv_group_size: int | str | None = LowRankConfig.kv_group_size, kv_allocation: str | None = LowRankConfig.kv_allocation,
+    kv_ratio_shown: str | None = None,
 ) -> None:
-    """The compression options of a command; ``None`` defaults are filled in by the command (the demo, per model)."""
+    """The compression options of a command; ``None`` defaults are filled in by the command (the demo, per model;
+    ``generate``'s ``--kv-ratio``, described by ``kv_ratio_shown``)."""
     parser.add_argument("--param-ratio", type=float, default=param_ratio,
                         help="parameters of the compressed linears kept, in (0, 1] (default: %(default)s)")
     parser.add_argument("--method", choices=FACTOR_METHODS, default=method, help="factoring method (default: %(default)s)")
@@ -861,7 +871,8 @@ def _compression_options(
                         help="calibration batches per sensitivity trial (allocation 'sensitivity'; default: %(default)s)")
     parser.add_argument("--kv-ratio", type=float, default=kv_ratio,
                         help="latent K/V values cached per token over dense K+V values, in (0, 1] (Palu; default: "
-                        + ("%(default)s" if kv_ratio is not None else "none, attention left dense") + "; 1.0 is exact)")
+                        + (kv_ratio_shown or ("%(default)s" if kv_ratio is not None else "none, attention left dense"))
+                        + "; 1.0 is exact)")
     parser.add_argument("--kv-group-size", type=_group_size, default=kv_group_size, metavar="N|all",
                         help="KV heads sharing one latent: 1 (per head) ... 'all' (joint) (default: %(default)s)")
     parser.add_argument("--kv-allocation", choices=KV_ALLOCATION_METHODS, default=kv_allocation,
@@ -938,7 +949,9 @@ def _generate_command(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="torch seed set before generating (default: %(default)s)")
     _calibration_options(parser)
     # the latent KV cache alone by default: weights factored without distillation wreck a small chat model's answers
-    _compression_options(parser, param_ratio=1.0, allocation=LowRankConfig.allocation, sensitivity_batches=4, kv_ratio=0.5)
+    _compression_options(parser, param_ratio=1.0, allocation=LowRankConfig.allocation, sensitivity_batches=4,
+                         kv_ratio_shown=f"{GENERATE_KV_RATIO} when compressing with --calib; a --load folder keeps "
+                         "the compression it was saved with")
     return parser
 
 

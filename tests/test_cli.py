@@ -434,11 +434,22 @@ def _dense_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int, chat
     return [tokenizer.decode(new, skip_special_tokens=True) for new in out[:, encoded["input_ids"].shape[1]:]]
 
 
-def test_generate_defaults_to_the_latent_kv_cache_alone():
+def test_generate_defaults_to_the_latent_kv_cache_alone(monkeypatch):
     """``generate`` restructures attention (kv 0.5) and leaves the weights dense unless --param-ratio asks: at
     0.85 without distillation SmolLM2 ended every chat answer at once (2026-11-30)."""
-    args = build_parser().parse_args(["generate", "model", "--calib", "calib.txt", "--prompt", "hi"])
-    assert (args.param_ratio, args.kv_ratio) == (1.0, 0.5)
+    class Captured(Exception):
+        pass
+
+    seen = []
+
+    def capture(args, config):
+        seen.append(config)
+        raise Captured
+
+    monkeypatch.setattr(lrcompile.cli, "_generation_model", capture)
+    with pytest.raises(Captured):
+        main(["generate", "model", "--calib", "calib.txt", "--prompt", "hi"])
+    assert (seen[0].param_ratio, seen[0].kv_ratio) == (1.0, 0.5)
     assert build_parser().parse_args(["compress", "model", "--calib", "calib.txt", "--out", "out"]).param_ratio == lrcompile.LowRankConfig.param_ratio
 
 
@@ -524,6 +535,8 @@ def test_generate_from_a_folder_compressed_in_its_weights_only(model_dir, calib_
     printed = capsys.readouterr().out
     assert "continuation 1: " in printed and "KV cache: dense (" in printed and "has no latent attention" in printed
     assert re.search(r"weights: \d+ of 14 linears factored \(param ratio 0\.[0-7]", printed), printed
+    assert main([*argv, "--kv-ratio", "0.5"]) == 2  # not silently ignored
+    assert "--kv-ratio applies when compressing with --calib" in capsys.readouterr().err
 
 
 def test_kv_unmatched_warn_compresses_what_it_can(calib_file, tmp_path, capsys, caplog):
