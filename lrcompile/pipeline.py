@@ -247,7 +247,7 @@ def _find_linears(c: GraphCompression) -> None:
 
 def _refuse_graph_break(c: GraphCompression) -> None:
     """A graph Dynamo starts after a graph break cannot be compressed: it takes the model's intermediate values
-    (calibration batches give its inputs), runs in a submodule's frame (its layers have no path from the model's
+    (calibration batches give the model's inputs, not these), runs in a submodule's frame (its layers have no path from the model's
     root, by which they are saved) and Dynamo reuses it for every layer whose code resumes there. Layers to
     compress there are an error; a fragment holding only layers left alone (the output head) passes."""
     asked = c.config.param_ratio < 1.0 or c.config.quantize is not None or c.config.kv_ratio is not None
