@@ -533,7 +533,8 @@ def check_device(device: str) -> None:
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    by_blocks = args.max_memory is not None or bool(args.finetune_epochs) or bool(args.distill_epochs and args.kv_ratio is None)
+    by_blocks = (args.max_memory is not None or bool(args.finetune_epochs)
+                 or bool(args.distill_epochs and args.kv_ratio is None))
     check_device(args.device)
     rank = _torchrun_rank(args, by_blocks)
     check_compress_output(args, by_blocks)
@@ -551,8 +552,9 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.overwrite:
         clear_output(args.out)
     save_model_folder(result.model, result.tokenizer, out)
-    model_report(result.model).save(out)
-    t = model_report(result.model).totals()
+    report = model_report(result.model)
+    report.save(out)
+    t = report.totals()
     quantized = f", {t['quantized']} AQLM-quantised" if t["quantized"] else ""
     print(f"saved the compressed model ({t['factored']} of {t['linears']} linears factored{quantized}) with "
           f"save_pretrained to {out}; load it with from_pretrained after import lrcompile")

@@ -196,7 +196,7 @@ def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None,
 def _find_linears(c: GraphCompression) -> None:
     """Find the linears and their modules; those the model holds compressed already are reused as they are."""
     c.linears = find_linears(c.gm, c.example_inputs, c.config.include, c.config.exclude)
-    compressed = _check_installed_aq(c)
+    installed_aq, held = _check_installed_aq(c), 0
     for view in c.linears:
         slot = weight_owner(c.gm, view, c.frame_locals)
         module = None if slot is None else slot.module
@@ -208,7 +208,7 @@ def _find_linears(c: GraphCompression) -> None:
                 c.recorded[view] = record
             else:
                 c.latent_projections.add(view)
-            compressed = True
+            held += 1
             continue
         if not view.meta.compressible:
             continue
@@ -223,10 +223,9 @@ def _find_linears(c: GraphCompression) -> None:
     unknown = unrecognised_linears(c.gm, c.linears, c.frame_locals)
     unknown_text = (f"{len(unknown)} nn.Linear module(s) use their weight in an op other than a linear (e.g. x @ W.T) "
                     f"and stay dense: {', '.join(unknown[:4])}{', ...' * (len(unknown) > 4)}")
-    held = sum(v.meta.skip_reason.startswith("compressed already") for v in c.linears)
     if held:
         log.info("%d of the linears found are compressed already (the model holds their outcome)", held)
-    nothing = not compressed and not any(v.meta.compressible for v in c.linears)
+    nothing = not installed_aq and not held and not any(v.meta.compressible for v in c.linears)
     if not c.linears and not unknown:  # a graph-break fragment (embeddings, mask building) or a model without linears
         log.warning("a captured graph has no linear layer: nothing to compress in it")
     elif nothing and c.after_graph_break:  # e.g. only the lm_head, which the defaults exclude
@@ -247,9 +246,10 @@ def _find_linears(c: GraphCompression) -> None:
 
 def _refuse_graph_break(c: GraphCompression) -> None:
     """A graph Dynamo starts after a graph break cannot be compressed: it takes the model's intermediate values
-    (calibration batches give the model's inputs, not these), runs in a submodule's frame (its layers have no path from the model's
-    root, by which they are saved) and Dynamo reuses it for every layer whose code resumes there. Layers to
-    compress there are an error; a fragment holding only layers left alone (the output head) passes."""
+    (calibration batches give the model's inputs, not these), runs in a submodule's frame (its layers have no
+    path from the model's root, by which they are saved) and Dynamo reuses it for every layer whose code resumes
+    there. Layers to compress there are an error; a fragment holding only layers left alone (the output head)
+    passes."""
     asked = c.config.param_ratio < 1.0 or c.config.quantize is not None or c.config.kv_ratio is not None
     pending = [v.meta.name for v in c.linears if v in c.owners and v not in c.recorded]
     if not (c.after_graph_break and asked and pending):

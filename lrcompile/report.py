@@ -178,9 +178,9 @@ class CompressionReport:
             )
         t = self.totals()
         summary = (
-            f"\n**Totals:** {t['factored']} of {t['linears']} linears factored{_skipped(t['skipped'])}; parameters {t['params_before']:,} -> "
-            f"{t['params_after']:,} (ratio {t['param_ratio']}); weight bytes measured {t['weight_bytes_before']:,} -> "
-            f"{t['weight_bytes_after']:,} (ratio {t['weight_bytes_ratio']}).{self._latent_note()}\n\n"
+            f"\n**Totals:** {t['factored']} of {t['linears']} linears factored{_skipped(t['skipped'])}; parameters "
+            f"{t['params_before']:,} -> {t['params_after']:,} (ratio {t['param_ratio']}); weight bytes measured "
+            f"{t['weight_bytes_before']:,} -> {t['weight_bytes_after']:,} (ratio {t['weight_bytes_ratio']}).{self._latent_note()}\n\n"
             "**Cost formulas (T = tokens):**\n\n"
         )
         formulas = "\n".join(f"- `{k}` = `{v}`" for k, v in self.formulas().items())

@@ -359,7 +359,8 @@ class CalibrationRunner:
         extra = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in taken
                  and not (k == "attention_mask" and bool((v == 1).all()))]  # no padding: the same as no mask
         if extra:
-            padded = " (its attention_mask marks padding, which the graph cannot see)" if "attention_mask" in extra else ""
+            padded = (" (its attention_mask marks padding, which the graph cannot see)" if "attention_mask" in extra
+                      else "")
             raise CalibrationError(
                 f"calibration batch {index} gives {extra}, which the captured graph does not take{padded} "
                 f"(its inputs: {', '.join(self._labels())}); call the compiled "

@@ -55,7 +55,8 @@ def factorize_linear(gm: fx.GraphModule, view: LinearNode, module: LowRankLinear
     name = view.meta.name
     down_name = add_frozen_parameter(gm, name, "down", module.down)
     up_name = add_frozen_parameter(gm, name, "up", module.up)
-    target = torch.ops.aten.linear.default if isinstance(node.target, torch._ops.OpOverload) else F.linear  # aten graphs stay aten
+    aten = isinstance(node.target, torch._ops.OpOverload)  # an aten graph (export, make_fx) stays aten
+    target = torch.ops.aten.linear.default if aten else F.linear
     with graph.inserting_before(node):
         bias: Any = view.bias
         if view.layout is WeightLayout.MODULE:

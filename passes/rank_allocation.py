@@ -26,7 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from lrcompile.errors import LowRankConfigError
-from lrcompile.types import ALLOCATION_METHODS, FACTOR_METHODS, CompressionPlan, LayerPlan, LinearMeta, accumulation_dtype
+from lrcompile.types import (ALLOCATION_METHODS, FACTOR_METHODS, CompressionPlan, LayerPlan, LinearMeta,
+                             accumulation_dtype)
 
 log = logging.getLogger(__name__)
 
