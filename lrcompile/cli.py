@@ -46,7 +46,7 @@ from .report import CompressionReport, model_report
 from .sentence_embeddings import embed, minilm_path
 from .runtime.saved_model import PLAN_FILE, load_compressed, read_factors, read_plan
 from .text_data import packed_token_batches, read_text_lines, stdlib_sentences, token_batches
-from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS
+from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS, LayerStatus
 
 log = logging.getLogger(__name__)
 
@@ -612,10 +612,11 @@ def run_report(args: argparse.Namespace) -> int:
             + (f", and the tensors of {len(saved.attention)} latent attention blocks" if saved.attention else "")
         )
     if lowrank:
-        linears = described.get("linears", {})
-        factored = sum(entry.get("status") == "factored" for entry in linears.values())
-        print(f"saved model {config_json}: quantization_config 'lowrank' describes {len(linears)} linears ({factored} "
-              f"factored) and {len(described.get('attention', {}))} latent attention blocks")
+        statuses = [entry.get("status") for entry in described.get("linears", {}).values()]
+        skipped = statuses.count(LayerStatus.SKIPPED.value)
+        print(f"saved model {config_json}: quantization_config 'lowrank' describes {len(statuses) - skipped} linears "
+              f"({statuses.count(LayerStatus.FACTORED.value)} factored{f'; {skipped} more skipped' * bool(skipped)}) and "
+              f"{len(described.get('attention', {}))} latent attention blocks")
     return 0
 
 

@@ -216,7 +216,8 @@ def _find_linears(c: GraphCompression) -> None:
             view.meta.compressible, view.meta.skip_reason = False, "its weight is not a parameter of a model module"
             continue
         c.owners[view] = slot
-        if record is not None and _reusable(c, view.meta.name, record.options, dense_held=True):
+        if (record is not None and record.status is not LayerStatus.SKIPPED  # skipped under other options
+                and _reusable(c, view.meta.name, record.options, dense_held=True)):
             c.recorded[view] = record
             view.meta.plan = record.plan  # for graph dumps: the decision an earlier compile made
     _refuse_graph_break(c)
@@ -537,7 +538,28 @@ def _factorize(c: GraphCompression) -> None:
             meta = view.meta
             skipped = LayerPlan(meta.name, meta.out_features, meta.in_features, None, meta.skip_reason)
             c.layers[view] = CompressedLayer(skipped, "", LayerStatus.SKIPPED, meta.weight_dtype)
+            c.records += _skipped_linear_records(c, view)
     c.layers.update(c.recorded)
+
+
+def _skipped_linear_records(c: GraphCompression, view: LinearNode) -> list[tuple[nn.Module, CompressedLayer]]:
+    """Records for the model's ``nn.Linear`` modules holding a skipped layer's weight (the excluded output head,
+    a head tied to the embedding), so that ``model_report`` and a saved folder name them and why."""
+    slot = weight_owner(c.gm, view, c.frame_locals)
+    weight = None if slot is None else getattr(slot.module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return []
+    found = []
+    for path, module in slot.root.named_modules():
+        if not isinstance(module, nn.Linear) or module.weight is not weight or module_record(module) is not None:
+            continue
+        reason = view.meta.skip_reason if path == view.meta.name else \
+            f"tied to {view.meta.name}: {view.meta.skip_reason}"
+        plan = LayerPlan(path, module.out_features, module.in_features, None, reason)
+        found.append((module, CompressedLayer(plan, "", LayerStatus.SKIPPED, weight.dtype,
+                                              dense_bytes=weight.untyped_storage().nbytes(),
+                                              options=c.config.deciding_options())))
+    return found
 
 
 def _quantize(c: GraphCompression) -> None:

@@ -253,8 +253,13 @@ def test_dump_dir_writes_graphs_plan_and_report(tmp_path, monkeypatch):
     assert "transformer.h.0.mlp.c_fc" in report and "flops_compressed(T)" in report and "truncation loss" in report
     dumped = json.loads((graph_dir / "report.json").read_text())  # the tied lm_head is skipped: listed, not counted
     assert [layer["name"] for layer in dumped["layers"] if layer["status"] == "skipped"] == ["transformer.wte"]
-    totals = lrcompile.model_report(model).totals()
+    on_model = lrcompile.model_report(model)  # names the head itself, not the embedding the graph reads it as
+    totals = on_model.totals()
     assert (dumped["totals"]["linears"], dumped["totals"]["factored"]) == (totals["linears"], totals["factored"]) == (8, 8)
+    assert [(layer.name, layer.reason) for layer in on_model.layers if layer.status == "skipped"] == [
+        ("lm_head", "tied to transformer.wte: weight is read by another op too (tied weights, or a module called more "
+                    "than once)")]
+    assert totals["skipped"] == 1 and "1 more skipped, not in these totals" in on_model.to_markdown()
     assert dumped["totals"]["skipped"] == 1 and "1 more skipped, not in these totals" in report
 
 

@@ -4,6 +4,7 @@ saves with save_pretrained and loads with from_pretrained in a fresh process (is
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -198,6 +199,11 @@ def test_every_family_loads_back_with_from_pretrained(family, quantize, tmp_path
     assert sum(isinstance(m, kind) for m in loaded.modules()) == sum(isinstance(m, kind) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(first_output(loaded(input_ids=ids)), expected, rtol=0, atol=1e-5)
+    skipped = {layer.name: layer.reason for layer in lrcompile.model_report(model).layers if layer.status == "skipped"}
+    head = "pooler.dense" if family == "bert" else "lm_head"  # excluded by default, or tied to the embedding
+    assert list(skipped) == [head] and re.fullmatch(r"excluded by pattern .*|tied to \w.*", skipped[head]), skipped
+    assert {layer.name: layer.reason for layer in lrcompile.model_report(loaded).layers
+            if layer.status == "skipped"} == skipped  # saved with the model
 
 
 def test_model_loaded_through_another_quantizer_saves_as_compressed(tmp_path):
