@@ -216,8 +216,7 @@ def _find_linears(c: GraphCompression) -> None:
             view.meta.compressible, view.meta.skip_reason = False, "its weight is not a parameter of a model module"
             continue
         c.owners[view] = slot
-        if (record is not None and record.status is not LayerStatus.SKIPPED  # skipped under other options
-                and _reusable(c, view.meta.name, record.options, dense_held=True)):
+        if record is not None and _reusable(c, view.meta.name, record.options, dense_held=True):
             c.recorded[view] = record
             view.meta.plan = record.plan  # for graph dumps: the decision an earlier compile made
     _refuse_graph_break(c)

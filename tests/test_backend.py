@@ -441,6 +441,19 @@ def test_new_options_recompress_while_dense_weights_are_held():
     assert lrcompile.model_report(model).param_ratio <= 0.5
 
 
+def test_a_skipped_head_is_compressed_when_new_options_include_it():
+    """The head's skipped record (excluded by default) names it in the report; it does not decide the layer for a
+    later compile that includes it."""
+    model = tiny_model("llama")
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        _compile(model, calibration=token_batches(2), param_ratio=1.0)(input_ids=ids)
+        assert [layer.status for layer in lrcompile.model_report(model).layers if layer.name == "lm_head"] == ["skipped"]
+        torch._dynamo.reset()
+        _compile(model, calibration=token_batches(2), param_ratio=0.5, allocation="uniform", exclude=())(input_ids=ids)
+    assert isinstance(model.lm_head, lrcompile.LowRankLinear)
+
+
 def test_new_options_after_release_name_both_configs():
     model = tiny_model("llama")
     ids = token_batches(1, seed=7)[0]
