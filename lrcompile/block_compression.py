@@ -52,7 +52,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ from .config import LowRankConfig
 from .errors import CalibrationError, LowRankConfigError, LowRankError
 from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
 from .modules import RECORD, LowRankLinear
-from .runtime.compiled_forward import check_token_ids, forward_kwargs, warn_thin_calibration
+from .runtime.compiled_forward import check_calibration_batches, forward_kwargs, warn_thin_calibration
 from .types import ActivationStats, CompressionPlan, CompressedLayer, LayerPlan, LayerStatus, LinearMeta, WeightLayout
 from .weight_sources import SAFETENSORS_DTYPES, WeightSource, safetensors_header
 
@@ -403,9 +403,11 @@ class BlockCompressor:
     """One block-by-block run (see the module docstring); :meth:`run` does it all."""
 
     def __init__(self, skeleton: nn.Module, source: WeightSource, batches: Sequence[dict[str, torch.Tensor]],
-                 config: LowRankConfig, out: str | Path, tokenizer: Any = None, max_memory: int | None = None,
+                 config: LowRankConfig | Mapping[str, Any], out: str | Path, tokenizer: Any = None,
+                 max_memory: int | None = None,
                  device: str | torch.device = "cpu", source_name: str = "",
                  distill_batches: Sequence[dict[str, torch.Tensor]] | None = None):
+        config = LowRankConfig.from_options(config)  # a dict of options, as torch.compile takes them, or the config
         if config.kv_ratio is not None:
             raise LowRankConfigError("block-by-block compression factors and quantises linears; option kv_ratio (latent KV "
                                      "attention) needs the in-memory compile (drop --max-memory, or kv_ratio)")
@@ -423,7 +425,7 @@ class BlockCompressor:
         self.rank, self.world = _distributed()
         batches = [forward_kwargs(b) for b in batches]  # tensors, tuples or dicts, as LowRankConfig.calibration
         distill_batches = None if distill_batches is None else [forward_kwargs(b) for b in distill_batches]
-        check_token_ids([*batches, *(distill_batches or ())], skeleton.config.vocab_size)
+        check_calibration_batches([*batches, *(distill_batches or ())], skeleton.config.vocab_size)
         self.batches = batches[self.rank::self.world]
         # distillation's own batches (None: it trains on the calibration batches)
         self.distill_batches = None if distill_batches is None else distill_batches[self.rank::self.world]
@@ -566,8 +568,8 @@ class BlockCompressor:
         """Run the calibration batches (and distillation's own, if given) up to block 0 with only the non-block
         weights loaded; free them after. Returns the calibration streams and distillation's dense stream."""
         start = time.perf_counter()
+        _materialise_buffers(self.skeleton)
         self.skeleton.load_state_dict(self.source.read(self.rest_names), strict=False, assign=True)
-        _rebuild_rotary(self.skeleton)
         catcher = _Catcher()
         first = self.blocks[0]
         self.blocks[0] = catcher
@@ -848,6 +850,7 @@ class BlockCompressor:
         """The skeleton with every compressed block and the non-block weights loaded, in float32 (for training),
         and the dtype each block tensor was written in. Blocks an earlier run compressed are still dense on the
         skeleton: their compressed modules are built from the saved entries first."""
+        _materialise_buffers(self.skeleton)
         resumed = {name: entry for name, entry in self.entries.items()
                    if type(self.skeleton.get_submodule(name)) is nn.Linear}
         build_compressed_modules(self.skeleton, LowRankQuantizationConfig(resumed))
@@ -861,7 +864,6 @@ class BlockCompressor:
         self.skeleton.load_state_dict({k: v.to(self.device) for k, v in self.source.read(self.rest_names).items()},
                                       strict=False, assign=True)
         self.skeleton.tie_weights()
-        _rebuild_rotary(self.skeleton)
         return self.skeleton.float(), dtypes
 
     def run(self) -> BlockCompressionResult:
@@ -978,12 +980,25 @@ def _first_row(tensor: torch.Tensor) -> torch.Tensor:
     return tensor[:1] if tensor.dim() > 1 and tensor.shape[0] > 1 else tensor
 
 
-def _rebuild_rotary(model: nn.Module) -> None:
-    """Recompute the non-persistent buffers a meta skeleton lacks (RoPE's ``inv_freq``), from the config."""
-    for path, module in list(model.named_modules()):
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, name, type(module)(config=model.config))
+def _materialise_buffers(model: nn.Module) -> None:
+    """Compute the non-persistent buffers a meta skeleton lacks (RoPE's ``inv_freq``, Gemma's ``embed_scale``) on
+    the CPU, by the model's own ``_init_weights`` as ``from_pretrained`` does; call it before any weight is loaded
+    (parameters are marked initialised, so the init leaves them alone, and they are still on the meta device)."""
+    for module in model.modules():
+        missing = [name for name in module._non_persistent_buffers_set
+                   if module._buffers.get(name) is not None and module._buffers[name].is_meta]
+        if not missing:
+            continue
+        if any(not p.is_meta for p in module.parameters(recurse=False)):
+            raise LowRankError(f"{type(module).__name__}: its buffers must be computed before its weights load")
+        for name in missing:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+        marked = [p for p in module.parameters(recurse=False) if not getattr(p, "_is_hf_initialized", False)]
+        for p in marked:
+            p._is_hf_initialized = True
+        model._init_weights(module)
+        for p in marked:
+            del p._is_hf_initialized
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
@@ -999,7 +1014,7 @@ def skeleton_of(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model.eval()
 
 
-def compress_model_blocks(model: nn.Module, batches: Sequence[Any], config: LowRankConfig,
+def compress_model_blocks(model: nn.Module, batches: Sequence[Any], config: LowRankConfig | Mapping[str, Any],
                           out: str | Path, tokenizer: Any = None, **kwargs: Any) -> BlockCompressionResult:
     """Block-by-block compression of a model already in memory (its own tensors are read, not copied); ``batches``
     in any form ``LowRankConfig.calibration`` takes (token-id tensors, tuples or dicts of forward arguments)."""

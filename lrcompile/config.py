@@ -18,10 +18,13 @@ from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS, AQ
 COMPILERS = ("inductor", "aot_eager", "eager")
 CALIBRATION_ORDERS = ("independent", "sequential", "error_feedback")
 QUANTIZE_METHODS = ("aqlm",)
+_AQ_OPTIONS = ("aq_config", "aq_group_size", "aq_beam_size", "aq_tolerance")  # used only with quantize
 MAX_AQ_BITS = 16  # codes are stored in 8 or 16 bits (lrcompile.kernels.aq_linear)
 DUMP_ENV = "LRCOMPILE_DUMP"
 _NOT_DECIDING = frozenset({"dump_dir", "compiler", "compiler_mode", "compiler_options"})
-DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out", "*pooler.dense")
+OUTPUT_HEADS = ("lm_head", "*.lm_head", "embed_out", "*.embed_out", "*pooler.dense")
+MOE_ROUTERS = ("*.mlp.gate", "*.shared_expert_gate")  # a few outputs each, whose error reroutes tokens
+DEFAULT_EXCLUDE = OUTPUT_HEADS + MOE_ROUTERS
 
 
 def _ratio(key: str, value: Any) -> float:
@@ -250,6 +253,12 @@ class LowRankConfig:
         _choice("kv_unmatched", self.kv_unmatched, ("error", "warn"))
         if self.quantize is not None:
             _choice("quantize", self.quantize, QUANTIZE_METHODS)
+        else:
+            unused = [f"{name}={getattr(self, name)!r}" for name in _AQ_OPTIONS
+                      if getattr(self, name) != getattr(LowRankConfig, name)]
+            if unused:
+                raise LowRankConfigError(f"option(s) {', '.join(unused)} configure AQLM, but quantize is None: set "
+                                         "quantize='aqlm' or drop them (they would be ignored)")
         _aq_spec(self.aq_config, self.aq_group_size)
         beam = self.aq_beam_size
         if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -110,7 +111,7 @@ def _slot(model: nn.Module, path: str, what: str) -> tuple[nn.Module, str, nn.Mo
 def _linear_dims(module: nn.Module, path: str, entry: dict[str, Any]) -> None:
     shape = (entry["out_features"], entry["in_features"])
     weight = getattr(module, "weight", None)
-    dims = None if weight is None else tuple(weight.shape) if isinstance(module, nn.Linear) else tuple(weight.shape[::-1])
+    dims = None if weight is None else tuple(weight.shape[::-1]) if isinstance(module, Conv1D) else tuple(weight.shape)
     if dims != shape:
         raise SavedPlanError(f"quantization_config: {path!r} is {list(shape)} (out, in), the model's module "
                              f"{type(module).__name__} holds {None if dims is None else list(dims)}")

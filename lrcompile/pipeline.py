@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from lrcompile.passes import (
@@ -42,6 +42,7 @@ from lrcompile.passes.attention_blocks import AttentionBlock, UnmatchedAttention
 from lrcompile.passes.calibration_runner import is_state_input
 from lrcompile.passes.decomposition import LinearDecomposition, Whitening, check_finite_weight, shared_whitening
 from lrcompile.passes.find_linears import (
+    EMBEDDING_LOOKUPS,
     CapturedFrame,
     ModuleSlot,
     captured_frame,
@@ -49,6 +50,7 @@ from lrcompile.passes.find_linears import (
     parameter_owner,
     placeholder_values,
     unrecognised_linears,
+    unrecognised_weights,
     weight_owner,
     weight_tensor,
 )
@@ -96,12 +98,11 @@ from .modules import (
 )
 from .pass_manager import Pass, PassManager
 from .report import CompressionReport, build_report
-from .runtime.compiled_forward import check_token_ids, warn_thin_calibration
+from .runtime.compiled_forward import check_calibration_batches, warn_thin_calibration
 from .types import CompressionPlan, CompressedLayer, LatentAttention, LayerPlan, LayerStatus
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_LOOKUPS = (F.embedding, torch.ops.aten.embedding.default)  # (ids, table) and (table, ids)
 RESHAPES = (torch.reshape, torch.ops.aten.view.default, torch.ops.aten.reshape.default)
 
 
@@ -242,6 +243,23 @@ def _find_linears(c: GraphCompression) -> None:
         )
     if unknown and not nothing:
         log.warning("%s", unknown_text)
+    _warn_unrecognised_weights(c, unknown)
+
+
+def _warn_unrecognised_weights(c: GraphCompression, unknown_modules: list[str]) -> None:
+    """Name the large weights no recognised linear reads (MoE experts stacked in 3-D tensors): they stay dense
+    whatever the budget, which the linears' totals would not show."""
+    values = placeholder_values(c.gm, c.example_inputs)
+    weights = unrecognised_weights(c.gm, c.linears, values, unknown_modules)
+    if not weights:
+        return
+    parameters = {id(v): v.numel() for n, v in values.items() if isinstance(v, torch.Tensor) and
+                  n.meta.get("grapharg") is not None and "._parameters[" in n.meta["grapharg"].source.name}
+    held = sum(math.prod(w.shape) for w in weights)
+    log.warning("%d weight tensor(s) holding %d parameters (%.0f%% of the graph's) are read by ops lrcompile does not "
+                "factor and stay dense (e.g. MoE experts stacked in one tensor): %s%s", len(weights), held,
+                100 * held / max(sum(parameters.values()), 1), "; ".join(w.describe() for w in weights[:4]),
+                f"; and {len(weights) - 4} more" if len(weights) > 4 else "")
 
 
 def _refuse_graph_break(c: GraphCompression) -> None:
@@ -350,9 +368,10 @@ def _activation_stats(c: GraphCompression) -> None:
         check_finite_weight(c.weight(view), view.meta.name)
     for view in targets if c.config.aq_spec is not None else ():  # a group size the layers refuse, before calibrating
         check_shape(c.config.aq_spec, view.meta.out_features, view.meta.in_features, view.meta.name)
+    check_calibration_batches(c.config.calibration, None)  # text or meta tensors, before the runner binds them
     c.runner = CalibrationRunner(c.gm, c.example_inputs)
     c.batches = c.runner.fit(c.config.calibration)
-    check_token_ids(c.batches, _vocabulary_size(c))
+    check_calibration_batches(c.batches, _vocabulary_size(c))
     fit_to_gram = targets + kv_targets if c.config.method == "whiten" else targets if c.config.quantize else []
     if fit_to_gram:
         widest = max(fit_to_gram, key=lambda v: v.meta.in_features).meta

@@ -142,13 +142,33 @@ def _mul_operands(node: fx.Node) -> tuple[object, object]:
     return node.args[0], node.args[1]
 
 
+def _known_form(node: fx.Node, depth: int = 8) -> str:
+    """Name a form the restructuring does not support among the ops between ``node`` and the projections before
+    it (``""`` if none seen)."""
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        frontier = [n for f in frontier for n in f.all_input_nodes if n not in seen]
+        seen.update(frontier)
+        frontier = [n for n in frontier if n.op != "call_module" and not _is_fn(n, F.linear, torch.addmm, torch.matmul,
+                                                                                   operator.matmul)]
+    if any(_is_fn(n, torch.rsqrt, F.layer_norm, F.rms_norm) or _is_method(n, "rsqrt") for n in seen):
+        return ("; a normalisation is applied to each head after the projection (a q/k norm, as Qwen3, OLMo-2 and "
+                "Gemma 3 have), which a latent cache cannot hold")
+    if any(_is_fn(n, operator.getitem) and any(isinstance(i, slice) and i.step == 2 for i in
+                                                (n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)))
+           for n in seen):
+        return ("; RoPE rotates interleaved pairs (x[..., ::2], x[..., 1::2], as GPT-J and Cohere do); only "
+                "rotate_half RoPE is restructured")
+    return ""
+
+
 def _head_split(node: fx.Node, linears: dict[fx.Node, Projection]) -> Projection:
     """``linear(x).view(B, T, -1, D).transpose(1, 2)`` -> the linear."""
     if not (_is_method(node, "transpose") and sorted(node.args[1:3]) == [1, 2]):
-        raise NoMatch(f"{node.name} is not the head transpose of a projection")
+        raise NoMatch(f"{node.name} is not the head transpose of a projection{_known_form(node)}")
     view = node.args[0]
     if not _is_method(view, *_VIEW_METHODS) or view.args[0] not in linears:
-        raise NoMatch(f"{node.name} does not split a projection into heads")
+        raise NoMatch(f"{node.name} does not split a projection into heads{_known_form(node)}")
     return linears[view.args[0]]
 
 
@@ -159,7 +179,8 @@ def _rope_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
         raise NoMatch(f"{node.name} applies RoPE as cat(rotated part, pass-through part) of each head (partial "
                       "rotary, as Phi-3 and GPT-NeoX do); only RoPE over the whole head is restructured")
     if not _is_fn(node, operator.add, torch.add) or len(node.args) != 2:
-        raise NoMatch(f"{node.name} has no RoPE (x * cos + rotate_half(x) * sin); only RoPE attention is restructured")
+        raise NoMatch(f"{node.name} has no RoPE (x * cos + rotate_half(x) * sin); only RoPE attention is "
+                      f"restructured{_known_form(node)}")
     for plain, rotated in (node.args, node.args[::-1]):
         try:
             a, b = _mul_operands(plain)
@@ -170,7 +191,8 @@ def _rope_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
             for half, sin in ((c, d), (d, c)):
                 if _is_rotate_half(half, x):
                     return x, cos, sin
-    raise NoMatch(f"{node.name} has no RoPE (x * cos + rotate_half(x) * sin); only RoPE attention is restructured")
+    raise NoMatch(f"{node.name} has no RoPE (x * cos + rotate_half(x) * sin); only RoPE attention is "
+                  f"restructured{_known_form(node)}")
 
 
 def _is_rotate_half(node, x: fx.Node) -> bool:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lrcompile.config import DEFAULT_EXCLUDE
+from lrcompile.config import DEFAULT_EXCLUDE, MOE_ROUTERS, OUTPUT_HEADS
 from lrcompile.errors import LowRankError
 from lrcompile.types import FACTOR_OF_KEY, META_KEY, LinearMeta, WeightLayout
 
@@ -33,6 +33,7 @@ LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
 ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
 MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.ops.aten.mm.default)
 WEIGHT_SOURCE = "._parameters['weight']"  # the end of a Dynamo source naming a module's weight
+EMBEDDING_LOOKUPS = (F.embedding, torch.ops.aten.embedding.default)  # (ids, table) and (table, ids)
 _MODULE_PATH = re.compile(r"_modules\['([^']*)'\]")
 _PARAMETER_SOURCE = re.compile(r"^L\['([^']+)'\]((?:\[\d+\])*)((?:\._modules\['[^']+'\])+)\._parameters\['[^']+'\]$")
 
@@ -209,6 +210,42 @@ def unrecognised_linears(gm: fx.GraphModule, linears: Sequence[LinearNode],
     return found
 
 
+@dataclass(frozen=True)
+class UnrecognisedWeight:
+    """A parameter of two or more dimensions the graph reads other than as a recognised linear or an embedding
+    table (MoE experts stacked in one 3-D tensor, a weight in a matmul): it stays dense."""
+
+    path: str  # module path and parameter name
+    shape: tuple[int, ...]
+    ops: tuple[str, ...]  # what reads it
+
+    def describe(self) -> str:
+        return f"{self.path} {list(self.shape)} ({', '.join(self.ops)})"
+
+
+def unrecognised_weights(gm: fx.GraphModule, linears: Sequence[LinearNode], values: Mapping[fx.Node, Any],
+                         unrecognised_modules: Sequence[str]) -> list[UnrecognisedWeight]:
+    """Parameters of two or more dimensions that no recognised linear or embedding lookup reads, apart from the
+    weights of ``unrecognised_modules`` (``nn.Linear`` modules, named by :func:`unrecognised_linears`)."""
+    recognised = {view.weight for view in linears if view.layout is not WeightLayout.MODULE}
+    found = []
+    for node in gm.graph.nodes:
+        grapharg = node.meta.get("grapharg") if node.op == "placeholder" else None
+        match = None if grapharg is None else _PARAMETER_SOURCE.match(grapharg.source.name)
+        value = values.get(node)
+        if match is None or node in recognised or not isinstance(value, torch.Tensor) or value.dim() < 2:
+            continue
+        if any(user.target in EMBEDDING_LOOKUPS for user in node.users):
+            continue
+        module = ".".join(_MODULE_PATH.findall(match.group(3)))
+        if module in unrecognised_modules:
+            continue
+        name = grapharg.source.name.rpartition("['")[2].rstrip("']")
+        ops = tuple(dict.fromkeys(getattr(user.target, "__name__", str(user.target)) for user in node.users))
+        found.append(UnrecognisedWeight(f"{module}.{name}", tuple(value.shape), ops))
+    return found
+
+
 def placeholder_values(gm: fx.GraphModule, example_inputs: list[Any] | None) -> dict[fx.Node, Any]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return dict(zip(placeholders, example_inputs or ()))
@@ -275,7 +312,8 @@ def _skip_reason(gm: fx.GraphModule, view: LinearNode, weight: torch.Tensor, nam
         return "not matched by include patterns"
     matched = next((p for p in exclude if fnmatch.fnmatchcase(name, p)), None)
     if matched is not None:
-        return f"excluded by pattern {matched!r}" + (" (the output head, by default)" * (matched in DEFAULT_EXCLUDE))
+        return f"excluded by pattern {matched!r}" + (" (the output head, by default)" * (matched in OUTPUT_HEADS)
+                                                     + " (an MoE router, by default)" * (matched in MOE_ROUTERS))
     if weight.dim() != 2 or not weight.is_floating_point():
         return f"weight is not a 2-D float matrix ({tuple(weight.shape)}, {weight.dtype})"
     if view.layout is WeightLayout.MODULE:

@@ -80,19 +80,32 @@ def forward_kwargs(batch: Any) -> dict[str, Any]:
     return {"input_ids": batch}
 
 
-def check_token_ids(batches: Any, vocab_size: int | None) -> None:
-    """Refuse calibration token ids outside ``[0, vocab_size)``, naming the batch, before they reach an
-    embedding (whose own error is a bare ``IndexError``)."""
-    if not vocab_size:
-        return
+def check_calibration_batches(batches: Any, vocab_size: int | None) -> None:
+    """Refuse calibration batches that cannot run, naming the batch, before they reach the model (whose own
+    errors are a bare ``NotImplementedError`` or ``IndexError``): text not yet tokenized, tensors on the meta
+    device (no data), and, where the ids index an embedding of ``vocab_size`` rows, floating-point ids or ids
+    outside ``[0, vocab_size)``."""
     for index, batch in enumerate(batches):
-        ids = forward_kwargs(batch).get("input_ids")
-        if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
-            low, high = int(ids.min()), int(ids.max())
-            if low < 0 or high >= vocab_size:
-                raise CalibrationError(f"calibration batch {index} holds token id {high if high >= vocab_size else low}, "
-                                       f"outside the model's vocabulary [0, {vocab_size}): tokenize with the model's "
-                                       "own tokenizer")
+        kwargs = forward_kwargs(batch)
+        for key, value in kwargs.items():
+            if isinstance(value, (str, bytes)) or (isinstance(value, (list, tuple)) and value
+                                                   and isinstance(value[0], str)):
+                raise CalibrationError(f"calibration batch {index} gives {key} as text: tokenize it with the "
+                                       "model's own tokenizer first (batches are tensors or dicts of tensors)")
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                raise CalibrationError(f"calibration batch {index} gives {key} on the meta device, which holds no "
+                                       "data: give real tensors (on the CPU or the model's device)")
+        ids = kwargs.get("input_ids")
+        if not vocab_size or not isinstance(ids, torch.Tensor) or not ids.numel():
+            continue
+        if ids.is_floating_point() or ids.is_complex():
+            raise CalibrationError(f"calibration batch {index} gives input_ids of dtype {ids.dtype}: token ids are "
+                                   "integers (torch.long), as the model's tokenizer returns them")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            raise CalibrationError(f"calibration batch {index} holds token id {high if high >= vocab_size else low}, "
+                                   f"outside the model's vocabulary [0, {vocab_size}): tokenize with the model's "
+                                   "own tokenizer")
 
 
 def warn_thin_calibration(batches: Any, in_features: int, layer: str) -> None:
@@ -120,7 +133,8 @@ def compress_on_first_call(model: nn.Module, config: LowRankConfig, fallback_bat
     first = config.calibration[0] if config.calibration else fallback_batch
     if first is None:
         raise LowRankConfigError(f"compressing {type(model).__name__} needs option 'calibration' (model inputs)")
-    check_token_ids(config.calibration or [first], getattr(getattr(model, "config", None), "vocab_size", None))
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    check_calibration_batches(config.calibration or [first], vocab_size)
     log.info("compressing %s on its first compiled call (kv_ratio %s)", type(model).__name__, config.kv_ratio)
     with torch.no_grad():
         model(**forward_kwargs(first), use_cache=False)

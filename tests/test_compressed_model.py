@@ -4,6 +4,7 @@ saves with save_pretrained and loads with from_pretrained in a fresh process (is
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from safetensors import safe_open
 from tiny_models import FAMILIES as ALL_FAMILIES
 from tiny_models import first_output, left_padded_prompts, tiny_model, tiny_rope_model, token_batches
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, MixtralConfig
 
 import lrcompile
 from lrcompile.modules import AQLinear, GroupedLowRankProjection, LowRankLinear, model_latent_attention
@@ -187,8 +188,9 @@ def test_every_family_loads_back_with_from_pretrained(family, quantize, tmp_path
     """Factored (or AQ-quantised) linears of every supported architecture reload with transformers, whose weight
     init must not reach into a compressed module (GPT-2's rescales each block's ``c_proj.weight``)."""
     model = tiny_model(family)
+    aq = {} if quantize is None else {"quantize": quantize, "aq_config": "1x4", "aq_group_size": 4}
     options = lrcompile.LowRankConfig(calibration=token_batches(2), param_ratio=0.5 if quantize is None else 1.0,
-                                      quantize=quantize, aq_config="1x4", aq_group_size=4, compiler="eager")
+                                      compiler="eager", **aq)
     ids = token_batches(1, seed=7)[0]
     with torch.no_grad():
         expected = first_output(torch.compile(model, backend="lowrank", options=options)(input_ids=ids))
@@ -233,3 +235,32 @@ def test_model_loaded_through_another_quantizer_saves_as_compressed(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, use_cache=False).logits, logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("exclude", ["default", "head only"])
+def test_moe_model_names_its_experts_left_dense_and_loads_back(exclude, tmp_path, caplog):
+    """Mixtral (transformers 5): the experts are 3-D tensors no linear reads, named in a warning as left dense; the
+    routers (modules calling ``F.linear`` on their own ``[experts, hidden]`` weight) are excluded by default, and
+    when included (kept dense: factoring would not save) their records load back with the right shape."""
+    config = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = token_batches(1, seed=7)[0]
+    options = lrcompile.LowRankConfig(calibration=token_batches(4), param_ratio=0.8, compiler="eager",
+                                      dump_dir=str(tmp_path / "dump"),
+                                      **({} if exclude == "default" else {"exclude": ("lm_head",)}))
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        expected = torch.compile(model, backend="lowrank", options=options)(ids).logits
+    assert ("4 weight tensor(s) holding 196608 parameters (82% of the graph's) are read by ops lrcompile does not "
+            "factor and stay dense" in caplog.text and "model.layers.0.mlp.experts.gate_up_proj [4, 256, 64]" in caplog.text)
+    router = next(layer for layer in json.loads(next((tmp_path / "dump").glob("graph_*/report.json")).read_text())[
+        "layers"] if layer["name"] == "model.layers.0.mlp.gate")
+    assert (router["status"], router["reason"]) == (
+        ("skipped", "excluded by pattern '*.mlp.gate' (an MoE router, by default)") if exclude == "default" else
+        ("dense", "factoring would not save parameters"))
+    assert lrcompile.model_report(model).totals()["factored"] > 0
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-5)

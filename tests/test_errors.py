@@ -76,8 +76,12 @@ def test_feature_batches_of_another_width_are_refused_not_re_cut():
 
 def test_calibration_dtype_does_not_fit():
     options = lrcompile.LowRankConfig(calibration=[torch.zeros(2, 16)], compiler="eager")
-    with pytest.raises(Exception, match="calibration batch 0: input 'input_ids' has dtype torch.float32, the graph takes "
-                       "torch.int64"):
+    with pytest.raises(Exception, match=r"calibration batch 0 gives input_ids of dtype torch.float32: token ids are "
+                       r"integers \(torch.long\)"):
+        _run(tiny_model("llama"), options)
+    options = lrcompile.LowRankConfig(calibration=[{"input_ids": token_batches(1)[0], "attention_mask": "all"}],
+                                      compiler="eager")
+    with pytest.raises(Exception, match="calibration batch 0 gives attention_mask as text"):
         _run(tiny_model("llama"), options)
 
 
@@ -147,6 +151,46 @@ def test_token_ids_outside_the_vocabulary_are_refused_block_by_block(tmp_path):
     batches[0][1, 0] = VOCAB + 7
     with pytest.raises(CalibrationError, match=rf"calibration batch 0 holds token id {VOCAB + 7}, outside"):
         lrcompile.compress_model_blocks(tiny_model("llama"), batches, lrcompile.LowRankConfig(param_ratio=0.8), tmp_path)
+
+
+_UNRUNNABLE_BATCHES = {
+    "meta tensor": ({"input_ids": torch.zeros(2, 16, dtype=torch.long, device="meta")}, "input_ids on the meta device"),
+    "text": ({"input_ids": "The capital of France is"}, "input_ids as text: tokenize it"),
+}
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["graph", "block by block"])
+@pytest.mark.parametrize("kind", sorted(_UNRUNNABLE_BATCHES))
+def test_calibration_batches_that_cannot_run_name_the_batch(kind, blocks, tmp_path):
+    """Meta tensors and untokenized text would otherwise fail deep inside the model as a bare NotImplementedError
+    or TypeError."""
+    bad, message = _UNRUNNABLE_BATCHES[kind]
+    batches = [token_batches(1)[0], bad]
+    options = lrcompile.LowRankConfig(param_ratio=0.8, calibration=batches, compiler="eager")
+    with pytest.raises(Exception, match=rf"calibration batch 1 gives {message}") as excinfo:
+        if blocks:
+            lrcompile.compress_model_blocks(tiny_model("llama"), batches, options, tmp_path)
+        else:
+            _run(tiny_model("llama"), options)
+    assert isinstance(_inner(excinfo), CalibrationError)
+
+
+def test_floating_point_token_ids_are_refused_block_by_block(tmp_path):
+    batches = [token_batches(1)[0].float()]
+    with pytest.raises(CalibrationError, match=r"calibration batch 0 gives input_ids of dtype torch.float32: token "
+                       r"ids are integers"):
+        lrcompile.compress_model_blocks(tiny_model("llama"), batches, {"param_ratio": 0.8}, tmp_path)
+
+
+def test_block_compression_takes_its_options_as_a_dict_and_names_an_unknown_one(tmp_path):
+    with pytest.raises(LowRankConfigError, match=r"unknown option 'param_ration'; did you mean 'param_ratio'\?"):
+        lrcompile.compress_model_blocks(tiny_model("llama"), token_batches(1), {"param_ration": 0.8}, tmp_path)
+
+
+def test_aqlm_options_without_quantize_are_refused():
+    with pytest.raises(LowRankConfigError, match=r"aq_config='1x8', aq_group_size=4 configure AQLM, but quantize is "
+                       r"None: set quantize='aqlm'"):
+        lrcompile.LowRankConfig(aq_config="1x8", aq_group_size=4)
 
 
 @pytest.mark.parametrize("blocks", [False, True], ids=["graph", "block by block"])

@@ -139,6 +139,7 @@ def test_attention_without_rope_is_left_alone_with_a_reason(family):
     blocks, unmatched, _ = _blocks(tiny_model(family))
     assert blocks == []
     assert len(unmatched) == 2 and all("no RoPE" in u.reason for u in unmatched)
+    assert not any("q/k norm" in u.reason or "interleaved" in u.reason for u in unmatched)
 
 
 def test_partial_rotary_attention_is_left_alone_with_that_reason():
@@ -150,6 +151,20 @@ def test_partial_rotary_attention_is_left_alone_with_that_reason():
     blocks, unmatched, _ = _blocks(model)
     assert blocks == [] and len(unmatched) == 2
     assert all("applies RoPE as cat(rotated part, pass-through part)" in u.reason for u in unmatched)
+
+
+def test_unsupported_attention_forms_are_named_in_the_reason():
+    """A q/k norm after the projections (Qwen3) and interleaved-pair RoPE (GPT-J) are named, so the user learns
+    the architecture, not the graph node, is why the block stays dense."""
+    from transformers import AutoModelForCausalLM, GPTJConfig, Qwen3Config
+
+    torch.manual_seed(0)
+    qwen3 = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    gptj = GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8)
+    for config, form in ((qwen3, "q/k norm"), (gptj, "interleaved pairs")):
+        _, unmatched, _ = _blocks(AutoModelForCausalLM.from_config(config).eval())
+        assert len(unmatched) == 2 and all(form in u.reason for u in unmatched), [u.reason for u in unmatched]
 
 
 def test_a_latent_model_also_runs_compiled_with_transformers_own_cache():

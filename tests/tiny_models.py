@@ -8,6 +8,7 @@ from transformers import (
     AutoModelForCausalLM,
     BertConfig,
     FalconConfig,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -39,6 +40,9 @@ ROPE_CONFIGS = {
     "mistral": lambda: MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16),
     "qwen2": CONFIGS["qwen2"],
+    # Gemma: a scaled embedding (a non-persistent buffer) and (1 + w) norms
+    "gemma": lambda: GemmaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
 ROPE_FAMILIES = tuple(ROPE_CONFIGS)
 
