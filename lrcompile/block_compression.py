@@ -195,12 +195,16 @@ def _reduce_gradients(params: list[nn.Parameter]) -> None:
 
 
 def _fit(params: Iterable[nn.Parameter], batches: Sequence[tuple[Any, ...]], loss: Callable[..., torch.Tensor],
-         epochs: int, lr: float, progress: str | None = None) -> tuple[float, float]:
+         epochs: int, lr: float, what: str) -> tuple[float, float]:
     """Adam on the floating-point ``params`` for ``epochs`` passes over ``batches`` (``loss(*batch)``), in float32
     whatever their dtype (restored after, as is ``requires_grad``); gradients are averaged over the ranks, so
-    every rank keeps the same parameters. The learning rate decays from ``lr`` to 0 along a half cosine over all steps (Loshchilov & Hutter,
-    arXiv 1608.03983, without restarts): the last steps only refine. ``progress``: a progress bar's title (one
-    tick a step). Returns the mean loss of the first and of the last epoch."""
+    every rank keeps the same parameters. The learning rate decays from ``lr`` to 0 along a half cosine over all
+    steps (Loshchilov & Hutter, arXiv 1608.03983, without restarts): the last steps only refine. ``what``: the
+    stage, for the progress bar (one tick a step) and the log.
+
+    The loss over ``batches`` is measured before and after training; when training raised it (a learning rate too
+    high for these parameters, or too few batches), the parameters from before are kept and a warning says so.
+    Returns the loss before training and the loss of the parameters kept."""
     params = [p for p in params if p.is_floating_point()]
     dtypes, flags = [p.dtype for p in params], [p.requires_grad for p in params]
     for p in params:
@@ -208,11 +212,11 @@ def _fit(params: Iterable[nn.Parameter], batches: Sequence[tuple[Any, ...]], los
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs * len(batches), 1))
-    bar = tqdm(total=epochs * len(batches), desc=progress, unit="step", leave=False, disable=progress is None)
-    first = last = 0.0
+    bar = tqdm(total=epochs * len(batches), desc=f"lowrank: {what}", unit="step", leave=False)
     try:
-        for epoch in range(epochs):
-            total = 0.0
+        before = _mean_loss(loss, batches)
+        initial = [p.detach().clone() for p in params]
+        for _ in range(epochs):
             for batch in batches:
                 value = loss(*batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -220,18 +224,34 @@ def _fit(params: Iterable[nn.Parameter], batches: Sequence[tuple[Any, ...]], los
                 _reduce_gradients(params)
                 optimizer.step()
                 schedule.step()
-                total += value.item()
                 bar.update()
-            last = total / max(len(batches), 1)
-            first = last if epoch == 0 else first
-            bar.set_postfix(loss=f"{last:.4g}")
+                bar.set_postfix(loss=f"{value.item():.4g}")
+        after = _mean_loss(loss, batches)
+        if after > before:
+            log.warning("%s raised its loss from %.4g to %.4g over %d epoch(s) at learning rate %g: the parameters "
+                        "from before it are kept (lower the learning rate, or give more batches)",
+                        what, before, after, epochs, lr)
+            for p, value in zip(params, initial):
+                p.data.copy_(value)
+            after = before
     finally:
         bar.close()
         for p, dtype, flag in zip(params, dtypes, flags):
             p.requires_grad_(flag)
             p.grad = None
             p.data = p.data.to(dtype)
-    return first, last
+    return before, after
+
+
+def _mean_loss(loss: Callable[..., torch.Tensor], batches: Sequence[tuple[Any, ...]]) -> float:
+    """``loss`` averaged over ``batches`` and over the ranks (so that every rank decides alike)."""
+    with torch.no_grad():
+        values = [loss(*batch).detach().double() for batch in batches]
+    device = values[0].device if values else "cpu"
+    total = torch.tensor([sum(v.item() for v in values), len(values)], dtype=torch.float64, device=device)
+    if _distributed()[1] > 1:
+        dist.all_reduce(total)
+    return float(total[0] / total[1].clamp_min(1))
 
 
 def distill_model(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
@@ -242,7 +262,7 @@ def distill_model(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
     model's: KL(p_dense || p_compressed) averaged over the tokens of ``batches`` (knowledge distillation,
     Hinton et al., arXiv 1503.02531, at temperature 1). Per-block objectives cannot see how errors compound
     through the later blocks; this one can. ``teacher``: the dense model itself, or ``teacher(i)`` giving its
-    logits on ``batches[i]`` (a replayed stream). Returns the mean divergence of the first and last epoch."""
+    logits on ``batches[i]`` (a replayed stream). Returns the mean divergence before and after (:func:`_fit`)."""
     params = [p for block in decoder_blocks(model)[1] for p in block.parameters()]
     logits = (lambda i: teacher(**batches[i], use_cache=False).logits) if isinstance(teacher, nn.Module) else teacher
 
@@ -260,12 +280,12 @@ def distill_model(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
     for p in frozen:
         p.requires_grad_(False)
     try:
-        first, last = _fit(params, [(i,) for i in range(len(batches))], loss, epochs, lr, "lowrank: distillation")
+        before, after = _fit(params, [(i,) for i in range(len(batches))], loss, epochs, lr, "distillation")
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    log.info("distilled: KL to the dense model %.4g (first epoch) -> %.4g (last)", first, last)
-    return first, last
+    log.info("distilled: KL to the dense model %.4g (before) -> %.4g (after)", before, after)
+    return before, after
 
 
 def _fewest_over_ranks(count: int, device: torch.device) -> int:
@@ -804,8 +824,9 @@ class BlockCompressor:
             return error.mean() if mask is None else error[mask.to(error.device).bool()].mean()
 
         batches = list(zip(inputs, streams.kwargs, streams.dense, streams.masks))[:steps]
-        first, last = _fit(list(block.parameters()), batches, loss, self.config.finetune_epochs, self.config.finetune_lr)
-        log.info("block %d fine-tuned: relative error %.4g (first epoch) -> %.4g (last)", index, first, last)
+        before, after = _fit(list(block.parameters()), batches, loss, self.config.finetune_epochs,
+                             self.config.finetune_lr, f"fine-tuning block {index}")
+        log.info("block %d fine-tuned: relative error %.4g (before) -> %.4g (after)", index, before, after)
 
     def _distill(self, batches: list[dict[str, torch.Tensor]], streams: _Streams, progress: dict[str, Any]) -> None:
         """End-to-end distillation (``distill_epochs``, :func:`distill_model`) once every block is compressed.

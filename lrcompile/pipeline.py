@@ -369,7 +369,7 @@ def _activation_stats(c: GraphCompression) -> None:
     for view in targets if c.config.aq_spec is not None else ():  # a group size the layers refuse, before calibrating
         check_shape(c.config.aq_spec, view.meta.out_features, view.meta.in_features, view.meta.name)
     check_calibration_batches(c.config.calibration, None)  # text or meta tensors, before the runner binds them
-    c.runner = CalibrationRunner(c.gm, c.example_inputs)
+    c.runner = CalibrationRunner(c.gm, c.example_inputs, None if c.frame is None else c.frame.args_callee)
     c.batches = c.runner.fit(c.config.calibration)
     check_calibration_batches(c.batches, _vocabulary_size(c))
     fit_to_gram = targets + kv_targets if c.config.method == "whiten" else targets if c.config.quantize else []

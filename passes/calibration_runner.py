@@ -17,8 +17,10 @@ fills those constants in and calls the module in that structure.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,9 +122,10 @@ class _Input:
         return self.name if self.name is not None else f"positional input {self.position}"
 
 
-def _top_input(node: fx.Node, order: int, positional: int) -> _Input:
+def _top_input(node: fx.Node, order: int, positional: int, parameters: Sequence[str]) -> _Input:
     """The call argument a user placeholder reads (``kwargs[k]``, a named local, ``args[i]``); ``positional``:
-    how many of a non-Dynamo graph's inputs it takes by position."""
+    how many of a non-Dynamo graph's inputs it takes by position; ``parameters``: the called ``forward``'s
+    positional parameter names, which name ``args[i]`` (``model(ids)`` reads ``args[0]``, ``input_ids``)."""
     grapharg = node.meta.get("grapharg")
     if grapharg is None:
         return _Input(str(node.target), str(node.target), order if order < positional else None)
@@ -133,7 +136,20 @@ def _top_input(node: fx.Node, order: int, positional: int) -> _Input:
         return _Input(top.name, root.local_name, None)
     if root.local_name == "kwargs":
         return _Input(top.name, str(top.index), None)
-    return _Input(top.name, None, int(top.index))
+    position = int(top.index)
+    return _Input(top.name, parameters[position] if position < len(parameters) else None, position)
+
+
+def _positional_parameters(forward: Callable[..., Any] | None) -> list[str]:
+    """The names ``forward`` binds its positional arguments to, in order (none for ``*args``)."""
+    if forward is None:
+        return []
+    try:
+        signature = inspect.signature(forward)
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return list(itertools.takewhile(lambda name: signature.parameters[name].kind in kinds, signature.parameters))
 
 
 def _positional_count(gm: fx.GraphModule) -> int:
@@ -185,7 +201,8 @@ class CalibrationRunner:
     model state (parameters, buffers, module constants) is always the captured call's.
     """
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None):
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None,
+                 forward: Callable[..., Any] | None = None):
         self.gm = gm
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.examples = (list(example_inputs) if example_inputs is not None
@@ -193,7 +210,8 @@ class CalibrationRunner:
         self.roles = [_role(n) for n in self.placeholders]
         self.user = [n for n, r in zip(self.placeholders, self.roles) if r == _ROLE_USER]
         positional = _positional_count(gm)
-        self.inputs = {node: _top_input(node, order, positional) for order, node in enumerate(self.user)}
+        parameters = _positional_parameters(forward)
+        self.inputs = {node: _top_input(node, order, positional, parameters) for order, node in enumerate(self.user)}
         self.top_inputs = list(dict.fromkeys(self.inputs.values()))
         self.positional = sorted((i for i in self.top_inputs if i.position is not None), key=lambda i: i.position)
         named = [i for i in self.top_inputs if i.name == "input_ids"]

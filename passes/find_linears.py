@@ -11,11 +11,12 @@ is found but may not be compressed says why in ``skip_reason``.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import logging
 import operator
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +135,18 @@ class CapturedFrame:
     location: str  # ``file:line`` of that code
     locals: Mapping[str, Any]  # where the graph's ``L[...]`` sources live
     after_graph_break: bool  # it runs inside code Dynamo compiled: its inputs are the model's intermediate values
+
+    @property
+    def args_callee(self) -> Callable[..., Any] | None:
+        """The function this frame hands its ``*args`` to, whose signature names them: a decorator's wrapped
+        ``func`` (transformers wraps ``forward`` so; bound to the frame's ``self``, or unbound with the model as
+        ``args[0]``), or ``self.forward`` in ``Module._call_impl``; None for another frame."""
+        if not isinstance(self.locals.get("args"), tuple):
+            return None
+        func, module = self.locals.get("func"), self.locals.get("self")
+        if not isinstance(module, nn.Module):
+            return func if inspect.isfunction(func) else None
+        return func.__get__(module) if inspect.isfunction(func) else module.forward
 
 
 def captured_frame(gm: fx.GraphModule) -> CapturedFrame | None:

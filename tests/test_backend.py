@@ -228,6 +228,23 @@ def test_dict_calibration_with_attention_mask():
     assert torch.isfinite(first_output(out)).all()
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_dict_calibration_binds_by_name_when_the_model_is_called_positionally(family):
+    """``compiled(ids, mask)`` captures ``args[i]``; the forward's signature names them, so dict batches bind and
+    the model compresses as it does when called by keyword."""
+    ids = token_batches(3)
+    calib = [{"input_ids": t, "attention_mask": torch.ones_like(t)} for t in ids[:2]]
+    outputs = []
+    for positional in (True, False):
+        torch._dynamo.reset()
+        compiled = _compile(tiny_model(family), calibration=calib, param_ratio=0.6)
+        with torch.no_grad():
+            mask = torch.ones_like(ids[2])
+            out = compiled(ids[2], mask) if positional else compiled(input_ids=ids[2], attention_mask=mask)
+        outputs.append(first_output(out))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-6)
+
+
 def test_dump_dir_writes_graphs_plan_and_report(tmp_path, monkeypatch):
     monkeypatch.setenv("LRCOMPILE_DUMP", str(tmp_path))
     model = tiny_model("gpt2")

@@ -220,8 +220,8 @@ def _relative_error(model: torch.nn.Module, dense: torch.nn.Module, calibration)
 
 
 TUNING = {  # stage: (epochs, learning rate, the logged objective, the number of logs, the least share it falls)
-    "finetune": (4, 1e-3, r"block \d fine-tuned: relative error (\S+) \(first epoch\) -> (\S+) \(last\)", 2, 0.98),
-    "distill": (4, 3e-4, r"distilled: KL to the dense model (\S+) \(first epoch\) -> (\S+) \(last\)", 1, 0.95),
+    "finetune": (4, 1e-3, r"block \d fine-tuned: relative error (\S+) \(before\) -> (\S+) \(after\)", 2, 0.98),
+    "distill": (4, 3e-4, r"distilled: KL to the dense model (\S+) \(before\) -> (\S+) \(after\)", 1, 0.95),
 }
 
 
@@ -273,9 +273,23 @@ def test_fit_decays_the_learning_rate_along_a_cosine(monkeypatch):
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording)
     weight = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
-    first, last = block_compression._fit([weight], [()] * 4, lambda: (weight - 1).square().sum(), 2, 0.1)
+    before, after = block_compression._fit([weight], [()] * 4, lambda: (weight - 1).square().sum(), 2, 0.1, "test")
     assert rates == pytest.approx([0.05 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
-    assert last < first and not weight.requires_grad and weight.grad is None
+    assert before == 3.0 and after == pytest.approx((weight - 1).square().sum().item())
+    assert after < before and not weight.requires_grad and weight.grad is None
+
+
+def test_fit_keeps_the_parameters_from_before_when_training_raises_the_loss(caplog):
+    """A learning rate far too high overshoots the minimum of ``(w - 1)^2`` from ``w = 0.9``: the loss after is
+    higher, so ``w`` is restored and a warning names the stage and both losses."""
+    weight = torch.nn.Parameter(torch.full((3,), 0.9, dtype=torch.bfloat16))
+    with caplog.at_level(logging.WARNING, logger="lrcompile.block_compression"):
+        before, after = block_compression._fit([weight], [()] * 2, lambda: (weight - 1).square().sum(), 1, 0.9,
+                                               "fine-tuning block 3")
+    assert torch.equal(weight, torch.full((3,), 0.9, dtype=torch.bfloat16)) and weight.dtype == torch.bfloat16
+    assert after == before == pytest.approx(0.03, rel=0.05)
+    assert re.search(r"fine-tuning block 3 raised its loss from 0\.03\d* to \S+ over 1 epoch\(s\) at learning rate "
+                     r"0\.9: the parameters from before it are kept", caplog.text)
 
 
 def test_distillation_resumes_without_training_again(tmp_path, monkeypatch):
