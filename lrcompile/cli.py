@@ -126,7 +126,14 @@ class ModelFolder:
     def load(self) -> torch.nn.Module:
         """The model in float32 (a GGUF file's quantised weights are dequantised by transformers)."""
         extra = {} if self.gguf_file is None else {"gguf_file": self.gguf_file, "dtype": torch.float32}
-        model = self.auto_class.from_pretrained(self.path, local_files_only=True, **extra).eval()
+        try:
+            model = self.auto_class.from_pretrained(self.path, local_files_only=True, **extra).eval()
+        except RuntimeError as err:
+            if "mismatch" not in str(err):
+                raise
+            raise InputError(f"the weights in {str(self.path)!r} do not have the shapes its config.json describes "
+                             "(transformers' load report above names them): the folder is damaged or its config.json "
+                             "was edited") from err
         log.info("loaded %s (%s) from %s", type(model).__name__, self.auto_class.__name__, self.path / (self.gguf_file or ""))
         return model
 
@@ -1038,6 +1045,19 @@ def _user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def _as_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """``option 'param_ratio'`` in a library error as the command line's ``option --param-ratio``."""
+    parsers = [parser, *(choice for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                         for choice in action.choices.values())]
+    flags = {flag for p in parsers for action in p._actions for flag in action.option_strings}
+
+    def flag(match: re.Match[str]) -> str:
+        name = "--" + match.group(1).replace("_", "-")
+        return f"option {name}" if name in flags else match.group(0)
+
+    return re.sub(r"option '([a-z_0-9]+)'", flag, message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, or 2 on bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1054,7 +1074,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         user_error = _user_error(err)
         if user_error is None:
             raise
-        print(f"error: {user_error}", file=sys.stderr)
+        print(f"error: {_as_flags(str(user_error), parser)}", file=sys.stderr)
         return USER_ERROR_STATUS
     finally:
         torch.set_num_threads(threads)  # main() may run inside a longer process (tests, notebooks)

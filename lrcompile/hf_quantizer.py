@@ -117,39 +117,51 @@ def _linear_dims(module: nn.Module, path: str, entry: dict[str, Any]) -> None:
                              f"{type(module).__name__} holds {None if dims is None else list(dims)}")
 
 
+def _build_linear(model: nn.Module, path: str, entry: dict[str, Any]) -> None:
+    """Put the empty compressed module ``entry`` describes at ``path`` (or its record on the dense linear)."""
+    from .modules import RECORD, AQLinear, AQLowRankLinear, LowRankLinear
+
+    parent, name, module = _slot(model, path, "the linear")
+    _linear_dims(module, path, entry)
+    status = LayerStatus(entry["status"])
+    plan = LayerPlan(path, entry["out_features"], entry["in_features"], entry["rank"], entry["reason"],
+                     entry["sensitivity"], entry["truncation_loss"])
+    record = CompressedLayer(plan, entry["method"], status, _saved_dtype(entry, module.weight.dtype, path),
+                             entry["dense_bytes"])
+    dtype, device = module.weight.dtype, module.weight.device
+    aq = entry.get("aq")
+    if aq is not None:
+        spec = AQSpec(aq["codebooks"], aq["bits"], aq["group_size"])
+        record.quantization = AQRecord(spec, aq["bits_per_weight"], aq["output_error"], aq["fit_seconds"])
+        if status is LayerStatus.FACTORED:
+            down = AQLinear(plan.in_features, plan.rank, spec, False, None, dtype, device)
+            up = AQLinear(plan.rank, plan.out_features, spec, entry["bias"], None, dtype, device)
+            setattr(parent, name, AQLowRankLinear(down, up, record))
+        else:
+            setattr(parent, name, AQLinear(plan.in_features, plan.out_features, spec, entry["bias"], record,
+                                           dtype, device))
+    elif status is LayerStatus.FACTORED:
+        setattr(parent, name, LowRankLinear(plan.in_features, plan.out_features, plan.rank, entry["bias"], record,
+                                            dtype, device))
+    else:
+        setattr(module, RECORD, record)
+
+
 def build_compressed_modules(model: nn.Module, config: LowRankQuantizationConfig) -> None:
     """Replace the linears ``config`` describes by empty compressed modules (same dtype and device,
     the meta device under ``from_pretrained``) and attach the records of those kept dense."""
-    from .modules import RECORD, AQLinear, AQLowRankLinear, GroupedLowRankProjection, LowRankLinear
+    from .modules import GroupedLowRankProjection
 
     if config.version != VERSION:
         raise SavedPlanError(f"quantization_config version {config.version} is not readable by this lrcompile "
                              f"(it reads version {VERSION})")
     for path, entry in config.linears.items():
-        parent, name, module = _slot(model, path, "the linear")
-        _linear_dims(module, path, entry)
-        status = LayerStatus(entry["status"])
-        plan = LayerPlan(path, entry["out_features"], entry["in_features"], entry["rank"], entry["reason"],
-                         entry["sensitivity"], entry["truncation_loss"])
-        record = CompressedLayer(plan, entry["method"], status, _saved_dtype(entry, module.weight.dtype, path),
-                                 entry["dense_bytes"])
-        dtype, device = module.weight.dtype, module.weight.device
-        aq = entry.get("aq")
-        if aq is not None:
-            spec = AQSpec(aq["codebooks"], aq["bits"], aq["group_size"])
-            record.quantization = AQRecord(spec, aq["bits_per_weight"], aq["output_error"], aq["fit_seconds"])
-            if status is LayerStatus.FACTORED:
-                down = AQLinear(plan.in_features, plan.rank, spec, False, None, dtype, device)
-                up = AQLinear(plan.rank, plan.out_features, spec, entry["bias"], None, dtype, device)
-                setattr(parent, name, AQLowRankLinear(down, up, record))
-            else:
-                setattr(parent, name, AQLinear(plan.in_features, plan.out_features, spec, entry["bias"], record,
-                                               dtype, device))
-        elif status is LayerStatus.FACTORED:
-            setattr(parent, name, LowRankLinear(plan.in_features, plan.out_features, plan.rank, entry["bias"], record,
-                                                module.weight.dtype, module.weight.device))
-        else:
-            setattr(module, RECORD, record)
+        try:
+            _build_linear(model, path, entry)
+        except (KeyError, TypeError, ValueError) as err:
+            what = f"no {err}" if isinstance(err, KeyError) else str(err)
+            raise SavedPlanError(f"quantization_config entry of linear {path!r} is damaged ({what}): config.json "
+                                 "was not written by this lrcompile or has been edited") from err
     for block, entry in config.attention.items():
         k_parent, k_name, k_dense = _slot(model, entry["k_proj"], "the K projection")
         v_parent, v_name, v_dense = _slot(model, entry["v_proj"], "the V projection")
@@ -215,7 +227,11 @@ class LowRankHfQuantizer(HfQuantizer):
     quantization_config: LowRankQuantizationConfig
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        build_compressed_modules(model, self.quantization_config)
+        config = self.quantization_config
+        if not config.linears and not config.attention:  # saved folders describe every linear, dense ones too
+            raise SavedPlanError("quantization_config (quant_method 'lowrank') describes no layer: its 'linears' "
+                                 "and 'attention' entries are missing or empty, so config.json is damaged")
+        build_compressed_modules(model, config)
         _skip_parent_init(model)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

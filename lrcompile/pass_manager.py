@@ -115,7 +115,12 @@ class PassManager(Generic[Context]):
                 before = readable_graph(graph_of(context))
                 path = self.dump_dir / f"{i:02d}_{p.name}_before.py"
                 path.write_text(before)
-                self._run(p, context)
+                try:
+                    self._run(p, context)
+                except Exception as err:
+                    summary.append(f"{i:02d} {p.name}: FAILED ({type(err).__name__}: {err}); its graph before: "
+                                   f"{path.name}")
+                    raise
                 after = readable_graph(graph_of(context))
                 if after == before:
                     path.unlink()

@@ -48,7 +48,9 @@ from lrcompile.passes.find_linears import (
     captured_frame,
     node_constant,
     parameter_owner,
+    attribute_reads,
     placeholder_values,
+    replacement_breaks,
     unrecognised_linears,
     unrecognised_weights,
     weight_owner,
@@ -185,10 +187,10 @@ def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None,
     before = ", ".join(f"{key}={options.get(key)!r}" for key in changed)
     after = ", ".join(f"{key}={wanted[key]!r}" for key in changed)
     if dense_held:
-        log.warning("%s was compressed with %s; compressing it again with %s", name, before, after)
+        log.warning("layer %r was compressed with %s; compressing it again with %s", name, before, after)
         return False
     raise LowRankError(
-        f"{name} was compressed with {before} and its dense weights were replaced by factors; this compile asks "
+        f"layer {name!r} was compressed with {before} and its dense weights were replaced by factors; this compile asks "
         f"for {after} (other options equal). Load a fresh copy of the model (from_pretrained) to compress it with "
         "new options, or compile with the options it was compressed with."
     )
@@ -198,6 +200,8 @@ def _find_linears(c: GraphCompression) -> None:
     """Find the linears and their modules; those the model holds compressed already are reused as they are."""
     c.linears = find_linears(c.gm, c.example_inputs, c.config.include, c.config.exclude)
     installed_aq, held = _check_installed_aq(c), 0
+    reads: dict[int, str] | None = None  # parameters that generated code reads by attribute, from the first owner
+    breaking: dict[str, list[str]] = {}  # layers that cannot be replaced on the model, by reason
     for view in c.linears:
         slot = weight_owner(c.gm, view, c.frame_locals)
         module = None if slot is None else slot.module
@@ -214,16 +218,34 @@ def _find_linears(c: GraphCompression) -> None:
         if not view.meta.compressible:
             continue
         if slot is None:
-            view.meta.compressible, view.meta.skip_reason = False, "its weight is not a parameter of a model module"
+            view.meta.compressible, view.meta.skip_reason = False, (
+                "its weight is not a parameter of one of the model's submodules (a parameter of the model itself, "
+                "or a tensor the graph computes): lrcompile compresses a layer by replacing its submodule")
+            breaking.setdefault(view.meta.skip_reason, []).append(
+                f"{view.meta.name} [{view.meta.out_features} x {view.meta.in_features}]")
+            continue
+        if reads is None:
+            reads = attribute_reads(slot.root, c.gm)
+        broken = replacement_breaks(view, slot, c.frame is not None, reads)
+        if broken:
+            view.meta.compressible, view.meta.skip_reason = False, broken
+            if record is None:  # else an earlier compile of the model said so
+                breaking.setdefault(broken, []).append(view.meta.name)
             continue
         c.owners[view] = slot
         if record is not None and _reusable(c, view.meta.name, record.options, dense_held=True):
             c.recorded[view] = record
             view.meta.plan = record.plan  # for graph dumps: the decision an earlier compile made
+    for reason, names in breaking.items():
+        log.warning("%d layer(s) stay dense: %s: %s%s", len(names), reason, ", ".join(names[:4]),
+                    ", ..." * (len(names) > 4))
     _refuse_graph_break(c)
     unknown = unrecognised_linears(c.gm, c.linears, c.frame_locals)
-    unknown_text = (f"{len(unknown)} nn.Linear module(s) use their weight in an op other than a linear (e.g. x @ W.T) "
-                    f"and stay dense: {', '.join(unknown[:4])}{', ...' * (len(unknown) > 4)}")
+    unknown_reason = "its weight is read by an op other than a linear (an einsum, say)"
+    unknown_text = (f"{len(unknown)} nn.Linear module(s) use their weight in an op other than a linear (an einsum, "
+                    f"say) and stay dense: {', '.join(list(unknown)[:4])}{', ...' * (len(unknown) > 4)}")
+    unsaid = {path: module for path, module in unknown.items() if module_record(module) is None}
+    c.records += [_skipped_record(c, path, module, unknown_reason) for path, module in unsaid.items()]
     if held:
         log.info("%d of the linears found are compressed already (the model holds their outcome)", held)
     nothing = not installed_aq and not held and not any(v.meta.compressible for v in c.linears)
@@ -241,12 +263,12 @@ def _find_linears(c: GraphCompression) -> None:
             f"the captured graph has no compressible linear layer (linears found: {found or 'none'}"
             f"{'; ' + unknown_text if unknown else ''}); include={list(c.config.include)}, exclude={list(c.config.exclude)}"
         )
-    if unknown and not nothing:
+    if unsaid and not nothing:
         log.warning("%s", unknown_text)
     _warn_unrecognised_weights(c, unknown)
 
 
-def _warn_unrecognised_weights(c: GraphCompression, unknown_modules: list[str]) -> None:
+def _warn_unrecognised_weights(c: GraphCompression, unknown_modules: Mapping[str, nn.Linear]) -> None:
     """Name the large weights no recognised linear reads (MoE experts stacked in 3-D tensors): they stay dense
     whatever the budget, which the linears' totals would not show."""
     values = placeholder_values(c.gm, c.example_inputs)
@@ -305,7 +327,8 @@ def _find_attention(c: GraphCompression) -> None:
     A block whose K and V are grouped projections was restructured earlier: its record comes from them.
     """
     blocks, c.unmatched_attention = find_attention_blocks(c.gm, c.linears)
-    if c.config.kv_ratio is not None and not blocks and not c.unmatched_attention and c.owners:
+    restructured = bool(c.latent_projections)  # a call without a latent cache attends over K/V rebuilt from them
+    if c.config.kv_ratio is not None and not blocks and not c.unmatched_attention and c.owners and not restructured:
         log.warning("kv_ratio=%s: the captured graph has linears but no attention block, so no KV cache to "
                     "compress in it (a model without attention, or attention in another graph after a graph break)",
                     c.config.kv_ratio)
@@ -573,11 +596,16 @@ def _skipped_linear_records(c: GraphCompression, view: LinearNode) -> list[tuple
             continue
         reason = view.meta.skip_reason if path == view.meta.name else \
             f"tied to {view.meta.name}: {view.meta.skip_reason}"
-        plan = LayerPlan(path, module.out_features, module.in_features, None, reason)
-        found.append((module, CompressedLayer(plan, "", LayerStatus.SKIPPED, weight.dtype,
-                                              dense_bytes=weight.untyped_storage().nbytes(),
-                                              options=c.config.deciding_options())))
+        found.append(_skipped_record(c, path, module, reason))
     return found
+
+
+def _skipped_record(c: GraphCompression, path: str, module: nn.Linear, reason: str
+                    ) -> tuple[nn.Module, CompressedLayer]:
+    plan = LayerPlan(path, module.out_features, module.in_features, None, reason)
+    return module, CompressedLayer(plan, "", LayerStatus.SKIPPED, module.weight.dtype,
+                                   dense_bytes=module.weight.untyped_storage().nbytes(),
+                                   options=c.config.deciding_options())
 
 
 def _quantize(c: GraphCompression) -> None:

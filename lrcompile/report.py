@@ -166,6 +166,9 @@ class CompressionReport:
         }
 
     def to_markdown(self) -> str:
+        if not self.layers and not self.attention and not self.attention_left_dense:
+            return ("Nothing to report: no layer here was compressed or skipped by lrcompile (from `model_report`: "
+                    "the model has not been compressed).\n")
         rows = [
             "| layer | shape (out x in) | method | status | rank | params before | params after | sensitivity (KL) | truncation loss | note |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---|",

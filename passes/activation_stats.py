@@ -38,6 +38,11 @@ class ActivationObserver(nn.Module):
         self.token_mask: torch.Tensor | None = None  # padding rows to drop, set per batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        width = self.stats.abs_sum.shape[0]
+        if x.dim() == 0 or x.shape[-1] != width:
+            raise CalibrationError(
+                f"layer {self.layer!r} takes inputs of width {width}, but a calibration batch gives it a tensor of "
+                f"shape {list(x.shape)}: check the batches' shape against the model's input")
         self.stats.update(x, self.token_mask)
         return x
 

@@ -16,7 +16,7 @@ import logging
 import operator
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,13 +200,52 @@ def parameter_owner(gm: fx.GraphModule, node: fx.Node, frame_locals: Mapping[str
     return _slot(root, _MODULE_PATH.findall(match.group(3)))
 
 
+def attribute_reads(root: nn.Module, rewritten: fx.GraphModule) -> dict[int, str]:
+    """Parameters and buffers that the generated code of an ``fx.GraphModule`` inside ``root`` (a
+    ``torch.export(...).module()``, say) reads by attribute, by ``id``, with that module's path; the graph being
+    ``rewritten`` is left out, since its reads are rewritten with it."""
+    reads = {}
+    for path, module in root.named_modules():
+        if not isinstance(module, fx.GraphModule) or module is rewritten:
+            continue
+        for node in module.graph.nodes:
+            if node.op == "get_attr":
+                reads[id(_get_attr(module, node.target))] = path
+    return reads
+
+
+def replacement_breaks(view: LinearNode, slot: ModuleSlot, dynamo: bool, reads: Mapping[int, str]) -> str:
+    """Why replacing the layer's module (``slot``) by a compressed one would break the model's own code, or
+    ``""``. The module's parameters must be read only by its own ``forward``: in a Dynamo graph the layer's op
+    runs inside that module (its ``nn_module_stack`` ends there), and no generated code of another
+    ``fx.GraphModule`` (``reads``, from :func:`attribute_reads`) reads them by attribute. Otherwise the
+    first call would work and every later one fail on the missing ``weight``."""
+    module = slot.module
+    reader = next((reads[id(p)] for p in module.parameters(recurse=False) if id(p) in reads), None)
+    if reader is not None:
+        where = f"its fx.GraphModule {reader!r}" if reader else "the model, an fx.GraphModule"
+        return (f"its weight is read by the generated code of {where} (e.g. a torch.export(...).module()), which "
+                "replacing the module would break; compress such a module with the pass-level API, or compile the "
+                "model it was exported from")
+    if not dynamo or view.layout is WeightLayout.MODULE:
+        return ""
+    stack = list((view.node.meta.get("nn_module_stack") or {}).values())
+    owner = type(module)
+    if stack and stack[-1][1] in (owner, f"{owner.__module__}.{owner.__qualname__}"):
+        return ""
+    caller = f"{stack[-1][1].__name__ if isinstance(stack[-1][1], type) else stack[-1][1]} " \
+             f"{module_path(stack[-1][0])!r}" if stack else "the model's own"
+    return (f"its weight is read outside its module's forward (by {caller} forward), which replacing the module "
+            "would break")
+
+
 def unrecognised_linears(gm: fx.GraphModule, linears: Sequence[LinearNode],
-                         frame_locals: Mapping[str, Any] | None) -> list[str]:
-    """Module paths of the ``nn.Linear`` modules (subclasses included) whose weight ``gm`` reads other than
+                         frame_locals: Mapping[str, Any] | None) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules (subclasses included), by module path, whose weight ``gm`` reads other than
     as a recognised linear (e.g. in an einsum): they stay dense. Found where the graph's parameter sources lead
     to the model's modules (Dynamo); a ``symbolic_trace`` graph keeps such a weight on a plain ``Module``."""
     recognised = {view.weight for view in linears if view.layout is not WeightLayout.MODULE}
-    found = []
+    found = {}
     for node in gm.graph.nodes:
         if node in recognised:
             continue
@@ -219,7 +258,7 @@ def unrecognised_linears(gm: fx.GraphModule, linears: Sequence[LinearNode],
             continue
         slot = parameter_owner(gm, node, frame_locals)
         if slot is not None and isinstance(slot.module, nn.Linear):
-            found.append(path)
+            found[path] = slot.module
     return found
 
 
@@ -237,7 +276,7 @@ class UnrecognisedWeight:
 
 
 def unrecognised_weights(gm: fx.GraphModule, linears: Sequence[LinearNode], values: Mapping[fx.Node, Any],
-                         unrecognised_modules: Sequence[str]) -> list[UnrecognisedWeight]:
+                         unrecognised_modules: Collection[str]) -> list[UnrecognisedWeight]:
     """Parameters of two or more dimensions that no recognised linear or embedding lookup reads, apart from the
     weights of ``unrecognised_modules`` (``nn.Linear`` modules, named by :func:`unrecognised_linears`)."""
     recognised = {view.weight for view in linears if view.layout is not WeightLayout.MODULE}
@@ -249,6 +288,8 @@ def unrecognised_weights(gm: fx.GraphModule, linears: Sequence[LinearNode], valu
         if match is None or node in recognised or not isinstance(value, torch.Tensor) or value.dim() < 2:
             continue
         if any(user.target in EMBEDDING_LOOKUPS for user in node.users):
+            continue
+        if all(str(user.target).startswith("lowrank.") for user in node.users):  # compressed already (latent K/V)
             continue
         module = ".".join(_MODULE_PATH.findall(match.group(3)))
         if module in unrecognised_modules:
@@ -306,6 +347,9 @@ def layer_name(view: LinearNode) -> str:
         parts = _MODULE_PATH.findall(grapharg.source.name)
         if parts:
             return ".".join(parts)
+        parameter = re.search(r"\._parameters\['([^']+)'\]$", grapharg.source.name)
+        if parameter:  # a parameter of the model itself
+            return parameter.group(1)
     stack = view.node.meta.get("nn_module_stack")
     if stack:
         return module_path(list(stack.values())[-1][0]) or view.node.name

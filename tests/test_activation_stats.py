@@ -154,6 +154,15 @@ def test_nan_input_names_first_layer_and_removes_observers():
     assert not any(name.startswith(OBSERVER_PREFIX) for name, _ in gm.named_modules())
 
 
+def test_a_batch_of_the_wrong_width_names_the_layer_and_its_width():
+    gm = fx.symbolic_trace(MLP())
+    views = find_linears(gm)
+    insert_observers(gm, views)
+    with pytest.raises(CalibrationError, match=r"layer 'fc1' takes inputs of width 6, but a calibration batch gives "
+                                               r"it a tensor of shape \[2, 4, 8\]"):
+        calibrate(CalibrationRunner(gm), [torch.randn(2, 4, 8)])
+
+
 def test_nan_arising_inside_graph_names_first_affected_layer():
     model = MLP(log_between=True)  # log of negative pre-activations: NaN enters fc2, not fc1
     gm = fx.symbolic_trace(model)

@@ -558,3 +558,92 @@ def test_compiler_mode_and_options_reach_inductor(monkeypatch):
         _compile(model, calibration=token_batches(1), param_ratio=1.0, compiler="inductor",
                  compiler_mode="reduce-overhead", compiler_options={"max_autotune": True})(input_ids=ids)
     assert received == [{"triton.cudagraphs": True, "max_autotune": True}]
+
+
+class _ParentReadsChildWeight(torch.nn.Module):
+    """``fc``'s weight is read by the parent's forward (``F.linear`` or ``x @ W.T``), not by ``fc``'s own."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.fc, self.mid, self.out = torch.nn.Linear(64, 128), torch.nn.Linear(64, 64), torch.nn.Linear(128, 64)
+
+    def forward(self, x):
+        h = self.mid(x)
+        h = torch.nn.functional.linear(h, self.fc.weight, self.fc.bias) if self.form == "F.linear" else \
+            h @ self.fc.weight.T
+        return self.out(torch.relu(h))
+
+
+@pytest.mark.parametrize("form", ["F.linear", "x @ W.T"])
+def test_a_weight_read_outside_its_module_stays_dense_and_the_model_keeps_working(form, caplog):
+    """Replacing ``fc`` would leave the parent's code reading a weight that is gone: the first call would work and
+    every later call (and the eager model) fail. It stays dense, named in a warning and in the report."""
+    torch.manual_seed(0)
+    model, x = _ParentReadsChildWeight(form).eval(), torch.randn(8, 64)
+    compiled = _compile(model, calibration=[torch.randn(8, 64) for _ in range(4)], param_ratio=0.5,
+                        allocation="uniform")
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="lrcompile"):
+        first, again, eager = compiled(x), compiled(x), model(x)
+    assert isinstance(model.fc, torch.nn.Linear) and isinstance(model.mid, LowRankLinear)
+    assert torch.allclose(first, again) and torch.allclose(first, eager, atol=1e-5)
+    assert "stay dense: its weight is read outside its module's forward (by the model's own forward)" in caplog.text
+    [fc] = [layer for layer in lrcompile.model_report(model).layers if layer.name == "fc"]
+    assert fc.status == "skipped" and "outside its module's forward" in fc.reason
+
+
+def test_compiling_an_exported_module_refuses_to_break_its_generated_code():
+    """``torch.export(...).module()`` reads ``fc1.weight`` in its generated code: the backend must not swap the
+    module (the next call would fail on the missing weight); with nothing else to compress that is an error
+    pointing to the pass-level API."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 16)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()
+    exported = torch.export.export(mlp, (x,)).module()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed,
+                       match=r"generated code of the model, an fx.GraphModule .* pass-level API"):
+        _compile(exported, calibration=[torch.randn(2, 10, 16) for _ in range(4)], param_ratio=0.5)(x)
+    assert not any(isinstance(m, LowRankLinear) for m in exported.modules())
+    assert torch.allclose(exported(x), mlp(x))
+
+
+def test_an_einsum_read_linear_is_in_the_report_and_warned_once(caplog):
+    class Einsum(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+
+        def forward(self, x):
+            return self.out(torch.einsum("bi,oi->bo", x, self.fc.weight))
+
+    model, x = Einsum().eval(), torch.randn(8, 64)
+    compiled = _compile(model, calibration=[torch.randn(8, 64) for _ in range(4)], param_ratio=0.5,
+                        allocation="uniform")
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="lrcompile"):
+        compiled(x)
+        compiled(x)  # recompiles (out was replaced): fc has its record and is not warned again
+    assert caplog.text.count("use their weight in an op other than a linear (an einsum, say) and stay dense: fc") == 1
+    [fc] = [layer for layer in lrcompile.model_report(model).layers if layer.name == "fc"]
+    assert fc.status == "skipped" and "einsum" in fc.reason
+
+
+def test_a_parameter_of_the_model_itself_in_a_linear_is_named_in_a_warning(caplog):
+    class RootWeight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(128, 64) / 8)
+            self.out = torch.nn.Linear(128, 64)
+
+        def forward(self, x):
+            return self.out(torch.relu(torch.nn.functional.linear(x, self.w)))
+
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="lrcompile"):
+        _compile(RootWeight().eval(), calibration=[torch.randn(8, 64) for _ in range(4)], param_ratio=0.5,
+                 allocation="uniform")(torch.randn(8, 64))
+    assert "stay dense: its weight is not a parameter of one of the model's submodules" in caplog.text
+    assert "w [128 x 64]" in caplog.text
+
+
+def test_the_report_of_a_model_never_compressed_says_so():
+    text = lrcompile.model_report(torch.nn.Sequential(torch.nn.Linear(8, 8))).to_markdown()
+    assert text.startswith("Nothing to report: no layer here was compressed or skipped by lrcompile")

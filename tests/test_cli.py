@@ -323,11 +323,11 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
         (["compress", "{model}", "--calib", "{calib}", "--out", "{tmp}/o", "--batch-size", "50"],
          r"calibration file '.*' has 8 non-empty lines; --batch-size 50 needs at least 50"),
         (["compress", "{model}", "--calib", "{calib}", "--out", "{tmp}/o", "--param-ratio", "1.5"],
-         r"option 'param_ratio'=1\.5 is outside \(0, 1\]"),
+         r"option --param-ratio=1\.5 is outside \(0, 1\]"),
         (["compress", "{model}", "--calib", "{calib}", "--out", "{tmp}/o", "--kv-ratio", "1.5"],
-         r"option 'kv_ratio'=1\.5 is outside \(0, 1\]"),
+         r"option --kv-ratio=1\.5 is outside \(0, 1\]"),
         (["generate", "{model}", "--calib", "{calib}", "--prompt", "hi", "--kv-ratio", "0"],
-         r"option 'kv_ratio'=0\.0 is outside \(0, 1\]"),
+         r"option --kv-ratio=0\.0 is outside \(0, 1\]"),
         (["generate", "{bert}", "--calib", "{calib}", "--prompt", "hi"],
          r"model '.*tiny_bert.*' holds BertModel \(model_type 'bert'\), not a causal LM"),
         (["generate", "{model}", "--prompt", "hi"], r"generate needs --calib TEXT_FILE .* or --load DIR"),
@@ -359,9 +359,9 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
          r"--out '.*calib\.txt/sub': '.*calib\.txt' is a file, not a folder"),
         (["compress", "{weightless}", "--calib", "{calib}", "--out", "{tmp}/o", "--kv-ratio", "0.5",
           "--kv-group-size", "3"],
-         r"option 'kv_group_size'=3 does not divide the 2 KV heads of the model in '.*weightless.*'; use a divisor of 2"),
+         r"option --kv-group-size=3 does not divide the 2 KV heads of the model in '.*weightless.*'; use a divisor of 2"),
         (["generate", "{weightless}", "--calib", "{calib}", "--prompt", "hi", "--kv-group-size", "4"],
-         r"option 'kv_group_size'=4 does not divide the 2 KV heads"),
+         r"option --kv-group-size=4 does not divide the 2 KV heads"),
         (["compress", "{weightless}", "--calib", "{calib}", "--out", "{tmp}/o", "--method", "asvd",
           "--calibration-order", "error_feedback"],
          r"option calibration_order='error_feedback' refits each layer by whitened least squares and needs "
@@ -537,6 +537,33 @@ def test_generate_from_a_folder_compressed_in_its_weights_only(model_dir, calib_
     assert re.search(r"weights: \d+ of 14 linears factored \(param ratio 0\.[0-7]", printed), printed
     assert main([*argv, "--kv-ratio", "0.5"]) == 2  # not silently ignored
     assert "--kv-ratio applies when compressing with --calib" in capsys.readouterr().err
+
+
+def test_a_damaged_saved_folder_is_an_error_naming_what_is_wrong(model_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "weights"
+    assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--param-ratio", "0.8",
+                 *SMALL]) == 0
+    capsys.readouterr()
+    saved = json.loads((out / "config.json").read_text())
+    factored = next(name for name, entry in saved["quantization_config"]["linears"].items()
+                    if entry["status"] == "factored")
+
+    def damaged(edit) -> str:
+        document = json.loads(json.dumps(saved))
+        edit(document["quantization_config"])
+        (out / "config.json").write_text(json.dumps(document))
+        torch._dynamo.reset()
+        assert main(["generate", str(model_dir), "--load", str(out), "--prompt", PROMPTS[0],
+                     "--max-new-tokens", "2"]) == 2
+        return capsys.readouterr().err
+
+    assert re.search(r"error: the weights in '.*' do not have the shapes its config\.json describes",
+                     damaged(lambda q: q["linears"][factored].update(rank=3)))
+    assert "describes no layer: its 'linears' and 'attention' entries are missing or empty" in \
+        damaged(lambda q: q.pop("linears"))
+    assert f"entry of linear '{factored}' is damaged ('bogus' is not a valid LayerStatus)" in \
+        damaged(lambda q: q["linears"][factored].update(status="bogus"))
+    assert f"entry of linear '{factored}' is damaged (no 'rank')" in damaged(lambda q: q["linears"][factored].pop("rank"))
 
 
 def test_kv_unmatched_warn_compresses_what_it_can(calib_file, tmp_path, capsys, caplog):

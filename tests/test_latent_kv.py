@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -215,6 +216,19 @@ def test_kv_ratio_on_a_graph_without_attention_is_a_warning(caplog):
         torch.compile(mlp, backend="lowrank", options=_config(kv_ratio=0.5, calibration=[torch.randn(8, 64)]))(
             torch.randn(8, 64))
     assert "kv_ratio=0.5: the captured graph has linears but no attention block" in caplog.text
+
+
+def test_calls_of_a_latent_model_do_not_warn_about_its_own_latent_projections(caplog):
+    """The latent K/V up-projections are lrcompile's own ops (not weights it failed to factor), and a compiled call
+    without a latent cache attends over K/V rebuilt from them (not a graph without attention)."""
+    model = tiny_rope_model("llama")
+    ids, mask = left_padded_prompts([6, 4])
+    options = _config(kv_ratio=0.5, param_ratio=0.9, calibration=token_batches(2, seq=12))
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="lrcompile"):
+        lrcompile.generate(model, ids, mask, options=options, max_new_tokens=3)
+        model(ids, attention_mask=mask, use_cache=False)  # the compiled forward, without a cache
+    assert "read by ops lrcompile does not factor" not in caplog.text
+    assert "no attention block" not in caplog.text
 
 
 def test_attention_kernel_the_matcher_does_not_know_is_named():

@@ -133,7 +133,9 @@ def test_a_failing_pass_leaves_its_graph_before_it(tmp_path):
         PassManager([Pass("add_relu", _add_relu), Pass("fail", fail)], tmp_path).run(Ctx(fx.symbolic_trace(Tiny())),
                                                                                     lambda c: c.gm)
     assert "torch.relu" in (tmp_path / "01_fail_before.py").read_text()
-    assert (tmp_path / "passes.txt").read_text().startswith("00 add_relu: changed")
+    summary = (tmp_path / "passes.txt").read_text().splitlines()
+    assert summary[0].startswith("00 add_relu: changed")
+    assert summary[1] == "01 fail: FAILED (RuntimeError: boom); its graph before: 01_fail_before.py"
 
 
 def test_pass_manager_without_dump_dir_writes_nothing(tmp_path, monkeypatch):

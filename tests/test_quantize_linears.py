@@ -179,7 +179,7 @@ def test_recompiling_quantised_layers_with_other_options_names_them(quantized, r
         config = lrcompile.LowRankConfig(calibration=token_batches(2), param_ratio=1.0 if quantized == "full_rank" else 0.5,
                                          allocation="uniform", compiler="eager", **{**AQ, "aq_config": "1x4"})
         recompiled = torch.compile(type(model).forward.__get__(model), backend="lowrank", options=config)
-        with pytest.raises(Exception, match=r"model\.layers\.0\.self_attn\.q_proj was compressed with "
+        with pytest.raises(Exception, match=r"layer .model\.layers\.0\.self_attn\.q_proj. was compressed with "
                                             r"aq_config='2x4' .* this compile asks for aq_config='1x4'"):
             recompiled(token_batches(1, seed=3)[0], use_cache=False)
     finally:
