@@ -92,6 +92,8 @@ def _difference(key: str, saved: Any, current: Any) -> str:
     """What differs between an unfinished run's recorded ``key`` and this run's: the option names for options."""
     if key == "fingerprint":
         return f"another model or other calibration data ({saved!r} there, {current!r} here)"
+    if key == "world":
+        return f"{saved} there, {current} here (torchrun --nproc-per-node)"
     if isinstance(saved, dict) and isinstance(current, dict):
         keys = sorted(k for k in saved.keys() | current.keys() if saved.get(k, "unset") != current.get(k, "unset"))
         return ", ".join(f"{k} = {saved.get(k, 'unset')!r} there, {current.get(k, 'unset')!r} here" for k in keys)
@@ -425,7 +427,7 @@ class BlockCompressor:
     def __init__(self, skeleton: nn.Module, source: WeightSource, batches: Sequence[dict[str, torch.Tensor]],
                  config: LowRankConfig | Mapping[str, Any], out: str | Path, tokenizer: Any = None,
                  max_memory: int | None = None,
-                 device: str | torch.device = "cpu", source_name: str = "",
+                 device: str | torch.device = "cpu",
                  distill_batches: Sequence[dict[str, torch.Tensor]] | None = None):
         config = LowRankConfig.from_options(config)  # a dict of options, as torch.compile takes them, or the config
         if config.kv_ratio is not None:
@@ -461,15 +463,16 @@ class BlockCompressor:
         # the non-block weights, named before any is loaded (loading unties tied embeddings on the skeleton)
         self.rest_names = [name for name, _ in skeleton.named_parameters() if not name.startswith(self.prefix + ".")]
         self.dense_bytes = sum(_meta_bytes(p) for p in skeleton.parameters())  # before blocks are swapped
-        self.fingerprint = self._fingerprint((batches, distill_batches or ()), source_name)
+        self.fingerprint = self._fingerprint((batches, distill_batches or ()))
         self.options = _jsonable(config.deciding_options())  # recorded on each layer and in the progress file
         self.timings: dict[str, float] = {}
         self.entries: dict[str, dict[str, Any]] = {}
 
     # ---------------------------------------------------------------- bookkeeping
 
-    def _fingerprint(self, batch_lists: Sequence[Sequence[dict[str, torch.Tensor]]], source_name: str) -> str:
-        digest = hashlib.sha256(source_name.encode())
+    def _fingerprint(self, batch_lists: Sequence[Sequence[dict[str, torch.Tensor]]]) -> str:
+        """The model (its config and a sample of its weights, wherever they are read from) and the data."""
+        digest = hashlib.sha256(self.source.signature().encode())
         digest.update(json.dumps(self.skeleton.config.to_dict(), sort_keys=True, default=str).encode())
         for batches in batch_lists:
             digest.update(b"|")
@@ -487,7 +490,8 @@ class BlockCompressor:
                     "world": self.world}
         for key, value in expected.items():
             if progress.get(key) != value:
-                raise ResumeError(f"{str(self.out)!r} holds an unfinished run with other {key}: "
+                raise ResumeError(f"{str(self.out)!r} holds an unfinished run with other "
+                                  f"{'process count' if key == 'world' else key}: "
                                   f"{_difference(key, progress.get(key), value)}; give another --out or remove the folder")
         return progress
 
@@ -538,7 +542,7 @@ class BlockCompressor:
         outputs, and the list being replaced); with fine-tuning, four float32 copies of the block (weights,
         gradients, Adam's moments)."""
         rest = sum(_meta_bytes(self.skeleton.get_parameter(name)) for name in self.rest_names)
-        units = [WorkingSet("the non-block weights (embeddings, final norm, head)", rest)]
+        units = [WorkingSet("the set of non-block weights (embeddings, final norm, head)", rest)]
         rows = sum(self._kept_streams()) * _tokens(self.batches) + _tokens(self.distill_batches or ())
         itemsize = next(self.skeleton.parameters()).element_size()
         activations = 3 * rows * self.skeleton.config.hidden_size * itemsize
@@ -899,6 +903,10 @@ class BlockCompressor:
             (self.out / BLOCKS_DIR).mkdir(parents=True, exist_ok=True)
         barrier()
         progress = self._progress()
+        barrier()  # every rank has read the folder before rank 0 writes to it
+        if not progress:  # written at once: a run stopped before its plan is written is resumed, not refused
+            self._save_progress({"fingerprint": self.fingerprint, "options": self.options, "world": self.world,
+                                 "blocks_done": 0})
         streams, teacher = self._catch_inputs()
         plan = self._plan(streams, progress)
         plans = {layer.name: layer for layer in plan.layers}

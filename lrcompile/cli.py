@@ -54,6 +54,7 @@ SUB_OPTIONS = ("kv_key_share", "kv_unmatched", "aq_config", "aq_group_size", "aq
 CALIBRATION_FILL = 0.5  # real tokens over batch positions below which --calib's batches are called mostly padding
 
 USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130  # as a shell reports a process ended by Ctrl-C
 DEFAULT_THREADS = 1
 THREADS_HELP = (
     "torch intra-op threads, the same default for every command (default: %(default)s). On 2 shared CPU cores, "
@@ -448,8 +449,7 @@ def _compress_blocks(args: argparse.Namespace, rank: int) -> int:
     source = open_weights(folder.path, folder.gguf_file, skeleton)
     batches, distill = _split_batches(args, _calib_file_batches(args, skeleton, folder.tokenizer, texts))
     result = BlockCompressor(skeleton, source, batches, config, args.out, folder.tokenizer,
-                             args.max_memory, args.device, source_name=str(folder.path / (folder.gguf_file or "")),
-                             distill_batches=distill).run()
+                             args.max_memory, args.device, distill_batches=distill).run()
     if rank:
         return 0  # rank 0 reports
     report = saved_report(folder.config, Path(args.out))  # the saved description, blocks resumed included
@@ -1070,6 +1070,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(getattr(args, "threads", DEFAULT_THREADS))  # one default for every command
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        from .block_compression import PROGRESS_FILE
+
+        out = getattr(args, "out", None)
+        resumable = out is not None and (Path(out) / PROGRESS_FILE).is_file()
+        print("interrupted" + (f": the blocks done are kept in {out!r}; run the same command again to resume"
+                               if resumable else ""), file=sys.stderr)
+        return INTERRUPTED_STATUS
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None:

@@ -13,6 +13,7 @@ decoder block's weights at a time; these sources hand them over on request:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import mmap
@@ -38,6 +39,36 @@ class WeightSource(Protocol):
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The tensors called ``names`` (``state_dict`` keys), in the source's dtype, on the CPU."""
 
+    def signature(self) -> str:
+        """A digest of the weights that tells this model from another of the same config (a resumed run must
+        continue the same weights), cheap enough for a 70B model: samples of the values, not all of them."""
+
+
+SAMPLES = 16  # places sampled per tensor (in memory) or per file
+SAMPLE_BYTES = 1 << 16  # bytes read at each place of a file
+
+
+def _tensor_sample(tensor: torch.Tensor) -> bytes:
+    if tensor.is_meta:
+        return str(list(tensor.shape)).encode()
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // (SAMPLES * 64))
+    return flat[::step][:SAMPLES * 64].to(device="cpu", dtype=torch.float64).numpy().tobytes()
+
+
+def file_signature(paths: Iterable[Path]) -> str:
+    """Each file's size and ``SAMPLES`` evenly spaced ``SAMPLE_BYTES`` reads of its content (not its name or
+    time: a folder copied elsewhere is the same model)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        size = path.stat().st_size
+        digest.update(size.to_bytes(8, "little"))
+        with open(path, "rb") as handle:
+            for i in range(SAMPLES):
+                handle.seek(max(0, size - SAMPLE_BYTES) * i // max(1, SAMPLES - 1))
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
 
 class ModuleWeights:
     """The weights of a model in memory (its own tensors)."""
@@ -47,6 +78,12 @@ class ModuleWeights:
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         return {name: _found(self.state, name, "the model").detach() for name in names}
+
+    def signature(self) -> str:
+        digest = hashlib.sha256()
+        for name in sorted(self.state):
+            digest.update(name.encode() + _tensor_sample(self.state[name]))
+        return digest.hexdigest()[:16]
 
 
 def _found(table, name: str, where: str):
@@ -88,6 +125,7 @@ class SafetensorsWeights:
         else:
             raise WeightSourceError(f"{str(self.folder)!r} holds neither model.safetensors nor "
                                     "model.safetensors.index.json")
+        self.files = files
         self.entries: dict[str, tuple[str, int, dict]] = {}  # name -> (file, data start, header entry)
         for file in files:
             start, header = safetensors_header(self.folder / file)
@@ -108,6 +146,9 @@ class SafetensorsWeights:
                     raise WeightSourceError(f"{str(self.folder / file)!r} ends inside tensor {name!r}: truncated file")
             tensors[name] = tensor
         return tensors
+
+    def signature(self) -> str:
+        return file_signature(self.folder / file for file in self.files)
 
 
 class GGUFWeights:
@@ -153,6 +194,9 @@ class GGUFWeights:
             out[name] = torch.from_numpy(weights if weights.flags.writeable else weights.copy())  # not a file view
         self._map.madvise(mmap.MADV_DONTNEED)  # the file's pages leave this process's memory
         return out
+
+    def signature(self) -> str:
+        return file_signature([self.path])
 
 
 def open_weights(folder: str | Path, gguf_file: str | None, skeleton: nn.Module) -> WeightSource:

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -139,6 +140,40 @@ def test_refuses_to_resume_with_other_options(tmp_path, monkeypatch):
     assert "param_ratio" not in message
     with pytest.raises(ResumeError, match="other fingerprint: another model or other calibration data"):
         compress_model_blocks(tiny_model("llama"), calibration[1:], options(), tmp_path)
+    with pytest.raises(ResumeError, match="other fingerprint: another model"):  # same config, other weights
+        compress_model_blocks(tiny_model("llama", seed=1), calibration, options(), tmp_path)
+
+
+def test_a_run_stopped_while_planning_resumes(tmp_path, monkeypatch):
+    """The progress file is written before the inputs are caught and the layers planned: a run stopped there
+    (Ctrl-C, a truncated weight file) is resumed by the same call, not refused as a folder of other files."""
+    calibration = batches()
+
+    def interrupt(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BlockCompressor, "_plan", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        compress_model_blocks(tiny_model("llama"), calibration, options(), tmp_path / "stopped")
+    assert json.loads((tmp_path / "stopped" / PROGRESS_FILE).read_text())["blocks_done"] == 0
+    monkeypatch.undo()
+    compress_model_blocks(tiny_model("llama"), calibration, options(), tmp_path / "stopped")
+    compress_model_blocks(tiny_model("llama"), calibration, options(), tmp_path / "whole")
+    stopped, whole = _tensors(tmp_path / "stopped"), _tensors(tmp_path / "whole")
+    assert stopped.keys() == whole.keys() and all(torch.equal(stopped[k], whole[k]) for k in whole)
+
+
+def test_weight_signatures_follow_the_weights_not_the_path(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    assert SafetensorsWeights(tmp_path / "a").signature() == SafetensorsWeights(tmp_path / "copy").signature()
+    assert ModuleWeights(model).signature() == ModuleWeights(tiny_model("llama")).signature()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.neg_()
+    assert ModuleWeights(model).signature() != ModuleWeights(tiny_model("llama")).signature()
+    model.save_pretrained(tmp_path / "b")
+    assert SafetensorsWeights(tmp_path / "b").signature() != SafetensorsWeights(tmp_path / "a").signature()
 
 
 def test_max_memory_below_one_block_is_refused_before_any_work(tmp_path):

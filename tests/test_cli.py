@@ -280,6 +280,27 @@ def test_compress_names_a_device_it_cannot_use(model_dir, calib_file, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+def test_ctrl_c_during_a_block_by_block_run_says_how_to_resume(model_dir, calib_file, tmp_path, capsys, monkeypatch):
+    from lrcompile.block_compression import BlockCompressor
+
+    original = BlockCompressor._compress_block
+
+    def interrupt_at_block_1(self, index, *args):
+        if index == 1:
+            raise KeyboardInterrupt
+        return original(self, index, *args)
+
+    argv = ["compress", str(model_dir), "--calib", str(calib_file), "--out", str(tmp_path / "o"), "--max-memory",
+            "12MB", *SMALL]
+    monkeypatch.setattr(BlockCompressor, "_compress_block", interrupt_at_block_1)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: the blocks done are kept in" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    monkeypatch.undo()
+    assert main(argv) == 0
+
+
 def test_in_memory_compress_under_torchrun_is_refused(model_dir, calib_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["compress", str(model_dir), "--calib", str(calib_file), "--out", str(tmp_path / "o"), *SMALL]) == 2
