@@ -298,15 +298,17 @@ class CalibrationRunner:
                 if isinstance(value, torch.Tensor) and value.shape[:2] == batch_ids.shape:
                     windows.setdefault(key, []).extend(value[:, :usable].reshape(-1, length))
         count = len(windows.get(primary.name, [])) // rows
+        window, unit = ("rows", "values") if expected.is_floating_point() else ("windows", "token positions")
         if count == 0:
             raise CalibrationError(
                 f"the graph was captured for inputs of shape {shape} and the calibration batches hold fewer than "
-                f"{rows} windows of {length} tokens; give longer calibration batches or compile with dynamic=True"
+                f"{rows} {window} of {length} {'features' if window == 'rows' else 'tokens'}; give more calibration "
+                "data or compile with dynamic=True"
             )
         given = sum(t.numel() for t in ids)
         log.warning("graph captured for the static shape %s: calibration re-cut into %d batches of that shape, "
-                    "using %d of the %d token positions given (compile with dynamic=True to calibrate on the batches "
-                    "as given)", shape, count, count * rows * length, given)
+                    "using %d of the %d %s given (compile with dynamic=True to calibrate on the batches as given)",
+                    shape, count, count * rows * length, given, unit)
         return [{key: torch.stack(parts[k * rows:(k + 1) * rows]) for key, parts in windows.items()} for k in range(count)]
 
     def _user_value(self, node: fx.Node, env: Mapping[str, Any]) -> Any:

@@ -74,6 +74,15 @@ def test_feature_batches_of_another_width_are_refused_not_re_cut():
     assert isinstance(_inner(excinfo), CalibrationError)
 
 
+def test_feature_batches_with_more_rows_are_regrouped_and_counted_as_values(caplog):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).eval()
+    options = lrcompile.LowRankConfig(calibration=[torch.randn(16, 64)] * 2, param_ratio=0.5, compiler="eager")
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="lrcompile"):
+        torch.compile(model, backend="lowrank", options=options)(torch.randn(8, 64))
+    assert "re-cut into 4 batches of that shape, using 2048 of the 2048 values given" in caplog.text
+
+
 def test_calibration_dtype_does_not_fit():
     options = lrcompile.LowRankConfig(calibration=[torch.zeros(2, 16)], compiler="eager")
     with pytest.raises(Exception, match=r"calibration batch 0 gives input_ids of dtype torch.float32: token ids are "
