@@ -570,24 +570,51 @@ def run_compress(args: argparse.Namespace) -> int:
 
 def run_dump(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    earlier = {p.name for p in out.glob("graph_*")}  # numbered past: an earlier run's graphs stay as they are
     result = _compress_folder(args, dump_dir=out)
     _print_report(result)
     model_report(result.model).save(out)
-    graphs = sorted(p.name for p in out.glob("graph_*"))
-    print(f"wrote graph dumps ({', '.join(graphs)}) and report.md/report.json to {out}")
+    graphs = sorted(p.name for p in out.glob("graph_*") if p.name not in earlier)
+    kept = f"; {len(earlier)} graph folder(s) of an earlier run left there" if earlier else ""
+    print(f"wrote graph dumps ({', '.join(graphs)}) and report.md/report.json to {out}{kept}")
     return 0
+
+
+def _saved_architecture(config: Any) -> torch.nn.Module:
+    """The model class a saved folder's config names (``architectures``: an encoder saved from ``AutoModel`` is a
+    ``BertModel``, whose layer names a causal-LM head class would not have), built on the meta device; a causal
+    LM when the config names none."""
+    import transformers
+
+    from .block_compression import skeleton_of
+
+    names = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    if model_class is None:
+        return skeleton_of(config)
+    with torch.device("meta"):
+        return model_class._from_config(config).eval()
 
 
 def saved_report(config: Any, folder: Path) -> CompressionReport:
     """The report of the compressed model saved in ``folder`` (``config``: its model config), read from the
     ``quantization_config`` of its config.json on a weightless skeleton: no weight is loaded."""
-    from .block_compression import skeleton_of
     from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
 
-    skeleton = skeleton_of(config)
+    skeleton = _saved_architecture(config)
     build_compressed_modules(skeleton, LowRankQuantizationConfig.from_dict(
         json.loads((folder / "config.json").read_text(encoding="utf-8"))["quantization_config"]))
     return model_report(skeleton)
+
+
+def _graph_dump_plan(path: Path) -> bool:
+    """Whether ``path`` is the plan.json of a dump's graph folder (beside its report.md, without the ``format`` of
+    a saved model's plan); a damaged file is left to :func:`read_plan`, which names the damage."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return isinstance(document, dict) and "format" not in document and (path.parent / "report.md").is_file()
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -608,8 +635,8 @@ def run_report(args: argparse.Namespace) -> int:
         from transformers import AutoConfig
 
         print(saved_report(AutoConfig.from_pretrained(folder, local_files_only=True), folder).to_markdown())
-    if plan_json.is_file():
-        saved = read_plan(folder)
+    if plan_json.is_file() and not _graph_dump_plan(plan_json):
+        saved = read_plan(folder)  # a folder of an earlier lrcompile
         factors = read_factors(saved)
         t = saved.totals
         print(
@@ -729,7 +756,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 # per demo model: the configuration the measurements recommend (README, docs/results); SmolLM2's calibration
-# order is "independent" to keep the demo within ~3 minutes (error feedback: 189 s in all, perplexity 55.1 vs 55.4)
+# order is "independent" to keep the demo within ~3 minutes (error feedback: 189 s in all, perplexity 55.1 vs 55.4).
+# MiniLM's demo calibrates on ~500 real tokens, fewer than whitening needs (its widest input is 1536): there asvd
+# beats whiten (mean cosine 0.886 vs 0.828, 2026-12-02), while on the benchmarks' data whiten wins (0.934 vs 0.877)
 DEMO_DEFAULTS = {
     "smollm2": {"param_ratio": 0.95, "method": "whiten", "allocation": "closed_form", "kv_ratio": 0.75,
                 "kv_group_size": "all", "kv_allocation": "closed_form", "compiler": "aot_eager", "seq_len": 128,

@@ -785,7 +785,8 @@ def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config:
     compression.timings = manager.timings
     compression.report = build_report(_layer_bytes(compression), config.to_json(), manager.timings,
                                       _block_bytes(compression),
-                                      [(u.name, u.reason) for u in compression.unmatched_attention])
+                                      [(u.name, u.reason) for u in compression.unmatched_attention
+                                       if config.kv_ratio is not None])  # left dense only when a cache was asked for
     compression.report.log()
     if dump_dir is not None:
         if compression.plan is not None and compression.plan.layers:  # not a recompile over recorded layers

