@@ -1035,11 +1035,16 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def skeleton_of(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The causal LM of ``config`` on the meta device: structure and names, no memory."""
-    from transformers import AutoModelForCausalLM
+    """The model of ``config`` on the meta device: structure and names, no memory. Its class is the one the
+    config's ``architectures`` names (an encoder saved from ``AutoModel`` is a ``BertModel``, whose layer names a
+    causal-LM head class would not have), else the causal LM of the config."""
+    import transformers
 
+    names = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, names[0], None) if names else None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = (transformers.AutoModelForCausalLM.from_config(config, dtype=dtype) if model_class is None else
+                 model_class._from_config(config, dtype=dtype))
     return model.eval()
 
 

@@ -580,28 +580,13 @@ def run_dump(args: argparse.Namespace) -> int:
     return 0
 
 
-def _saved_architecture(config: Any) -> torch.nn.Module:
-    """The model class a saved folder's config names (``architectures``: an encoder saved from ``AutoModel`` is a
-    ``BertModel``, whose layer names a causal-LM head class would not have), built on the meta device; a causal
-    LM when the config names none."""
-    import transformers
-
-    from .block_compression import skeleton_of
-
-    names = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, names[0], None) if names else None
-    if model_class is None:
-        return skeleton_of(config)
-    with torch.device("meta"):
-        return model_class._from_config(config).eval()
-
-
 def saved_report(config: Any, folder: Path) -> CompressionReport:
     """The report of the compressed model saved in ``folder`` (``config``: its model config), read from the
     ``quantization_config`` of its config.json on a weightless skeleton: no weight is loaded."""
+    from .block_compression import skeleton_of
     from .hf_quantizer import LowRankQuantizationConfig, build_compressed_modules
 
-    skeleton = _saved_architecture(config)
+    skeleton = skeleton_of(config)
     build_compressed_modules(skeleton, LowRankQuantizationConfig.from_dict(
         json.loads((folder / "config.json").read_text(encoding="utf-8"))["quantization_config"]))
     return model_report(skeleton)

@@ -298,12 +298,12 @@ class CalibrationRunner:
                 if isinstance(value, torch.Tensor) and value.shape[:2] == batch_ids.shape:
                     windows.setdefault(key, []).extend(value[:, :usable].reshape(-1, length))
         count = len(windows.get(primary.name, [])) // rows
-        window, unit = ("rows", "values") if expected.is_floating_point() else ("windows", "token positions")
+        window, item, unit = (("rows", "features", "values") if expected.is_floating_point() else
+                              ("windows", "tokens", "token positions"))
         if count == 0:
             raise CalibrationError(
                 f"the graph was captured for inputs of shape {shape} and the calibration batches hold fewer than "
-                f"{rows} {window} of {length} {'features' if window == 'rows' else 'tokens'}; give more calibration "
-                "data or compile with dynamic=True"
+                f"{rows} {window} of {length} {item}; give more calibration data or compile with dynamic=True"
             )
         given = sum(t.numel() for t in ids)
         log.warning("graph captured for the static shape %s: calibration re-cut into %d batches of that shape, "
