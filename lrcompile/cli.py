@@ -43,7 +43,7 @@ from .config import CALIBRATION_ORDERS, COMPILERS, DEFAULT_EXCLUDE, QUANTIZE_MET
 from .errors import LowRankError
 from .modules import model_latent_attention, weight_bytes
 from .report import CompressionReport, model_report
-from .sentence_embeddings import embed, minilm_path
+from .sentence_embeddings import SENTENCE_TRANSFORMERS_FILES, copy_sentence_transformers_modules, embed, minilm_path
 from .runtime.saved_model import PLAN_FILE, load_compressed, read_factors, read_plan
 from .text_data import packed_token_batches, read_text_lines, stdlib_sentences, token_batches
 from .types import ALLOCATION_METHODS, FACTOR_METHODS, KV_ALLOCATION_METHODS, LayerStatus
@@ -407,12 +407,17 @@ def _compress_folder(args: argparse.Namespace, dump_dir: Path | None) -> Compres
     return dataclasses.replace(result, tokenizer=folder.tokenizer)
 
 
-def save_model_folder(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
+def save_model_folder(model: torch.nn.Module, tokenizer: Any, source: Path, out: Path) -> None:
     """``save_pretrained`` of the compressed model (factors + ``quantization_config``) and its tokenizer:
-    a folder ``from_pretrained`` loads compressed, with lrcompile imported."""
+    a folder ``from_pretrained`` loads compressed, with lrcompile imported; a sentence-transformers ``source``
+    also gives its pooling and normalisation modules."""
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    if source.is_dir():
+        copied = copy_sentence_transformers_modules(source, out)
+        if copied:
+            log.info("copied the sentence-transformers modules of %s: %s", source, ", ".join(copied))
 
 
 def _print_report(result: Compressed) -> None:
@@ -469,7 +474,8 @@ def _output_artefacts() -> tuple[str, ...]:
     return ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
             "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "*.tmp",
             "report.md", "report.json", PLAN_FILE, "factors.safetensors", "tokenizer*", "special_tokens_map.json",
-            "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", PROGRESS_FILE, DISTILLED_FILE, BLOCKS_DIR)
+            "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", PROGRESS_FILE, DISTILLED_FILE, BLOCKS_DIR,
+            *SENTENCE_TRANSFORMERS_FILES)
 
 
 def check_compress_output(args: argparse.Namespace, by_blocks: bool) -> None:
@@ -558,7 +564,7 @@ def run_compress(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.overwrite:
         clear_output(args.out)
-    save_model_folder(result.model, result.tokenizer, out)
+    save_model_folder(result.model, result.tokenizer, Path(args.model_dir), out)
     report = model_report(result.model)
     report.save(out)
     t = report.totals()
@@ -800,8 +806,8 @@ def _run_chat_demo(args: argparse.Namespace) -> int:
 def _run_minilm_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = Path(args.out)
+    check_output_folder(args.out)  # first: the graph dumps lie in it
     config = _config(args, out / "graphs")
-    check_output_folder(args.out)
     model, tokenizer = load_model_folder(minilm_path())
     calibration = model_batches(
         model, tokenizer, stdlib_sentences("calibration", args.calib_sentences), args.batch_size, args.seq_len
@@ -818,7 +824,7 @@ def _run_minilm_demo(args: argparse.Namespace) -> int:
     report = model_report(model)
     print(report.to_markdown())
     report.save(out)
-    save_model_folder(model, tokenizer, out)
+    save_model_folder(model, tokenizer, minilm_path(), out)
     after = weight_bytes(model)
     t = report.totals()
     print(

@@ -216,6 +216,7 @@ def compressed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 LEFT_DENSE = "lowrank_left_dense"  # on an attention module kv_unmatched="warn" left dense: why
+SKIPPED_PARAMETER = "lowrank_skip_reason"  # on a parameter of the model itself read by a linear: why it stays dense
 
 
 def attention_left_dense(model: nn.Module) -> list[tuple[str, str]]:

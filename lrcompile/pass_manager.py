@@ -52,7 +52,8 @@ def order_passes(passes: Sequence[Pass]) -> list[Pass]:
 
 def _lowrank_note(meta: LinearMeta) -> str:
     """One line of what the passes know of a linear: shape, whether it may be compressed (or why not),
-    statistics observed (counts and shapes, never the tensors), the sensitivity curve and the planned rank."""
+    statistics observed (counts and shapes, never the tensors), the sensitivity curve, its part in an attention
+    block to restructure and the planned rank."""
     bias = " +bias" if meta.has_bias else ""
     parts = [f"{meta.name}: {meta.layout.value} out={meta.out_features} in={meta.in_features} "
              f"{dtype_name(meta.weight_dtype)}{bias}",
@@ -65,6 +66,8 @@ def _lowrank_note(meta: LinearMeta) -> str:
         parts.append(f"sensitivity (ratio: KL) {curve}")
     if meta.refit_rows:
         parts.append(f"factored on {meta.refit_rows} tokens of its input with the layers before it compressed")
+    if meta.attention_role:
+        parts.append(meta.attention_role)
     plan = meta.plan
     if plan is not None:
         parts.append(f"plan: dense ({plan.reason})" if plan.rank is None else

@@ -91,6 +91,7 @@ from .hf_quantizer import describe_on_config
 from .modules import (
     LEFT_DENSE,
     RECORD,
+    SKIPPED_PARAMETER,
     AQLinear,
     AQLowRankLinear,
     GroupedLowRankProjection,
@@ -199,7 +200,8 @@ def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None,
 def _find_linears(c: GraphCompression) -> None:
     """Find the linears and their modules; those the model holds compressed already are reused as they are."""
     c.linears = find_linears(c.gm, c.example_inputs, c.config.include, c.config.exclude)
-    installed_aq, held = _check_installed_aq(c), 0
+    installed_aq, held = _check_installed_aq(c), set()  # the compressed modules found (a factor pair is two linears)
+    values = placeholder_values(c.gm, c.example_inputs)
     reads: dict[int, str] | None = None  # parameters that generated code reads by attribute, from the first owner
     breaking: dict[str, list[str]] = {}  # layers that cannot be replaced on the model, by reason
     for view in c.linears:
@@ -213,7 +215,7 @@ def _find_linears(c: GraphCompression) -> None:
                 c.recorded[view] = record
             else:
                 c.latent_projections.add(view)
-            held += 1
+            held.add(id(module))
             continue
         if not view.meta.compressible:
             continue
@@ -221,6 +223,11 @@ def _find_linears(c: GraphCompression) -> None:
             view.meta.compressible, view.meta.skip_reason = False, (
                 "its weight is not a parameter of one of the model's submodules (a parameter of the model itself, "
                 "or a tensor the graph computes): lrcompile compresses a layer by replacing its submodule")
+            weight = None if view.weight is None else node_constant(c.gm, view.weight, values)
+            if isinstance(weight, nn.Parameter):  # no module to carry a record: the parameter says it was warned
+                if getattr(weight, SKIPPED_PARAMETER, None) == view.meta.skip_reason:
+                    continue
+                setattr(weight, SKIPPED_PARAMETER, view.meta.skip_reason)
             breaking.setdefault(view.meta.skip_reason, []).append(
                 f"{view.meta.name} [{view.meta.out_features} x {view.meta.in_features}]")
             continue
@@ -247,7 +254,7 @@ def _find_linears(c: GraphCompression) -> None:
     unsaid = {path: module for path, module in unknown.items() if module_record(module) is None}
     c.records += [_skipped_record(c, path, module, unknown_reason) for path, module in unsaid.items()]
     if held:
-        log.info("%d of the linears found are compressed already (the model holds their outcome)", held)
+        log.info("%d module(s) of the linears found are compressed already (the model holds their outcome)", len(held))
     nothing = not installed_aq and not held and not any(v.meta.compressible for v in c.linears)
     if not c.linears and not unknown:  # a graph-break fragment (embeddings, mask building) or a model without linears
         log.warning("a captured graph has no linear layer: nothing to compress in it")
@@ -335,6 +342,8 @@ def _find_attention(c: GraphCompression) -> None:
     for block in blocks:
         if block.restructured:
             c.blocks.append((block, module_record(weight_owner(c.gm, block.k_linear.latent, c.frame_locals).module)))
+            for role, projection in (("K", block.k_linear), ("V", block.v_linear)):
+                projection.latent.meta.attention_role = f"latent {role} of {block.name}, restructured already"
             continue
         if c.config.kv_ratio is None:
             if block.marker is not None:
@@ -347,6 +356,8 @@ def _find_attention(c: GraphCompression) -> None:
             c.unmatched_attention.append(UnmatchedAttention(block.name, "its K/V weights are not module parameters"))
             continue
         c.blocks.append((block, None))
+        for role, view in (("K", block.k_linear), ("V", block.v_linear)):
+            view.meta.attention_role = f"{role} projection of {block.name}, to restructure for a latent KV cache"
     stray = [u for u in c.unmatched_attention if u.cache_marker]
     if stray:
         raise LatentCacheError(f"latent KV cache used by attention that was not restructured: {stray[0].name} ({stray[0].reason})")

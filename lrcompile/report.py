@@ -221,8 +221,10 @@ class CompressionReport:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for a in self.attention:
+            # at full rank every method is the exact SVD, which the pass uses whatever was asked
+            method = a.method if a.latent_width < a.dense_width else f"{a.method} (full rank: exact)"
             rows.append(
-                f"| {a.name} | {a.method} | {a.group_size} | {a.groups} | {a.k_rank} | {a.v_rank} | "
+                f"| {a.name} | {method} | {a.group_size} | {a.groups} | {a.k_rank} | {a.v_rank} | "
                 f"{a.dense_width} -> {a.latent_width} | {a.dense_width * a.itemsize} -> "
                 f"{a.latent_width * a.itemsize} | {a.weight_bytes_before:,} -> {a.weight_bytes_after:,} | "
                 f"{_num(a.k_truncation_loss)} / {_num(a.v_truncation_loss)} |"

@@ -1,7 +1,10 @@
-"""Sentence embeddings of an encoder, the way all-MiniLM-L6-v2 embeds, for fidelity checks."""
+"""Sentence embeddings of an encoder, the way all-MiniLM-L6-v2 embeds, for fidelity checks, and the
+sentence-transformers pipeline files a compressed encoder's folder keeps."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +12,36 @@ import torch
 import torch.nn.functional as F
 
 from .errors import LowRankError
+
+
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+
+
+def copy_sentence_transformers_modules(source: Path, out: Path) -> list[str]:
+    """Copy a sentence-transformers folder's pipeline beside the compressed transformer saved in ``out``:
+    ``modules.json``, its config files and the folders of the modules after the transformer (pooling,
+    normalisation, dense heads), so ``SentenceTransformer(out)`` embeds as ``SentenceTransformer(source)`` does
+    rather than falling back to unnormalised mean pooling. The transformer module itself is the saved model
+    (path ``""``), never copied. Returns the names copied: none for a plain Hugging Face folder."""
+    modules_file = source / "modules.json"
+    if not modules_file.is_file():
+        return []
+    try:
+        modules = json.loads(modules_file.read_text())
+        paths = [m["path"] for m in modules if not str(m["type"]).endswith(".Transformer")]
+    except (ValueError, TypeError, KeyError) as err:
+        raise LowRankError(f"{str(modules_file)!r} is not a sentence-transformers module list ({err!r})") from None
+    copied = []
+    for name in [*SENTENCE_TRANSFORMERS_FILES, *paths]:
+        path = source / name
+        if not name or not path.exists():
+            continue
+        if path.is_dir():
+            shutil.copytree(path, out / name, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(path, out / name)
+        copied.append(name)
+    return copied
 
 
 @torch.no_grad()

@@ -135,6 +135,7 @@ class LinearMeta:
     sensitivity: dict[float, float] = field(default_factory=dict)  # param ratio -> KL
     plan: LayerPlan | None = None  # the rank allocation's decision for this linear
     refit_rows: int = 0  # tokens of the compressed layers' outputs it was factored from (sequential calibration)
+    attention_role: str = ""  # e.g. "K projection of model.layers.0.self_attn, to restructure for a latent KV cache"
 
     @property
     def dense_params(self) -> int:

@@ -482,15 +482,18 @@ def test_new_options_after_release_name_both_configs():
             _compile(model, calibration=token_batches(2), param_ratio=0.7, allocation="uniform")(input_ids=ids)
 
 
-def test_same_options_after_reset_reuse_the_records():
+def test_same_options_after_reset_reuse_the_records(caplog):
     model = tiny_model("llama")
     ids = token_batches(1, seed=7)[0]
     options = dict(calibration=token_batches(2), param_ratio=0.5, allocation="uniform")
     with torch.no_grad():
         first = first_output(_compile(model, **options)(input_ids=ids))
         torch._dynamo.reset()
-        again = first_output(_compile(model, **options)(input_ids=ids))
+        with caplog.at_level(logging.INFO, logger="lrcompile"):
+            again = first_output(_compile(model, **options)(input_ids=ids))
     assert torch.equal(first, again)
+    factored = sum(isinstance(m, lrcompile.LowRankLinear) for m in model.modules())
+    assert f"{factored} module(s) of the linears found are compressed already" in caplog.text  # not a factor pair's 2
 
 
 def test_model_generate_on_a_lowrank_compiled_forward(caplog):
@@ -638,9 +641,11 @@ def test_a_parameter_of_the_model_itself_in_a_linear_is_named_in_a_warning(caplo
             return self.out(torch.relu(torch.nn.functional.linear(x, self.w)))
 
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="lrcompile"):
-        _compile(RootWeight().eval(), calibration=[torch.randn(8, 64) for _ in range(4)], param_ratio=0.5,
-                 allocation="uniform")(torch.randn(8, 64))
-    assert "stay dense: its weight is not a parameter of one of the model's submodules" in caplog.text
+        compiled = _compile(RootWeight().eval(), calibration=[torch.randn(8, 64) for _ in range(4)], param_ratio=0.5,
+                            allocation="uniform")
+        compiled(torch.randn(8, 64))
+        compiled(torch.randn(8, 64))  # recompiles (out was replaced): w is not warned again
+    assert caplog.text.count("stay dense: its weight is not a parameter of one of the model's submodules") == 1
     assert "w [128 x 64]" in caplog.text
 
 

