@@ -8,7 +8,7 @@
   dense weights come from memory as in a real decode step, not from cache.
 * Model level: SmolLM2-135M-Instruct (float32) greedy decode with a static
   KV cache, ``model.forward`` compiled by Inductor, dense vs every decoder
-  linear replaced by a 2x8 (or 1x16) g=8 AQ linear. Codes are random: the
+  linear replaced by a 2x8 g=8 (or 1x16 g=8, 1x8 g=4) AQ linear. Codes are random: the
   kernels' time does not depend on code values (outputs are not meaningful).
   The tied ``lm_head`` (49152 x 576) and the embedding stay dense. Decode
   steps are timed one by one; medians over steps and interleaved runs.
@@ -55,18 +55,17 @@ from lrcompile.kernels.aq_linear_cpu import MAX_MATVEC_ROWS, Kernel, aq_linear_c
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536)]  # (out, in): q/o projections, gate/up, down
 POOL = 30  # weight copies cycled through per variant (SmolLM2 has 30 decoder layers)
-CONFIGS = {"2x8": (2, 8), "1x16": (1, 16)}  # codebooks x bits per code
-GROUP = 8
+CONFIGS = {"2x8": (2, 8, 8), "1x16": (1, 16, 8), "1x8g4": (1, 8, 4)}  # codebooks, bits per code, group size
 
 
 def random_codes(out_features: int, in_features: int, config: str, gen: torch.Generator,
                  weight_std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes, codebooks and scales of the op's storage format with random values (speed does not depend on them);
     codewords scaled so the weight's standard deviation is ``weight_std``."""
-    books, bits = CONFIGS[config]
-    codes = torch.randint(0, 2**bits, (out_features, in_features // GROUP, books), generator=gen)
+    books, bits, group = CONFIGS[config]
+    codes = torch.randint(0, 2**bits, (out_features, in_features // group, books), generator=gen)
     codes = codes.to(torch.uint8 if bits <= 8 else torch.int16)  # int16 keeps the low 16 bits
-    codebooks = torch.randn(books, 2**bits, GROUP, generator=gen) * (weight_std / books**0.5)
+    codebooks = torch.randn(books, 2**bits, group, generator=gen) * (weight_std / books**0.5)
     return codes, codebooks.to(codebook_dtype(torch.float32)), torch.ones(out_features)  # stored as a model's
 
 
@@ -252,7 +251,7 @@ def write_report(payload: dict[str, Any], path: Path, plotted: bool) -> None:
         f"{fmt_load(payload['load_average_at_end'])} on {payload['machine']['cpu_count']} cores: other jobs ran "
         "alongside; dense and AQ runs are interleaved, so their ratio is fairer than the absolute times",
         f"- SmolLM2-135M-Instruct float32; {payload['model']['replaced_linears']} decoder linears as AQ codes "
-        f"(random, g={GROUP}); tied lm_head and embedding dense; static KV cache; `model.forward` compiled by "
+        f"(random, {', '.join(f'{c}: g={CONFIGS[c][2]}' for c in configs)}); tied lm_head and embedding dense; static KV cache; `model.forward` compiled by "
         f"Inductor for both; prompt {s['prompt']} tokens, {s['tokens']} greedy decode steps timed one by one, "
         f"{s['repeats']} interleaved runs, medians",
         "",
@@ -306,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                "settings": {"configs": args.configs, "batches": args.batches, "prompt": args.prompt,
                             "tokens": args.tokens, "repeats": args.repeats, "op_rows": args.op_rows,
                             "op_repeats": args.op_repeats,
-                            "group_size": GROUP, "pool": POOL}}
+                            "pool": POOL}}
     payload["ops"] = op_microbench(args.op_rows, args.op_repeats)
     payload["model"] = model_bench(args)
     payload["total_wall_s"] = time.perf_counter() - start

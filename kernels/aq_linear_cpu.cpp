@@ -2,9 +2,9 @@
 //
 // W[o, j*g:(j+1)*g] = scales[o] * sum_m codebooks[m, codes[o, j, m], :]   (AQLM, arXiv 2401.06118, Eq. 2)
 //
-// * codebook matrix-vector product (decode, the op's choice): per output and group, the M codewords summed (one
-//   8-lane vector at g = 8) and multiplied into the rows' slice of x; g multiply-adds a group and row, the weights
-//   never exist and only the codes (M*B bits a group) stream from memory.
+// * codebook matrix-vector product (decode, the op's choice): per output and span of 8 inputs, the codewords
+//   summed (one 8-lane vector: the M codewords of one group at g = 8, of two groups at g = 4) and multiplied into
+//   the rows' slice of x; the weights never exist and only the codes (M*B bits a group) stream from memory.
 // * lookup table (AQLM Sec. 4.3, one row): per group j and codebook m, LUT[j, m, k] = <codebooks[m, k], x_j>
 //   (2^B dot products a group), then y[o] = scales[o] * sum_{j,m} LUT[j, m, codes[o, j, m]] + bias[o]. Measured
 //   slower than the codebook product at every SmolLM2 shape (building the table costs as much as the sums it
@@ -32,11 +32,40 @@ inline int64_t index_of(code_t code) {  // int16 storage holds the low 16 bits o
 }
 
 typedef float v8 __attribute__((vector_size(32)));  // eight lanes: one group of the default g = 8
+typedef float v4 __attribute__((vector_size(16)));  // four lanes: one group at g = 4
 
 inline v8 load8(const float* p) {
   v8 v;
   std::memcpy(&v, p, sizeof v);
   return v;
+}
+
+inline v4 load4(const float* p) {
+  v4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// One output's weights (before its scale) on inputs [8*span, 8*span + 8): the sum of its M codewords for the one
+// group there at G = 8, or for each of the two groups at G = 4; ``c`` holds the output's codes, BOOKS a group
+template <typename code_t, int BOOKS, int G>
+inline v8 span_word(const code_t* c, int64_t span, int64_t size, const float* codebooks) {
+  static_assert(G == 8 || G == 4, "the vector kernels take g = 8 or g = 4");
+  if constexpr (G == 8) {
+    c += span * BOOKS;
+    v8 word = load8(codebooks + index_of(c[0]) * 8);
+    for (int m = 1; m < BOOKS; ++m) word += load8(codebooks + (m * size + index_of(c[m])) * 8);
+    return word;
+  } else {
+    const code_t* lo = c + 2 * span * BOOKS;
+    const code_t* hi = lo + BOOKS;
+    v4 first = load4(codebooks + index_of(lo[0]) * 4), second = load4(codebooks + index_of(hi[0]) * 4);
+    for (int m = 1; m < BOOKS; ++m) {
+      first += load4(codebooks + (m * size + index_of(lo[m])) * 4);
+      second += load4(codebooks + (m * size + index_of(hi[m])) * 4);
+    }
+    return __builtin_shufflevector(first, second, 0, 1, 2, 3, 4, 5, 6, 7);  // in registers, not through memory
+  }
 }
 
 inline float sum8(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
@@ -87,20 +116,16 @@ void lut_sum(const float* table, const code_t* codes, int64_t out, int64_t group
   });
 }
 
-// ROWS rows x BLOCK outputs of the codebook matrix-vector product at g = 8: each output's group is its codewords'
-// sum (one vector), multiplied into each row's slice of x; lanes are summed once at the end
-template <typename code_t, int BOOKS, int BLOCK, int ROWS>
+// ROWS rows x BLOCK outputs of the codebook matrix-vector product: each output's span of 8 inputs is its codewords'
+// sum (one vector, span_word), multiplied into each row's slice of x; lanes are summed once at the end
+template <typename code_t, int BOOKS, int G, int BLOCK, int ROWS>
 inline void codebook_block(const float* x, int64_t in, const code_t* codes, int64_t o0, int64_t groups, int64_t size,
                            const float* codebooks, const float* scales, const float* bias, float* y, int64_t out) {
   v8 acc[BLOCK][ROWS] = {};
   const int64_t stride = groups * BOOKS;
-  for (int64_t j = 0; j < groups; ++j) {
+  for (int64_t j = 0; j < in / 8; ++j) {
     v8 word[BLOCK];
-    for (int b = 0; b < BLOCK; ++b) {
-      const code_t* c = codes + (o0 + b) * stride + j * BOOKS;
-      word[b] = load8(codebooks + index_of(c[0]) * 8);
-      for (int m = 1; m < BOOKS; ++m) word[b] += load8(codebooks + (m * size + index_of(c[m])) * 8);
-    }
+    for (int b = 0; b < BLOCK; ++b) word[b] = span_word<code_t, BOOKS, G>(codes + (o0 + b) * stride, j, size, codebooks);
     for (int r = 0; r < ROWS; ++r) {
       const v8 xs = load8(x + r * in + j * 8);
       for (int b = 0; b < BLOCK; ++b) acc[b][r] += word[b] * xs;
@@ -112,21 +137,21 @@ inline void codebook_block(const float* x, int64_t in, const code_t* codes, int6
 }
 
 // BLOCK x ROWS accumulators (plus BLOCK codewords) fit the 32 vector registers of AVX-512 (16 of AVX2 at one row)
-template <typename code_t, int BOOKS, int ROWS>
+template <typename code_t, int BOOKS, int G, int ROWS>
 void codebook_rows(const float* x, int64_t in, const code_t* codes, int64_t out, int64_t groups, int64_t size,
                    const float* codebooks, const float* scales, const float* bias, float* y) {
   at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
     constexpr int64_t block = ROWS == 1 ? kBlock : kBlock / 2;
     int64_t o = begin;
     for (; o + block <= end; o += block)
-      codebook_block<code_t, BOOKS, block, ROWS>(x, in, codes, o, groups, size, codebooks, scales, bias, y, out);
+      codebook_block<code_t, BOOKS, G, block, ROWS>(x, in, codes, o, groups, size, codebooks, scales, bias, y, out);
     for (; o < end; ++o)
-      codebook_block<code_t, BOOKS, 1, ROWS>(x, in, codes, o, groups, size, codebooks, scales, bias, y, out);
+      codebook_block<code_t, BOOKS, G, 1, ROWS>(x, in, codes, o, groups, size, codebooks, scales, bias, y, out);
   });
 }
 
 // rows in chunks of four (the accumulators of 4 outputs x 4 rows stay in registers)
-template <typename code_t, int BOOKS>
+template <typename code_t, int BOOKS, int G>
 void codebook_matvec(const float* x, int64_t rows, int64_t in, const code_t* codes, int64_t out, int64_t groups,
                      int64_t size, const float* codebooks, const float* scales, const float* bias, float* y) {
   for (int64_t r = 0; r < rows;) {
@@ -134,13 +159,13 @@ void codebook_matvec(const float* x, int64_t rows, int64_t in, const code_t* cod
     const float* xr = x + r * in;
     float* yr = y + r * out;
     if (left >= 4) {
-      codebook_rows<code_t, BOOKS, 4>(xr, in, codes, out, groups, size, codebooks, scales, bias, yr);
+      codebook_rows<code_t, BOOKS, G, 4>(xr, in, codes, out, groups, size, codebooks, scales, bias, yr);
       r += 4;
     } else if (left >= 2) {
-      codebook_rows<code_t, BOOKS, 2>(xr, in, codes, out, groups, size, codebooks, scales, bias, yr);
+      codebook_rows<code_t, BOOKS, G, 2>(xr, in, codes, out, groups, size, codebooks, scales, bias, yr);
       r += 2;
     } else {
-      codebook_rows<code_t, BOOKS, 1>(xr, in, codes, out, groups, size, codebooks, scales, bias, yr);
+      codebook_rows<code_t, BOOKS, G, 1>(xr, in, codes, out, groups, size, codebooks, scales, bias, yr);
       r += 1;
     }
   }
@@ -158,6 +183,13 @@ void dequantize_into(const code_t* codes, int64_t out, int64_t groups, int64_t b
         if (g == 8) {
           v8 word = load8(codebooks + index_of(c[0]) * 8);
           for (int64_t m = 1; m < books; ++m) word += load8(codebooks + (m * size + index_of(c[m])) * 8);
+          word *= scale;
+          std::memcpy(w, &word, sizeof word);
+          continue;
+        }
+        if (g == 4) {
+          v4 word = load4(codebooks + index_of(c[0]) * 4);
+          for (int64_t m = 1; m < books; ++m) word += load4(codebooks + (m * size + index_of(c[m])) * 4);
           word *= scale;
           std::memcpy(w, &word, sizeof word);
           continue;
@@ -209,7 +241,8 @@ enum Kernel : int64_t { kChoose = 0, kTable = 1, kCodebook = 2, kDequantize = 3 
 // product with x one multiply-add, as cheap as the table's M reads, with no table to build); dequantize + matmul
 // for many rows (prefill) or shapes the vector kernels do not cover.
 Kernel choose(const Operands& p) {
-  const bool vector_shape = p.g == 8 && p.size % 8 == 0 && (p.books == 1 || p.books == 2);
+  const bool spans = p.g == 8 || (p.g == 4 && p.in % 8 == 0);  // whole 8-lane spans of one or two groups
+  const bool vector_shape = spans && p.size % 8 == 0 && (p.books == 1 || p.books == 2);
   return vector_shape && p.rows <= kMaxRows ? kCodebook : kDequantize;
 }
 
@@ -221,7 +254,10 @@ void matvec(const Operands& p, Kernel kernel, float* out) {
   const float* cb = p.codebooks.data_ptr<float>();
   const float* s = p.scales.data_ptr<float>();
   if (kernel == kCodebook) {
-    codebook_matvec<code_t, BOOKS>(x, p.rows, p.in, codes, p.out, p.groups, p.size, cb, s, bias, out);
+    if (p.g == 8)
+      codebook_matvec<code_t, BOOKS, 8>(x, p.rows, p.in, codes, p.out, p.groups, p.size, cb, s, bias, out);
+    else
+      codebook_matvec<code_t, BOOKS, 4>(x, p.rows, p.in, codes, p.out, p.groups, p.size, cb, s, bias, out);
     return;
   }
   const auto words_t = p.codebooks.transpose(1, 2).contiguous();  // [M, g, 2^B]
@@ -250,7 +286,8 @@ at::Tensor aq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   Kernel k = kernel == kChoose ? choose(p) : static_cast<Kernel>(kernel);
   TORCH_CHECK(k >= kTable && k <= kDequantize, "aq_linear: unknown CPU kernel ", kernel);
   if (k == kDequantize) return dequantize_matmul(p, x, bias);
-  TORCH_CHECK(choose(p) == kCodebook, "aq_linear: the vector kernels need g = 8, M <= 2 and at most ", kMaxRows,
+  TORCH_CHECK(choose(p) == kCodebook, "aq_linear: the vector kernels need g = 8 (or g = 4 with in_features a multiple ",
+              "of 8), M <= 2 and at most ", kMaxRows,
               " rows; got g = ", p.g, ", M = ", p.books, ", ", p.rows, " rows");
   TORCH_CHECK(k != kTable || p.rows == 1, "aq_linear: the table kernel takes one row, got ", p.rows);
   auto y = at::empty({p.rows, p.out}, p.x.options());

@@ -41,7 +41,7 @@ class Kernel(IntEnum):
 
     CHOOSE = 0  # by shape, what the op runs
     TABLE = 1  # lookup table (one row; measured slower than CODEBOOK here, kept for the benchmark's comparison)
-    CODEBOOK = 2  # codewords summed and multiplied into x, g = 8 and M <= 2, at most 16 rows
+    CODEBOOK = 2  # codewords summed and multiplied into x: g = 8 (or 4, in_features a multiple of 8), M <= 2, <= 16 rows
     DEQUANTIZE = 3  # dense weight, then one matmul
 
 

@@ -236,6 +236,9 @@ class LowRankHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         restore_codebook_storage(model)
+        # transformers refuses .half() / .float() on a model flagged quantized; a compressed model casts like the
+        # model it was compressed from (factors and codebooks are floats, codes integers that casts leave alone)
+        model.is_quantized = False
         return model
 
     def is_serializable(self) -> bool:

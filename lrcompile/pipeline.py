@@ -178,8 +178,9 @@ def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None,
     """Whether a recorded outcome holds under this compile's options.
 
     Recorded under other options: compress again while the dense weight is
-    still held (a layer planned dense), else there is nothing to compress from.
-    A loaded model (``options`` None) is used as saved.
+    still held (a layer planned dense; the caller says so once every layer
+    is checked), else there is nothing to compress from. A loaded model
+    (``options`` None) is used as saved.
     """
     wanted = c.config.deciding_options()
     if options is None or options == wanted:
@@ -188,7 +189,6 @@ def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None,
     before = ", ".join(f"{key}={options.get(key)!r}" for key in changed)
     after = ", ".join(f"{key}={wanted[key]!r}" for key in changed)
     if dense_held:
-        log.warning("layer %r was compressed with %s; compressing it again with %s", name, before, after)
         return False
     raise LowRankError(
         f"layer {name!r} was compressed with {before} and its dense weights were replaced by factors; this compile asks "
@@ -204,6 +204,7 @@ def _find_linears(c: GraphCompression) -> None:
     values = placeholder_values(c.gm, c.example_inputs)
     reads: dict[int, str] | None = None  # parameters that generated code reads by attribute, from the first owner
     breaking: dict[str, list[str]] = {}  # layers that cannot be replaced on the model, by reason
+    again: list[str] = []  # layers planned dense under other options, compressed again
     for view in c.linears:
         slot = weight_owner(c.gm, view, c.frame_locals)
         module = None if slot is None else slot.module
@@ -243,6 +244,11 @@ def _find_linears(c: GraphCompression) -> None:
         if record is not None and _reusable(c, view.meta.name, record.options, dense_held=True):
             c.recorded[view] = record
             view.meta.plan = record.plan  # for graph dumps: the decision an earlier compile made
+        elif record is not None and record.options is not None:
+            again.append(view.meta.name)
+    if again:  # only now: a layer compressed already under other options refuses the compile above
+        log.warning("%d layer(s) kept dense by an earlier compile with other options are compressed again with "
+                    "this compile's options: %s%s", len(again), ", ".join(again[:4]), ", ..." * (len(again) > 4))
     for reason, names in breaking.items():
         log.warning("%d layer(s) stay dense: %s: %s%s", len(names), reason, ", ".join(names[:4]),
                     ", ..." * (len(names) > 4))
@@ -662,6 +668,19 @@ def _factors(decomposition: LinearDecomposition, rank: int, view: LinearNode) ->
 
 
 def _kv_ranks(c: GraphCompression) -> dict[str, int]:
+    """Each new block's K and V rank per group under ``kv_ratio``, at most the group's full rank (its input width,
+    when heads are wider than the hidden state): a latent that wide is exact already."""
+    ranks = _allocate_kv_ranks(c)
+    full = {view.meta.name: min(view.meta.in_features, _kv_group_size(c, block) * block.head_dim)
+            for block in c.new_blocks() for view in (block.k_linear, block.v_linear)}
+    capped = {name: min(rank, full[name]) for name, rank in ranks.items()}
+    if capped != ranks:
+        log.info("K/V ranks capped at the groups' full rank (the projections' input width): %s",
+                 ", ".join(f"{name} {ranks[name]} -> {rank}" for name, rank in capped.items() if rank != ranks[name]))
+    return capped
+
+
+def _allocate_kv_ranks(c: GraphCompression) -> dict[str, int]:
     cfg = c.config
     projections = []
     for block in c.new_blocks():

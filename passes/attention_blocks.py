@@ -159,7 +159,22 @@ def _known_form(node: fx.Node, depth: int = 8) -> str:
            for n in seen):
         return ("; RoPE rotates interleaved pairs (x[..., ::2], x[..., 1::2], as GPT-J and Cohere do); only "
                 "rotate_half RoPE is restructured")
+    if any(_is_method(n, "chunk", "split", "split_with_sizes") or _is_fn(n, torch.chunk, torch.split)
+           or (_is_fn(n, operator.getitem) and _is_projection(_through_views(n.args[0]))) for n in seen):
+        return ("; K and V are cut from one fused projection (a qkv_proj or query_key_value, as Phi-3, GPT-NeoX and "
+                "Falcon have); only separate K and V projections are restructured")
     return ""
+
+
+def _through_views(node: object) -> object:
+    while _is_method(node, *_VIEW_METHODS):
+        node = node.args[0]
+    return node
+
+
+def _is_projection(node: object) -> bool:
+    return isinstance(node, fx.Node) and (node.op == "call_module" or _is_fn(node, F.linear, torch.addmm, torch.matmul,
+                                                                             operator.matmul))
 
 
 def _head_split(node: fx.Node, linears: dict[fx.Node, Projection]) -> Projection:
@@ -172,12 +187,23 @@ def _head_split(node: fx.Node, linears: dict[fx.Node, Projection]) -> Projection
     return linears[view.args[0]]
 
 
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
 def _rope_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
-    """``x * cos + rotate_half(x) * sin`` -> ``(x, cos, sin)``."""
+    """``x * cos + rotate_half(x) * sin`` -> ``(x, cos, sin)``; also under a cast back to ``x``'s dtype (OLMo's
+    ``.to(q.dtype)``) and as ``cat(rotated, x[..., D:])`` with an empty pass-through (transformers' partial-rotary
+    code at ``partial_rotary_factor`` 1)."""
+    output = node
+    node = _strip_casts(node)
     parts = node.args[0] if _is_fn(node, torch.cat) and node.args else ()
     if isinstance(parts, (list, tuple)) and len(parts) == 2 and _is_fn(parts[0], operator.add, torch.add):
-        raise NoMatch(f"{node.name} applies RoPE as cat(rotated part, pass-through part) of each head (partial "
-                      "rotary, as Phi-3 and GPT-NeoX do); only RoPE over the whole head is restructured")
+        if _shape(parts[1])[-1] != 0:
+            raise NoMatch(f"{node.name} applies RoPE as cat(rotated part, pass-through part) of each head (partial "
+                          "rotary, as Phi-3 and GPT-NeoX do by default); only RoPE over the whole head is restructured")
+        node = parts[0]
     if not _is_fn(node, operator.add, torch.add) or len(node.args) != 2:
         raise NoMatch(f"{node.name} has no RoPE (x * cos + rotate_half(x) * sin); only RoPE attention is "
                       f"restructured{_known_form(node)}")
@@ -190,9 +216,24 @@ def _rope_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
         for x, cos in ((a, b), (b, a)):
             for half, sin in ((c, d), (d, c)):
                 if _is_rotate_half(half, x):
+                    x = _whole_head(x)
+                    if _dtype(output) != _dtype(x):
+                        raise NoMatch(f"{output.name} casts the rotated heads to {_dtype(output)} from the "
+                                      f"projection's {_dtype(x)}; a latent cache keeps the projection's dtype")
                     return x, cos, sin
     raise NoMatch(f"{node.name} has no RoPE (x * cos + rotate_half(x) * sin); only RoPE attention is "
                   f"restructured{_known_form(node)}")
+
+
+def _whole_head(x: fx.Node) -> fx.Node:
+    """``heads[..., :D]`` over a head dim of ``D`` (the rotated part at partial_rotary_factor 1) -> ``heads``."""
+    if not _is_fn(x, operator.getitem) or not isinstance(x.args[0], fx.Node):
+        return x
+    index = x.args[1][-1] if isinstance(x.args[1], tuple) else x.args[1]
+    if (isinstance(index, slice) and index.start in (None, 0) and index.step in (None, 1)
+            and index.stop is not None and index.stop >= _shape(x.args[0])[-1] and _shape(x) == _shape(x.args[0])):
+        return x.args[0]
+    return x
 
 
 def _is_rotate_half(node, x: fx.Node) -> bool:
@@ -279,13 +320,22 @@ def _leading_slots(node: fx.Node):
     return node, None
 
 
+def _is_sequence_cat(node: object) -> bool:
+    """``cat((past, new), dim=-2)`` on ``[B, H, T, D]``: a dense cache's concatenation along the sequence (a cat
+    along the head dim is partial rotary's)."""
+    if not _is_fn(node, torch.cat):
+        return False
+    dim = _arg(node, 1, "dim", 0)
+    return not (isinstance(dim, int) and dim % len(_shape(node)) == len(_shape(node)) - 1)
+
+
 def _kv_sources(k_arg: fx.Node, v_arg: fx.Node) -> tuple[fx.Node, fx.Node, int, fx.Node | None, object]:
     """Undo the GQA repeat and the cache marker: ``(k_rope, v_heads, n_rep, marker, slots read or None)``."""
     k_src, k_rep = _repeat_source(k_arg)
     v_src, v_rep = _repeat_source(v_arg)
     if k_rep != v_rep:
         raise NoMatch("K and V are repeated differently")
-    if _is_fn(k_src, torch.cat) or _is_fn(v_src, torch.cat):
+    if _is_sequence_cat(k_src) or _is_sequence_cat(v_src):
         raise NoMatch(DENSE_CACHE)
     marker = None
     k_src, k_slots = _leading_slots(k_src)

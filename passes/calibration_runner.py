@@ -282,6 +282,8 @@ class CalibrationRunner:
                 isinstance(d, torch.SymInt) for d in expected.shape):
             return list(batches)
         shape = tuple(expected.shape)
+        for k, batch in enumerate(batches):  # before re-cutting, which keeps only the inputs the graph takes
+            self._check_extra_keys(batch, k)
         named = [{i.name: v for i, v in self._given(b, k).items()} for k, b in enumerate(batches)]
         ids = [b.get(primary.name) for b in named]
         if all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape for t in ids):

@@ -84,9 +84,11 @@ def check_calibration_batches(batches: Any, vocab_size: int | None) -> None:
     """Refuse calibration batches that cannot run, naming the batch, before they reach the model (whose own
     errors are a bare ``NotImplementedError`` or ``IndexError``): text not yet tokenized, tensors on the meta
     device (no data), and, where the ids index an embedding of ``vocab_size`` rows, floating-point ids or ids
-    outside ``[0, vocab_size)``."""
+    outside ``[0, vocab_size)``; and batches whose ``attention_mask`` marks no real token at all."""
+    masks = []
     for index, batch in enumerate(batches):
         kwargs = forward_kwargs(batch)
+        masks.append(kwargs.get("attention_mask"))
         for key, value in kwargs.items():
             if isinstance(value, (str, bytes)) or (isinstance(value, (list, tuple)) and value
                                                    and isinstance(value[0], str)):
@@ -106,6 +108,9 @@ def check_calibration_batches(batches: Any, vocab_size: int | None) -> None:
             raise CalibrationError(f"calibration batch {index} holds token id {high if high >= vocab_size else low}, "
                                    f"outside the model's vocabulary [0, {vocab_size}): tokenize with the model's "
                                    "own tokenizer")
+    if masks and all(isinstance(m, torch.Tensor) and not m.is_meta and not bool(m.any()) for m in masks):
+        raise CalibrationError(f"the attention_mask of every calibration batch ({len(masks)}) is all zeros: it marks "
+                               "no real token, so there is nothing to calibrate on (1 marks a token, 0 padding)")
 
 
 def warn_thin_calibration(batches: Any, in_features: int, layer: str) -> None:

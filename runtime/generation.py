@@ -13,6 +13,8 @@ from torch import nn
 from lrcompile.config import LowRankConfig
 from lrcompile.errors import LatentCacheError, LowRankConfigError
 
+from lrcompile.modules import AQLinear, AQLowRankLinear, LowRankLinear
+
 from .compiled_forward import compile_forward, compress_on_first_call, has_latent_attention
 from .latent_cache import LatentKVCache
 
@@ -39,14 +41,26 @@ def generate(
     arguments go to ``model.generate`` (``do_sample``, ``temperature``, ...).
     """
     config = LowRankConfig.from_options(options)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+        what = f"a tensor of dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise LowRankConfigError(f"generate: input_ids is {what}; token ids are an integer tensor (torch.long)")
     compressed = has_latent_attention(model)
+    factored = [name for name, m in model.named_modules() if isinstance(m, (LowRankLinear, AQLinear, AQLowRankLinear))]
+    if not compressed and factored:
+        raise LatentCacheError(
+            f"{type(model).__name__} has compressed weights ({factored[0]}, ...) but no latent KV cache: generate with "
+            "model.generate(...) (transformers' own cache); a latent cache is planned with the weights, so compress "
+            "a fresh copy of the model with a kv_ratio for one")
     if not compressed and config.kv_ratio is None:
         raise LowRankConfigError("generate needs option 'kv_ratio' to restructure attention for a latent KV cache")
     compile_forward(model, config)
     if not compressed:
         compress_on_first_call(model, config, {"input_ids": input_ids, "attention_mask": attention_mask})
         if not has_latent_attention(model):
-            raise LatentCacheError(f"{type(model).__name__}: no attention block was restructured (see the report)")
+            raise LatentCacheError(
+                f"{type(model).__name__}: no attention block was restructured for a latent KV cache (kv_unmatched="
+                f"'warn' left them all dense: reasons in lrcompile.model_report(model)); its weights are compressed "
+                "now: generate with model.generate(...)")
     needed = input_ids.shape[1] + max_new_tokens
     if cache is None:  # generate runs max(num_beams, num_return_sequences) rows per prompt
         rows = max(generate_kwargs.get("num_beams", 1) or 1, generate_kwargs.get("num_return_sequences", 1) or 1)

@@ -20,15 +20,15 @@ from lrcompile.kernels import aq_linear_cpu
 from lrcompile.kernels.aq_linear import aq_linear_reference, dequantize
 from lrcompile.kernels.aq_linear_cpu import Kernel
 
-CONFIGS = {"2x8": (2, 8), "1x16": (1, 16)}
+CONFIGS = {"2x8": (2, 8, 8), "1x16": (1, 16, 8), "1x8g4": (1, 8, 4), "2x8g4": (2, 8, 4)}  # M, B, g
 
 
-def make_operands(out_features: int = 40, in_features: int = 64, config: str = "2x8", group: int = 8,
+def make_operands(out_features: int = 40, in_features: int = 64, config: str = "2x8",
                   dtype: torch.dtype = torch.float32, bias: bool = True, seed: int = 0,
                   books_dtype: torch.dtype | None = None):
     """Random codes over the whole code range (int16: codes >= 2^15 stored negative), codebooks (in ``books_dtype``,
     default ``dtype``) and scales."""
-    books, bits = CONFIGS[config]
+    books, bits, group = CONFIGS[config]
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (out_features, in_features // group, books), generator=gen)
     codes = codes.to(torch.uint8) if bits <= 8 else codes.to(torch.int16)
@@ -143,15 +143,16 @@ def test_strided_and_empty_inputs():
 
 
 def test_other_group_sizes_and_codebook_counts_use_dequantize():
-    """g != 8 or M > 2 are outside the vector kernels: the op still matches the reference (dequantise + matmul)."""
+    """M > 2, g other than 8 and 4, or g = 4 with an odd number of groups are outside the vector kernels: the op
+    still matches the reference (dequantise + matmul)."""
     gen = torch.Generator().manual_seed(0)
-    for books, group in ((3, 8), (2, 4), (1, 6)):
+    for books, group in ((3, 8), (2, 4), (1, 6)):  # 5 groups
         codes = torch.randint(0, 16, (10, 5, books), generator=gen).to(torch.uint8)
         codebooks, scales = torch.randn(books, 16, group, generator=gen), torch.rand(10, generator=gen)
         x = make_input((2, 5 * group))
         assert_matches(torch.ops.lowrank.aq_linear(x, codes, codebooks, scales, None),
                        aq_linear_reference(x, codes, codebooks, scales, None))
-        with pytest.raises(RuntimeError, match="vector kernels need g = 8"):
+        with pytest.raises(RuntimeError, match=r"vector kernels need g = 8 \(or g = 4 with in_features a multiple of 8"):
             aq_linear_cpu.aq_linear_cpu(x, codes, codebooks, scales, None, Kernel.CODEBOOK)
 
 

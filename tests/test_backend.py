@@ -445,7 +445,7 @@ def test_compiled_graph_keeps_no_activation_statistics():
     assert all(m.stats is None for m in metas)
 
 
-def test_new_options_recompress_while_dense_weights_are_held():
+def test_new_options_recompress_while_dense_weights_are_held(caplog):
     """Ratio 1.0 keeps every layer dense; a later compile at 0.5 must compress, not reuse the ratio-1.0 records."""
     model = tiny_model("llama")
     ids = token_batches(1, seed=7)[0]
@@ -453,9 +453,12 @@ def test_new_options_recompress_while_dense_weights_are_held():
         dense = first_output(model(input_ids=ids))
         _compile(model, calibration=token_batches(2), param_ratio=1.0)(input_ids=ids)
         torch._dynamo.reset()
-        out = first_output(_compile(model, calibration=token_batches(2), param_ratio=0.5, allocation="uniform")(input_ids=ids))
+        with caplog.at_level(logging.WARNING, logger="lrcompile"):
+            out = first_output(_compile(model, calibration=token_batches(2), param_ratio=0.5,
+                                        allocation="uniform")(input_ids=ids))
     assert (out - dense).abs().max().item() > 1e-3
     assert lrcompile.model_report(model).param_ratio <= 0.5
+    assert caplog.text.count("kept dense by an earlier compile with other options are compressed again") == 1
 
 
 def test_a_skipped_head_is_compressed_when_new_options_include_it():
@@ -471,15 +474,18 @@ def test_a_skipped_head_is_compressed_when_new_options_include_it():
     assert isinstance(model.lm_head, lrcompile.LowRankLinear)
 
 
-def test_new_options_after_release_name_both_configs():
+def test_new_options_after_release_name_both_configs(caplog):
+    """The refusal comes before any word of compressing the layers the first compile kept dense again."""
     model = tiny_model("llama")
     ids = token_batches(1, seed=7)[0]
     with torch.no_grad():
-        _compile(model, calibration=token_batches(2), param_ratio=0.5, allocation="uniform")(input_ids=ids)
+        _compile(model, calibration=token_batches(2), param_ratio=0.8)(input_ids=ids)
+        assert "dense" in {layer.status for layer in lrcompile.model_report(model).layers}  # q/k/v here
         torch._dynamo.reset()
         with pytest.raises(torch._dynamo.exc.BackendCompilerFailed,
-                           match=r"compressed with param_ratio=0\.5 .* asks for param_ratio=0\.7 .* fresh copy"):
-            _compile(model, calibration=token_batches(2), param_ratio=0.7, allocation="uniform")(input_ids=ids)
+                           match=r"compressed with param_ratio=0\.8 .* asks for param_ratio=0\.7 .* fresh copy"):
+            _compile(model, calibration=token_batches(2), param_ratio=0.7)(input_ids=ids)
+    assert "compressed again" not in caplog.text
 
 
 def test_same_options_after_reset_reuse_the_records(caplog):
@@ -512,6 +518,21 @@ def test_model_generate_on_a_lowrank_compiled_forward(caplog):
     assert "re-cut into 12 batches of that shape, using 72 of the 96 token positions given" in caplog.text
     assert lrcompile.model_report(model).param_ratio <= 0.5
     assert torch.equal(logits[0, 5:-1].argmax(-1), out[0, 6:])  # cached decode agrees with a full recompute
+
+
+@pytest.mark.parametrize("rows", [4, 2], ids=["captured shape", "re-cut"])
+def test_padded_batches_for_a_graph_without_a_mask_are_refused_at_any_shape(rows):
+    """A call without attention_mask captures a graph that cannot see padding: padded calibration batches are refused
+    whether they have the call's shape or are re-cut to it (re-cutting must not drop the mask and calibrate on pads)."""
+    model = tiny_model("llama")
+    ids = token_batches(1, batch=4, seq=32)[0]
+    mask = torch.ones_like(ids)
+    mask[:2, 16:] = 0
+    compiled = _compile(model, calibration=[dict(input_ids=ids, attention_mask=mask)] * 2, param_ratio=0.7)
+    with torch.no_grad(), pytest.raises(torch._dynamo.exc.BackendCompilerFailed,
+                                        match=r"gives \['attention_mask'\], which the captured graph does not take "
+                                              r"\(its attention_mask marks padding"):
+        compiled(input_ids=ids[:rows], use_cache=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -90,6 +90,11 @@ def test_report_follows_the_dtype_the_model_is_cast_to(tmp_path):
         assert after.bytes_before * 2 == before.bytes_before
         assert after.bytes_after * 2 == before.bytes_after
         assert [a.itemsize for a in after.attention] == [2] * len(before.attention) and before.attention[0].itemsize == 4
+    resaved.half()  # a loaded model casts as the model in memory does (transformers refuses a "quantized" one)
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        assert resaved(ids, use_cache=False).logits.dtype == torch.float16
+        assert resaved.float()(ids, use_cache=False).logits.dtype == torch.float32
 
 
 @pytest.mark.parametrize("family", FAMILIES)

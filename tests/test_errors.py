@@ -191,6 +191,15 @@ def test_floating_point_token_ids_are_refused_block_by_block(tmp_path):
         lrcompile.compress_model_blocks(tiny_model("llama"), batches, {"param_ratio": 0.8}, tmp_path)
 
 
+def test_calibration_whose_masks_mark_no_token_is_refused_as_such():
+    ids = token_batches(1)[0]
+    batches = [dict(input_ids=ids, attention_mask=torch.zeros_like(ids))] * 2
+    options = lrcompile.LowRankConfig(param_ratio=0.8, calibration=batches, compiler="eager")
+    with pytest.raises(Exception, match=r"the attention_mask of every calibration batch \(2\) is all zeros") as excinfo:
+        _run(tiny_model("llama"), options)
+    assert isinstance(_inner(excinfo), CalibrationError)
+
+
 def test_block_compression_takes_its_options_as_a_dict_and_names_an_unknown_one(tmp_path):
     with pytest.raises(LowRankConfigError, match=r"unknown option 'param_ration'; did you mean 'param_ratio'\?"):
         lrcompile.compress_model_blocks(tiny_model("llama"), token_batches(1), {"param_ration": 0.8}, tmp_path)

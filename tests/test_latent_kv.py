@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import ROPE_FAMILIES, left_padded_prompts, tiny_model, tiny_rope_model, token_batches
+from tiny_models import ROPE_FAMILIES, VOCAB, left_padded_prompts, tiny_model, tiny_rope_model, token_batches
 
 import lrcompile
 from lrcompile.errors import LatentCacheError, LowRankConfigError
@@ -168,6 +168,39 @@ def test_unsupported_attention_forms_are_named_in_the_reason():
         assert len(unmatched) == 2 and all(form in u.reason for u in unmatched), [u.reason for u in unmatched]
 
 
+def test_fused_qkv_projections_are_named_as_such_even_at_full_rotary():
+    """Phi-3 at partial_rotary_factor 1 (cat with an empty pass-through is full RoPE) and Falcon cut K and V from one
+    fused projection: that, not partial rotary nor a graph node, is the reason given."""
+    from transformers import AutoModelForCausalLM, FalconConfig, Phi3Config
+
+    torch.manual_seed(0)
+    phi3 = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    assert phi3.rope_parameters["partial_rotary_factor"] == 1.0
+    falcon = FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          new_decoder_architecture=True, num_kv_heads=2)
+    for config in (phi3, falcon):
+        _, unmatched, _ = _blocks(AutoModelForCausalLM.from_config(config).eval())
+        assert len(unmatched) == 2 and all("cut from one fused projection" in u.reason and "partial" not in u.reason
+                                           for u in unmatched), [u.reason for u in unmatched]
+
+
+def test_olmo_rope_cast_back_to_the_projection_dtype_is_restructured_exactly():
+    """OLMo applies RoPE then ``.to(q.dtype)``: recognised (the cast keeps the dtype), exact at kv_ratio 1."""
+    from transformers import AutoModelForCausalLM, OlmoConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(OlmoConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                        num_hidden_layers=2, num_attention_heads=4,
+                                                        pad_token_id=0)).eval()
+    ids = token_batches(1)[0]
+    with torch.no_grad():
+        dense = model(ids, use_cache=False).logits
+        out = torch.compile(model, backend="lowrank", options=_config(kv_ratio=1.0))(ids, use_cache=False).logits
+    assert len(lrcompile.model_report(model).attention) == 2
+    assert (out - dense).abs().max().item() < 1e-4
+
+
 def test_a_latent_model_also_runs_compiled_with_transformers_own_cache():
     """Once restructured, calls with a dense KV cache (``use_cache=True``, the default) recompile without a
     ``kv_ratio`` error: the restructured blocks run as eager calls do, K/V rebuilt from the latents."""
@@ -208,6 +241,26 @@ def test_kv_unmatched_warn_leaves_those_blocks_dense_and_says_why(caplog):
     with torch.no_grad():
         torch.compile(model, backend="lowrank", options=_config(kv_unmatched="warn"))(ids, use_cache=False)
     assert "cannot be restructured" not in caplog.text
+
+
+def test_generate_names_what_it_cannot_do_before_touching_the_model():
+    """Float token ids, and a model whose weights are compressed without a latent cache, are refused by name
+    before any compile; kv_unmatched='warn' leaving every block dense says the weights are compressed now."""
+    ids, mask = left_padded_prompts([6, 4])
+    with pytest.raises(lrcompile.LowRankConfigError, match=r"input_ids is a tensor of dtype torch.float32; token ids"):
+        lrcompile.generate(tiny_rope_model("llama"), ids.float(), mask, options=_config(kv_ratio=0.5))
+    weights_only = tiny_rope_model("llama")
+    with torch.no_grad():
+        torch.compile(weights_only, backend="lowrank", options=_config(param_ratio=0.5, allocation="uniform",
+                                                                       kv_ratio=None))(ids, use_cache=False)
+    for options in (None, _config(kv_ratio=0.5)):
+        with pytest.raises(LatentCacheError, match=r"has compressed weights \(model.layers.0.self_attn.q_proj, \.\.\.\) "
+                                                   r"but no latent KV cache: generate with model.generate"):
+            lrcompile.generate(weights_only, ids, mask, options=options, max_new_tokens=2)
+    gpt2 = tiny_model("gpt2")
+    with pytest.raises(LatentCacheError, match=r"kv_unmatched='warn' left them all dense.*weights are compressed now"):
+        lrcompile.generate(gpt2, ids, mask, options=_config(kv_ratio=0.5, param_ratio=0.8, allocation="uniform",
+                                                            kv_unmatched="warn"), max_new_tokens=2)
 
 
 def test_kv_ratio_on_a_graph_without_attention_is_a_warning(caplog):
@@ -481,6 +534,26 @@ def test_generation_past_capacity_is_refused():
 def test_cache_needs_a_compressed_model():
     with pytest.raises(LatentCacheError, match="model.layers.0.self_attn has no latent-KV plan"):
         lrcompile.LatentKVCache(tiny_rope_model("llama"), batch_size=1, max_cache_len=8)
+
+
+def test_kv_ranks_stop_at_the_projections_full_rank_when_heads_are_wider_than_the_hidden_state():
+    """Gemma-style head_dim 256 on a 64-wide model: kv_ratio 0.5 plans K rank 96 of a [256, 64] group weight; the
+    rank stops at 64 (exact) instead of failing the factoring."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=256, vocab_size=VOCAB,
+                                  pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    batches = token_batches(2, seq=16)
+    with torch.no_grad():
+        dense = model(input_ids=batches[0], use_cache=False).logits
+        compiled = torch.compile(model, backend="lowrank", options=_config(kv_ratio=0.5, method="whiten",
+                                                                           calibration=batches))
+        out = compiled(input_ids=batches[0], use_cache=False).logits
+    [block] = lrcompile.model_report(model).attention
+    assert (block.k_rank, block.v_rank) == (64, 64)
+    assert (out - dense).abs().max().item() < 1e-4
 
 
 def test_the_report_says_a_full_rank_latent_cache_is_exact_whatever_the_method():
