@@ -713,10 +713,11 @@ class BlockCompressor:
             layers = [LayerPlan(m.name, m.out_features, m.in_features, ranks[m.name]["rank"], ranks[m.name]["reason"],
                                 truncation_loss=ranks[m.name]["truncation_loss"]) for m in metas]
         elif config.allocation == "uniform" or config.param_ratio >= 1.0:
-            layers = allocate_uniform(metas, config.param_ratio, config.rank_multiple)
+            layers = allocate_uniform(metas, config.param_ratio, config.weight_rank_multiple)
         else:
-            layers = allocate_closed_form(metas, self._spectra(streams), config.param_ratio, config.rank_multiple)
-        return build_plan(config.method, config.allocation, config.param_ratio, layers, config.rank_multiple)
+            layers = allocate_closed_form(metas, self._spectra(streams), config.param_ratio,
+                                               config.weight_rank_multiple)
+        return build_plan(config.method, config.allocation, config.param_ratio, layers, config.weight_rank_multiple)
 
     def _spectra(self, streams: _Streams) -> dict[str, torch.Tensor]:
         """Each selected linear's singular values on the dense stream (a planning pass over all blocks)."""

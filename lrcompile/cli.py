@@ -1090,6 +1090,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(getattr(args, "threads", DEFAULT_THREADS))  # one default for every command
     try:
         return args.run(args)
+    except BrokenPipeError:  # the reader went away (``lrcompile report DIR | head``): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 0
     except KeyboardInterrupt:
         from .block_compression import PROGRESS_FILE
 

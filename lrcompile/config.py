@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -308,6 +309,14 @@ class LowRankConfig:
     def aq_spec(self) -> AQSpec | None:
         """The AQLM shape when ``quantize="aqlm"``, else None."""
         return _aq_spec(self.aq_config, self.aq_group_size) if self.quantize == "aqlm" else None
+
+    @property
+    def weight_rank_multiple(self) -> int:
+        """What factored weights' ranks are multiples of: ``rank_multiple``, and with AQLM also of its group
+        size, since a factor's rank is the input width of its up factor's code groups."""
+        spec = self.aq_spec
+        return self.rank_multiple if spec is None or self.param_ratio >= 1.0 else math.lcm(self.rank_multiple,
+                                                                                           spec.group_size)
 
     @property
     def kv_needs_calibration(self) -> bool:

@@ -520,7 +520,8 @@ def _sensitivity(c: GraphCompression) -> None:
     if not targets or c.config.allocation != "sensitivity" or not c.config.needs_calibration or c.config.param_ratio >= 1:
         return
     batches = c.batches[: c.config.sensitivity_batches]
-    measure_sensitivity(c.runner, targets, lambda v: _decompose(c, v), c.config.sensitivity_ratios, batches, c.config.rank_multiple)
+    measure_sensitivity(c.runner, targets, lambda v: _decompose(c, v), c.config.sensitivity_ratios, batches,
+                        c.config.weight_rank_multiple)
 
 
 def _allocate_ranks(c: GraphCompression) -> None:
@@ -530,12 +531,12 @@ def _allocate_ranks(c: GraphCompression) -> None:
     if not targets:
         layers: list[LayerPlan] = []
     elif cfg.allocation == "uniform" or cfg.param_ratio >= 1.0:  # at ratio 1 every layer stays dense
-        layers = allocate_uniform(metas, cfg.param_ratio, cfg.rank_multiple)
+        layers = allocate_uniform(metas, cfg.param_ratio, cfg.weight_rank_multiple)
     elif cfg.allocation == "sensitivity":
-        layers = allocate_by_sensitivity(metas, cfg.param_ratio, cfg.rank_multiple)
+        layers = allocate_by_sensitivity(metas, cfg.param_ratio, cfg.weight_rank_multiple)
     else:
-        layers = allocate_closed_form(metas, _spectra(c, targets), cfg.param_ratio, cfg.rank_multiple)
-    c.plan = build_plan(cfg.method, cfg.allocation, cfg.param_ratio, layers, cfg.rank_multiple)
+        layers = allocate_closed_form(metas, _spectra(c, targets), cfg.param_ratio, cfg.weight_rank_multiple)
+    c.plan = build_plan(cfg.method, cfg.allocation, cfg.param_ratio, layers, cfg.weight_rank_multiple)
     for view, layer in zip(targets, c.plan.layers):
         view.meta.plan = layer  # for graph dumps: the decision beside what it was made from
 

@@ -61,7 +61,7 @@ def check_shape(spec: AQSpec, out_features: int, in_features: int, layer: str) -
     """A layer can be quantised with ``spec`` only if its input width is a multiple of the group size."""
     if in_features % spec.group_size:
         raise LowRankConfigError(
-            f"aq_group_size={spec.group_size} does not divide the input width {in_features} of layer {layer!r}; "
+            f"option 'aq_group_size'={spec.group_size} does not divide the input width {in_features} of layer {layer!r}; "
             f"choose a group size dividing it, or exclude the layer"
         )
 

@@ -102,7 +102,7 @@ def test_codes_over_eight_bits_are_stored_as_int16_low_bits():
 
 
 def test_a_group_size_that_does_not_divide_the_width_names_the_layer():
-    with pytest.raises(LowRankConfigError, match=r"aq_group_size=12 does not divide the input width 64 of layer 'mlp.up'"):
+    with pytest.raises(LowRankConfigError, match=r"option 'aq_group_size'=12 does not divide the input width 64 of layer 'mlp.up'"):
         aq.check_shape(AQSpec(2, 8, 12), 32, 64, "mlp.up")
 
 

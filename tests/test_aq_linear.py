@@ -11,6 +11,8 @@ tests/test_aq_linear_triton.py.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -154,6 +156,28 @@ def test_other_group_sizes_and_codebook_counts_use_dequantize():
                        aq_linear_reference(x, codes, codebooks, scales, None))
         with pytest.raises(RuntimeError, match=r"vector kernels need g = 8 \(or g = 4 with in_features a multiple of 8"):
             aq_linear_cpu.aq_linear_cpu(x, codes, codebooks, scales, None, Kernel.CODEBOOK)
+
+
+class _AQProgram(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        for name, tensor in zip(("codes", "codebooks", "scales", "bias"), make_operands()):
+            self.register_buffer(name, tensor)
+
+    def forward(self, x):
+        return torch.ops.lowrank.aq_linear(x, self.codes, self.codebooks, self.scales, self.bias)
+
+
+def test_an_exported_program_calling_the_op_loads_after_import_lrcompile_alone(tmp_path):
+    """``import lrcompile`` defines the lowrank:: ops: a saved ``torch.export`` program of a quantised model loads
+    and runs in a fresh process without importing lrcompile's modules by hand."""
+    x = make_input((3, 64))
+    torch.export.save(torch.export.export(_AQProgram(), (x,)), tmp_path / "aq.pt2")
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch, lrcompile; program = torch.export.load(sys.argv[1] + '/aq.pt2'); "
+            "torch.save(program.module()(torch.load(sys.argv[1] + '/x.pt')), sys.argv[1] + '/y.pt')")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True, timeout=300)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), _AQProgram()(x), rtol=0, atol=0)
 
 
 def test_cpu_kernels_are_registered_for_the_op(monkeypatch):

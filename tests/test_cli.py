@@ -192,6 +192,12 @@ def test_compress_then_report_then_load(model_dir, calib_file, tmp_path, capsys)
     assert main(["report", str(out)]) == 0
     rebuilt = capsys.readouterr().out
     assert "| model.layers.1.mlp.down_proj | 32 x 64 |" in rebuilt and f"**Totals:** {factored} of 14 linears" in rebuilt
+    read, write = os.pipe()
+    os.close(read)  # `lrcompile report DIR | head` once head has exited: the output has nowhere to go
+    run = subprocess.run([sys.executable, "-m", "lrcompile", "report", str(out)], stdout=write, stderr=subprocess.PIPE,
+                         text=True, timeout=300)
+    os.close(write)
+    assert (run.returncode, run.stderr) == (0, "")
 
     # the saved folder is a model folder: from_pretrained builds it compressed; it compiles without calibration
     model, tokenizer = load_model_folder(out)

@@ -112,6 +112,14 @@ def test_after_factoring_both_factors_are_quantised_and_the_error_is_the_whole_l
     assert gram_free == len(layers)
 
 
+def test_factored_ranks_are_multiples_of_the_aq_group_size_too():
+    """Group size 16 with the default rank_multiple 8: a rank of 72 would leave the up factor's input width
+    undividable by the group; the ranks are multiples of lcm(8, 16) instead."""
+    model, _ = _quantized(0.5, compiler="eager", aq_group_size=16)
+    layers = _layers(model, AQLowRankLinear)
+    assert layers and all(m.rank % 16 == 0 and m.up.codes.shape[1] == m.rank // 16 for m in layers.values())
+
+
 def test_model_report_lists_each_aq_layer_with_bits_and_output_error(full_rank, factored):
     for model, _ in (full_rank, factored):
         report = lrcompile.model_report(model)
@@ -257,7 +265,7 @@ def test_a_group_size_not_dividing_a_layer_names_it_before_calibrating(monkeypat
 
     runs = []
     monkeypatch.setattr(CalibrationRunner, "run", lambda self, *args, **kwargs: runs.append(args))
-    with pytest.raises(Exception, match=r"aq_group_size=12 does not divide the input width 64 of layer "
+    with pytest.raises(Exception, match=r"option 'aq_group_size'=12 does not divide the input width 64 of layer "
                                         r"'model.layers.0.self_attn.q_proj'") as info:
         _quantized(1.0, aq_group_size=12)
     assert not runs
