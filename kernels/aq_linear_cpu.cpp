@@ -171,6 +171,21 @@ void codebook_matvec(const float* x, int64_t rows, int64_t in, const code_t* cod
   }
 }
 
+// One group's weights, scale * sum_m codebooks[m, c[m]], at a group size of one vector (vec: v8 or v4)
+template <typename vec, typename code_t>
+inline void dequantize_group(const code_t* c, int64_t books, int64_t size, const float* codebooks, float scale,
+                             float* w) {
+  constexpr int64_t g = sizeof(vec) / sizeof(float);
+  vec word, next;
+  std::memcpy(&word, codebooks + index_of(c[0]) * g, sizeof word);
+  for (int64_t m = 1; m < books; ++m) {
+    std::memcpy(&next, codebooks + (m * size + index_of(c[m])) * g, sizeof next);
+    word += next;
+  }
+  word *= scale;
+  std::memcpy(w, &word, sizeof word);
+}
+
 template <typename code_t>
 void dequantize_into(const code_t* codes, int64_t out, int64_t groups, int64_t books, int64_t size,
                      const float* codebooks, int64_t g, const float* scales, float* weight) {
@@ -181,17 +196,11 @@ void dequantize_into(const code_t* codes, int64_t out, int64_t groups, int64_t b
         float* w = weight + (o * groups + j) * g;
         const code_t* c = codes + (o * groups + j) * books;
         if (g == 8) {
-          v8 word = load8(codebooks + index_of(c[0]) * 8);
-          for (int64_t m = 1; m < books; ++m) word += load8(codebooks + (m * size + index_of(c[m])) * 8);
-          word *= scale;
-          std::memcpy(w, &word, sizeof word);
+          dequantize_group<v8>(c, books, size, codebooks, scale, w);
           continue;
         }
         if (g == 4) {
-          v4 word = load4(codebooks + index_of(c[0]) * 4);
-          for (int64_t m = 1; m < books; ++m) word += load4(codebooks + (m * size + index_of(c[m])) * 4);
-          word *= scale;
-          std::memcpy(w, &word, sizeof word);
+          dequantize_group<v4>(c, books, size, codebooks, scale, w);
           continue;
         }
         for (int64_t t = 0; t < g; ++t) w[t] = 0.f;
