@@ -3,10 +3,8 @@
 ``torch.compile(model, backend="lowrank", options={...})`` compresses every
 linear of the captured graph; the pass-level API (``lrcompile.passes``) works
 on any ``fx.GraphModule``. Importing this package loads the config, the
-shared types, the transformers integration (``from_pretrained`` of a
-compressed folder) and the ``lowrank::`` custom ops a compressed model's
-graph calls (so a ``torch.export.load``-ed program of one runs); the backend
-and the passes load on first use.
+shared types and the transformers integration (``from_pretrained`` of a
+compressed folder); the backend and the passes load on first use.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from .errors import (
     WeightError,
 )
 from .hf_quantizer import LowRankQuantizationConfig
-from . import kernels  # noqa: F401  (defines the lowrank:: ops)
 from .types import CompressedLayer, CompressionPlan, LayerPlan, LayerStatus
 
 _LAZY = {

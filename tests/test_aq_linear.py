@@ -168,13 +168,13 @@ class _AQProgram(torch.nn.Module):
         return torch.ops.lowrank.aq_linear(x, self.codes, self.codebooks, self.scales, self.bias)
 
 
-def test_an_exported_program_calling_the_op_loads_after_import_lrcompile_alone(tmp_path):
-    """``import lrcompile`` defines the lowrank:: ops: a saved ``torch.export`` program of a quantised model loads
-    and runs in a fresh process without importing lrcompile's modules by hand."""
+def test_an_exported_program_calling_the_op_loads_after_importing_the_modules(tmp_path):
+    """``import lrcompile.modules`` defines the lowrank:: ops a compressed model calls (as the README says): a saved
+    ``torch.export`` program of a quantised model loads and runs in a fresh process."""
     x = make_input((3, 64))
     torch.export.save(torch.export.export(_AQProgram(), (x,)), tmp_path / "aq.pt2")
     torch.save(x, tmp_path / "x.pt")
-    code = ("import sys, torch, lrcompile; program = torch.export.load(sys.argv[1] + '/aq.pt2'); "
+    code = ("import sys, torch, lrcompile.modules; program = torch.export.load(sys.argv[1] + '/aq.pt2'); "
             "torch.save(program.module()(torch.load(sys.argv[1] + '/x.pt')), sys.argv[1] + '/y.pt')")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True, timeout=300)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), _AQProgram()(x), rtol=0, atol=0)
