@@ -244,7 +244,7 @@ def _find_linears(c: GraphCompression) -> None:
         if record is not None and _reusable(c, view.meta.name, record.options, dense_held=True):
             c.recorded[view] = record
             view.meta.plan = record.plan  # for graph dumps: the decision an earlier compile made
-        elif record is not None and record.options is not None:
+        elif record is not None:
             again.append(view.meta.name)
     if again:  # only now: a layer compressed already under other options refuses the compile above
         log.warning("%d layer(s) kept dense by an earlier compile with other options are compressed again with "
@@ -278,13 +278,13 @@ def _find_linears(c: GraphCompression) -> None:
         )
     if unsaid and not nothing:
         log.warning("%s", unknown_text)
-    _warn_unrecognised_weights(c, unknown)
+    _warn_unrecognised_weights(c, unknown, values)
 
 
-def _warn_unrecognised_weights(c: GraphCompression, unknown_modules: Mapping[str, nn.Linear]) -> None:
+def _warn_unrecognised_weights(c: GraphCompression, unknown_modules: Mapping[str, nn.Linear],
+                               values: Mapping[fx.Node, Any]) -> None:
     """Name the large weights no recognised linear reads (MoE experts stacked in 3-D tensors): they stay dense
-    whatever the budget, which the linears' totals would not show."""
-    values = placeholder_values(c.gm, c.example_inputs)
+    whatever the budget, which the linears' totals would not show; ``values``: the graph's placeholder values."""
     weights = unrecognised_weights(c.gm, c.linears, values, unknown_modules)
     if not weights:
         return

@@ -109,9 +109,14 @@ class UnmatchedAttention:
     cache_marker: bool = False  # a latent cache marker no recognised block consumes: the graph cannot run
 
 
-def _shape(node: fx.Node) -> tuple[int, ...]:
+def _tensor_value(node: fx.Node) -> torch.Tensor | None:
     value = node.meta.get("example_value", node.meta.get("val"))
-    if not isinstance(value, torch.Tensor):
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    value = _tensor_value(node)
+    if value is None:
         raise NoMatch(f"node {node.name} has no tensor metadata")
     return tuple(value.shape)
 
@@ -149,8 +154,7 @@ def _known_form(node: fx.Node, depth: int = 8) -> str:
     for _ in range(depth):
         frontier = [n for f in frontier for n in f.all_input_nodes if n not in seen]
         seen.update(frontier)
-        frontier = [n for n in frontier if n.op != "call_module" and not _is_fn(n, F.linear, torch.addmm, torch.matmul,
-                                                                                   operator.matmul)]
+        frontier = [n for n in frontier if not _is_projection(n)]
     if any(_is_fn(n, torch.rsqrt, F.layer_norm, F.rms_norm) or _is_method(n, "rsqrt") for n in seen):
         return ("; a normalisation is applied to each head after the projection (a q/k norm, as Qwen3, OLMo-2 and "
                 "Gemma 3 have), which a latent cache cannot hold")
@@ -188,8 +192,8 @@ def _head_split(node: fx.Node, linears: dict[fx.Node, Projection]) -> Projection
 
 
 def _dtype(node: fx.Node) -> torch.dtype | None:
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return value.dtype if isinstance(value, torch.Tensor) else None
+    value = _tensor_value(node)
+    return None if value is None else value.dtype
 
 
 def _rope_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
@@ -202,7 +206,7 @@ def _rope_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
     if isinstance(parts, (list, tuple)) and len(parts) == 2 and _is_fn(parts[0], operator.add, torch.add):
         if _shape(parts[1])[-1] != 0:
             raise NoMatch(f"{node.name} applies RoPE as cat(rotated part, pass-through part) of each head (partial "
-                          "rotary, as Phi-3 and GPT-NeoX do by default); only RoPE over the whole head is restructured")
+                          "rotary, as GPT-NeoX and StableLM do by default); only RoPE over the whole head is restructured")
         node = parts[0]
     if not _is_fn(node, operator.add, torch.add) or len(node.args) != 2:
         raise NoMatch(f"{node.name} has no RoPE (x * cos + rotate_half(x) * sin); only RoPE attention is "

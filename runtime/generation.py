@@ -12,7 +12,6 @@ from torch import nn
 
 from lrcompile.config import LowRankConfig
 from lrcompile.errors import LatentCacheError, LowRankConfigError
-
 from lrcompile.modules import AQLinear, AQLowRankLinear, LowRankLinear
 
 from .compiled_forward import compile_forward, compress_on_first_call, has_latent_attention
@@ -45,10 +44,11 @@ def generate(
         what = f"a tensor of dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise LowRankConfigError(f"generate: input_ids is {what}; token ids are an integer tensor (torch.long)")
     compressed = has_latent_attention(model)
-    factored = [name for name, m in model.named_modules() if isinstance(m, (LowRankLinear, AQLinear, AQLowRankLinear))]
-    if not compressed and factored:
+    factored = next((name for name, m in model.named_modules()
+                     if isinstance(m, (LowRankLinear, AQLinear, AQLowRankLinear))), None)
+    if not compressed and factored is not None:
         raise LatentCacheError(
-            f"{type(model).__name__} has compressed weights ({factored[0]}, ...) but no latent KV cache: generate with "
+            f"{type(model).__name__} has compressed weights ({factored}, ...) but no latent KV cache: generate with "
             "model.generate(...) (transformers' own cache); a latent cache is planned with the weights, so compress "
             "a fresh copy of the model with a kv_ratio for one")
     if not compressed and config.kv_ratio is None:
