@@ -49,7 +49,6 @@ from benchmarks.common import (
     write_json,
     write_markdown,
 )
-from lrcompile.kernels import aq_linear as _op  # noqa: F401  (defines lowrank::aq_linear)
 from lrcompile.kernels.aq_linear import codebook_dtype
 from lrcompile.kernels.aq_linear_cpu import MAX_MATVEC_ROWS, Kernel, aq_linear_cpu
 

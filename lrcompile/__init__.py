@@ -3,8 +3,10 @@
 ``torch.compile(model, backend="lowrank", options={...})`` compresses every
 linear of the captured graph; the pass-level API (``lrcompile.passes``) works
 on any ``fx.GraphModule``. Importing this package loads the config, the
-shared types and the transformers integration (``from_pretrained`` of a
-compressed folder); the backend and the passes load on first use.
+shared types, the transformers integration (``from_pretrained`` of a
+compressed folder) and the ``lowrank::`` custom ops a compressed model's
+graph calls (so a ``torch.export.load``-ed program of one runs); the backend
+and the passes load on first use.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .errors import (
     WeightError,
 )
 from .hf_quantizer import LowRankQuantizationConfig
+from .kernels import aq_linear, grouped_projection, latent_attention, latent_cache  # noqa: F401  (define the ops)
 from .types import CompressedLayer, CompressionPlan, LayerPlan, LayerStatus
 
 _LAZY = {

@@ -304,6 +304,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def interrupted_run(out: Path) -> str | None:
+    """What a stopped run left in ``out`` for the next one, in words (None: no unfinished run there)."""
+    path = out / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    progress = json.loads(path.read_text())
+    done = progress.get("blocks_done", 0)
+    if done:
+        return f"{done} block(s) done are kept in {str(out)!r}; run the same command again to resume at the next"
+    if "plan" in progress:
+        return f"the plan is kept in {str(out)!r}; run the same command again to resume at block 0"
+    return (f"stopped while planning, before any block: running the same command again (--out {str(out)!r}) plans "
+            "from the start")
+
+
 def _atomic_json(path: Path, value: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value, indent=1))

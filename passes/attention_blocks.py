@@ -25,8 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from lrcompile.kernels.grouped_projection import grouped_up_projection  # noqa: F401  (registers the op)
-from lrcompile.kernels.latent_cache import latent_cache_marker  # noqa: F401  (registers the op)
 from lrcompile.types import LinearMeta
 
 from .find_linears import LinearNode, module_path

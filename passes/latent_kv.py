@@ -32,8 +32,6 @@ import torch.nn.functional as F
 from torch import fx
 
 from lrcompile.errors import LowRankConfigError
-from lrcompile.kernels.latent_attention import latent_attention  # noqa: F401  (registers the op)
-from lrcompile.kernels.latent_cache import write_latent_cache  # noqa: F401  (registers the op)
 from lrcompile.modules import GroupedLowRankProjection
 from lrcompile.types import ActivationStats, LatentAttention
 

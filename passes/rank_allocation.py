@@ -19,6 +19,7 @@ multiples of ``rank_multiple`` (rounded down, at least one multiple).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from lrcompile.types import (ALLOCATION_METHODS, FACTOR_METHODS, CompressionPlan
 log = logging.getLogger(__name__)
 
 DENSE_REASON = "factoring would not save parameters"
+FULL_BUDGET_REASON = "param_ratio=1.0 keeps every weight: none is factored"
 RATIO_TOLERANCE = 0.1  # relative gap between achieved and target param_ratio beyond which the plan warns
 
 
@@ -168,6 +170,9 @@ def build_plan(method: str, allocation: str, param_ratio: float, layers: list[La
     for option, value, known in (("method", method, FACTOR_METHODS), ("allocation", allocation, ALLOCATION_METHODS)):
         if value not in known:
             raise ValueError(f"{option}={value!r}: expected one of {', '.join(known)}")
+    if param_ratio >= 1.0:  # nothing was asked of the weights: say so, not that factoring would not pay
+        layers = [dataclasses.replace(layer, reason=FULL_BUDGET_REASON) if layer.reason == DENSE_REASON else layer
+                  for layer in layers]
     plan = CompressionPlan(method, allocation, param_ratio, tuple(layers))
     factored = sum(layer.rank is not None for layer in layers)
     achieved = plan.achieved_ratio

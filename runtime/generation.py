@@ -38,7 +38,16 @@ def generate(
     reuse the compressed model and the compiled graphs. ``cache`` is reset and
     reused when given, else one sized for this request is built. Other keyword
     arguments go to ``model.generate`` (``do_sample``, ``temperature``, ...).
+
+    Without ``options`` (a model compressed already, e.g. loaded from a folder)
+    the graphs are compiled with Inductor on CUDA and with ``eager`` elsewhere:
+    on CPU Inductor's compiles of the prefill and decode graphs, again for each
+    new prompt shape, cost far more than the few tokens they speed up (as the
+    CLI's ``--compiler eager`` default). Pass options to choose.
     """
+    if options is None:
+        on_cuda = any(p.device.type == "cuda" for p in model.parameters())
+        options = LowRankConfig(compiler="inductor" if on_cuda else "eager")
     config = LowRankConfig.from_options(options)
     if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
         what = f"a tensor of dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__

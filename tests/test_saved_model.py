@@ -215,6 +215,23 @@ def test_latent_round_trip_generates_the_same_tokens_without_calibration(monkeyp
     assert lrcompile.weight_bytes(model) < dense_bytes
 
 
+def test_generate_without_options_compiles_a_cpu_model_with_eager(monkeypatch):
+    """A loaded model generates with no options at all; on CPU its graphs are compiled with ``eager`` (Inductor's
+    compiles of each prompt shape cost minutes on CPU, far more than decoding gains), with the saved tokens."""
+    from lrcompile.runtime import generation
+
+    model = tiny_rope_model("llama")
+    load_compressed(model, LATENT)
+    compilers = []
+    original = generation.compile_forward
+    monkeypatch.setattr(generation, "compile_forward",
+                        lambda model, config: compilers.append(config.compiler) or original(model, config))
+    ids, mask = left_padded_prompts([7, 4])
+    tokens = lrcompile.generate(model, ids, mask, max_new_tokens=8, do_sample=False)
+    assert compilers == ["eager"]
+    assert torch.equal(tokens, _expected(LATENT)["tokens"])
+
+
 def test_value_up_projection_is_recovered_from_the_output_projection():
     """Version 2 kept V's up-projection folded into o_weight = W_o[:, h] U^v_j (Palu Eq. 6): the load solves
     for U^v_j from the model's W_o, exactly, and refuses an o_proj the folder was not compressed from."""
