@@ -812,7 +812,7 @@ def compress_graph(gm: fx.GraphModule, example_inputs: list[Any] | None, config:
     dump_dir = _new_dump_folder(Path(config.dump_dir)) if config.dump_dir else None
     compression = GraphCompression(gm, list(example_inputs or []), config, captured_frame(gm))
     frame = compression.frame
-    source = ("a graph not captured by Dynamo" if frame is None else f"Dynamo's frame {frame.name!r} ({frame.location})"
+    source = ("a graph not captured by Dynamo" if frame is None else f"Dynamo's frame {frame.description}"
               + (", which starts after a graph break" if frame.after_graph_break else ""))
     manager = PassManager(PASSES, dump_dir, source)
     manager.run(compression, lambda c: c.gm)

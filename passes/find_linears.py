@@ -137,6 +137,15 @@ class CapturedFrame:
     after_graph_break: bool  # it runs inside code Dynamo compiled: its inputs are the model's intermediate values
 
     @property
+    def description(self) -> str:
+        """``'name' (file:line)``, and the model function a wrapper frame calls: Dynamo compiles the outermost frame
+        it is given, which for a transformers model is often a decorator's (``wrapped_func``), not ``forward``."""
+        callee = self.args_callee
+        called = getattr(callee, "__qualname__", None) if callee is not None else None
+        calls = f", which calls {called}" if called and called.rsplit(".", 1)[-1] != self.name else ""
+        return f"{self.name!r} ({self.location}){calls}"
+
+    @property
     def args_callee(self) -> Callable[..., Any] | None:
         """The function this frame hands its ``*args`` to, whose signature names them: a decorator's wrapped
         ``func`` (transformers wraps ``forward`` so; bound to the frame's ``self``, or unbound with the model as

@@ -509,7 +509,12 @@ def test_kv_ratio_outside_unit_interval(ratio):
         _config(kv_ratio=ratio)
 
 
-def test_group_size_must_divide_kv_heads():
+def test_group_size_must_divide_kv_heads(monkeypatch):
+    """Refused as soon as the attention blocks are found, before any calibration."""
+    def calibrate(*args, **kwargs):
+        raise AssertionError("calibrated before refusing the group size")
+
+    monkeypatch.setattr("lrcompile.pipeline.calibrate", calibrate)
     model = tiny_rope_model("llama")
     with pytest.raises(Exception, match="option 'kv_group_size'=3 does not divide the 2 KV heads of model.layers.0.self_attn"):
         torch.compile(model, backend="lowrank", options=_config(kv_group_size=3))(token_batches(1)[0], use_cache=False)
