@@ -925,7 +925,7 @@ def _compression_options(
                         help="quantise the linears after factoring: 'aqlm' (additive multi-codebook codes; at "
                         "--param-ratio 1 every weight, below it the factors; default: none)")
     parser.add_argument("--aq-config", default=None, metavar="MxB",
-                        help=f"AQLM codebooks x bits per code, e.g. 2x8 or 1x16 (default: {LowRankConfig.aq_config})")
+                        help=f"AQLM codebooks x bits per code, e.g. 2x8 or 1x8 with --aq-group-size 4 (default: {LowRankConfig.aq_config})")
     parser.add_argument("--aq-group-size", type=_positive, default=None,
                         help=f"input weights per AQLM code group (default: {LowRankConfig.aq_group_size})")
     parser.add_argument("--aq-beam-size", type=_positive, default=None,

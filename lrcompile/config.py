@@ -77,7 +77,7 @@ def _aq_spec(config: Any, group_size: Any) -> AQSpec:
     books, _, bits = str(config).partition("x") if isinstance(config, str) else ("", "", "")
     if not (books.isdigit() and bits.isdigit() and int(books) >= 1 and 1 <= int(bits) <= MAX_AQ_BITS):
         raise LowRankConfigError(f"option 'aq_config'={config!r}: expected 'MxB', M >= 1 codebooks of 2^B codewords "
-                                 f"with 1 <= B <= {MAX_AQ_BITS}, e.g. '2x8' or '1x16'")
+                                 f"with 1 <= B <= {MAX_AQ_BITS}, e.g. '2x8' or '1x8'")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise LowRankConfigError(f"option 'aq_group_size'={group_size!r}: expected a positive integer (AQLM uses 8)")
     return AQSpec(int(books), int(bits), group_size)

@@ -181,7 +181,8 @@ class CompressionReport:
             )
         t = self.totals()
         summary = (
-            f"\n**Totals:** {t['factored']} of {t['linears']} linears factored{_skipped(t['skipped'])}; parameters "
+            f"\n**Totals:** {t['factored']} of {t['linears']} linears factored{_quantized(t['quantized'])}"
+            f"{_skipped(t['skipped'])}; parameters "
             f"{t['params_before']:,} -> {t['params_after']:,} (ratio {t['param_ratio']}); weight bytes measured "
             f"{t['weight_bytes_before']:,} -> {t['weight_bytes_after']:,} (ratio {t['weight_bytes_ratio']}).{self._latent_note()}\n\n"
             "**Cost formulas (T = tokens):**\n\n"
@@ -256,6 +257,10 @@ class CompressionReport:
                      layer.params_before, layer.params_after, layer.reason,
                      "" if layer.quantization is None else f" aq {layer.quantization} {layer.bits_per_weight:.3f} "
                      f"bits/weight output error {_num(layer.output_error)}")
+
+
+def _quantized(count: int) -> str:
+    return f", {count} AQLM-quantised (factored or at full rank)" if count else ""
 
 
 def _skipped(count: int) -> str:

@@ -129,6 +129,7 @@ def test_model_report_lists_each_aq_layer_with_bits_and_output_error(full_rank, 
         assert report.bytes_after == sum(layer.factor_bytes for layer in quantized)
         markdown = report.to_markdown()
         assert "## AQLM quantisation" in markdown and f"{quantized[0].bits_per_weight:.3f}" in markdown
+        assert "linears factored, 14 AQLM-quantised (factored or at full rank)" in markdown  # not "0 factored" alone
     whole = lrcompile.model_report(full_rank[0]).layers[0]  # not factored: no factoring method or reason applies
     assert (whole.status, whole.method, whole.reason) == ("aq", "aqlm", "kept at full rank, its weight AQLM codes")
     assert "factoring would not save" not in lrcompile.model_report(full_rank[0]).to_markdown()
