@@ -140,8 +140,7 @@ class CapturedFrame:
     def description(self) -> str:
         """``'name' (file:line)``, and the model function a wrapper frame calls: Dynamo compiles the outermost frame
         it is given, which for a transformers model is often a decorator's (``wrapped_func``), not ``forward``."""
-        callee = self.args_callee
-        called = getattr(callee, "__qualname__", None) if callee is not None else None
+        called = getattr(self.args_callee, "__qualname__", None)
         calls = f", which calls {called}" if called and called.rsplit(".", 1)[-1] != self.name else ""
         return f"{self.name!r} ({self.location}){calls}"
 
